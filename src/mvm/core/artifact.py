@@ -1,0 +1,97 @@
+"""What a build produces, and the metadata the runtime trusts about it.
+
+``artifact.json`` sits beside the images in the store and is also copied into the image at
+``/etc/mvm/artifact.json``. The host checks sealed/accessible from the store copy, never by
+asking the guest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mvm.core.workload import EntrypointKind, Workload
+
+ARTIFACT_FILE = "artifact.json"
+KERNEL_FILE = "vmlinux"
+INITRD_FILE = "initrd.cpio"
+ROOTFS_FILE = "rootfs.ext4"
+
+
+class ArtifactUids(BaseModel):
+    agent: int
+    entrypoint: int
+
+
+class ArtifactHashes(BaseModel):
+    """sha256 of each file, hex."""
+
+    vmlinux: str
+    initrd: str
+    rootfs: str
+
+
+class LockedPackage(BaseModel):
+    """One .deb pinned by exact version and sha256."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    version: str
+    arch: str
+    filename: str
+    sha256: str
+    size: int
+
+
+class ArtifactMeta(BaseModel):
+    """artifact.json. Field names are camelCase where the design names them so."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    key: str
+    name: str
+    builder_version: str = Field(alias="builderVersion")
+    accessible: bool
+    sealed: bool
+    entrypoint_kind: EntrypointKind = Field(alias="entrypointKind")
+    uids: ArtifactUids
+    rootless_entrypoint: bool = Field(alias="rootlessEntrypoint")
+    agent_binary: str = Field(default="real", alias="agentBinary")
+    expected_boot_ms: int = Field(alias="expectedBootMs")
+    kernel_release: str = Field(alias="kernelRelease")
+    vcpus: int
+    memory_mib: int = Field(alias="memoryMib")
+    data_disk_bytes: int | None = Field(default=None, alias="dataDiskBytes")
+    hashes: ArtifactHashes
+    packages: list[LockedPackage]
+    workload: Workload
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
+
+
+class Artifact(BaseModel):
+    """A built artifact in the store: its directory and its metadata."""
+
+    path: Path
+    meta: ArtifactMeta
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.path / KERNEL_FILE
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD_FILE
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / ROOTFS_FILE
+
+    @classmethod
+    def load(cls, path: Path) -> "Artifact":
+        meta = ArtifactMeta.model_validate_json((path / ARTIFACT_FILE).read_text())
+        return cls(path=path, meta=meta)
