@@ -65,7 +65,8 @@ class ArtifactMeta(BaseModel):
     vcpus: int
     memory_mib: int = Field(alias="memoryMib")
     data_disk_bytes: int | None = Field(default=None, alias="dataDiskBytes")
-    hashes: ArtifactHashes
+    # None only in the copy inside the image: it cannot hold its own hash.
+    hashes: ArtifactHashes | None = None
     packages: list[LockedPackage]
     workload: Workload
 

@@ -6,6 +6,7 @@ Suffixes are binary (K = 1024), as in QEMU and Docker; a bare number is bytes.
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -25,8 +26,8 @@ def parse_size(text: str | int) -> int:
     if not match:
         raise ValueError(f"{text!r} is not a size; use a number with K, M, G or T, e.g. \"512M\"")
     number, unit = match.groups()
-    value = float(number) * _UNITS[unit.upper()]
-    if value != int(value):
+    value = Fraction(number) * _UNITS[unit.upper()]  # exact: float loses bytes above 2**53
+    if value.denominator != 1:
         raise ValueError(f"{text!r} is not a whole number of bytes")
     return int(value)
 

@@ -1,21 +1,34 @@
 """Is KVM usable here? Only a real boot can tell.
 
 On some hosts /dev/kvm exists but cannot run an ordinary guest (nested PVM KVM: the guest
-crawls, then dies with an emulation failure). So the probe boots the cached kernel with a
-tiny initramfs under KVM and waits a few seconds for a marker. The verdict is cached per host
-boot (``/proc/sys/kernel/random/boot_id``) in ``cache/host/kvm-probe.json``.
+crawls, then dies with an emulation failure). So the probe boots a built image's kernel and
+initramfs under KVM and waits a few seconds for the initramfs marker. The verdict is cached
+per host boot (``/proc/sys/kernel/random/boot_id``) in ``cache/host/kvm-probe.json``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import selectors
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from mvm.core.state import MvmHome
+from mvm.core.artifact import ARTIFACT_FILE, Artifact
+from mvm.core.state import MvmHome, write_json_atomic
+from mvm.runtime import qemu
+from mvm.runtime.console import ConsoleFilter
+
+KVM_DEVICE = Path("/dev/kvm")
+PVM_MODULE = Path("/sys/module/kvm_pvm")
+PROBE_DEADLINE_S = 5.0  # a working KVM reaches the initramfs in well under a second
 
 
 @dataclass(frozen=True)
 class KvmProbe:
-    """``usable`` is None when no probe could run (no /dev/kvm access, no kernel cached yet)."""
+    """``usable`` is None when no probe could run (no kernel built yet, or not asked to)."""
 
     device_present: bool
     pvm_hint: bool
@@ -24,6 +37,76 @@ class KvmProbe:
     boot_ms: int | None = None
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def _newest_artifact(home: MvmHome) -> Artifact | None:
+    found = sorted(home.store.glob(f"*/{ARTIFACT_FILE}"), key=lambda p: p.stat().st_mtime)
+    return Artifact.load(found[-1].parent) if found else None
+
+
 def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
     """The cached verdict for this host boot, or a fresh probe boot when ``run_if_needed``."""
-    raise NotImplementedError("filled in by the QEMU runtime work")
+    present, pvm = KVM_DEVICE.exists(), PVM_MODULE.exists()
+    hint = " (kvm_pvm is loaded: nested PVM KVM, which ordinary guest kernels cannot use)" if pvm else ""
+    if not present:
+        return KvmProbe(False, pvm, False, "/dev/kvm does not exist")
+    if not os.access(KVM_DEVICE, os.R_OK | os.W_OK):
+        return KvmProbe(True, pvm, False, "no permission to open /dev/kvm (join the kvm group)")
+    cache = home.host_cache / "kvm-probe.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.pop("boot_id") == _boot_id():
+            return KvmProbe(**cached)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if not run_if_needed:
+        return KvmProbe(True, pvm, None, "not probed yet since the host booted" + hint)
+    artifact = _newest_artifact(home)
+    if artifact is None:
+        return KvmProbe(True, pvm, None, "no image built yet to probe with (run `mvmctl build`)" + hint)
+    result = _probe_boot(artifact, pvm, hint)
+    write_json_atomic(cache, {"boot_id": _boot_id(), **asdict(result)})
+    return result
+
+
+def _probe_boot(artifact: Artifact, pvm: bool, hint: str) -> KvmProbe:
+    spec = qemu.QemuSpec(kernel=artifact.vmlinux, initrd=artifact.initrd, root_disk=None, accel="kvm",
+                         memory_mib=128)
+    started = time.monotonic()
+    proc = qemu.spawn(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    console = ConsoleFilter(sink=lambda _: None)
+    assert proc.stdout is not None
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        while console.seen("initramfs") is None:
+            left = PROBE_DEADLINE_S - (time.monotonic() - started)
+            if left <= 0 or not selector.select(left):
+                return KvmProbe(True, pvm, False, f"a probe boot under KVM did not reach the initramfs in "
+                                f"{PROBE_DEADLINE_S:.0f} s{hint}")
+            data = os.read(proc.stdout.fileno(), 65536)
+            if not data:
+                return KvmProbe(True, pvm, False, f"QEMU exited during the KVM probe boot (code {proc.wait()}){hint}")
+            console.feed(data)
+        boot_ms = round((time.monotonic() - started) * 1000)
+        return KvmProbe(True, pvm, True, f"a probe boot under KVM reached the initramfs in {boot_ms} ms", boot_ms)
+    finally:
+        selector.close()
+        proc.kill()
+        proc.wait()
+
+
+def select_accel(home: MvmHome) -> tuple[str, str]:
+    """("kvm" | "tcg", why). ``MVM_ACCEL`` forces one, for benchmarks and tests."""
+    forced = os.environ.get("MVM_ACCEL")
+    if forced in ("kvm", "tcg"):
+        return forced, f"MVM_ACCEL={forced}"
+    probe = probe_kvm(home)
+    if probe.usable:
+        return "kvm", probe.reason
+    return "tcg", f"KVM not usable: {probe.reason}"

@@ -1,0 +1,113 @@
+"""The guest kernel: Debian's cloud kernel, unpacked once and cached.
+
+``-M microvm`` boots an ELF ``vmlinux`` directly (PVH), which is faster than the bzImage.
+Debian ships only the bzImage, whose payload is an LZ4 (legacy format) stream starting at
+the magic bytes ``02 21 4c 18``: decompressing that stream gives the ELF. The virtio drivers
+are modules in this kernel, so the few we need are kept beside it for the initramfs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm.core.artifact import LockedPackage
+from mvm.core.errors import BuildError
+
+LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
+ELF_MAGIC = b"\x7fELF"
+# Load order matters: the transport and ring before the drivers, failover before virtio_net.
+MODULES = (
+    "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng",
+    "failover", "net_failover", "virtio_net",
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An unpacked kernel in the cache: ``vmlinux`` and ``modules/<name>.ko``."""
+
+    directory: Path
+    release: str
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.directory / "vmlinux"
+
+    @property
+    def modules(self) -> Path:
+        return self.directory / "modules"
+
+
+def cached_kernels(cache: Path) -> list[Kernel]:
+    """Every complete kernel in the cache, newest release last (the KVM probe boots one)."""
+    found = []
+    for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
+        if (entry / "vmlinux").is_file() and (entry / "release").is_file():
+            found.append(Kernel(entry, (entry / "release").read_text().strip()))
+    return found
+
+
+def prepare_kernel(deb_path: Path, deb: LockedPackage, cache: Path) -> Kernel:
+    """Unpack ``deb`` into ``cache/<version>-<sha>`` unless it is already there."""
+    directory = cache / f"{deb.name}_{deb.version}_{deb.sha256[:12]}"
+    if (directory / "release").is_file():
+        return Kernel(directory, (directory / "release").read_text().strip())
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kernel-", dir=cache))
+    try:
+        release = _unpack(deb_path, staging)
+        (staging / "release").write_text(release + "\n")
+        try:
+            os.rename(staging, directory)
+        except OSError:  # another build unpacked it first
+            shutil.rmtree(staging)
+        return Kernel(directory, release)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _unpack(deb_path: Path, out: Path) -> str:
+    (out / "modules").mkdir()
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb_path)], stdout=subprocess.PIPE)
+    wanted = {f"{m}.ko" for m in MODULES}
+    release = None
+    assert proc.stdout is not None
+    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+        for member in tar:
+            base = os.path.basename(member.name)
+            if re.fullmatch(r"\./boot/vmlinuz-.*", member.name) and member.isfile():
+                release = base[len("vmlinuz-"):]
+                bzimage = tar.extractfile(member)
+                assert bzimage is not None
+                _write_vmlinux(bzimage.read(), out / "vmlinux")
+            elif base in wanted and member.isfile() and "/kernel/" in member.name:
+                data = tar.extractfile(member)
+                assert data is not None
+                (out / "modules" / base).write_bytes(data.read())
+    if proc.wait() != 0:
+        raise BuildError("assemble", f"cannot read {deb_path.name}", "delete it from the cache and build again")
+    missing = sorted(wanted - {p.name for p in (out / "modules").iterdir()})
+    if release is None or missing:
+        raise BuildError("assemble", f"{deb_path.name} lacks {'the kernel image' if release is None else missing}",
+                         "this kernel package is not the Debian cloud kernel mvm expects")
+    return release
+
+
+def _write_vmlinux(bzimage: bytes, out: Path) -> None:
+    start = bzimage.find(LZ4_LEGACY_MAGIC)
+    if start < 0:
+        raise BuildError("assemble", "the kernel image has no LZ4 payload", "use Debian's cloud kernel")
+    proc = subprocess.run(["lz4", "-d", "-c"], input=bzimage[start:], capture_output=True)
+    # lz4 complains about the bytes after the stream (the bzImage trailer) but has written it all.
+    if not proc.stdout.startswith(ELF_MAGIC):
+        raise BuildError("assemble", f"decompressing the kernel failed: {proc.stderr.decode().strip()}",
+                         "run `mvmctl bootstrap` to install lz4")
+    out.write_bytes(proc.stdout)

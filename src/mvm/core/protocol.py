@@ -1,0 +1,108 @@
+"""The agent wire format, shared by the host and the guest (copied into every image).
+
+A frame is ``u32 length`` (big-endian, of everything after it) + ``u32 header length`` +
+a JSON header + raw body bytes. The header always has ``type`` and, for requests and their
+replies, ``id``, so many calls can share one channel. Bodies carry bytes (file contents,
+process output) without base64. Stdlib only: this module runs inside the guest.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 16 * 1024 * 1024
+MAX_HEADER = 64 * 1024
+_U32 = struct.Struct(">I")
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be read; the peer gets an error reply and the channel lives on."""
+
+
+@dataclass
+class Frame:
+    header: dict[str, Any]
+    body: bytes = b""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def type(self) -> str:
+        return str(self.header.get("type", ""))
+
+    @property
+    def id(self) -> int | None:
+        value = self.header.get("id")
+        return value if isinstance(value, int) else None
+
+
+def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    if len(raw) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
+    length = _U32.size + len(raw) + len(body)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds {MAX_FRAME}")
+    return _U32.pack(length) + _U32.pack(len(raw)) + raw + body
+
+
+class Decoder:
+    """Incremental: feed bytes as they arrive, get whole frames out.
+
+    A frame that is too large or malformed raises ProtocolError after the decoder has skipped
+    it (when its length is known), so the caller can reply with an error and keep reading.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames: list[Frame] = []
+        while True:
+            if self._skip:
+                dropped = min(self._skip, len(self._buf))
+                del self._buf[:dropped]
+                self._skip -= dropped
+                if self._skip:
+                    return frames
+            if len(self._buf) < _U32.size:
+                return frames
+            (length,) = _U32.unpack_from(self._buf)
+            if length > MAX_FRAME or length < _U32.size:
+                del self._buf[: _U32.size]
+                self._skip = length if length <= MAX_FRAME * 16 else 0
+                if self._skip == 0:
+                    self._buf.clear()  # cannot find the next frame: drop what we have
+                raise ProtocolError(f"frame length {length} out of range")
+            if len(self._buf) < _U32.size + length:
+                return frames
+            payload = bytes(self._buf[_U32.size : _U32.size + length])
+            del self._buf[: _U32.size + length]
+            frames.append(_parse(payload))
+
+
+def _parse(payload: bytes) -> Frame:
+    (header_len,) = _U32.unpack_from(payload)
+    if header_len > MAX_HEADER or header_len > len(payload) - _U32.size:
+        raise ProtocolError(f"header length {header_len} out of range")
+    raw = payload[_U32.size : _U32.size + header_len]
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ProtocolError(f"header is not JSON: {err}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise ProtocolError("header must be an object with a string 'type'")
+    return Frame(header, payload[_U32.size + header_len :])
+
+
+def hello(role: str, **info: Any) -> bytes:
+    return encode({"type": "hello", "version": PROTOCOL_VERSION, "role": role, **info})
+
+
+def error(request_id: int | None, message: str) -> bytes:
+    return encode({"type": "error", "id": request_id, "message": message})

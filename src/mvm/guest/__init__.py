@@ -1,0 +1,1 @@
+"""Code that runs inside the guest. Stdlib only; imports nothing of mvm but core.protocol."""
