@@ -385,7 +385,8 @@ def test_bad_hypervisor_suggests() -> None:
 @pytest.mark.parametrize(
     ("path", "word"),
     [("etc/motd", "absolute"), ("/etc/../root/.ssh/keys", "'..'"), ("/", "not / itself"),
-     ("/etc/", "directory"), ("/init", "written by mvm"), ("/etc/mvm/name", "written by mvm")],
+     ("/etc/", "directory"), ("/init", "written by mvm"), ("/etc/mvm/name", "written by mvm"),
+     ("/usr/lib/mvm/agent.py", "written by mvm")],
 )  # fmt: skip
 def test_bad_extra_file_paths(path: str, word: str) -> None:
     text = 'name = "t"\n' + SHELL + f'[extra_files."{path}"]\ncontent = "x"\n'
@@ -474,6 +475,11 @@ def test_uid_out_of_range(uid: int) -> None:
 
 def test_agent_never_runs_as_root() -> None:
     failure('name = "t"\n' + SHELL + "[uids]\nagent = 0\n", "uids.agent", "never runs as root")
+
+
+@pytest.mark.parametrize("uids", ["entrypoint = 990", "agent = 1000", "agent = 5\nentrypoint = 5"])
+def test_entrypoint_never_shares_the_agent_uid(uids: str) -> None:
+    failure('name = "t"\n' + COMMAND + f"[uids]\n{uids}\n", "uids.entrypoint", "agent's uid")
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 ext4: ``mkfs.ext4 -d`` with a fixed UUID and hash seed under ``E2FSPROGS_FAKE_TIME``, from a
 tree whose atime/mtime are all ``epoch``; then one ``debugfs -w`` pass sets what mke2fs copies
-from the source and cannot be fixed beforehand: every inode's ctime, and its owner (so a
-build as an unprivileged user still gives root-owned files). initramfs: a newc cpio with
+from the source and cannot be fixed beforehand: every inode's ctime, its atime (reading the
+tree during the build moves it), and its owner (so a build as an unprivileged user still
+gives root-owned files). initramfs: a newc cpio with
 sorted names, root owner and fixed mtimes.
 """
 
@@ -78,7 +79,8 @@ def _fix_inodes(image: Path, epoch: int, owners: dict[str, int], env: dict[str, 
     commands = []
     for ino in _used_inodes(image, env):
         for field, value in (("ctime", f"@{epoch}"), ("ctime_extra", "0"), ("crtime", f"@{epoch}"),
-                             ("crtime_extra", "0"), ("uid", "0"), ("gid", "0")):
+                             ("crtime_extra", "0"), ("atime", f"@{epoch}"), ("atime_extra", "0"),
+                             ("uid", "0"), ("gid", "0")):
             commands.append(f"sif <{ino}> {field} {value}")
     for path, uid in sorted(owners.items()):
         if any(c.isspace() for c in path):

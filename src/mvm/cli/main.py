@@ -43,9 +43,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from mvm.cli import build, host, run
+    from mvm.cli import build, host, run, validate
 
-    for module in (host, build, run):
+    for module in (host, validate, build, run):
         for command in module.COMMANDS:
             cli.add_command(command)
 

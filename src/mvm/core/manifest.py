@@ -29,6 +29,8 @@ from pydantic import ValidationError
 from mvm.core.errors import ManifestError, UsageError
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
 from mvm.core.workload import (
+    AGENT_UID,
+    SEALED_ENTRYPOINT_UID,
     Entrypoint,
     EntrypointKind,
     ExtraFile,
@@ -50,8 +52,8 @@ MAX_VCPUS = 64
 MAX_UID = 65534
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-# Written by the builder itself; an extra file there would be overwritten or subvert /init.
-_RESERVED_PATHS = ("/init", "/etc/mvm")
+# Written by the builder itself; an extra file there would replace /init or the agent.
+_RESERVED_PATHS = ("/init", "/etc/mvm", "/usr/lib/mvm")
 
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
@@ -473,6 +475,14 @@ class _Parser:
                 "remove it to use 990, or pick another uid",
             )
         values.setdefault("entrypoint", Workload.default_entrypoint_uid(dev))
+        agent = values.get("agent", AGENT_UID)
+        if values["entrypoint"] == agent:
+            # Same uid would let the workload signal or ptrace the agent and answer for it.
+            raise self.error(
+                (*at, "entrypoint"),
+                f"{agent} is the agent's uid; the workload must not run as the agent",
+                f"pick another uid, e.g. {SEALED_ENTRYPOINT_UID}",
+            )
         return Uids(**values)
 
     def packages(self, data: dict[str, Any]) -> tuple[str, ...]:

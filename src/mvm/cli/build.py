@@ -1,0 +1,101 @@
+"""``mvmctl build``: mvm.toml -> artifact in the store."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from mvm.build.builder import Builder, BuildResult
+from mvm.core.manifest import ManifestOverrides, load_manifest
+from mvm.core.state import MvmHome
+from mvm.core.workload import Workload
+
+
+def manifest_dir(path: str) -> Path:
+    given = Path(path)
+    return given if given.is_dir() else given.parent
+
+
+class PhaseProgress:
+    """One line per build phase on a terminal; silent when stderr is not one."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.phase: str | None = None
+        self.started = time.monotonic()
+        self.status = None
+
+    def __call__(self, phase: str, detail: str) -> None:
+        if not self.console.is_terminal:
+            return
+        if phase != self.phase:
+            self.finish_phase()
+            self.phase, self.started = phase, time.monotonic()
+            self.status = self.console.status(f"[bold]{phase}[/] {detail}")
+            self.status.start()
+        elif self.status is not None:
+            self.status.update(f"[bold]{phase}[/] {detail}")
+
+    def finish_phase(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.console.print(f"[green]✓[/] {self.phase} [dim]{time.monotonic() - self.started:.1f}s[/]")
+            self.status = None
+
+
+def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_cache: bool = False,
+                   home: MvmHome | None = None) -> tuple[Workload, BuildResult]:
+    """Load, then build with progress on stderr. Shared by `build` and `run`."""
+    workload = load_manifest(path, overrides=overrides)
+    progress = PhaseProgress(Console(stderr=True))
+    try:
+        result = Builder(home or MvmHome.default(), progress).build(workload, manifest_dir(path), no_cache=no_cache)
+    finally:
+        if progress.status is not None:
+            progress.status.stop()
+    progress.finish_phase()
+    return workload, result
+
+
+@click.command()
+@click.argument("directory", default=".", type=click.Path())
+@click.option("--vcpus", type=int, help="vCPUs the image boots with by default (overrides mvm.toml).")
+@click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
+@click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
+@click.option("--no-cache", is_flag=True, help="Rebuild even when the store has this exact artifact.")
+@click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
+def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str | None, no_cache: bool,
+          as_json: bool) -> None:
+    """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
+
+    Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
+    into a shared cache, and writes a kernel, an initramfs and a read-only ext4 root into the
+    content-addressed store (~/.mvm/store, or $MVM_HOME/store). Building the same inputs
+    again is a cache hit; a failed build leaves the previous image in place.
+    """
+    started = time.monotonic()
+    overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk)
+    workload, result = build_workload(directory, overrides, no_cache=no_cache)
+    meta = result.artifact.meta
+    if as_json:
+        record = meta.model_dump(mode="json", by_alias=True)
+        record.update(path=str(result.artifact.path), cacheHit=result.cache_hit)
+        click.echo(json.dumps(record, indent=2, sort_keys=True))
+        return
+    kind = "sealed" if meta.sealed else "accessible"
+    took = time.monotonic() - started
+    verb = "up to date (cache hit)" if result.cache_hit else "built"
+    click.echo(f"{workload.name}: {verb} in {took:.2f}s — {kind}, {meta.entrypoint_kind.value} entrypoint, "
+               f"kernel {meta.kernel_release}")
+    click.echo(f"  artifact {result.artifact.path}")
+    assert meta.hashes is not None
+    click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")
+    if result.lock_written:
+        click.echo(f"  wrote {manifest_dir(directory) / 'mvm.lock'} ({len(meta.packages)} packages pinned)")
+
+
+COMMANDS = [build]
