@@ -7,12 +7,14 @@ a cache hit that touches neither apt nor the disk images.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,55 +81,60 @@ class Builder:
 
     def build(self, workload: Workload, manifest_dir: Path, *, no_cache: bool = False) -> BuildResult:
         seconds: dict[str, float] = {}
-        started = time.monotonic()
-        self.progress("resolve", "reading mvm.lock")
-        lock_path = manifest_dir / LOCK_FILE
-        lock, lock_is_new = self._lock_for(workload, lock_path)
-        key = store_key(workload, lock)
-        seconds["resolve"] = time.monotonic() - started
-
-        existing = self.store.get(key)
+        with self._phase("resolve", "reading mvm.lock", seconds):
+            lock_path = manifest_dir / LOCK_FILE
+            lock, lock_is_new = self._lock_for(workload, lock_path)
+            key = store_key(workload, lock)
+            existing = self.store.get(key)
         if existing is not None and not no_cache:
             self.store.set_ref(workload.name, key)
             return BuildResult(existing, cache_hit=True, lock_written=False, seconds=seconds)
 
-        mark = time.monotonic()
-        self.progress("download", f"{len(lock.all_debs())} packages")
-        self.debs.fetch(lock.all_debs())
-        self.debs.verify(lock.all_debs())
-        seconds["download"] = time.monotonic() - mark
+        with self._phase("download", f"{len(lock.all_debs())} packages", seconds):
+            self.debs.fetch(lock.all_debs())
+            self.debs.verify(lock.all_debs())
 
         with self.store.staging(key) as scratch:
-            mark = time.monotonic()
-            self.progress("assemble", "unpacking packages")
-            guest_kernel = kernel.prepare_kernel(self.debs.path(lock.kernel), lock.kernel, self.home.kernels)
-            out = scratch / "artifact"
-            out.mkdir()
-            meta = self._meta(workload, lock, key, guest_kernel.release)
-            owners = rootfs.stage_root(scratch / "root", [self.debs.path(d) for d in lock.packages],
-                                       [self.debs.path(d) for d in lock.setpriv], workload, meta.to_json())
-            rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
-            seconds["assemble"] = time.monotonic() - mark
+            with self._phase("assemble", "unpacking packages", seconds):
+                guest_kernel = kernel.prepare_kernel(self.debs.path(lock.kernel), lock.kernel, self.home.kernels)
+                meta = self._meta(workload, lock, key, guest_kernel.release)
+                owners = rootfs.stage_root(scratch / "root", [self.debs.path(d) for d in lock.packages],
+                                           [self.debs.path(d) for d in lock.setpriv], workload, meta.to_json())
+                rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
 
-            mark = time.monotonic()
-            self.progress("image", "writing rootfs.ext4")
-            image.normalize_times(scratch / "root", IMAGE_EPOCH)
-            image.make_ext4(scratch / "root", out / ROOTFS_FILE, uuid=str(uuid.UUID(key[:32])), epoch=IMAGE_EPOCH,
-                            headroom_mib=ROOT_HEADROOM_MIB, owners=owners)
-            image.make_initramfs(scratch / "initramfs", out / INITRD_FILE, IMAGE_EPOCH)
-            _link_or_copy(guest_kernel.vmlinux, out / KERNEL_FILE)
-            meta.hashes = ArtifactHashes(vmlinux=packages.sha256_file(out / KERNEL_FILE),
-                                         initrd=packages.sha256_file(out / INITRD_FILE),
-                                         rootfs=packages.sha256_file(out / ROOTFS_FILE))
-            (out / ARTIFACT_FILE).write_text(meta.to_json())
-            seconds["image"] = time.monotonic() - mark
-            artifact = self.store.commit(out, key)
+            with self._phase("image", "writing rootfs.ext4", seconds):
+                out = scratch / "artifact"
+                out.mkdir()
+                image.normalize_times(scratch / "root", IMAGE_EPOCH)
+                image.make_ext4(scratch / "root", out / ROOTFS_FILE, uuid=str(uuid.UUID(key[:32])),
+                                epoch=IMAGE_EPOCH, headroom_mib=ROOT_HEADROOM_MIB, owners=owners)
+                image.make_initramfs(scratch / "initramfs", out / INITRD_FILE, IMAGE_EPOCH)
+                _link_or_copy(guest_kernel.vmlinux, out / KERNEL_FILE)
+                meta.hashes = ArtifactHashes(vmlinux=packages.sha256_file(out / KERNEL_FILE),
+                                             initrd=packages.sha256_file(out / INITRD_FILE),
+                                             rootfs=packages.sha256_file(out / ROOTFS_FILE))
+                (out / ARTIFACT_FILE).write_text(meta.to_json())
+                artifact = self.store.commit(out, key)
 
         # Only a build that produced an artifact moves the name and writes the lock.
         self.store.set_ref(workload.name, key)
         if lock_is_new:
             write_atomic(lock_path, lock.dump())
         return BuildResult(artifact, cache_hit=False, lock_written=lock_is_new, seconds=seconds)
+
+    @contextmanager
+    def _phase(self, name: str, detail: str, seconds: dict[str, float]) -> Iterator[None]:
+        """Time a phase, report it, and turn OS errors inside it into a BuildError naming it."""
+        self.progress(name, detail)
+        started = time.monotonic()
+        try:
+            yield
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise BuildError(name, f"no space left on the device holding {self.home.root}",
+                                 "free disk space (or point MVM_HOME elsewhere) and build again") from None
+            raise BuildError(name, f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
+        seconds[name] = time.monotonic() - started
 
     def _lock_for(self, workload: Workload, lock_path: Path) -> tuple[PackageLock, bool]:
         """The lock beside mvm.toml if it covers these packages; else a fresh resolution."""

@@ -41,6 +41,9 @@ def unpack_debs(debs: list[Path], tree: Path) -> None:
     def unpack(deb: Path) -> None:
         proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], capture_output=True, text=True)
         if proc.returncode != 0:
+            if "No space left" in proc.stderr:
+                raise BuildError("assemble", f"no space left on the device while unpacking {deb.name}",
+                                 "free disk space (or point MVM_HOME elsewhere) and build again")
             raise BuildError("assemble", f"cannot unpack {deb.name}: {proc.stderr.strip()}",
                              "delete it from the cache (~/.mvm/cache/debs) and build again")
 

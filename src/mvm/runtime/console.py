@@ -30,6 +30,7 @@ class ConsoleFilter:
     crlf_to_lf: bool = True
     markers: list[BootMarker] = field(default_factory=list)
     after_exit: bytearray = field(default_factory=bytearray)
+    output_after_entrypoint: int = 0  # an interactive entrypoint is ready once it has spoken
     _pending: bytes = b""
 
     @property
@@ -54,6 +55,8 @@ class ConsoleFilter:
             else:
                 self.after_exit += line  # shutdown noise after the entrypoint ended
             start = len(data) if end < 0 else end + 1
+        if out and self.seen("entrypoint") is not None:
+            self.output_after_entrypoint += len(out)
         if out:
             self.sink(bytes(out).replace(b"\r\n", b"\n") if self.crlf_to_lf else bytes(out))
 

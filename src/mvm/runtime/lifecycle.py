@@ -118,14 +118,16 @@ def _pump(proc: subprocess.Popen, console: ConsoleFilter, stdin_fd: int | None, 
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ, "console")
     selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    if stdin_fd is not None:
-        selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+    stdin_waiting = stdin_fd is not None  # input typed before the shell's first prompt is lost
     errors = bytearray()
     boot_deadline = started + expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000
     ended = "exited"
     try:
         open_streams = 2
         while open_streams:
+            if stdin_waiting and console.output_after_entrypoint:
+                selector.register(stdin_fd, selectors.EVENT_READ, "stdin")  # type: ignore[arg-type]
+                stdin_waiting = False
             if console.seen("init") is None and time.monotonic() > boot_deadline:
                 ended = f"no sign of /init after {expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000:.0f} s"
                 break

@@ -1,0 +1,59 @@
+"""Shared fixtures. Integration tests build and boot for real; they share one MVM_HOME per
+session so Debian packages and the kernel are downloaded once."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+@dataclass
+class Mvmctl:
+    """Runs the real CLI in a subprocess against one MVM_HOME."""
+
+    home: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "MVM_HOME": str(self.home)}
+
+    def argv(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "mvm.cli.main", *args]
+
+    def __call__(self, *args: str, input: str | None = None, timeout: float = 300,
+                 check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args), env=self.env, capture_output=True, text=True,
+                              input=input, timeout=timeout, stdin=None if input is not None else subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"mvmctl {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+
+@pytest.fixture(scope="session")
+def mvm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mvm-home")
+
+
+@pytest.fixture(scope="session")
+def mvmctl(mvm_home: Path) -> Mvmctl:
+    return Mvmctl(mvm_home)
+
+
+@pytest.fixture
+def workload_dir(tmp_path: Path):
+    """Write an mvm.toml into a fresh directory: workload_dir(toml_text) -> Path."""
+    def make(toml: str, name: str = "w") -> Path:
+        directory = tmp_path / name
+        directory.mkdir(exist_ok=True)
+        (directory / "mvm.toml").write_text(textwrap.dedent(toml))
+        return directory
+    return make

@@ -1,0 +1,178 @@
+"""Boot real guests under QEMU (TCG here) and check what they print and how they end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import EXAMPLES, Mvmctl
+
+pytestmark = pytest.mark.vm
+
+
+def qemu_children_of(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True) if "qemu" in p.name()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def qemu_processes_using(home: Path) -> list[psutil.Process]:
+    """QEMU processes whose command line points into this test's MVM_HOME."""
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        if "qemu" in (proc.info["name"] or "") and str(home) in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_hello_demo_prints_greeting_and_kernel(mvmctl: Mvmctl) -> None:
+    proc = mvmctl("run", str(EXAMPLES / "hello"), "--attached")
+    assert proc.returncode == 0, proc.stderr
+    assert "Hello from hello, a microVM running Linux 6.1.0-" in proc.stdout
+    assert "cloud-amd64 as uid 1000" in proc.stdout
+    assert "mvm-boot:" not in proc.stdout  # markers are for the host, not the user
+
+
+def test_python_example_runs_python_in_the_guest(mvmctl: Mvmctl) -> None:
+    proc = mvmctl("run", str(EXAMPLES / "python"))
+    assert proc.returncode == 0, proc.stderr
+    assert "python 3.11" in proc.stdout and "sum(range(10)) = 45" in proc.stdout
+
+
+def test_shell_example_is_an_interactive_console(mvmctl: Mvmctl) -> None:
+    proc = mvmctl("run", str(EXAMPLES / "shell"), input="echo shell-$((6*7)); id -u; cat /etc/motd; exit 3\n")
+    assert proc.returncode == 3, proc.stderr
+    assert "shell-42" in proc.stdout
+    assert "Welcome to an mvm shell image" in proc.stdout
+    assert "\n0\n" in proc.stdout  # accessible (dev) images run the entrypoint as root by default
+
+
+def test_entrypoint_exit_status_becomes_mvmctls(mvmctl: Mvmctl, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "status"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "echo about-to-fail >&2; exit 7"]
+    """)
+    proc = mvmctl("run", str(directory))
+    assert proc.returncode == 7
+    assert "about-to-fail" in proc.stdout  # the guest's stderr reaches the console too
+
+
+def test_uids_and_privileges_as_seen_in_the_guest(mvmctl: Mvmctl, workload_dir) -> None:
+    """The entrypoint runs as 1000 with no_new_privs and no groups; the agent as 990."""
+    script = (
+        "grep -E '^(Uid|Gid|Groups|NoNewPrivs|CapEff)' /proc/self/status; "
+        "for p in /proc/[0-9]*; do "
+        "  if [ \"$(cat $p/comm 2>/dev/null)\" = python3 ]; then grep '^Uid' $p/status | sed 's/^/agent-/'; fi; "
+        "done; cat /etc/mvm/name; ls -l /etc/mvm/artifact.json"
+    )
+    directory = workload_dir(f"""
+        name = "uids"
+        [entrypoint]
+        command = ["/bin/sh", "-c", '''{script}''']
+    """)
+    proc = mvmctl("run", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "Uid:\t1000\t1000\t1000\t1000" in out
+    assert "Gid:\t1000\t1000\t1000\t1000" in out
+    assert "NoNewPrivs:\t1" in out
+    assert "CapEff:\t0000000000000000" in out
+    assert "agent-Uid:\t990\t990\t990\t990" in out
+    assert "\nuids\n" in out
+
+
+def test_services_are_supervised_with_restart_policy(mvmctl: Mvmctl, workload_dir, tmp_path: Path) -> None:
+    """An on-failure service is restarted until it succeeds; then the VM stops."""
+    directory = workload_dir("""
+        name = "svc"
+        [entrypoint.services.flaky]
+        command = ["/bin/sh", "-c", "n=$(cat /tmp/n 2>/dev/null || echo 0); n=$((n+1)); echo $n > /tmp/n; echo flaky-run-$n; [ $n -ge 3 ]"]
+        restart = "on-failure"
+        [entrypoint.services.once]
+        command = ["/bin/echo", "once-ran"]
+        restart = "never"
+    """)
+    proc = mvmctl("run", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    assert "flaky-run-1" in proc.stdout and "flaky-run-3" in proc.stdout
+    assert "flaky-run-4" not in proc.stdout
+    assert proc.stdout.count("once-ran") == 1
+
+
+def test_ctrl_c_stops_the_vm_and_leaves_no_qemu(mvmctl: Mvmctl, mvm_home: Path, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "forever"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "echo started-forever; while :; do sleep 1; done"]
+    """)
+    mvmctl("build", str(directory), check=True)
+    proc = subprocess.Popen(mvmctl.argv("run", str(directory)), env=mvmctl.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = ""
+    deadline = time.monotonic() + 120
+    while "started-forever" not in line and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+    assert "started-forever" in line
+    assert qemu_children_of(proc.pid), "QEMU should be running under mvmctl"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode == 130
+    time.sleep(0.2)
+    assert qemu_processes_using(mvm_home) == []
+
+
+def test_kill_9_of_mvmctl_takes_qemu_down(mvmctl: Mvmctl, mvm_home: Path, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "orphan"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "echo up; while :; do sleep 1; done"]
+    """)
+    mvmctl("build", str(directory), check=True)
+    proc = subprocess.Popen(mvmctl.argv("run", str(directory)), env=mvmctl.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 120
+    while proc.stdout.readline().strip() != "up" and time.monotonic() < deadline:
+        pass
+    qemus = qemu_children_of(proc.pid)
+    assert qemus
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(qemus, timeout=10)
+    assert alive == [], f"QEMU outlived mvmctl: {alive}"
+
+
+def test_run_with_resources_and_data_disk(mvmctl: Mvmctl, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "sized"
+        vcpus = 2
+        mem = "384M"
+        data_disk = "64M"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "nproc; grep MemTotal /proc/meminfo; df -m /data | tail -1; touch /data/x && echo data-writable"]
+    """)
+    proc = mvmctl("run", str(directory))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].strip() == "2"
+    mem_kib = int(lines[1].split()[1])
+    assert 300 * 1024 < mem_kib <= 384 * 1024
+    assert "/data" in lines[2] and "data-writable" in proc.stdout
+    override = mvmctl("run", str(directory), "--cpus", "1", "--memory", "256M")
+    assert override.returncode == 0
+    assert override.stdout.splitlines()[0].strip() == "1"
+
+
+def test_bad_run_flags_are_one_line_errors(mvmctl: Mvmctl) -> None:
+    proc = mvmctl("run", str(EXAMPLES / "hello"), "--memory", "12Q")
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "--memory" in proc.stderr and "Traceback" not in proc.stderr

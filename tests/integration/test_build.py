@@ -1,0 +1,174 @@
+"""`mvmctl build` for real: apt resolution, the lock, the store, reproducibility, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES, Mvmctl
+
+pytestmark = pytest.mark.vm
+
+
+def build_json(mvmctl: Mvmctl, directory: Path, *extra: str) -> dict:
+    proc = mvmctl("build", str(directory), "--json", *extra, check=True)
+    return json.loads(proc.stdout)
+
+
+def staging_left(home: Path) -> list[Path]:
+    return list((home / "store").glob(".staging-*"))
+
+
+def test_build_hello_writes_artifact_with_metadata(mvmctl: Mvmctl, mvm_home: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "hello"
+    directory.mkdir()
+    (directory / "mvm.toml").write_text((EXAMPLES / "hello" / "mvm.toml").read_text())
+    record = build_json(mvmctl, directory)
+    path = Path(record["path"])
+    for name in ("vmlinux", "initrd.cpio", "rootfs.ext4", "artifact.json"):
+        assert (path / name).is_file(), name
+    assert record["sealed"] is True and record["accessible"] is False
+    assert record["entrypointKind"] == "command"
+    assert record["uids"] == {"agent": 990, "entrypoint": 1000}
+    assert record["rootlessEntrypoint"] is True
+    assert record["agentBinary"] == "real"
+    assert record["expectedBootMs"] > 0
+    assert (path / "vmlinux").read_bytes()[:4] == b"\x7fELF"
+    from mvm.build.packages import sha256_file
+    assert record["hashes"]["rootfs"] == sha256_file(path / "rootfs.ext4")
+    assert record["hashes"]["vmlinux"] == sha256_file(path / "vmlinux")
+
+    lock = tomllib.loads((directory / "mvm.lock").read_text())
+    names = {p["name"] for p in lock["packages"]}
+    assert {"busybox-static", "python3-minimal", "libpython3.11-stdlib", "python3.11-minimal", "libc6"} <= names
+    for package in lock["packages"] + lock["setpriv"] + [lock["kernel"]]:
+        assert len(package["sha256"]) == 64 and package["version"]
+    assert lock["kernel"]["name"].startswith("linux-image-") and lock["kernel"]["name"].endswith("-cloud-amd64")
+
+
+def test_second_build_is_a_cache_hit_and_no_cache_is_byte_identical(
+        mvmctl: Mvmctl, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "repro"
+        [entrypoint]
+        command = ["/bin/true"]
+        [extra_files."/etc/greeting"]
+        content = "hi"
+        mode = "0600"
+    """)
+    first = build_json(mvmctl, directory)
+    assert first["cacheHit"] is False
+    second = build_json(mvmctl, directory)
+    assert second["cacheHit"] is True
+    assert second["key"] == first["key"]
+    forced = build_json(mvmctl, directory, "--no-cache")
+    again = build_json(mvmctl, directory, "--no-cache")
+    assert forced["cacheHit"] is False and again["cacheHit"] is False
+    assert forced["hashes"]["rootfs"] == again["hashes"]["rootfs"] == first["hashes"]["rootfs"]
+    assert forced["hashes"]["initrd"] == first["hashes"]["initrd"]
+
+
+def test_build_with_lock_needs_no_apt(mvmctl: Mvmctl, workload_dir, tmp_path: Path) -> None:
+    """With mvm.lock and a warm cache, the build never asks apt: hide apt and it still works."""
+    directory = workload_dir("""
+        name = "locked"
+        [entrypoint]
+        command = ["/bin/echo", "locked"]
+    """)
+    build_json(mvmctl, directory)
+    lock_before = (directory / "mvm.lock").read_text()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("dpkg-deb", "mkfs.ext4", "debugfs", "dumpe2fs", "e2fsck", "cpio", "lz4", "tar", "qemu-img"):
+        for prefix in ("/usr/bin", "/usr/sbin", "/bin", "/sbin"):
+            if os.path.exists(f"{prefix}/{tool}"):
+                (bin_dir / tool).symlink_to(f"{prefix}/{tool}")
+                break
+    env = {**mvmctl.env, "PATH": str(bin_dir)}
+    proc = subprocess.run(mvmctl.argv("build", str(directory), "--no-cache", "--json"), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (directory / "mvm.lock").read_text() == lock_before
+
+
+def test_unknown_package_fails_clearly_and_keeps_previous_artifact(mvmctl: Mvmctl, mvm_home: Path,
+                                                                   workload_dir) -> None:
+    directory = workload_dir("""
+        name = "keeper"
+        [entrypoint]
+        command = ["/bin/true"]
+    """)
+    good = build_json(mvmctl, directory)
+    ref = (mvm_home / "store" / "refs" / "keeper").read_text()
+    lock = (directory / "mvm.lock").read_text()
+    toml = (directory / "mvm.toml").read_text()
+    (directory / "mvm.toml").write_text(toml.replace('name = "keeper"', 'name = "keeper"\npackages = ["no-such-package-mvm"]'))
+    proc = mvmctl("build", str(directory))
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert "resolve" in lines[0] and "no-such-package-mvm" in lines[0]
+    assert (mvm_home / "store" / "refs" / "keeper").read_text() == ref
+    assert (Path(good["path"]) / "rootfs.ext4").is_file()
+    assert (directory / "mvm.lock").read_text() == lock
+    assert staging_left(mvm_home) == []
+
+
+def test_interrupted_build_leaves_no_partial_files(mvmctl: Mvmctl, mvm_home: Path, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "interrupted"
+        [entrypoint]
+        command = ["/bin/true"]
+    """)
+    build_json(mvmctl, directory)
+    ref = (mvm_home / "store" / "refs" / "interrupted").read_text()
+    keys_before = sorted(p.name for p in (mvm_home / "store").iterdir())
+    proc = subprocess.Popen(mvmctl.argv("build", str(directory), "--no-cache"), env=mvmctl.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not staging_left(mvm_home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert staging_left(mvm_home), "the build never started staging"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert staging_left(mvm_home) == []
+    assert sorted(p.name for p in (mvm_home / "store").iterdir()) == keys_before
+    assert (mvm_home / "store" / "refs" / "interrupted").read_text() == ref
+
+
+def test_disk_full_fails_at_a_named_step(mvmctl: Mvmctl, mvm_home: Path, workload_dir, tmp_path: Path) -> None:
+    """A store on a tiny filesystem: the build fails with one line and leaves nothing behind."""
+    home = tmp_path / "small-home"
+    (home / "store").mkdir(parents=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(home / "store")],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+    try:
+        (home / "cache").symlink_to(mvm_home / "cache")  # share the warm package cache
+        directory = workload_dir("""
+            name = "full"
+            [entrypoint]
+            command = ["/bin/true"]
+        """)
+        proc = subprocess.run(mvmctl.argv("build", str(directory)), env={**mvmctl.env, "MVM_HOME": str(home)},
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "build failed at" in lines[0] and "space" in lines[0]
+        assert staging_left(home) == []
+        assert not (home / "store" / "refs" / "full").exists()
+        assert not (directory / "mvm.lock").exists()
+    finally:
+        subprocess.run(["umount", str(home / "store")], check=False)
