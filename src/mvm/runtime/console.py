@@ -32,6 +32,7 @@ class ConsoleFilter:
     after_exit: bytearray = field(default_factory=bytearray)
     output_after_entrypoint: int = 0  # an interactive entrypoint is ready once it has spoken
     _pending: bytes = b""
+    _mid_line: bool = False
 
     @property
     def finished(self) -> bool:
@@ -45,16 +46,22 @@ class ConsoleFilter:
         while start < len(data):
             end = data.find(b"\n", start)
             line = data[start:] if end < 0 else data[start : end + 1]
-            if end < 0 and (MARKER.startswith(line) or line.startswith(MARKER)):
+            at_line_start = not self._mid_line
+            if end < 0 and at_line_start and (MARKER.startswith(line) or line.startswith(MARKER)):
                 self._pending = line  # may become a marker: wait for the rest of it
                 break
-            if line.startswith(MARKER):
+            if end < 0 and self.crlf_to_lf and line.endswith(b"\r"):
+                line, self._pending = line[:-1], b"\r"  # half of a CRLF split across two reads
+            if at_line_start and line.startswith(MARKER):
                 self._record(line)
             elif not self.finished:
                 out += line
             else:
                 self.after_exit += line  # shutdown noise after the entrypoint ended
-            start = len(data) if end < 0 else end + 1
+            self._mid_line = end < 0 and not self._pending
+            if end < 0:
+                break
+            start = end + 1
         if out and self.seen("entrypoint") is not None:
             self.output_after_entrypoint += len(out)
         if out:

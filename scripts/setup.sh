@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up mvm from a fresh clone on Debian/Ubuntu: Python venv, mvm itself, host tools.
+# Safe to run again: every step is skipped when already done. Needs root or passwordless sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
+export DEBIAN_FRONTEND=noninteractive
+
+need_apt=()
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+command -v python3 >/dev/null || need_apt+=(python3)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    echo "==> installing ${need_apt[*]} (apt)"
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null
+fi
+
+if [ ! -x .venv/bin/mvmctl ] || [ pyproject.toml -nt .venv/.installed ]; then
+    echo "==> installing mvm into .venv"
+    python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[test]'
+    touch .venv/.installed
+fi
+
+echo "==> host tools (mvmctl bootstrap)"
+.venv/bin/mvmctl bootstrap
