@@ -123,3 +123,23 @@ def test_valid_names(name: str) -> None:
 def test_invalid_names(name: str) -> None:
     with pytest.raises(ValueError, match="not a valid name"):
         validate_name(name)
+
+
+# Invariants that hold for every producer of a Workload (SDK, templates), not only mvm.toml.
+def test_ir_refuses_agent_as_root() -> None:
+    from mvm.core.workload import Uids
+    with pytest.raises(ValidationError, match="greater than or equal to 1"):
+        Uids(agent=0, entrypoint=1000)
+
+
+def test_ir_refuses_shared_agent_uid() -> None:
+    from mvm.core.workload import Uids
+    with pytest.raises(ValidationError, match="must not share the agent"):
+        Uids(agent=990, entrypoint=990)
+
+
+@pytest.mark.parametrize("path", ["etc/motd", "/etc/../root/x"])
+def test_ir_refuses_relative_extra_file(path: str) -> None:
+    from mvm.core.workload import ExtraFile
+    with pytest.raises(ValidationError, match="must be absolute"):
+        ExtraFile(path=path, content="x")

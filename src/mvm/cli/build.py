@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import click
-from rich.console import Console
 
 from mvm.build.builder import Builder, BuildResult
 from mvm.core.manifest import ManifestOverrides, load_manifest
@@ -23,14 +23,18 @@ def manifest_dir(path: str) -> Path:
 class PhaseProgress:
     """One line per build phase on a terminal; silent when stderr is not one."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
+    def __init__(self) -> None:
+        self.console = None
+        if sys.stderr.isatty():
+            from rich.console import Console  # only worth its import time when drawn
+
+            self.console = Console(stderr=True)
         self.phase: str | None = None
         self.started = time.monotonic()
         self.status = None
 
     def __call__(self, phase: str, detail: str) -> None:
-        if not self.console.is_terminal:
+        if self.console is None:
             return
         if phase != self.phase:
             self.finish_phase()
@@ -41,7 +45,7 @@ class PhaseProgress:
             self.status.update(f"[bold]{phase}[/] {detail}")
 
     def finish_phase(self) -> None:
-        if self.status is not None:
+        if self.status is not None and self.console is not None:
             self.status.stop()
             self.console.print(f"[green]✓[/] {self.phase} [dim]{time.monotonic() - self.started:.1f}s[/]")
             self.status = None
@@ -51,7 +55,7 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
                    home: MvmHome | None = None) -> tuple[Workload, BuildResult]:
     """Load, then build with progress on stderr. Shared by `build` and `run`."""
     workload = load_manifest(path, overrides=overrides)
-    progress = PhaseProgress(Console(stderr=True))
+    progress = PhaseProgress()
     try:
         result = Builder(home or MvmHome.default(), progress).build(workload, manifest_dir(path), no_cache=no_cache)
     finally:

@@ -7,6 +7,7 @@ a user can cause prints a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -15,8 +16,28 @@ from mvm import __version__
 from mvm.core.errors import MvmError
 
 
+# verb -> module that defines it. Modules load only when their verb runs (or for --help), so
+# `mvmctl run` does not pay for importing what `doctor` needs, and vice versa.
+VERBS = {
+    "bootstrap": "mvm.cli.host",
+    "doctor": "mvm.cli.host",
+    "validate": "mvm.cli.validate",
+    "build": "mvm.cli.build",
+    "run": "mvm.cli.run",
+}
+
+
 class MvmGroup(click.Group):
-    """Turns our errors into one clear line instead of a traceback."""
+    """Loads verbs lazily and turns our errors into one clear line instead of a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in VERBS:
+            return None
+        module = importlib.import_module(VERBS[name])
+        return next(c for c in module.COMMANDS if c.name == name)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
@@ -42,16 +63,7 @@ def cli() -> None:
     """
 
 
-def _register() -> None:
-    from mvm.cli import build, host, run, validate
-
-    for module in (host, validate, build, run):
-        for command in module.COMMANDS:
-            cli.add_command(command)
-
-
 def main() -> None:
-    _register()
     cli(prog_name="mvmctl")
 
 

@@ -71,12 +71,26 @@ class ExtraFile(_Frozen):
 
     path: str
     content: str
-    mode: int = 0o644
+    mode: int = Field(default=0o644, ge=0, le=0o7777)
+
+    @model_validator(mode="after")
+    def _absolute(self) -> "ExtraFile":
+        if not self.path.startswith("/") or ".." in self.path.split("/"):
+            raise ValueError(f"extra file path {self.path!r} must be absolute, without '..'")
+        return self
 
 
 class Uids(_Frozen):
-    agent: int = AGENT_UID
-    entrypoint: int
+    """Every producer of a Workload gets these rules, not only mvm.toml's parser."""
+
+    agent: int = Field(default=AGENT_UID, ge=1, le=65534)  # the agent never runs as root
+    entrypoint: int = Field(ge=0, le=65534)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Uids":
+        if self.agent == self.entrypoint:
+            raise ValueError("the entrypoint must not share the agent's uid (it could signal or trace it)")
+        return self
 
 
 class NetworkMode(str, Enum):

@@ -78,7 +78,7 @@ def _probe_boot(artifact: Artifact, pvm: bool, hint: str) -> KvmProbe:
     spec = qemu.QemuSpec(kernel=artifact.vmlinux, initrd=artifact.initrd, root_disk=None, accel="kvm",
                          memory_mib=128)
     started = time.monotonic()
-    proc = qemu.spawn(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = qemu.spawn(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     console = ConsoleFilter(sink=lambda _: None)
     assert proc.stdout is not None
     selector = selectors.DefaultSelector()
@@ -91,7 +91,11 @@ def _probe_boot(artifact: Artifact, pvm: bool, hint: str) -> KvmProbe:
                                 f"{PROBE_DEADLINE_S:.0f} s{hint}")
             data = os.read(proc.stdout.fileno(), 65536)
             if not data:
-                return KvmProbe(True, pvm, False, f"QEMU exited during the KVM probe boot (code {proc.wait()}){hint}")
+                code = proc.wait()
+                assert proc.stderr is not None
+                said = proc.stderr.read().decode(errors="replace").strip().splitlines()
+                detail = f": {said[-1][:160]}" if said else ""
+                return KvmProbe(True, pvm, False, f"QEMU exited during the KVM probe boot (code {code}{detail}){hint}")
             console.feed(data)
         boot_ms = round((time.monotonic() - started) * 1000)
         return KvmProbe(True, pvm, True, f"a probe boot under KVM reached the initramfs in {boot_ms} ms", boot_ms)
