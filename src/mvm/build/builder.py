@@ -88,7 +88,9 @@ class Builder:
             existing = self.store.get(key)
         if existing is not None and not no_cache:
             self.store.set_ref(workload.name, key)
-            return BuildResult(existing, cache_hit=True, lock_written=False, seconds=seconds)
+            if lock_is_new:  # resolved afresh to what an earlier build already made
+                write_atomic(lock_path, lock.dump())
+            return BuildResult(existing, cache_hit=True, lock_written=lock_is_new, seconds=seconds)
 
         with self._phase("download", f"{len(lock.all_debs())} packages", seconds):
             self.debs.fetch(lock.all_debs())

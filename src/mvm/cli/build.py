@@ -28,7 +28,7 @@ class PhaseProgress:
         if sys.stderr.isatty():
             from rich.console import Console  # only worth its import time when drawn
 
-            self.console = Console(stderr=True)
+            self.console = Console(stderr=True, highlight=False)
         self.phase: str | None = None
         self.started = time.monotonic()
         self.status = None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mvm.core.artifact import Artifact
-from mvm.core.errors import VmError
+from mvm.core.errors import BackendUnavailable, VmError
 from mvm.core.state import MvmHome
 from mvm.runtime import qemu
 from mvm.runtime.console import BootMarker, ConsoleFilter
@@ -74,6 +74,10 @@ def run_attached(
     ``stdin_fd`` (for accessible images) is relayed to the console; a terminal is put in raw
     mode and Ctrl-] stops the VM.
     """
+    hypervisor = artifact.meta.workload.hypervisor
+    if hypervisor not in ("auto", "qemu"):
+        raise BackendUnavailable(f"hypervisor {hypervisor!r} (from mvm.toml) is not supported by this mvm version; "
+                                 "only qemu is", "set hypervisor = \"qemu\" or remove it; `mvmctl doctor` lists backends")
     sink = output or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
     accel, accel_reason = select_accel(home)
     scratch = home.root / "run" / f"{artifact.meta.name}-{os.getpid()}"
