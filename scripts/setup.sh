@@ -7,12 +7,21 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
 export DEBIAN_FRONTEND=noninteractive
 
+# The builder resolves guest packages from these lists too: stale ones name superseded
+# versions that no longer download. Refresh them when missing or older than a day.
+if command -v apt-get >/dev/null; then
+    newest=$(find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)
+    if [ -z "$newest" ]; then
+        echo "==> apt-get update (package lists missing or older than a day)"
+        "${SUDO[@]}" apt-get update -qq
+    fi
+fi
+
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v python3 >/dev/null || need_apt+=(python3)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt)"
-    "${SUDO[@]}" apt-get update -qq
     "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null
 fi
 
