@@ -181,3 +181,20 @@ def test_unsupported_hypervisor_is_refused_before_boot(mvmctl: Mvmctl, mvm_home:
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "firecracker" in proc.stderr and "doctor" in proc.stderr
     assert qemu_processes_using(mvm_home) == []
+
+
+def test_boot_report_and_agent_channel(mvmctl: Mvmctl, workload_dir) -> None:
+    """The agent greets the host over virtio-serial as uid 990 and answers a ping."""
+    directory = workload_dir("""
+        name = "report"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "sleep 3; echo finished"]
+    """)
+    proc = mvmctl("run", str(directory), "--boot-report")
+    assert proc.returncode == 0, proc.stderr
+    assert "finished" in proc.stdout
+    report = proc.stderr
+    for phase in ("initramfs", "init", "agent-ready", "entrypoint", "exit"):
+        line = next(line for line in report.splitlines() if line.strip().startswith(phase + " "))
+        assert line.strip().endswith("ms"), line
+    assert "protocol v1, uid 990, ping answered" in report

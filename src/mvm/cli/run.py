@@ -10,7 +10,7 @@ from mvm.cli.build import build_workload
 from mvm.core.errors import UsageError
 from mvm.core.sizes import parse_mib
 from mvm.core.state import MvmHome
-from mvm.runtime.lifecycle import run_attached
+from mvm.runtime.lifecycle import RunResult, run_attached
 
 
 @click.command()
@@ -19,7 +19,9 @@ from mvm.runtime.lifecycle import run_attached
               help="Attached: the VM lives as long as this command and its console is your terminal.")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
-def run(directory: str, attached: bool, cpus: int | None, memory: str | None) -> None:
+@click.option("--boot-report", is_flag=True,
+              help="After the VM stops, print when each boot phase was reached (to stderr).")
+def run(directory: str, attached: bool, cpus: int | None, memory: str | None, boot_report: bool) -> None:
     """Boot the guest in DIRECTORY (building it first if needed) and stream its console.
 
     The entrypoint's exit status becomes mvmctl's. Ctrl-C stops the VM; nothing is left
@@ -40,7 +42,23 @@ def run(directory: str, attached: bool, cpus: int | None, memory: str | None) ->
     artifact = result.artifact
     stdin_fd = sys.stdin.fileno() if artifact.meta.accessible else None
     outcome = run_attached(home, artifact, vcpus=cpus, memory_mib=memory_mib, stdin_fd=stdin_fd)
+    if boot_report:
+        print_boot_report(outcome)
     sys.exit(outcome.exit_code)
+
+
+def print_boot_report(outcome: RunResult) -> None:
+    """Host-side times from QEMU's start to each /init marker and to the agent's hello."""
+    click.echo(f"boot report ({outcome.accel}; ms since QEMU started):", err=True)
+    for phase in ("initramfs", "init", "agent-ready", "entrypoint", "exit"):
+        ms = outcome.phase_ms(phase)
+        click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}", err=True)
+    hello = outcome.agent_hello
+    if hello is None:
+        click.echo("  agent        no hello on its channel before the VM stopped", err=True)
+    else:
+        answered = "ping answered" if outcome.agent_pong else "ping not answered"
+        click.echo(f"  agent        protocol v{hello.get('version')}, uid {hello.get('uid')}, {answered}", err=True)
 
 
 COMMANDS = [run]

@@ -1,7 +1,7 @@
 """The guest agent: serves the host over the virtio-serial port ``org.mvm.agent``.
 
-/init starts it as uid 990 (never root) and restarts it if it dies. It greets the host with
-a ``hello`` frame (protocol version, its uid, the guest's uptime) and answers requests on
+/init starts it as uid 990 (never root) and restarts it if it dies. It answers the host's
+``hello`` with its own (protocol version, its uid, the guest's uptime) and serves requests on
 the same channel. A bad frame gets an ``error`` reply and the agent keeps serving.
 """
 
@@ -21,30 +21,42 @@ def uptime() -> float:
 
 
 def handle(frame: protocol.Frame) -> bytes:
+    if frame.type == "hello":
+        # The host speaks first: what it writes is queued for us, while what we write with
+        # no host connected is lost. So every host hello gets our hello back.
+        return protocol.hello("agent", uid=os.getuid(), pid=os.getpid(), uptime=uptime())
     if frame.type == "ping":
         return protocol.encode({"type": "pong", "id": frame.id, "uptime": uptime()})
     return protocol.error(frame.id, f"unknown request type {frame.type!r}")
 
 
+def send(fd: int, data: bytes) -> None:
+    """Write a reply; with no host connected the port refuses writes, which is not fatal."""
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+
+
 def serve(port: str) -> None:
     fd = os.open(port, os.O_RDWR)
-    os.write(fd, protocol.hello("agent", uid=os.getuid(), pid=os.getpid(), uptime=uptime()))
     decoder = protocol.Decoder()
     while True:
         data = os.read(fd, 65536)
         if not data:
-            # The host side is not connected: virtio-serial reports EOF until it is.
+            # No host connected: virtio-serial reports EOF until one is. Start afresh.
             os.close(fd)
             time.sleep(0.05)
             fd = os.open(port, os.O_RDWR)
+            decoder = protocol.Decoder()
             continue
         try:
             frames = decoder.feed(data)
         except protocol.ProtocolError as err:
-            os.write(fd, protocol.error(None, str(err)))
+            send(fd, protocol.error(None, str(err)))
             continue
         for frame in frames:
-            os.write(fd, handle(frame))
+            send(fd, handle(frame))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from mvm.core.artifact import Artifact
 from mvm.core.errors import BackendUnavailable, VmError
 from mvm.core.state import MvmHome
 from mvm.runtime import qemu
+from mvm.runtime.client import AgentChannel
 from mvm.runtime.console import BootMarker, ConsoleFilter
 from mvm.runtime.kvm import select_accel
 
@@ -41,6 +42,8 @@ class RunResult:
     started: float
     markers: list[BootMarker] = field(default_factory=list)
     console_log: Path | None = None
+    agent_hello: dict | None = None  # the agent's greeting over its channel, if it came in time
+    agent_pong: bool = False  # whether it answered a ping on that channel
 
     def phase_ms(self, phase: str) -> int | None:
         marker = next((m for m in self.markers if m.phase == phase), None)
@@ -102,7 +105,8 @@ def run_attached(
             started = time.monotonic()
             proc = qemu.spawn(spec.argv(), stdin=subprocess.PIPE if stdin_fd is not None else subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            status = _pump(proc, console, stdin_fd, started, artifact.meta.expected_boot_ms)
+            agent = AgentChannel(spec.agent_socket)
+            status = _pump(proc, console, agent, stdin_fd, started, artifact.meta.expected_boot_ms)
         exit_code = console.exit_status()
         if exit_code is None:
             if status == "interrupted":
@@ -110,13 +114,14 @@ def run_attached(
             else:
                 raise VmError(f"the VM stopped before its entrypoint finished ({status})",
                               f"see the console log {log_path}")
-        return RunResult(exit_code, accel, accel_reason, started, console.markers, log_path)
+        return RunResult(exit_code, accel, accel_reason, started, console.markers, log_path,
+                         agent_hello=agent.hello, agent_pong=agent.pong is not None)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _pump(proc: subprocess.Popen, console: ConsoleFilter, stdin_fd: int | None, started: float,
-          expected_boot_ms: int) -> str:
+def _pump(proc: subprocess.Popen, console: ConsoleFilter, agent: AgentChannel, stdin_fd: int | None,
+          started: float, expected_boot_ms: int) -> str:
     """Move bytes until QEMU exits. Returns how it ended: "exited", "interrupted", or why not."""
     assert proc.stdout is not None and proc.stderr is not None
     selector = selectors.DefaultSelector()
@@ -132,6 +137,8 @@ def _pump(proc: subprocess.Popen, console: ConsoleFilter, stdin_fd: int | None, 
             if stdin_waiting and console.output_after_entrypoint:
                 selector.register(stdin_fd, selectors.EVENT_READ, "stdin")  # type: ignore[arg-type]
                 stdin_waiting = False
+            if agent.sock is None and agent.try_connect():
+                selector.register(agent.sock, selectors.EVENT_READ, "agent")  # type: ignore[arg-type]
             if console.seen("init") is None and time.monotonic() > boot_deadline:
                 ended = f"no sign of /init after {expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000:.0f} s"
                 break
@@ -147,6 +154,14 @@ def _pump(proc: subprocess.Popen, console: ConsoleFilter, stdin_fd: int | None, 
                     assert proc.stdin is not None
                     proc.stdin.write(data)
                     proc.stdin.flush()
+                    continue
+                if key.data == "agent":
+                    if not agent.on_readable():
+                        selector.unregister(key.fileobj)
+                        agent.close()
+                    elif agent.hello_at is not None and console.seen("agent-ready") is None:
+                        console.markers.append(BootMarker("agent-ready", [f"uid={agent.hello.get('uid')}"],
+                                                          agent.hello.get("uptime"), agent.hello_at))
                     continue
                 data = os.read(key.fd, 65536)
                 if not data:
@@ -170,6 +185,7 @@ def _pump(proc: subprocess.Popen, console: ConsoleFilter, stdin_fd: int | None, 
         return "interrupted"
     finally:
         selector.close()
+        agent.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
