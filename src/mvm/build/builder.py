@@ -93,8 +93,7 @@ class Builder:
             return BuildResult(existing, cache_hit=True, lock_written=lock_is_new, seconds=seconds)
 
         with self._phase("download", f"{len(lock.all_debs())} packages", seconds):
-            self.debs.fetch(lock.all_debs())
-            self.debs.verify(lock.all_debs())
+            self.debs.ensure(lock.all_debs())
 
         with self.store.staging(key) as scratch:
             with self._phase("assemble", "unpacking packages", seconds):

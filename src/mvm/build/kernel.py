@@ -45,15 +45,6 @@ class Kernel:
         return self.directory / "modules"
 
 
-def cached_kernels(cache: Path) -> list[Kernel]:
-    """Every complete kernel in the cache, newest release last (the KVM probe boots one)."""
-    found = []
-    for entry in sorted(cache.glob("*")) if cache.is_dir() else []:
-        if (entry / "vmlinux").is_file() and (entry / "release").is_file():
-            found.append(Kernel(entry, (entry / "release").read_text().strip()))
-    return found
-
-
 def prepare_kernel(deb_path: Path, deb: LockedPackage, cache: Path) -> Kernel:
     """Unpack ``deb`` into ``cache/<version>-<sha>`` unless it is already there."""
     directory = cache / f"{deb.name}_{deb.version}_{deb.sha256[:12]}"

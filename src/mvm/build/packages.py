@@ -194,9 +194,14 @@ class DebCache:
         path = self.path(deb)
         return path.is_file() and path.stat().st_size == deb.size
 
-    def fetch(self, debs: list[LockedPackage]) -> None:
-        """Download what is missing, verify every sha256, and only then move it into place."""
+    def ensure(self, debs: list[LockedPackage]) -> None:
+        """Every deb present and matching the lock; each file is hashed exactly once."""
         todo = self.missing(debs)
+        self._verify_cached([d for d in debs if d not in todo])
+        self._download(todo)
+
+    def _download(self, todo: list[LockedPackage]) -> None:
+        """Fetch ``todo``, check each sha256, and only then move it into place."""
         if not todo:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -219,8 +224,8 @@ class DebCache:
                                      f"{deb.sha256[:16]}...", "delete mvm.lock to re-resolve if the archive changed")
                 os.replace(got, self.path(deb))
 
-    def verify(self, debs: list[LockedPackage]) -> None:
-        """Check cached files against the lock before they go into an image."""
+    def _verify_cached(self, debs: list[LockedPackage]) -> None:
+        """Check files already in the cache against the lock before they go into an image."""
         for deb in debs:
             actual = sha256_file(self.path(deb))
             if actual != deb.sha256:

@@ -98,4 +98,8 @@ class ConsoleFilter:
         return None
 
     def seen(self, phase: str) -> BootMarker | None:
-        return next((m for m in self.markers if m.phase == phase), None)
+        return first_marker(self.markers, phase)
+
+
+def first_marker(markers: list[BootMarker], phase: str) -> BootMarker | None:
+    return next((m for m in markers if m.phase == phase), None)

@@ -26,7 +26,7 @@ from mvm.core.errors import BackendUnavailable, VmError
 from mvm.core.state import MvmHome
 from mvm.runtime import qemu
 from mvm.runtime.client import AgentChannel
-from mvm.runtime.console import BootMarker, ConsoleFilter
+from mvm.runtime.console import BootMarker, ConsoleFilter, first_marker
 from mvm.runtime.kvm import select_accel
 
 DETACH_KEY = b"\x1d"  # Ctrl-]: leave an interactive console (stops the VM in attached mode)
@@ -46,7 +46,7 @@ class RunResult:
     agent_pong: bool = False  # whether it answered a ping on that channel
 
     def phase_ms(self, phase: str) -> int | None:
-        marker = next((m for m in self.markers if m.phase == phase), None)
+        marker = first_marker(self.markers, phase)
         return None if marker is None else round((marker.host_time - self.started) * 1000)
 
 
