@@ -4,6 +4,37 @@ A frame is ``u32 length`` (big-endian, of everything after it) + ``u32 header le
 a JSON header + raw body bytes. The header always has ``type`` and, for requests and their
 replies, ``id``, so many calls can share one channel. Bodies carry bytes (file contents,
 process output) without base64. Stdlib only: this module runs inside the guest.
+
+Messages (host -> agent requests; every reply carries the request's ``id``):
+
+    hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime}
+    ping                                   -> pong {uptime}
+    exec {argv, env?, cwd?, uid?, stdin?:bool, pty?:bool, rows?, cols?, timeout?:s}
+                                           -> started {pid}, then stdout / stderr (body: bytes,
+                                              a pty's output is all stdout), then
+                                              exit {code:int|null, signal:int|null, timed_out}
+    console {argv?, rows?, cols?}          -> like exec with a pty (default argv: a login shell);
+                                              refused on sealed images
+    stdin {id of the exec} (body; eof:true closes the process's stdin)
+    signal {id of the exec, signal:int}    the process group gets it (no reply)
+    resize {id of the exec, rows, cols}    (no reply)
+    read {path}                            -> data (body, up to CHUNK bytes each) ..., then
+                                              done {size, mode}
+    write {path, mode?, more:bool} (body)  frames with one id append to a temporary file;
+                                              the last (more:false) -> done {size}, after an
+                                              fsync and a rename into place
+    list {path}                            -> result {entries:[{name, type, size, mode, mtime}]}
+    stat {path}                            -> result {stat:{name, type, size, mode, mtime, uid, gid}}
+    remove {path, recursive?}              -> result {}
+    mkdir {path, mode?, parents?}          -> result {}
+    rename {src, dst}                      -> result {}
+    telemetry                              -> result {uptime, load:[1,5,15], memory:{total,
+                                              available}, disk:{total, free}, agent:{pid, uid},
+                                              entrypoint:{pid, uid} | null}
+    shutdown                               -> result {}, then the guest powers off
+    anything wrong                         -> error {message, errno?}  (the channel lives on)
+
+``type`` for a file's entry is one of file, dir, link, other; ``mode`` is the permission bits.
 """
 
 from __future__ import annotations
@@ -16,6 +47,7 @@ from typing import Any
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
 MAX_HEADER = 64 * 1024
+CHUNK = 1024 * 1024  # body size of one data/stdout frame or one write frame
 _U32 = struct.Struct(">I")
 
 
