@@ -24,6 +24,18 @@ VERBS = {
     "validate": "mvm.cli.validate",
     "build": "mvm.cli.build",
     "run": "mvm.cli.run",
+    "up": "mvm.cli.vm",
+    "ls": "mvm.cli.vm",
+    "status": "mvm.cli.vm",
+    "exec": "mvm.cli.guest",
+    "cp": "mvm.cli.guest",
+    "fs": "mvm.cli.guest",
+    "console": "mvm.cli.guest",
+    "logs": "mvm.cli.vm",
+    "boot-report": "mvm.cli.vm",
+    "wait": "mvm.cli.vm",
+    "detach": "mvm.cli.vm",
+    "down": "mvm.cli.vm",
 }
 
 
@@ -60,6 +72,7 @@ def cli() -> None:
       mvmctl bootstrap          install the host tools (QEMU, e2fsprogs, ...)
       mvmctl build examples/hello
       mvmctl run examples/hello --attached
+      mvmctl up examples/python --name py && mvmctl exec py -- python3 -V && mvmctl down py
     """
 
 

@@ -2,63 +2,124 @@
 
 from __future__ import annotations
 
+import os
+import selectors
 import sys
 
 import click
 
 from mvm.cli.build import build_workload
-from mvm.core.errors import UsageError
-from mvm.core.sizes import parse_mib
-from mvm.core.state import MvmHome
-from mvm.runtime.lifecycle import RunResult, run_attached
+from mvm.cli.guest import raw_terminal, write_stdout
+from mvm.cli.vm import BOOT_PHASES, boot_phases, check_hypervisor, resources
+from mvm.core.state import MvmHome, VmRecord
+from mvm.runtime import lifecycle
+from mvm.runtime.client import VmClient
+
+DETACH_KEY = b"\x1d"  # Ctrl-]: leave the console, which stops an attached VM
 
 
 @click.command()
 @click.argument("directory", default=".", type=click.Path())
 @click.option("--attached/--detached", default=True, show_default=True,
-              help="Attached: the VM lives as long as this command and its console is your terminal.")
+              help="Attached: the VM lives as long as this command and its console is your terminal. "
+                   "Detached: like `mvmctl up`.")
+@click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
-@click.option("--boot-report", is_flag=True,
-              help="After the VM stops, print when each boot phase was reached (to stderr).")
-def run(directory: str, attached: bool, cpus: int | None, memory: str | None, boot_report: bool) -> None:
+@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
+                                                  "libkrun", "lima"]), help="Backend to run on (default: auto).")
+@click.option("--boot-report", is_flag=True, help="After the VM stops, print when each boot phase was reached (stderr).")
+def run(directory: str, attached: bool, name: str | None, cpus: int | None, memory: str | None,
+        hypervisor: str | None, boot_report: bool) -> None:
     """Boot the guest in DIRECTORY (building it first if needed) and stream its console.
 
-    The entrypoint's exit status becomes mvmctl's. Ctrl-C stops the VM; nothing is left
-    running. On an accessible image (shell entrypoint) your terminal is the guest's console:
+    The entrypoint's exit status becomes mvmctl's. Ctrl-C, or this command going away for
+    any reason, stops the VM; `mvmctl detach NAME` from another terminal lets it live on.
+    On an accessible image with a shell entrypoint your terminal is the guest's console:
     Ctrl-] leaves it and stops the VM.
     """
-    if not attached:
-        raise UsageError("--detached needs the per-VM supervisor, which this version does not have yet",
-                         "use `mvmctl run --attached`")
-    if cpus is not None and cpus < 1:
-        raise UsageError(f"--cpus: {cpus} must be at least 1")
-    try:
-        memory_mib = parse_mib(memory) if memory else None
-    except ValueError as err:
-        raise UsageError(f"--memory: {err}") from None
+    check_hypervisor(hypervisor)
+    vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
     _, result = build_workload(directory, home=home)
     artifact = result.artifact
-    stdin_fd = sys.stdin.fileno() if artifact.meta.accessible else None
-    outcome = run_attached(home, artifact, vcpus=cpus, memory_mib=memory_mib, stdin_fd=stdin_fd)
+    vm_name = name or artifact.meta.name
+    if not attached:
+        record = lifecycle.up(home, artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib)
+        click.echo(f"VM {vm_name} is {record.state}; `mvmctl exec {vm_name} -- CMD` works in it, "
+                   f"`mvmctl down {vm_name}` stops it")
+        return
+    launch = lifecycle.start_vm(home, artifact, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib)
+    try:
+        attach_id = launch.client.send({"type": "attach", "replay": True})
+        launch.commit()
+        interactive = artifact.meta.accessible and artifact.meta.workload.entrypoint.kind == "shell"
+        code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)
+    finally:
+        launch.abandon()
+        launch.client.close()
     if boot_report:
-        print_boot_report(outcome)
-    sys.exit(outcome.exit_code)
+        print_boot_report(lifecycle.wait_vm(home, vm_name))
+    sys.exit(code)
 
 
-def print_boot_report(outcome: RunResult) -> None:
-    """Host-side times from QEMU's start to each /init marker and to the agent's hello."""
-    click.echo(f"boot report ({outcome.accel}; ms since QEMU started):", err=True)
-    for phase in ("initramfs", "init", "agent-ready", "entrypoint", "exit"):
-        ms = outcome.phase_ms(phase)
+def follow_console(client: VmClient, attach_id: int, name: str, stdin_fd: int | None) -> int:
+    """Relay the console until the VM stops (its exit status) or is detached (0)."""
+    assert client.sock is not None
+    with raw_terminal(stdin_fd) if stdin_fd is not None else _no_terminal() as is_tty:
+        add_cr = is_tty  # the supervisor stores LF line ends; a raw terminal needs CRLF
+        selector = selectors.DefaultSelector()
+        selector.register(client.sock, selectors.EVENT_READ, "vm")
+        if stdin_fd is not None:
+            selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
+        try:
+            while True:
+                for key, _ in selector.select():
+                    if key.data == "stdin":
+                        data = os.read(stdin_fd, 4096)  # type: ignore[arg-type]
+                        if DETACH_KEY in data:
+                            client.send({"type": "stop", "reason": "the console user pressed Ctrl-]"})
+                            selector.unregister(stdin_fd)  # type: ignore[arg-type]
+                        elif data:
+                            client.send({"type": "stdin", "id": attach_id}, data)
+                        else:
+                            selector.unregister(stdin_fd)  # type: ignore[arg-type]
+                        continue
+                    for frame in client.receive_batch():
+                        if frame.id == attach_id and frame.type == "stdout":
+                            write_stdout(frame.body.replace(b"\n", b"\r\n") if add_cr else frame.body)
+                        elif frame.id == attach_id and frame.type == "exit":
+                            code = frame.header.get("code")
+                            if code is None:
+                                click.echo(f"\nmvmctl: VM {name} stopped: {frame.header.get('reason')}", err=True)
+                                return 130 if "Ctrl-" in str(frame.header.get("reason")) else 1
+                            return int(code)
+                        elif frame.type == "detached":
+                            click.echo(f"\nmvmctl: VM {name} is detached and keeps running", err=True)
+                            return 0
+        finally:
+            selector.close()
+
+
+class _no_terminal:
+    def __enter__(self) -> bool:
+        return False
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def print_boot_report(record: VmRecord) -> None:
+    phases = boot_phases(record)
+    click.echo(f"boot report ({record.accel}; ms since QEMU started):", err=True)
+    for phase in BOOT_PHASES:
+        ms = phases.get(phase)
         click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}", err=True)
-    hello = outcome.agent_hello
-    if hello is None:
+    agent = next((m for m in record.markers if m["phase"] == "agent-ready"), None)
+    if agent is None:
         click.echo("  agent        no hello on its channel before the VM stopped", err=True)
     else:
-        answered = "ping answered" if outcome.agent_pong else "ping not answered"
-        click.echo(f"  agent        protocol v{hello.get('version')}, uid {hello.get('uid')}, {answered}", err=True)
+        click.echo(f"  agent        answered as {' '.join(agent['args'])}", err=True)
 
 
 COMMANDS = [run]

@@ -1,76 +1,229 @@
-"""The host end of the agent channel: a unix socket QEMU serves for the guest's
-``org.mvm.agent`` virtio-serial port.
+"""A client of one VM's supervisor (``vms/<name>/ctl.sock``): the CLI, the SDK and MCP all
+talk to a VM through this.
 
-The host greets first (bytes it writes are queued until the agent reads them), takes the
-agent's ``hello`` and checks the channel with a ``ping``; the request API (exec, files)
-grows here on the same framing.
+Requests are frames (core/protocol.py) with ids chosen here; the supervisor forwards agent
+requests and rewrites ids, so many clients, and many requests from one client, share the
+VM's single agent channel.
 """
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
-import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mvm.core import protocol
+from mvm.core.errors import VmError
+from mvm.core.state import VmPaths
+
+Sink = Callable[[bytes], None]
+
+
+class AgentError(VmError):
+    """The guest refused a request (a file that is not there, a uid the image does not allow...)."""
+
+    def __init__(self, message: str, errno: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass
-class AgentChannel:
-    path: Path
-    sock: socket.socket | None = None
-    hello: dict[str, Any] | None = None
-    hello_at: float | None = None  # time.monotonic() when the hello arrived
-    pong: dict[str, Any] | None = None
-    errors: list[str] = field(default_factory=list)
-    _decoder: protocol.Decoder = field(default_factory=protocol.Decoder)
+class ExecResult:
+    code: int | None
+    signal: int | None
+    timed_out: bool
+    stdout: bytes = b""
+    stderr: bytes = b""
 
-    def try_connect(self) -> bool:
-        """Connect once QEMU has created the socket; False until then."""
-        if self.sock is not None:
-            return True
-        if not self.path.exists():
-            return False
+    @property
+    def exit_status(self) -> int:
+        """As a shell reports it: the code, or 128 + the signal."""
+        if self.code is not None:
+            return self.code
+        return 128 + (self.signal or 0)
+
+
+@dataclass
+class VmClient:
+    paths: VmPaths
+    sock: socket.socket | None = None
+    _decoder: protocol.Decoder = field(default_factory=protocol.Decoder)
+    _queued: list[protocol.Frame] = field(default_factory=list)
+    _next_id: int = 1
+
+    @classmethod
+    def connect(cls, paths: VmPaths) -> VmClient:
+        client = cls(paths)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(self.path))
-        except OSError:
+            sock.connect(str(paths.ctl_socket))
+        except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            return False
-        sock.sendall(protocol.hello("host"))  # queued for the guest until the agent reads it
-        sock.setblocking(False)
-        self.sock = sock
-        return True
-
-    def on_readable(self) -> bool:
-        """Handle what arrived; False when the channel closed."""
-        assert self.sock is not None
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        if not data:
-            return False
-        try:
-            frames = self._decoder.feed(data)
-        except protocol.ProtocolError as err:
-            self.errors.append(str(err))
-            return True
-        for frame in frames:
-            if frame.type == "hello" and self.hello is None:
-                self.hello, self.hello_at = frame.header, time.monotonic()
-                self.sock.sendall(protocol.encode({"type": "ping", "id": 1}))
-            elif frame.type == "pong" and frame.id == 1:
-                self.pong = frame.header
-            elif frame.type == "error":
-                self.errors.append(str(frame.header.get("message")))
-        return True
+            raise VmError(f"VM {paths.name} is not running", "`mvmctl ls` shows its state; `mvmctl up` starts it") from None
+        client.sock = sock
+        return client
 
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+    def __enter__(self) -> VmClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- frames ----------------------------------------------------------------------------------
+
+    def send(self, header: dict[str, Any], body: bytes = b"") -> int:
+        """Send a request; returns its id (a new one unless ``header`` has one)."""
+        if "id" not in header:
+            header = {**header, "id": self._next_id}
+            self._next_id += 1
+        assert self.sock is not None
+        self.sock.sendall(protocol.encode(header, body))
+        return header["id"]
+
+    def receive(self) -> protocol.Frame:
+        """The next frame from the supervisor, whatever request it answers."""
+        while not self._queued:
+            assert self.sock is not None
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise VmError(f"the supervisor of VM {self.paths.name} went away",
+                              f"`mvmctl status {self.paths.name}` says why")
+            self._queued += self._decoder.feed(data)
+        return self._queued.pop(0)
+
+    def receive_batch(self) -> list[protocol.Frame]:
+        """Every frame that has arrived, waiting for at least one."""
+        frames = [self.receive()]
+        frames += self._queued
+        self._queued = []
+        return frames
+
+    def replies(self, request_id: int) -> Iterator[protocol.Frame]:
+        """Frames answering one request, ending with its terminal reply; errors raise."""
+        while True:
+            frame = self.receive()
+            if frame.id != request_id:
+                continue
+            if frame.type == "error":
+                raise AgentError(str(frame.header.get("message")), frame.header.get("errno"))
+            yield frame
+            if frame.type in ("exit", "done", "result", "pong"):
+                return
+
+    def call(self, kind: str, body: bytes = b"", **fields: Any) -> dict[str, Any]:
+        """One request, one reply: returns the reply's header."""
+        request_id = self.send({"type": kind, **fields}, body)
+        *_, last = self.replies(request_id)
+        return last.header
+
+    # -- processes -------------------------------------------------------------------------------
+
+    def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+             timeout: float | None = None, stdin: bytes | int | None = None, pty: bool = False,
+             rows: int | None = None, cols: int | None = None, stdout: Sink | None = None,
+             stderr: Sink | None = None, kind: str = "exec") -> ExecResult:
+        """Run ``argv`` in the guest; output goes to the sinks (or is collected in the result).
+
+        ``stdin`` is bytes to send, or a file descriptor streamed until EOF.
+        """
+        header: dict[str, Any] = {"type": kind, "argv": argv, "stdin": stdin is not None, "pty": pty}
+        for key, value in (("env", env), ("cwd", cwd), ("timeout", timeout), ("rows", rows), ("cols", cols)):
+            if value is not None:
+                header[key] = value
+        if kind == "console":
+            header.pop("pty")
+            header.pop("stdin")
+        request_id = self.send(header)
+        if isinstance(stdin, bytes):
+            for start in range(0, len(stdin), protocol.CHUNK):
+                self.send({"type": "stdin", "id": request_id}, stdin[start : start + protocol.CHUNK])
+            self.send({"type": "stdin", "id": request_id, "eof": True})
+            stdin = None
+        collected: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        sinks = {"stdout": stdout or collected["stdout"].extend, "stderr": stderr or collected["stderr"].extend}
+        for frame in self._exec_frames(request_id, stdin):
+            if frame.type in sinks:
+                sinks[frame.type](frame.body)
+            elif frame.type == "exit":
+                return ExecResult(frame.header.get("code"), frame.header.get("signal"),
+                                  bool(frame.header.get("timed_out")), bytes(collected["stdout"]),
+                                  bytes(collected["stderr"]))
+        raise VmError("the exec ended without an exit status")  # replies() always ends with one
+
+    def _exec_frames(self, request_id: int, stdin_fd: int | None) -> Iterator[protocol.Frame]:
+        """The exec's replies, while relaying ``stdin_fd`` to it as it becomes readable."""
+        if stdin_fd is None:
+            yield from self.replies(request_id)
+            return
+        assert self.sock is not None
+        selector = selectors.DefaultSelector()
+        selector.register(stdin_fd, selectors.EVENT_READ)
+        try:
+            while True:
+                if self._queued:
+                    frames = self._take(request_id)
+                    yield from frames
+                    if frames and frames[-1].type == "exit":
+                        return
+                    continue
+                ready = selector.select(timeout=None) if selector.get_map() else []
+                if not ready:
+                    yield from self.replies(request_id)
+                    return
+                data = os.read(stdin_fd, protocol.CHUNK)
+                if data:
+                    self.send({"type": "stdin", "id": request_id}, data)
+                else:
+                    self.send({"type": "stdin", "id": request_id, "eof": True})
+                    selector.unregister(stdin_fd)
+                    yield from self.replies(request_id)
+                    return
+        finally:
+            selector.close()
+
+    def _take(self, request_id: int) -> list[protocol.Frame]:
+        mine = [f for f in self._queued if f.id == request_id]
+        self._queued = [f for f in self._queued if f.id != request_id]
+        for frame in mine:
+            if frame.type == "error":
+                raise AgentError(str(frame.header.get("message")), frame.header.get("errno"))
+        return mine
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def read_file(self, path: str, sink: Sink) -> dict[str, Any]:
+        """Stream a guest file into ``sink``; returns its size and mode."""
+        request_id = self.send({"type": "read", "path": path})
+        for frame in self.replies(request_id):
+            if frame.type == "data":
+                sink(frame.body)
+            elif frame.type == "done":
+                return frame.header
+        raise VmError(f"reading {path} ended early")
+
+    def write_file(self, path: str, source: BinaryIO | bytes, mode: int = 0o644) -> int:
+        """Write a guest file from a host file object (streamed) or bytes; returns its size."""
+        request_id = self._next_id
+        self._next_id += 1
+        if isinstance(source, bytes):
+            chunks: Iterator[bytes] = iter([source[i : i + protocol.CHUNK] for i in range(0, len(source), protocol.CHUNK)])
+        else:
+            chunks = iter(lambda: source.read(protocol.CHUNK), b"")
+        chunk = next(chunks, b"")
+        while True:
+            following = next(chunks, None)
+            self.send({"type": "write", "id": request_id, "path": path, "mode": mode,
+                       "more": following is not None}, chunk)
+            if following is None:
+                break
+            chunk = following
+        *_, done = self.replies(request_id)
+        return int(done.header.get("size", 0))

@@ -1,202 +1,307 @@
-"""VM lifecycle functions shared by the CLI, the SDK and MCP.
+"""VM lifecycle functions shared by the CLI, the SDK and MCP: start, list, stop, copy.
 
-``run_attached`` boots an artifact in the foreground: the console streams to the caller, the
-entrypoint's exit status becomes the result, and the VM never outlives the call (Ctrl-C, an
-exception, even SIGKILL of this process all end QEMU).
+Every VM has a supervisor (runtime/supervisor.py). Starting one is a small transaction:
+`start_vm` takes the name's lock, writes the record, forks the supervisor and hands back a
+:class:`Launch`; only ``commit()`` makes the VM outlive the caller. If the caller dies
+first, the supervisor sees its pipe close, stops QEMU and removes the VM's directory, so a
+failed or killed `up` leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import fcntl
+import io
 import os
-import selectors
 import shutil
 import signal
-import subprocess
-import sys
-import termios
+import tarfile
+import tempfile
 import time
-import tty
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 from mvm.core.artifact import Artifact
-from mvm.core.errors import BackendUnavailable, VmError
-from mvm.core.state import MvmHome
-from mvm.runtime import qemu
-from mvm.runtime.client import AgentChannel
-from mvm.runtime.console import BootMarker, ConsoleFilter, first_marker
+from mvm.core.errors import BackendUnavailable, UsageError, VmError
+from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
+from mvm.runtime.client import AgentError, VmClient
 from mvm.runtime.kvm import select_accel
+from mvm.runtime.supervisor import LaunchSpec, daemonize
 
-DETACH_KEY = b"\x1d"  # Ctrl-]: leave an interactive console (stops the VM in attached mode)
-STOP_GRACE_S = 5.0
-BOOT_TIMEOUT_FACTOR = 20  # give up when no /init marker after 20x the expected boot time
+SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
+SUPERVISOR_EXIT_S = 5.0
 
 
 @dataclass
-class RunResult:
-    exit_code: int
-    accel: str
-    accel_reason: str
-    started: float
-    markers: list[BootMarker] = field(default_factory=list)
-    console_log: Path | None = None
-    agent_hello: dict | None = None  # the agent's greeting over its channel, if it came in time
-    agent_pong: bool = False  # whether it answered a ping on that channel
+class Launch:
+    """A VM whose supervisor runs but which dies with the caller until ``commit()``."""
 
-    def phase_ms(self, phase: str) -> int | None:
-        marker = first_marker(self.markers, phase)
-        return None if marker is None else round((marker.host_time - self.started) * 1000)
+    paths: VmPaths
+    record: VmRecord
+    client: VmClient
+    _commit_fd: int
+    _name_lock_fd: int
 
+    def commit(self) -> None:
+        os.write(self._commit_fd, b"k")
+        self._release()
 
-@contextmanager
-def _raw_terminal(fd: int | None) -> Iterator[None]:
-    if fd is None or not os.isatty(fd):
-        yield
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd)
-        yield
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+    def abandon(self) -> None:
+        """Close the pipe without committing: the supervisor stops the VM and removes it."""
+        self._release()
+
+    def _release(self) -> None:
+        for fd in (self._commit_fd, self._name_lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._commit_fd = self._name_lock_fd = -1
 
 
-def run_attached(
-    home: MvmHome,
-    artifact: Artifact,
-    *,
-    vcpus: int | None = None,
-    memory_mib: int | None = None,
-    output: Callable[[bytes], None] | None = None,
-    stdin_fd: int | None = None,
-) -> RunResult:
-    """Boot ``artifact``, stream its console to ``output``, return the entrypoint's status.
-
-    ``stdin_fd`` (for accessible images) is relayed to the console; a terminal is put in raw
-    mode and Ctrl-] stops the VM.
-    """
+def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detached",
+             vcpus: int | None = None, memory_mib: int | None = None) -> Launch:
+    """Register ``name`` and boot ``artifact`` under a new supervisor."""
+    check_vm_name(name)
+    paths = home.vm(name)
+    paths.check_socket_paths()
     hypervisor = artifact.meta.workload.hypervisor
     if hypervisor not in ("auto", "qemu"):
         raise BackendUnavailable(f"hypervisor {hypervisor!r} (from mvm.toml) is not supported by this mvm version; "
                                  "only qemu is", "set hypervisor = \"qemu\" or remove it; `mvmctl doctor` lists backends")
-    sink = output or (lambda data: (sys.stdout.buffer.write(data), sys.stdout.buffer.flush()))
-    accel, accel_reason = select_accel(home)
-    scratch = home.root / "run" / f"{artifact.meta.name}-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    log_path = home.root / "logs" / f"{artifact.meta.name}.console.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    accel, _ = select_accel(home)
+    home.vms.mkdir(parents=True, exist_ok=True)
+    name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        overlay = scratch / "overlay.qcow2"
-        qemu.create_overlay(artifact.rootfs, overlay)
-        spec = qemu.artifact_spec(artifact, overlay, accel, vcpus=vcpus, memory_mib=memory_mib)
-        spec.agent_socket = scratch / "agent.sock"
-        if artifact.meta.data_disk_bytes:
-            spec.data_disk = scratch / "data.ext4"
-            qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
-        with log_path.open("wb") as log, _raw_terminal(stdin_fd):
-            def tee(data: bytes) -> None:
-                log.write(data)
-                sink(data)
-
-            console = ConsoleFilter(sink=tee, crlf_to_lf=stdin_fd is None or not os.isatty(stdin_fd))
-            started = time.monotonic()
-            proc = qemu.spawn(spec.argv(), stdin=subprocess.PIPE if stdin_fd is not None else subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            agent = AgentChannel(spec.agent_socket)
-            status = _pump(proc, console, agent, stdin_fd, started, artifact.meta.expected_boot_ms)
-        exit_code = console.exit_status()
-        if exit_code is None:
-            if status == "interrupted":
-                exit_code = 130
-            else:
-                raise VmError(f"the VM stopped before its entrypoint finished ({status})",
-                              f"see the console log {log_path}")
-        return RunResult(exit_code, accel, accel_reason, started, console.markers, log_path,
-                         agent_hello=agent.hello, agent_pong=agent.pong is not None)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _pump(proc: subprocess.Popen, console: ConsoleFilter, agent: AgentChannel, stdin_fd: int | None,
-          started: float, expected_boot_ms: int) -> str:
-    """Move bytes until QEMU exits. Returns how it ended: "exited", "interrupted", or why not."""
-    assert proc.stdout is not None and proc.stderr is not None
-    selector = selectors.DefaultSelector()
-    selector.register(proc.stdout, selectors.EVENT_READ, "console")
-    selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    stdin_waiting = stdin_fd is not None  # input typed before the shell's first prompt is lost
-    errors = bytearray()
-    boot_deadline = started + expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000
-    ended = "exited"
+        fcntl.flock(name_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(name_lock)
+        raise UsageError(f"VM {name} is being started by another mvmctl", "wait for it, or pick another --name") from None
     try:
-        open_streams = 2
-        while open_streams:
-            if stdin_waiting and console.output_after_entrypoint:
-                selector.register(stdin_fd, selectors.EVENT_READ, "stdin")  # type: ignore[arg-type]
-                stdin_waiting = False
-            if agent.sock is None and agent.try_connect():
-                selector.register(agent.sock, selectors.EVENT_READ, "agent")  # type: ignore[arg-type]
-            if console.seen("init") is None and time.monotonic() > boot_deadline:
-                ended = f"no sign of /init after {expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000:.0f} s"
-                break
-            for key, _ in selector.select(timeout=0.5):
-                if key.data == "stdin":
-                    data = os.read(stdin_fd, 4096)  # type: ignore[arg-type]
-                    if not data or DETACH_KEY in data:
-                        selector.unregister(stdin_fd)
-                        if DETACH_KEY in data:
-                            _stop(proc)
-                            return "interrupted"
-                        continue
-                    assert proc.stdin is not None
-                    proc.stdin.write(data)
-                    proc.stdin.flush()
-                    continue
-                if key.data == "agent":
-                    if not agent.on_readable():
-                        selector.unregister(key.fileobj)
-                        agent.close()
-                    elif agent.hello_at is not None and console.seen("agent-ready") is None:
-                        console.markers.append(BootMarker("agent-ready", [f"uid={agent.hello.get('uid')}"],
-                                                          agent.hello.get("uptime"), agent.hello_at))
-                    continue
-                data = os.read(key.fd, 65536)
-                if not data:
-                    selector.unregister(key.fileobj)
-                    open_streams -= 1
-                elif key.data == "console":
-                    console.feed(data)
-                else:
-                    errors += data
-        console.flush()
-        if ended != "exited":
-            _stop(proc)
-            return ended
-        code = proc.wait(timeout=STOP_GRACE_S)
-        if console.exit_status() is None:
-            detail = errors.decode(errors="replace").strip().splitlines()
-            return f"QEMU exited with code {code}" + (f": {detail[-1]}" if detail else "")
-        return ended
-    except KeyboardInterrupt:
-        _stop(proc)
-        return "interrupted"
+        existing = reconcile(paths)
+        if existing is not None and existing.running:
+            raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        paths.dir.mkdir(parents=True)
+        meta = artifact.meta
+        record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend="qemu", accel=accel,
+                          mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
+                          accessible=meta.accessible, sealed=meta.sealed,
+                          uids={"agent": meta.uids.agent, "entrypoint": meta.uids.entrypoint})
+        write_json_atomic(paths.mode, {"mode": mode})
+        record.save(paths)
+        return _fork_supervisor(paths, artifact, record, name_lock)
+    except BaseException:
+        os.close(name_lock)
+        raise
+
+
+def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_lock: int) -> Launch:
+    # The supervisor lock is taken here and inherited, so the VM is never without a live owner.
+    lock = os.open(paths.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    commit_read, commit_write = os.pipe()
+    try:
+        pid = daemonize(LaunchSpec(paths, artifact, record, commit_read), keep_fds=(commit_read, lock))
     finally:
-        selector.close()
-        agent.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM lets QEMU close its files; SIGKILL if it does not within the grace time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
+        os.close(commit_read)
+        os.close(lock)
+    deadline = time.monotonic() + SUPERVISOR_START_S
+    while True:
         try:
-            proc.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            client = VmClient.connect(paths)
+            break
+        except VmError:
+            if not paths.supervisor_alive() or time.monotonic() > deadline:
+                os.close(commit_write)
+                record = reconcile(paths) or record
+                detail = _tail(paths.supervisor_log)
+                shutil.rmtree(paths.dir, ignore_errors=True)
+                raise VmError(f"the supervisor of VM {paths.name} (pid {pid}) did not start: "
+                              f"{record.stop_reason or detail or 'no reason given'}") from None
+            time.sleep(0.005)
+    return Launch(paths, record, client, commit_write, name_lock)
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None,
+       memory_mib: int | None = None) -> VmRecord:
+    """Start a detached VM and return once its agent answers (or it has already finished)."""
+    launch = start_vm(home, artifact, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib)
+    try:
+        reply = launch.client.call("ready")
+        launch.commit()
+    finally:
+        launch.abandon()
+        launch.client.close()
+    record = VmRecord.load(launch.paths)
+    if reply.get("state") == "stopped" and record.exit_status is None:
+        raise VmError(f"VM {name} stopped before it was ready: {record.stop_reason}",
+                      f"`mvmctl logs {name}` shows its console")
+    return record
+
+
+def require_vm(home: MvmHome, name: str) -> tuple[VmPaths, VmRecord]:
+    paths = home.vm(check_vm_name(name))
+    record = reconcile(paths)
+    if record is None:
+        raise UsageError(f"there is no VM named {name}", "`mvmctl ls` lists them")
+    return paths, record
+
+
+def connect(home: MvmHome, name: str) -> VmClient:
+    paths, record = require_vm(home, name)
+    if not record.running:
+        raise VmError(f"VM {name} is stopped: {record.stop_reason}", "`mvmctl up` starts it again")
+    return VmClient.connect(paths)
+
+
+def list_vms(home: MvmHome) -> list[VmRecord]:
+    if not home.vms.is_dir():
+        return []
+    records = []
+    for entry in sorted(home.vms.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            record = reconcile(VmPaths(entry))
+            if record is not None:
+                records.append(record)
+    return records
+
+
+def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord:
+    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk."""
+    paths, record = require_vm(home, name)
+    if record.running:
+        try:
+            with VmClient.connect(paths) as client:
+                client.call("stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
+        except VmError:
+            pass  # it stopped on its own meanwhile, or its supervisor died: both fine
+        _wait_supervisor_exit(paths, record)
+        record = reconcile(paths) or record
+    shutil.rmtree(paths.dir, ignore_errors=True)
+    return record
+
+
+def _wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
+    deadline = time.monotonic() + SUPERVISOR_EXIT_S
+    while paths.supervisor_alive():
+        if time.monotonic() > deadline:
+            # Still holding its lock, so the pid is still our supervisor: end it (QEMU follows).
+            if record.supervisor_pid:
+                os.kill(record.supervisor_pid, signal.SIGKILL)
+            deadline = time.monotonic() + SUPERVISOR_EXIT_S
+        time.sleep(0.02)
+
+
+def wait_vm(home: MvmHome, name: str) -> VmRecord:
+    """Block until the VM stops; its record then holds the entrypoint's status."""
+    paths, record = require_vm(home, name)
+    if record.running:
+        try:
+            with VmClient.connect(paths) as client:
+                client.call("wait")
+        except VmError:
+            pass
+        _wait_supervisor_exit(paths, record)
+        record = reconcile(paths) or record
+    return record
+
+
+def detach(home: MvmHome, name: str) -> None:
+    with connect(home, name) as client:
+        client.call("detach")
+
+
+def logs(home: MvmHome, name: str, sink: Callable[[bytes], None], *, follow: bool = False) -> None:
+    paths, record = require_vm(home, name)
+    if record.running:
+        try:
+            with VmClient.connect(paths) as client:
+                for frame in client.replies(client.send({"type": "logs", "follow": follow})):
+                    sink(frame.body)
+                return
+        except VmError:
+            pass  # stopped meanwhile: the file has everything
+    try:
+        sink(paths.console_log.read_bytes())
+    except FileNotFoundError:
+        pass
+
+
+# -- copying -----------------------------------------------------------------------------------
+
+
+def split_vm_path(spec: str) -> tuple[str | None, str]:
+    """``NAME:/path`` -> (NAME, /path); a host path -> (None, path)."""
+    head, sep, tail = spec.partition(":")
+    if sep and "/" not in head and head:
+        if not tail.startswith("/"):
+            raise UsageError(f"{spec}: the guest path must be absolute", f"write {head}:/{tail}")
+        return check_vm_name(head), tail
+    return None, spec
+
+
+def copy_in(client: VmClient, source: Path, dest: str) -> None:
+    """Host file or directory -> guest path; modes are kept."""
+    if source.is_dir():
+        with tempfile.TemporaryFile() as archive:
+            with tarfile.open(fileobj=archive, mode="w") as tar:
+                tar.add(source, arcname=".")
+            archive.seek(0)
+            client.call("mkdir", path=dest, parents=True)
+            result = client.exec(["tar", "-x", "-p", "-f", "-", "-C", dest], stdin=archive.read())
+        if result.exit_status != 0:
+            raise VmError(f"unpacking into {dest} failed: {result.stderr.decode(errors='replace').strip()}")
+        return
+    if not source.is_file():
+        raise UsageError(f"{source}: no such file or directory on the host")
+    try:
+        if _guest_type(client, dest) == "dir":
+            dest = str(PurePosixPath(dest) / source.name)
+    except AgentError:
+        pass
+    with source.open("rb") as f:
+        client.write_file(dest, f, mode=source.stat().st_mode & 0o7777)
+
+
+def copy_out(client: VmClient, source: str, dest: Path) -> None:
+    """Guest file or directory -> host path; modes are kept."""
+    if _guest_type(client, source) == "dir":
+        target = dest / PurePosixPath(source).name if dest.is_dir() else dest
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as archive:
+            result = client.exec(["tar", "-c", "-f", "-", "-C", source, "."], stdout=archive.write)
+            if result.exit_status != 0:
+                raise VmError(f"packing {source} failed: {result.stderr.decode(errors='replace').strip()}")
+            archive.seek(0)
+            with tarfile.open(fileobj=archive, mode="r") as tar:
+                tar.extractall(target, filter="tar")
+        return
+    target = dest / PurePosixPath(source).name if dest.is_dir() else dest
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+        try:
+            info = client.read_file(source, tmp.write)
+            tmp.flush()
+            os.chmod(tmp.name, int(info.get("mode", 0o644)))
+            os.replace(tmp.name, target)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+
+
+def _guest_type(client: VmClient, path: str) -> str:
+    return str(client.call("stat", path=path)["stat"]["type"])
+
+
+def read_text(client: VmClient, path: str) -> str:
+    buffer = io.BytesIO()
+    client.read_file(path, buffer.write)
+    return buffer.getvalue().decode(errors="replace")

@@ -1,0 +1,248 @@
+"""VM lifecycle verbs: up, down, ls, status, wait, detach, logs, boot-report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import click
+
+from mvm.core.errors import UsageError
+from mvm.core.sizes import format_size, parse_mib
+from mvm.core.state import MvmHome, VmRecord
+from mvm.runtime import lifecycle
+from mvm.runtime.client import VmClient
+
+BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
+
+
+def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | None]:
+    if cpus is not None and cpus < 1:
+        raise UsageError(f"--cpus: {cpus} must be at least 1")
+    try:
+        return cpus, (parse_mib(memory) if memory else None)
+    except ValueError as err:
+        raise UsageError(f"--memory: {err}") from None
+
+
+def check_hypervisor(hypervisor: str | None) -> None:
+    if hypervisor not in (None, "auto", "qemu"):
+        raise UsageError(f"--hypervisor {hypervisor}: this mvm version runs VMs on qemu only",
+                         "use --hypervisor qemu; `mvmctl doctor` lists every backend and why it is unavailable")
+
+
+@click.command()
+@click.argument("directory", default=".", type=click.Path())
+@click.option("--name", help="The VM's name (default: the workload's name).")
+@click.option("--cpus", type=int, help="vCPUs (default: the image's).")
+@click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
+@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
+                                                  "libkrun", "lima"]), help="Backend to run on (default: auto).")
+@click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
+def up(directory: str, name: str | None, cpus: int | None, memory: str | None, hypervisor: str | None,
+       as_json: bool) -> None:
+    """Build the guest in DIRECTORY if needed and start it in the background.
+
+    Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
+    keeps running until `mvmctl down NAME` (or until its entrypoint ends).
+    """
+    from mvm.cli.build import build_workload
+
+    check_hypervisor(hypervisor)
+    vcpus, memory_mib = resources(cpus, memory)
+    home = MvmHome.default()
+    _, result = build_workload(directory, home=home)
+    vm_name = name or result.artifact.meta.name
+    record = lifecycle.up(home, result.artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib)
+    if as_json:
+        click.echo(json.dumps(asdict(record), indent=2))
+    elif record.state == "stopped":
+        click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
+                   f"(`mvmctl logs {vm_name}` shows its output)")
+    else:
+        ready = _marker_ms(record, "agent-ready")
+        click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
+                   f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after QEMU started)")
+
+
+@click.command()
+@click.argument("name")
+@click.option("--force", is_flag=True, help="Kill the VM at once instead of asking the guest to shut down.")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for a graceful shutdown before killing the VM.")
+def down(name: str, force: bool, timeout: float) -> None:
+    """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record)."""
+    record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout)
+    click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})")
+
+
+@click.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the VMs as a JSON list.")
+def ls(as_json: bool) -> None:
+    """List VMs: running ones and stopped ones that still have a record."""
+    records = lifecycle.list_vms(MvmHome.default())
+    if as_json:
+        click.echo(json.dumps([_summary(r) for r in records], indent=2))
+        return
+    if not records:
+        click.echo("no VMs (start one with `mvmctl up DIR`)")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("NAME", "STATE", "BACKEND", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):
+        table.add_column(column)
+    for record in records:
+        summary = _summary(record)
+        table.add_row(record.name, summary["state_detail"], f"{record.backend}/{record.accel}", record.mode,
+                      str(record.vcpus), format_size(record.memory_mib * 1024 * 1024), summary["uptime"] or "-",
+                      f"{record.artifact_name} ({record.artifact_key[:12]})")
+    Console(width=200).print(table)
+
+
+def _summary(record: VmRecord) -> dict[str, Any]:
+    uptime = None
+    if record.running:
+        uptime = _duration(time.time() - record.created_at)
+    if record.state == "stopped":
+        detail = "stopped" + (f" (exit {record.exit_status})" if record.exit_status is not None else "")
+    else:
+        detail = record.state
+    return {"name": record.name, "state": record.state, "state_detail": detail, "backend": record.backend,
+            "accel": record.accel, "mode": record.mode, "vcpus": record.vcpus, "memory_mib": record.memory_mib,
+            "uptime": uptime, "exit_status": record.exit_status, "stop_reason": record.stop_reason,
+            "image": record.artifact_name, "artifact": record.artifact_key}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+@click.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(name: str, as_json: bool) -> None:
+    """Show VM NAME: state, backend, mode, pids, uptime, resources, services, and the uids its
+    processes really run as in the guest, checked against the image's metadata."""
+    home = MvmHome.default()
+    paths, record = lifecycle.require_vm(home, name)
+    report: dict[str, Any] = {**asdict(record), "guest": None, "uid_check": None}
+    if record.state == "running":
+        try:
+            with VmClient.connect(paths) as client:
+                report["guest"] = guest = client.call("telemetry")
+            report["uid_check"] = _uid_check(record, guest)
+        except Exception as err:  # noqa: BLE001 - a VM stopping mid-status is still a status
+            report["guest_error"] = str(err)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"{record.name}: {_summary(record)['state_detail']}"
+               + (f" - {record.stop_reason}" if record.stop_reason else ""))
+    click.echo(f"  backend     {record.backend} ({record.accel}), mode {record.mode}")
+    click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
+               f" ({'sealed' if record.sealed else 'accessible'})")
+    click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
+    click.echo(f"  pids        supervisor {record.supervisor_pid}, qemu {record.qemu_pid}")
+    if record.running:
+        click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
+    guest = report.get("guest")
+    if guest:
+        memory = guest.get("memory") or {}
+        click.echo(f"  guest       load {' '.join(str(x) for x in guest.get('load', []))}, memory "
+                   f"{format_size(memory.get('available', 0))} free of {format_size(memory.get('total', 0))}")
+    for line in report.get("uid_check") or []:
+        click.echo(f"  uid         {line}")
+    for service, info in record.services.items():
+        click.echo(f"  service     {service}: {info['state']}, restarts {max(info['restarts'], 0)}, "
+                   f"last exit {info['last_exit'] if info['last_exit'] is not None else '-'}")
+
+
+def _uid_check(record: VmRecord, guest: dict[str, Any]) -> list[str]:
+    lines = []
+    for role in ("agent", "entrypoint"):
+        seen = (guest.get(role) or {}).get("uid")
+        expected = record.uids.get(role)
+        if seen is None:
+            lines.append(f"{role}: not running (image says uid {expected})")
+        else:
+            verdict = "matches the image" if seen == expected else f"MISMATCH: the image says {expected}"
+            lines.append(f"{role}: uid {seen} ({verdict})")
+    return lines
+
+
+@click.command()
+@click.argument("name")
+def wait(name: str) -> None:
+    """Wait for VM NAME to stop; exit with its entrypoint's status."""
+    record = lifecycle.wait_vm(MvmHome.default(), name)
+    if record.exit_status is None:
+        click.echo(f"VM {name} stopped without an entrypoint status: {record.stop_reason}", err=True)
+        sys.exit(1)
+    sys.exit(record.exit_status)
+
+
+@click.command()
+@click.argument("name")
+def detach(name: str) -> None:
+    """Let VM NAME outlive the `mvmctl run` attached to it."""
+    lifecycle.detach(MvmHome.default(), name)
+    click.echo(f"VM {name} is detached: it keeps running; `mvmctl down {name}` stops it")
+
+
+@click.command()
+@click.argument("name")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the VM stops.")
+def logs(name: str, follow: bool) -> None:
+    """Print VM NAME's console: the entrypoint's output and the guest's messages."""
+    out = sys.stdout.buffer
+
+    def sink(data: bytes) -> None:
+        out.write(data)
+        out.flush()
+
+    lifecycle.logs(MvmHome.default(), name, sink, follow=follow)
+
+
+@click.command(name="boot-report")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the phases as JSON.")
+def boot_report(name: str, as_json: bool) -> None:
+    """When VM NAME reached each boot phase, in ms since its QEMU process started.
+
+    kernel: the guest clock's zero; initramfs, init, entrypoint: markers /init prints;
+    agent-ready: the agent's hello on its channel.
+    """
+    _, record = lifecycle.require_vm(MvmHome.default(), name)
+    phases = boot_phases(record)
+    if as_json:
+        click.echo(json.dumps({"name": name, "accel": record.accel, "phases_ms": phases}, indent=2))
+        return
+    click.echo(f"boot report for {name} ({record.accel}; ms since QEMU started):")
+    for phase in BOOT_PHASES:
+        ms = phases.get(phase)
+        click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}")
+
+
+def boot_phases(record: VmRecord) -> dict[str, int | None]:
+    phases: dict[str, int | None] = {phase: _marker_ms(record, phase) for phase in BOOT_PHASES}
+    first = next((m for m in record.markers if m.get("guest_uptime") is not None and m["phase"] != "agent-ready"), None)
+    # The guest's uptime counts from the kernel's start: subtract it from when the line arrived.
+    phases["kernel"] = None if first is None else max(0, round(first["ms"] - first["guest_uptime"] * 1000))
+    return phases
+
+
+def _marker_ms(record: VmRecord, phase: str) -> int | None:
+    return next((m["ms"] for m in record.markers if m["phase"] == phase), None)
+
+
+COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report]

@@ -1,0 +1,561 @@
+"""The per-VM supervisor: one host process that owns QEMU, the agent channel, the console
+log and the VM's record, and serves many clients on ``vms/<name>/ctl.sock``.
+
+Like containerd's shim it outlives the command that started it (``mvmctl up`` returns once
+the agent is ready) and QEMU cannot outlive it: QEMU is spawned with PDEATHSIG, so even a
+SIGKILL of the supervisor takes the VM down, and its flock on ``supervisor.lock`` vanishes
+with it, which is how every command tells a live VM from a ghost.
+
+Clients speak the agent's framing (core/protocol.py). Agent requests (exec, files,
+telemetry, console, ...) are forwarded with their ids rewritten so many clients share the one
+channel; the supervisor answers its own: ``ready``, ``status``, ``wait``, ``logs``,
+``attach``, ``detach``, ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mvm.core import protocol
+from mvm.core.artifact import Artifact
+from mvm.core.state import VmPaths, VmRecord, write_json_atomic
+from mvm.runtime import qemu
+from mvm.runtime.console import BootMarker, ConsoleFilter
+
+TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
+AGENT_OPS = frozenset({"exec", "console", "stdin", "signal", "resize", "read", "write", "list", "stat",
+                       "remove", "mkdir", "rename", "telemetry", "ping"})
+STOP_TIMEOUT_S = 10.0
+KILL_GRACE_S = 3.0
+BOOT_TIMEOUT_FACTOR = 20  # no /init marker after 20x the expected boot time: give up
+REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attaches late
+
+
+@dataclass
+class LaunchSpec:
+    """What `up` hands the supervisor (through fork, so the artifact is already loaded)."""
+
+    paths: VmPaths
+    artifact: Artifact
+    record: VmRecord
+    commit_fd: int  # read end of a pipe from `up`: b"k" = keep the VM; EOF first = abandon it
+
+
+@dataclass(eq=False)  # identity: clients are kept in sets
+class Client:
+    writer: asyncio.StreamWriter
+    attached: bool = False  # receives the console and the final exit
+    attach_id: int | None = None
+    follow_id: int | None = None  # a `logs --follow` request
+
+    def send(self, data: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(data)
+
+
+@dataclass
+class Route:
+    """One forwarded request: whose it is and the id the client knows it by."""
+
+    client: Client
+    client_id: int
+    op: str
+
+
+@dataclass
+class Supervisor:
+    spec: LaunchSpec
+    clients: set[Client] = field(default_factory=set)
+    routes: dict[int, Route] = field(default_factory=dict)  # channel id -> route
+    by_client: dict[tuple[int, int], int] = field(default_factory=dict)  # (id(client), client id) -> channel id
+    next_id: int = 1
+    agent_writer: asyncio.StreamWriter | None = None
+    agent_hello: dict[str, Any] | None = None
+    pending: list[tuple[Client, protocol.Frame]] = field(default_factory=list)  # agent requests before ready
+    waiters: list[tuple[Client, int, str]] = field(default_factory=list)  # (client, id, "ready"|"wait")
+    console_replay: bytearray = field(default_factory=bytearray)
+    console_input: bytearray = field(default_factory=bytearray)  # held until an interactive entrypoint speaks
+    stderr_tail: bytearray = field(default_factory=bytearray)
+    stopping: str | None = None  # why a stop was asked for
+    committed: bool = False
+    remove_on_exit: bool = False  # `up` was abandoned: the VM's directory goes too
+    failed_writes: set[tuple[int, int]] = field(default_factory=set)  # drop the rest of a refused upload
+
+    def __post_init__(self) -> None:
+        self.paths = self.spec.paths
+        self.record = self.spec.record
+        self.log = self.paths.console_log.open("ab")
+        self.console = ConsoleFilter(sink=self.on_user_output)
+        self.stopped = asyncio.Event()
+        self.spawned = time.monotonic()
+        self.agent_ready_marker: BootMarker | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda: self.request_stop("the supervisor got a signal"))
+        self.record.supervisor_pid = os.getpid()
+        try:
+            self.proc = self.spawn_qemu()
+        except Exception as err:  # noqa: BLE001 - anything here means the VM never started
+            self.finish(f"QEMU did not start: {err}")
+            self.release_commit()
+            return
+        self.record.qemu_pid = self.proc.pid
+        self.record.save(self.paths)
+        server = await asyncio.start_unix_server(self.serve_client, path=str(self.paths.ctl_socket))
+        loop.add_reader(self.spec.commit_fd, self.on_commit_pipe)
+        tasks = [asyncio.create_task(c) for c in (self.pump_console(), self.pump_stderr(), self.connect_agent(),
+                                                     self.watch_boot())]
+        await self.watch_qemu()
+        for task in tasks:
+            task.cancel()
+        server.close()
+        await asyncio.sleep(0.2)  # let the last replies drain to clients
+        for client in list(self.clients):
+            client.writer.close()
+        self.cleanup_runtime_files()
+        self.release_commit()
+        self.log.close()
+
+    def spawn_qemu(self) -> subprocess.Popen:
+        artifact, record = self.spec.artifact, self.record
+        qemu.create_overlay(artifact.rootfs, self.paths.overlay)
+        spec = qemu.artifact_spec(artifact, self.paths.overlay, record.accel, vcpus=record.vcpus,
+                                  memory_mib=record.memory_mib)
+        spec.agent_socket = self.paths.agent_socket
+        if artifact.meta.data_disk_bytes:
+            spec.data_disk = self.paths.data_disk
+            qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
+        self.spawned = time.monotonic()
+        self.spawned_wall = time.time()
+        return qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    async def watch_qemu(self) -> None:
+        pidfd = os.pidfd_open(self.proc.pid)
+        exited = asyncio.Event()
+        asyncio.get_running_loop().add_reader(pidfd, exited.set)
+        await exited.wait()
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        code = self.proc.wait()
+        await asyncio.sleep(0.05)  # the console pipe may still hold the last marker
+        self.console.flush()
+        self.finish(self.exit_reason(code))
+
+    def exit_reason(self, code: int) -> str:
+        status = self.console.exit_status()
+        if self.stopping:
+            return self.stopping
+        if code < 0:
+            return f"QEMU was killed by signal {-code} ({signal.Signals(-code).name})"
+        if status is not None:
+            return f"its entrypoint exited with status {status}"
+        if self.console.seen("shutdown") is not None:
+            return "the guest shut down"
+        detail = self.stderr_tail.decode(errors="replace").strip().splitlines()
+        return f"QEMU exited with code {code}" + (f": {detail[-1]}" if detail else "")
+
+    def finish(self, reason: str) -> None:
+        """Record the stop once, and answer everyone who waits for it."""
+        if self.stopped.is_set():
+            return
+        record = self.record
+        record.state, record.stopped_at, record.stop_reason = "stopped", time.time(), reason
+        record.exit_status = self.console.exit_status()
+        self.record_markers()
+        record.save(self.paths)
+        self.stopped.set()
+        result = {"type": "result", "state": "stopped", "reason": reason, "exit_status": record.exit_status}
+        for client, request_id, _ in self.waiters:
+            client.send(protocol.encode({**result, "id": request_id}))
+        self.waiters.clear()
+        for client in self.clients:
+            if client.attached and client.attach_id is not None:
+                client.send(protocol.encode({"type": "exit", "id": client.attach_id, "code": record.exit_status,
+                                             "reason": reason}))
+            if client.follow_id is not None:
+                client.send(protocol.encode({"type": "done", "id": client.follow_id}))
+        for route_id, route in list(self.routes.items()):
+            route.client.send(protocol.error(route.client_id, f"the VM stopped: {reason}"))
+            del self.routes[route_id]
+        for client, frame in self.pending:
+            client.send(protocol.error(frame.id, f"the VM stopped: {reason}"))
+        self.pending.clear()
+
+    def cleanup_runtime_files(self) -> None:
+        """A stopped VM keeps its record, mode and console log; the rest goes."""
+        for path in (self.paths.ctl_socket, self.paths.agent_socket, self.paths.overlay, self.paths.data_disk):
+            path.unlink(missing_ok=True)
+
+    # -- `up` hand-off ---------------------------------------------------------------------------
+
+    def on_commit_pipe(self) -> None:
+        data = os.read(self.spec.commit_fd, 16)
+        if data:
+            self.committed = True
+        if not data or self.committed:
+            asyncio.get_running_loop().remove_reader(self.spec.commit_fd)
+        if not data and not self.committed:
+            # `up` died (or gave up) before it could report the VM: leave nothing behind.
+            self.request_stop("the mvmctl that started it exited before the VM was ready", remove=True)
+
+    def release_commit(self) -> None:
+        try:
+            os.close(self.spec.commit_fd)
+        except OSError:
+            pass
+
+    # -- stopping --------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str, *, force: bool = False, timeout: float = STOP_TIMEOUT_S,
+                     remove: bool = False) -> None:
+        if self.stopping is None:
+            self.stopping = reason
+        self.remove_on_exit |= remove
+        asyncio.get_running_loop().create_task(self.stop(force, timeout))
+
+    async def stop(self, force: bool, timeout: float) -> None:
+        if self.stopped.is_set():
+            return
+        if not force and self.agent_writer is not None:
+            self.agent_send(protocol.encode({"type": "shutdown", "id": 0}))
+            if await self.wait_stopped(timeout):
+                return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM if not force else signal.SIGKILL)
+        if not await self.wait_stopped(KILL_GRACE_S) and self.proc.poll() is None:
+            self.proc.kill()
+
+    async def wait_stopped(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.stopped.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def watch_boot(self) -> None:
+        limit = self.spec.artifact.meta.expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000
+        await asyncio.sleep(limit)
+        if self.stopped.is_set() or self.agent_hello is not None:
+            return
+        if self.console.seen("init") is None:
+            self.request_stop(f"no sign of /init after {limit:.0f} s (see {self.paths.console_log})", force=True)
+        elif self.console.exit_status() is None:
+            self.request_stop(f"its agent did not answer within {limit:.0f} s of boot", force=True)
+
+    # -- console ---------------------------------------------------------------------------------
+
+    async def pump_console(self) -> None:
+        assert self.proc.stdout is not None
+        reader = await _reader_for(self.proc.stdout)
+        while data := await reader.read(65536):
+            self.console.feed(data)
+            self.on_markers()
+
+    async def pump_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        reader = await _reader_for(self.proc.stderr)
+        while data := await reader.read(65536):
+            self.stderr_tail = (self.stderr_tail + data)[-4096:]
+
+    def on_user_output(self, data: bytes) -> None:
+        self.log.write(data)
+        self.log.flush()
+        self.console_replay += data
+        if len(self.console_replay) > REPLAY_LIMIT:
+            del self.console_replay[: len(self.console_replay) - REPLAY_LIMIT]
+        for client in self.clients:
+            if client.attached and client.attach_id is not None:
+                client.send(protocol.encode({"type": "stdout", "id": client.attach_id}, data))
+            if client.follow_id is not None:
+                client.send(protocol.encode({"type": "data", "id": client.follow_id}, data))
+        self.flush_console_input()
+
+    def on_markers(self) -> None:
+        seen = len(self.record.markers)
+        if len(self.console.markers) == seen:
+            return
+        for marker in self.console.markers[seen:]:
+            if marker.phase in ("service-start", "service-exit") and marker.args:
+                service = self.record.services.setdefault(marker.args[0], {"state": "starting", "restarts": -1,
+                                                                           "last_exit": None})
+                if marker.phase == "service-start":
+                    service["state"], service["restarts"] = "running", service["restarts"] + 1
+                else:
+                    service["state"] = "exited"
+                    service["last_exit"] = int(marker.args[1]) if len(marker.args) > 1 else None
+        self.record_markers()
+        self.record.save(self.paths)
+
+    def record_markers(self) -> None:
+        self.record.markers = [_marker_json(m, self.spawned) for m in self.console.markers]
+        if self.agent_ready_marker is not None:
+            self.record.markers.append(_marker_json(self.agent_ready_marker, self.spawned))
+            self.record.markers.sort(key=lambda m: m["ms"])
+
+    def flush_console_input(self) -> None:
+        if self.console_input and self.console.output_after_entrypoint and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(bytes(self.console_input))
+                self.proc.stdin.flush()
+            except OSError:
+                pass
+            self.console_input.clear()
+
+    # -- the agent channel -----------------------------------------------------------------------
+
+    async def connect_agent(self) -> None:
+        path = str(self.paths.agent_socket)
+        while True:
+            try:
+                reader, writer = await asyncio.open_unix_connection(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.01)
+        writer.write(protocol.hello("host"))  # queued until the agent opens its port
+        self.agent_writer = writer
+        decoder = protocol.Decoder()
+        while data := await reader.read(1 << 20):
+            try:
+                frames = decoder.feed(data)
+            except protocol.ProtocolError:
+                continue
+            for frame in frames:
+                self.on_agent_frame(frame)
+        self.agent_writer = None
+
+    def on_agent_frame(self, frame: protocol.Frame) -> None:
+        if frame.type == "hello":
+            first = self.agent_hello is None
+            self.agent_hello = frame.header
+            if first:
+                self.on_agent_ready(frame.header)
+            return
+        route = self.routes.get(frame.id) if frame.id is not None else None
+        if route is None:
+            return  # a reply for a client that has gone, or our own shutdown request
+        header = {**frame.header, "id": route.client_id}
+        route.client.send(protocol.encode(header, frame.body))
+        if frame.type in TERMINAL:
+            del self.routes[frame.id]
+            key = (id(route.client), route.client_id)
+            self.by_client.pop(key, None)
+            if route.op == "write" and frame.type == "error":
+                self.failed_writes.add(key)
+
+    def on_agent_ready(self, hello: dict[str, Any]) -> None:
+        now = time.monotonic()
+        self.agent_ready_marker = BootMarker("agent-ready", [f"uid={hello.get('uid')}"], hello.get("uptime"), now)
+        self.record.state, self.record.ready_at = "running", time.time()
+        self.record_markers()
+        self.record.save(self.paths)
+        for client, request_id, kind in list(self.waiters):
+            if kind == "ready":
+                client.send(protocol.encode({"type": "result", "id": request_id, "state": "running"}))
+                self.waiters.remove((client, request_id, kind))
+        pending, self.pending = self.pending, []
+        for client, frame in pending:
+            self.forward(client, frame)
+
+    def agent_send(self, data: bytes) -> None:
+        if self.agent_writer is not None and not self.agent_writer.is_closing():
+            self.agent_writer.write(data)
+
+    def forward(self, client: Client, frame: protocol.Frame) -> None:
+        if self.agent_hello is None:
+            self.pending.append((client, frame))
+            return
+        key = (id(client), frame.id if frame.id is not None else -1)
+        if key in self.failed_writes:
+            if not frame.header.get("more"):
+                self.failed_writes.discard(key)
+            return
+        channel_id = self.by_client.get(key)
+        if channel_id is None:
+            if frame.type in ("stdin", "signal", "resize"):
+                return  # for a process that has already ended
+            channel_id, self.next_id = self.next_id, self.next_id + 1
+            self.by_client[key] = channel_id
+            self.routes[channel_id] = Route(client, frame.id if frame.id is not None else -1, frame.type)
+        self.agent_send(protocol.encode({**frame.header, "id": channel_id}, frame.body))
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    async def serve_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = Client(writer)
+        self.clients.add(client)
+        decoder = protocol.Decoder()
+        try:
+            while data := await reader.read(1 << 20):
+                try:
+                    frames = decoder.feed(data)
+                except protocol.ProtocolError as err:
+                    client.send(protocol.error(None, str(err)))
+                    continue
+                for frame in frames:
+                    self.on_client_frame(client, frame)
+        except ConnectionError:
+            pass
+        finally:
+            self.clients.discard(client)
+            self.on_client_gone(client)
+            writer.close()
+
+    def on_client_frame(self, client: Client, frame: protocol.Frame) -> None:
+        kind = frame.type
+        if kind in AGENT_OPS:
+            if self.stopped.is_set():
+                client.send(protocol.error(frame.id, f"the VM is stopped: {self.record.stop_reason}"))
+            elif kind == "stdin" and client.attached and frame.id == client.attach_id:
+                self.console_input += frame.body
+                self.flush_console_input()
+            else:
+                self.forward(client, frame)
+        elif kind in ("ready", "wait"):
+            if self.stopped.is_set():
+                client.send(protocol.encode({"type": "result", "id": frame.id, "state": "stopped",
+                                             "reason": self.record.stop_reason, "exit_status": self.record.exit_status}))
+            elif kind == "ready" and self.agent_hello is not None:
+                client.send(protocol.encode({"type": "result", "id": frame.id, "state": "running"}))
+            else:
+                self.waiters.append((client, frame.id or 0, kind))
+        elif kind == "status":
+            client.send(protocol.encode({"type": "result", "id": frame.id, "record": self.status()}))
+        elif kind == "logs":
+            client.send(protocol.encode({"type": "data", "id": frame.id}, self.paths.console_log.read_bytes()))
+            if frame.header.get("follow") and not self.stopped.is_set():
+                client.follow_id = frame.id
+            else:
+                client.send(protocol.encode({"type": "done", "id": frame.id}))
+        elif kind == "attach":
+            client.attached, client.attach_id = True, frame.id
+            if frame.header.get("replay"):
+                client.send(protocol.encode({"type": "stdout", "id": frame.id}, bytes(self.console_replay)))
+            if self.stopped.is_set():
+                client.send(protocol.encode({"type": "exit", "id": frame.id, "code": self.record.exit_status,
+                                             "reason": self.record.stop_reason}))
+        elif kind == "detach":
+            self.set_mode("detached")
+            for other in self.clients:
+                if other.attached and other.attach_id is not None:
+                    other.send(protocol.encode({"type": "detached", "id": other.attach_id}))
+                    other.attached = False
+            client.send(protocol.encode({"type": "result", "id": frame.id, "mode": "detached"}))
+        elif kind == "stop":
+            self.waiters.append((client, frame.id or 0, "wait"))
+            self.request_stop(str(frame.header.get("reason") or "stopped on request"),
+                              force=bool(frame.header.get("force")),
+                              timeout=float(frame.header.get("timeout") or STOP_TIMEOUT_S))
+        else:
+            client.send(protocol.error(frame.id, f"unknown request type {kind!r}"))
+
+    def on_client_gone(self, client: Client) -> None:
+        for channel_id, route in list(self.routes.items()):
+            if route.client is client:
+                if route.op in ("exec", "console"):
+                    self.agent_send(protocol.encode({"type": "signal", "id": channel_id, "signal": signal.SIGKILL}))
+                del self.routes[channel_id]
+                self.by_client.pop((id(client), route.client_id), None)
+        self.pending = [(c, f) for c, f in self.pending if c is not client]
+        self.waiters = [w for w in self.waiters if w[0] is not client]
+        if client.attached and self.record.mode == "attached" and not self.stopped.is_set():
+            # The attached caller is gone (Ctrl-C, closed terminal, killed): the VM goes too.
+            self.request_stop("its attached mvmctl went away")
+
+    def set_mode(self, mode: str) -> None:
+        self.record.mode = mode
+        write_json_atomic(self.paths.mode, {"mode": mode})
+        self.record.save(self.paths)
+
+    def status(self) -> dict[str, Any]:
+        live = asdict(self.record)
+        live["agent"] = self.agent_hello
+        return live
+
+
+async def _reader_for(pipe) -> asyncio.StreamReader:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
+
+
+def _marker_json(marker: BootMarker, spawned: float) -> dict[str, Any]:
+    return {"phase": marker.phase, "args": marker.args, "guest_uptime": marker.guest_uptime,
+            "ms": round((marker.host_time - spawned) * 1000)}
+
+
+def run_supervisor(spec: LaunchSpec) -> None:
+    """The body of the daemon process `launch` forks; returns when the VM has stopped."""
+    supervisors: list[Supervisor] = []
+
+    async def body() -> None:
+        supervisors.append(Supervisor(spec))
+        await supervisors[0].main()
+
+    asyncio.run(body())
+    if supervisors and supervisors[0].remove_on_exit:
+        shutil.rmtree(spec.paths.dir, ignore_errors=True)
+
+
+def daemonize(spec: LaunchSpec, keep_fds: tuple[int, ...]) -> int:
+    """Fork the supervisor off as its own session; returns its pid to the parent.
+
+    A double fork so it is nobody's child (no zombie, no terminal); stdio goes to
+    supervisor.log. Forking (not exec) keeps `up` fast: the artifact is already loaded.
+    """
+    read_pid, write_pid = os.pipe()
+    first = os.fork()
+    if first:
+        os.close(write_pid)
+        pid = int(os.read(read_pid, 32) or b"0")
+        os.close(read_pid)
+        os.waitpid(first, 0)
+        return pid
+    try:
+        os.close(read_pid)
+        os.setsid()
+        second = os.fork()
+        if second:
+            os.write(write_pid, str(second).encode())
+            os._exit(0)
+        os.close(write_pid)
+        log = os.open(spec.paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        keep = {0, 1, 2, *keep_fds}
+        for fd in _open_fds():
+            if fd not in keep:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.stdin = open(os.devnull)  # noqa: SIM115 - for the life of the process
+        run_supervisor(spec)
+        os._exit(0)
+    except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
+        import traceback
+        traceback.print_exc()
+        os._exit(1)
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 256))
+
