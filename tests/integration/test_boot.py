@@ -16,11 +16,9 @@ from tests.conftest import EXAMPLES, Mvmctl
 pytestmark = pytest.mark.vm
 
 
-def qemu_children_of(pid: int) -> list[psutil.Process]:
-    try:
-        return [p for p in psutil.Process(pid).children(recursive=True) if "qemu" in p.name()]
-    except psutil.NoSuchProcess:
-        return []
+def qemu_of_vm(home: Path, name: str) -> list[psutil.Process]:
+    """QEMU processes booting VM ``name`` (their overlay lives in its directory)."""
+    return [p for p in qemu_processes_using(home) if f"/vms/{name}/" in " ".join(p.cmdline())]
 
 
 def qemu_processes_using(home: Path) -> list[psutil.Process]:
@@ -121,7 +119,7 @@ def start_forever_vm(mvmctl: Mvmctl, workload_dir, name: str) -> subprocess.Pope
     for line in proc.stdout:  # pytest-timeout bounds this if the guest never speaks
         if line.strip() == "up":
             break
-    assert qemu_children_of(proc.pid), "QEMU should be running under mvmctl"
+    assert qemu_of_vm(mvmctl.home, name), "QEMU should be running for the attached VM"
     return proc
 
 
@@ -136,11 +134,13 @@ def test_ctrl_c_stops_the_vm_and_leaves_no_qemu(mvmctl: Mvmctl, mvm_home: Path, 
 
 def test_kill_9_of_mvmctl_takes_qemu_down(mvmctl: Mvmctl, workload_dir) -> None:
     proc = start_forever_vm(mvmctl, workload_dir, "orphan")
-    qemus = qemu_children_of(proc.pid)
+    qemus = qemu_of_vm(mvmctl.home, "orphan")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    gone, alive = psutil.wait_procs(qemus, timeout=10)
+    gone, alive = psutil.wait_procs(qemus, timeout=20)
     assert alive == [], f"QEMU outlived mvmctl: {alive}"
+    listing = mvmctl("ls", "--json", check=True).stdout
+    assert '"state": "stopped"' in listing and "attached mvmctl went away" in listing
 
 
 def test_run_with_resources_and_data_disk(mvmctl: Mvmctl, workload_dir) -> None:
@@ -197,4 +197,4 @@ def test_boot_report_and_agent_channel(mvmctl: Mvmctl, workload_dir) -> None:
     for phase in ("initramfs", "init", "agent-ready", "entrypoint", "exit"):
         line = next(line for line in report.splitlines() if line.strip().startswith(phase + " "))
         assert line.strip().endswith("ms"), line
-    assert "protocol v1, uid 990, ping answered" in report
+    assert "uid=990 protocol=1" in report

@@ -54,7 +54,13 @@ def run(directory: str, attached: bool, name: str | None, cpus: int | None, memo
         attach_id = launch.client.send({"type": "attach", "replay": True})
         launch.commit()
         interactive = artifact.meta.accessible and artifact.meta.workload.entrypoint.kind == "shell"
-        code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)
+        try:
+            code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)
+        except KeyboardInterrupt:
+            # Like `docker run`: Ctrl-C stops the VM, and we return once it has stopped.
+            click.echo(f"\nmvmctl: stopping VM {vm_name}", err=True)
+            launch.client.call("stop", reason="stopped by Ctrl-C on its attached mvmctl")
+            code = 130
     finally:
         launch.abandon()
         launch.client.close()

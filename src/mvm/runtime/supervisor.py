@@ -33,6 +33,7 @@ from mvm.runtime.console import BootMarker, ConsoleFilter
 TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
 AGENT_OPS = frozenset({"exec", "console", "stdin", "signal", "resize", "read", "write", "list", "stat",
                        "remove", "mkdir", "rename", "telemetry", "ping"})
+SHUTDOWN_ID = 0  # the supervisor's own shutdown request; client requests get ids from 1
 STOP_TIMEOUT_S = 10.0
 KILL_GRACE_S = 3.0
 BOOT_TIMEOUT_FACTOR = 20  # no /init marker after 20x the expected boot time: give up
@@ -95,6 +96,7 @@ class Supervisor:
         self.log = self.paths.console_log.open("ab")
         self.console = ConsoleFilter(sink=self.on_user_output)
         self.stopped = asyncio.Event()
+        self.shutdown_refused = asyncio.Event()
         self.spawned = time.monotonic()
         self.agent_ready_marker: BootMarker | None = None
 
@@ -228,9 +230,14 @@ class Supervisor:
     async def stop(self, force: bool, timeout: float) -> None:
         if self.stopped.is_set():
             return
-        if not force and self.agent_writer is not None:
-            self.agent_send(protocol.encode({"type": "shutdown", "id": 0}))
-            if await self.wait_stopped(timeout):
+        if not force and self.agent_writer is not None and self.agent_hello is not None:
+            self.agent_send(protocol.encode({"type": "shutdown", "id": SHUTDOWN_ID}))
+            refused = asyncio.create_task(self.shutdown_refused.wait())
+            stopped = asyncio.create_task(self.stopped.wait())
+            await asyncio.wait({refused, stopped}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            refused.cancel()
+            stopped.cancel()
+            if self.stopped.is_set():
                 return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM if not force else signal.SIGKILL)
@@ -342,6 +349,9 @@ class Supervisor:
             if first:
                 self.on_agent_ready(frame.header)
             return
+        if frame.id == SHUTDOWN_ID and frame.type == "error":
+            self.shutdown_refused.set()
+            return
         route = self.routes.get(frame.id) if frame.id is not None else None
         if route is None:
             return  # a reply for a client that has gone, or our own shutdown request
@@ -356,7 +366,8 @@ class Supervisor:
 
     def on_agent_ready(self, hello: dict[str, Any]) -> None:
         now = time.monotonic()
-        self.agent_ready_marker = BootMarker("agent-ready", [f"uid={hello.get('uid')}"], hello.get("uptime"), now)
+        self.agent_ready_marker = BootMarker("agent-ready", [f"uid={hello.get('uid')}", f"protocol={hello.get('version')}"],
+                                             hello.get("uptime"), now)
         self.record.state, self.record.ready_at = "running", time.time()
         self.record_markers()
         self.record.save(self.paths)
