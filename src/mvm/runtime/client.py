@@ -165,7 +165,15 @@ class VmClient:
             return
         assert self.sock is not None
         selector = selectors.DefaultSelector()
-        selector.register(stdin_fd, selectors.EVENT_READ)
+        try:
+            selector.register(stdin_fd, selectors.EVENT_READ)
+        except PermissionError:  # a regular file or /dev/null: always readable, epoll refuses it
+            selector.close()
+            while data := os.read(stdin_fd, protocol.CHUNK):
+                self.send({"type": "stdin", "id": request_id}, data)
+            self.send({"type": "stdin", "id": request_id, "eof": True})
+            yield from self.replies(request_id)
+            return
         try:
             while True:
                 if self._queued:

@@ -25,8 +25,8 @@ from mvm.core.artifact import Artifact
 from mvm.core.errors import BackendUnavailable, UsageError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
 from mvm.runtime.client import AgentError, VmClient
+from mvm.runtime import launcher
 from mvm.runtime.kvm import select_accel
-from mvm.runtime.supervisor import LaunchSpec, daemonize
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -82,7 +82,7 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
         if existing is not None and existing.running:
             raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
         shutil.rmtree(paths.dir, ignore_errors=True)
-        paths.dir.mkdir(parents=True)
+        paths.dir.mkdir(parents=True, mode=0o700)  # sockets inside: only the owner may drive the VM
         meta = artifact.meta
         record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend="qemu", accel=accel,
                           mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
@@ -102,7 +102,7 @@ def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_
     fcntl.flock(lock, fcntl.LOCK_EX)
     commit_read, commit_write = os.pipe()
     try:
-        pid = daemonize(LaunchSpec(paths, artifact, record, commit_read), keep_fds=(commit_read, lock))
+        pid = launcher.launch(paths, artifact, record, lock, commit_read)
     finally:
         os.close(commit_read)
         os.close(lock)

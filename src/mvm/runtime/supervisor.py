@@ -6,6 +6,9 @@ the agent is ready) and QEMU cannot outlive it: QEMU is spawned with PDEATHSIG, 
 SIGKILL of the supervisor takes the VM down, and its flock on ``supervisor.lock`` vanishes
 with it, which is how every command tells a live VM from a ghost.
 
+It is exec'd fresh by runtime/launcher.py after QEMU was spawned, so it imports only what
+it needs (no pydantic, no build code): a few MiB of RSS per VM instead of the CLI's.
+
 Clients speak the agent's framing (core/protocol.py). Agent requests (exec, files,
 telemetry, console, ...) are forwarded with their ids rewritten so many clients share the one
 channel; the supervisor answers its own: ``ready``, ``status``, ``wait``, ``logs``,
@@ -15,19 +18,18 @@ channel; the supervisor answers its own: ``ready``, ``status``, ``wait``, ``logs
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mvm.core import protocol
-from mvm.core.artifact import Artifact
 from mvm.core.state import VmPaths, VmRecord, write_json_atomic
-from mvm.runtime import qemu
 from mvm.runtime.console import BootMarker, ConsoleFilter
 
 TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
@@ -42,12 +44,53 @@ REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attache
 
 @dataclass
 class LaunchSpec:
-    """What `up` hands the supervisor (through fork, so the artifact is already loaded)."""
+    """What the launcher hands over through exec: QEMU is already running as our child."""
 
-    paths: VmPaths
-    artifact: Artifact
-    record: VmRecord
+    vm_dir: str
+    qemu_pid: int
+    qemu_stdin: int  # file descriptors of QEMU's serial console pipes
+    qemu_stdout: int
+    qemu_stderr: int
+    spawned: float  # time.monotonic() just before QEMU's exec (the clock is system-wide)
     commit_fd: int  # read end of a pipe from `up`: b"k" = keep the VM; EOF first = abandon it
+    lock_fd: int  # flock on supervisor.lock: held for as long as this process lives
+    expected_boot_ms: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> LaunchSpec:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class QemuProcess:
+    """QEMU as a child we did not start with Popen (it was spawned before our exec)."""
+
+    pid: int
+    stdin: int
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never signal a reaped (and maybe reused) pid
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 @dataclass(eq=False)  # identity: clients are kept in sets
@@ -91,13 +134,14 @@ class Supervisor:
     failed_writes: set[tuple[int, int]] = field(default_factory=set)  # drop the rest of a refused upload
 
     def __post_init__(self) -> None:
-        self.paths = self.spec.paths
-        self.record = self.spec.record
+        self.paths = VmPaths(Path(self.spec.vm_dir))
+        self.record = VmRecord.load(self.paths)
+        self.proc = QemuProcess(self.spec.qemu_pid, self.spec.qemu_stdin)
         self.log = self.paths.console_log.open("ab")
         self.console = ConsoleFilter(sink=self.on_user_output)
         self.stopped = asyncio.Event()
         self.shutdown_refused = asyncio.Event()
-        self.spawned = time.monotonic()
+        self.spawned = self.spec.spawned
         self.agent_ready_marker: BootMarker | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -107,12 +151,6 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, lambda: self.request_stop("the supervisor got a signal"))
         self.record.supervisor_pid = os.getpid()
-        try:
-            self.proc = self.spawn_qemu()
-        except Exception as err:  # noqa: BLE001 - anything here means the VM never started
-            self.finish(f"QEMU did not start: {err}")
-            self.release_commit()
-            return
         self.record.qemu_pid = self.proc.pid
         self.record.save(self.paths)
         server = await asyncio.start_unix_server(self.serve_client, path=str(self.paths.ctl_socket))
@@ -129,19 +167,6 @@ class Supervisor:
         self.cleanup_runtime_files()
         self.release_commit()
         self.log.close()
-
-    def spawn_qemu(self) -> subprocess.Popen:
-        artifact, record = self.spec.artifact, self.record
-        qemu.create_overlay(artifact.rootfs, self.paths.overlay)
-        spec = qemu.artifact_spec(artifact, self.paths.overlay, record.accel, vcpus=record.vcpus,
-                                  memory_mib=record.memory_mib)
-        spec.agent_socket = self.paths.agent_socket
-        if artifact.meta.data_disk_bytes:
-            spec.data_disk = self.paths.data_disk
-            qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
-        self.spawned = time.monotonic()
-        self.spawned_wall = time.time()
-        return qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
     async def watch_qemu(self) -> None:
         pidfd = os.pidfd_open(self.proc.pid)
@@ -252,7 +277,7 @@ class Supervisor:
             return False
 
     async def watch_boot(self) -> None:
-        limit = self.spec.artifact.meta.expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000
+        limit = self.spec.expected_boot_ms * BOOT_TIMEOUT_FACTOR / 1000
         await asyncio.sleep(limit)
         if self.stopped.is_set() or self.agent_hello is not None:
             return
@@ -264,15 +289,13 @@ class Supervisor:
     # -- console ---------------------------------------------------------------------------------
 
     async def pump_console(self) -> None:
-        assert self.proc.stdout is not None
-        reader = await _reader_for(self.proc.stdout)
+        reader = await _reader_for(self.spec.qemu_stdout)
         while data := await reader.read(65536):
             self.console.feed(data)
             self.on_markers()
 
     async def pump_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        reader = await _reader_for(self.proc.stderr)
+        reader = await _reader_for(self.spec.qemu_stderr)
         while data := await reader.read(65536):
             self.stderr_tail = (self.stderr_tail + data)[-4096:]
 
@@ -312,10 +335,9 @@ class Supervisor:
             self.record.markers.sort(key=lambda m: m["ms"])
 
     def flush_console_input(self) -> None:
-        if self.console_input and self.console.output_after_entrypoint and self.proc.stdin is not None:
+        if self.console_input and self.console.output_after_entrypoint:
             try:
-                self.proc.stdin.write(bytes(self.console_input))
-                self.proc.stdin.flush()
+                os.write(self.proc.stdin, bytes(self.console_input))
             except OSError:
                 pass
             self.console_input.clear()
@@ -495,10 +517,10 @@ class Supervisor:
         return live
 
 
-async def _reader_for(pipe) -> asyncio.StreamReader:
+async def _reader_for(fd: int) -> asyncio.StreamReader:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0))
     return reader
 
 
@@ -508,7 +530,7 @@ def _marker_json(marker: BootMarker, spawned: float) -> dict[str, Any]:
 
 
 def run_supervisor(spec: LaunchSpec) -> None:
-    """The body of the daemon process `launch` forks; returns when the VM has stopped."""
+    """Serve until the VM has stopped; an abandoned start also takes the VM's directory."""
     supervisors: list[Supervisor] = []
 
     async def body() -> None:
@@ -517,56 +539,8 @@ def run_supervisor(spec: LaunchSpec) -> None:
 
     asyncio.run(body())
     if supervisors and supervisors[0].remove_on_exit:
-        shutil.rmtree(spec.paths.dir, ignore_errors=True)
+        shutil.rmtree(spec.vm_dir, ignore_errors=True)
 
 
-def daemonize(spec: LaunchSpec, keep_fds: tuple[int, ...]) -> int:
-    """Fork the supervisor off as its own session; returns its pid to the parent.
-
-    A double fork so it is nobody's child (no zombie, no terminal); stdio goes to
-    supervisor.log. Forking (not exec) keeps `up` fast: the artifact is already loaded.
-    """
-    read_pid, write_pid = os.pipe()
-    first = os.fork()
-    if first:
-        os.close(write_pid)
-        pid = int(os.read(read_pid, 32) or b"0")
-        os.close(read_pid)
-        os.waitpid(first, 0)
-        return pid
-    try:
-        os.close(read_pid)
-        os.setsid()
-        second = os.fork()
-        if second:
-            os.write(write_pid, str(second).encode())
-            os._exit(0)
-        os.close(write_pid)
-        log = os.open(spec.paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        keep = {0, 1, 2, *keep_fds}
-        for fd in _open_fds():
-            if fd not in keep:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        sys.stdin = open(os.devnull)  # noqa: SIM115 - for the life of the process
-        run_supervisor(spec)
-        os._exit(0)
-    except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
-        import traceback
-        traceback.print_exc()
-        os._exit(1)
-
-
-def _open_fds() -> list[int]:
-    try:
-        return [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        return list(range(3, 256))
-
+if __name__ == "__main__":
+    run_supervisor(LaunchSpec.from_json(sys.argv[1]))

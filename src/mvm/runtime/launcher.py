@@ -1,0 +1,93 @@
+"""Start a VM's supervisor: fork it off as its own session, spawn QEMU, then exec the lean
+supervisor process (runtime/supervisor.py) in its place.
+
+QEMU is spawned before the exec, from code `up` has already loaded, so the guest starts
+booting at once; the exec'd supervisor inherits QEMU as its child (PDEATHSIG still ties
+QEMU's life to it) along with the console pipes, the commit pipe and the supervisor lock.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from mvm.core.artifact import Artifact
+from mvm.core.state import VmPaths, VmRecord
+from mvm.runtime import qemu
+from mvm.runtime.supervisor import LaunchSpec
+
+
+def launch(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
+    """Returns the supervisor's pid. A double fork, so it is nobody's child and has no terminal."""
+    read_pid, write_pid = os.pipe()
+    first = os.fork()
+    if first:
+        os.close(write_pid)
+        pid = int(os.read(read_pid, 32) or b"0")
+        os.close(read_pid)
+        os.waitpid(first, 0)
+        return pid
+    try:
+        os.close(read_pid)
+        os.setsid()
+        second = os.fork()
+        if second:
+            os.write(write_pid, str(second).encode())
+            os._exit(0)
+        os.close(write_pid)
+        _redirect_stdio(paths)
+        _become_supervisor(paths, artifact, record, lock_fd, commit_fd)
+    except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
+        traceback.print_exc()
+    os._exit(1)
+
+
+def _redirect_stdio(paths: VmPaths) -> None:
+    log = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    os.close(devnull)
+
+
+def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
+    try:
+        qemu.create_overlay(artifact.rootfs, paths.overlay)
+        spec = qemu.artifact_spec(artifact, paths.overlay, record.accel, vcpus=record.vcpus,
+                                  memory_mib=record.memory_mib)
+        spec.agent_socket = paths.agent_socket
+        if artifact.meta.data_disk_bytes:
+            spec.data_disk = paths.data_disk
+            qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
+        spawned = time.monotonic()
+        proc = qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except Exception as err:  # noqa: BLE001 - any failure here is the VM's stop reason
+        record.state, record.stopped_at, record.stop_reason = "stopped", time.time(), f"QEMU did not start: {err}"
+        record.save(paths)
+        raise
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    handover = LaunchSpec(vm_dir=str(paths.dir), qemu_pid=proc.pid, qemu_stdin=proc.stdin.fileno(),
+                          qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned,
+                          commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=artifact.meta.expected_boot_ms)
+    keep = {0, 1, 2, handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
+    for fd in keep - {0, 1, 2}:
+        os.set_inheritable(fd, True)
+    for fd in _open_fds():
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.execv(sys.executable, [sys.executable, "-m", "mvm.runtime.supervisor", handover.to_json()])
+
+
+def _open_fds() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3, 1024))
