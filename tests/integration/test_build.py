@@ -75,6 +75,46 @@ def test_second_build_is_a_cache_hit_and_no_cache_is_byte_identical(
     assert forced["hashes"]["initrd"] == first["hashes"]["initrd"]
 
 
+CHECK_PYC = """
+import importlib.util, json, marshal, subprocess, sys
+sys.path.insert(0, "/usr/lib/mvm")
+import mvm.core.protocol
+for module in (json, subprocess, mvm.core.protocol):
+    cached = module.__spec__.cached
+    with open(cached, "rb") as f:
+        data = f.read()
+    flags = int.from_bytes(data[4:8], "little")
+    code = marshal.loads(data[16:])
+    print("pyc", module.__name__, data[:4] == importlib.util.MAGIC_NUMBER, flags, code.co_filename == module.__file__,
+          code.co_filename)
+"""
+
+
+def test_guest_python_loads_precompiled_bytecode(mvmctl: Mvmctl, workload_dir) -> None:
+    """The stdlib and mvm's guest modules ship unchecked-hash pycs the guest's python3 loads as they are.
+
+    Debian's .debs have no .pyc; without the build's compile step the entrypoint (uid 1000, a
+    root-owned tree) could neither find nor write one, and `-v` would say `code object from
+    .../json/__init__.py`.
+    """
+    directory = workload_dir(f"""
+        name = "pyc"
+        [entrypoint]
+        command = ["/bin/sh", "-c", "python3 /opt/check_pyc.py; python3 -v -c 'import json' 2>&1 | grep 'code object from .*json/'"]
+        [extra_files."/opt/check_pyc.py"]
+        content = '''{CHECK_PYC}'''
+    """)
+    proc = mvmctl("run", str(directory))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    # Magic of the guest's own interpreter, flags 0b01 (hash-based, source not checked), guest paths.
+    assert "pyc json True 1 True /usr/lib/python3.11/json/__init__.py" in out, out
+    assert "pyc subprocess True 1 True /usr/lib/python3.11/subprocess.py" in out, out
+    assert "pyc mvm.core.protocol True 1 True /usr/lib/mvm/mvm/core/protocol.py" in out, out
+    assert "code object from '/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc'" in out, out
+    assert "code object from /usr/lib/python3.11/json/__init__.py" not in out, out
+
+
 def test_build_with_lock_needs_no_apt(mvmctl: Mvmctl, workload_dir, tmp_path: Path) -> None:
     """With mvm.lock and a warm cache, the build never asks apt: hide apt and it still works."""
     directory = workload_dir("""

@@ -28,7 +28,7 @@ from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workload import Workload
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: precompiled guest Python (unchecked-hash pycs)
 LOCK_FILE = "mvm.lock"
 IMAGE_EPOCH = 1704067200  # 2024-01-01: every timestamp in an image
 ROOT_HEADROOM_MIB = 256  # free space in the writable root (sparse: costs no disk until used)
@@ -101,6 +101,9 @@ class Builder:
                 meta = self._meta(workload, lock, key, guest_kernel.release)
                 owners = rootfs.stage_root(scratch / "root", [self.debs.path(d) for d in lock.packages],
                                            [self.debs.path(d) for d in lock.setpriv], workload, meta.to_json())
+                # After staging and pruning, so it compiles the final sources (extra files too).
+                self.progress("assemble", "compiling the guest's Python bytecode")
+                rootfs.compile_python(scratch / "root")
                 rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
 
             with self._phase("image", "writing rootfs.ext4", seconds):

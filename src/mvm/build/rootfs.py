@@ -4,10 +4,13 @@ The root tree is plain files on the host (no chroot, no loop mount, no maintaine
 each .deb is unpacked with ``dpkg-deb -x``, docs and locales are pruned, busybox's applets
 are linked where Debian left a gap, and mvm's own pieces are added: ``/init``, the agent,
 ``/etc/mvm/*`` (the workload's settings as shell-readable data), users and extra files.
+Last, the guest's Python is compiled to bytecode by the guest's own interpreter (see
+``compile_python``), so no python3 start in the guest compiles the stdlib under emulation.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -25,6 +28,21 @@ PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
 SETPRIV_FILES = ("./usr/bin/setpriv", "./lib/x86_64-linux-gnu/libcap-ng.so.0", "./lib/x86_64-linux-gnu/libcap-ng.so.0.0.0",
                  "./usr/lib/x86_64-linux-gnu/libcap-ng.so.0", "./usr/lib/x86_64-linux-gnu/libcap-ng.so.0.0.0")
 GUEST_DIR = "/usr/lib/mvm"
+# Test suites are never imported in a guest: not worth their bytecode.
+PYC_SKIP_DIRS = frozenset({"__pycache__", "test", "tests", "idle_test"})
+# Runs in the guest's interpreter: compile each (source, path the importer sees, guest path)
+# to the importer's cache path as an unchecked-hash pyc (no mtime in it, never stat-compared).
+_COMPILE_DRIVER = """
+import importlib.util, json, py_compile, sys
+failed = []
+for source, seen, guest in json.load(sys.stdin):
+    try:
+        py_compile.compile(source, cfile=importlib.util.cache_from_source(seen), dfile=guest, doraise=True,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    except py_compile.PyCompileError:
+        failed.append(guest)
+json.dump(failed, sys.stdout)
+"""
 
 
 def guest_file(name: str) -> bytes:
@@ -135,6 +153,94 @@ def write_mvm_config(tree: Path, workload: Workload, artifact_json: str) -> dict
     for extra in workload.extra_files:
         write_file(tree, extra.path, extra.content, extra.mode)
     return {"/home/app": uids.entrypoint}
+
+
+def in_tree(tree: Path, guest_path: str) -> Path | None:
+    """Where ``guest_path`` is inside ``tree``, following symlinks as the guest would (an absolute
+    target is relative to the tree, never the host's /), or None if it does not exist there."""
+    parts = [p for p in guest_path.split("/") if p]
+    current, hops = tree, 0
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            current = current.parent if current != tree else tree
+            continue
+        if name == ".":
+            continue
+        candidate = current / name
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                current = tree
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        current = candidate
+    return current if current.exists() else None
+
+
+def _python_sources(tree: Path, roots: list[str]) -> list[tuple[str, str, str]]:
+    """(source on the host, path as the guest's importer finds it, guest path), sorted."""
+    jobs = []
+    for guest_root in roots:
+        top = tree / guest_root.lstrip("/")
+        if top.is_symlink() or not top.is_dir():
+            continue
+        for root, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if d not in PYC_SKIP_DIRS)
+            for name in sorted(files):
+                if not name.endswith(".py"):
+                    continue
+                if name == "turtle.py" and not (Path(root) / "tkinter").is_dir():
+                    continue  # needs tkinter, which Debian ships apart (python3-tk)
+                seen = Path(root, name)
+                guest = "/" + seen.relative_to(tree).as_posix()
+                source = in_tree(tree, guest)
+                if source is not None and source.is_file():
+                    jobs.append((str(source), str(seen), guest))
+    return jobs
+
+
+def compile_python(tree: Path) -> int:
+    """Precompile the guest's Python (stdlib, dist-packages, /usr/lib/mvm) into __pycache__.
+
+    Debian's .debs ship no .pyc (its maintainer scripts make them, and we run none), so without
+    this every python3 start in the guest compiles what it imports, which costs seconds under
+    TCG. The guest's own interpreter does the work, run on the host through the tree's dynamic
+    loader and libraries, so magic number and bytecode are exactly the guest's. The pycs are
+    unchecked-hash (no mtime: reproducible; the guest never compares them to the source) and
+    name guest paths. Returns the number written; 0 if the tree has no python3.
+    """
+    python = in_tree(tree, "/usr/bin/python3")
+    loader = in_tree(tree, "/lib64/ld-linux-x86-64.so.2")
+    if python is None or loader is None:
+        return 0
+    version = python.name.removeprefix("python")  # python3 -> python3.11
+    libs = [p for p in (in_tree(tree, "/lib/x86_64-linux-gnu"), in_tree(tree, "/usr/lib/x86_64-linux-gnu")) if p]
+    jobs = _python_sources(tree, [f"/usr/lib/python{version}", "/usr/lib/python3/dist-packages", GUEST_DIR])
+    # No site (Debian's sitecustomize is an absolute symlink: it would run the host's), no
+    # bytecode of its own, no cwd on sys.path, nothing from the host's environment.
+    env = {"PYTHONHOME": str(tree / "usr"), "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+    argv = [str(loader), "--inhibit-cache", "--library-path", ":".join(map(str, libs)), str(python),
+            "-S", "-s", "-B", "-P", "-c", _COMPILE_DRIVER]
+    try:
+        proc = subprocess.run(argv, input=json.dumps(jobs), capture_output=True, text=True, env=env,
+                              cwd=tree, umask=0o022, check=False)
+    except OSError as err:
+        raise BuildError("assemble", f"cannot run the guest's python{version} to compile its bytecode: {err}") from None
+    if proc.returncode != 0:
+        if "No space left" in proc.stderr:
+            raise BuildError("assemble", "no space left on the device while compiling the guest's Python",
+                             "free disk space (or point MVM_HOME elsewhere) and build again")
+        reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BuildError("assemble", f"the guest's python{version} could not compile its bytecode: {reason}")
+    failed = json.loads(proc.stdout)  # a package's own file that does not compile stays source
+    ours = [path for path in failed if path.startswith(GUEST_DIR + "/")]
+    if ours:
+        raise BuildError("assemble", f"{ours[0]} does not compile with the guest's python{version}")
+    return len(jobs) - len(failed)
 
 
 def stage_root(tree: Path, debs: list[Path], setpriv_debs: list[Path], workload: Workload,
