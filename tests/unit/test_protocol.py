@@ -62,3 +62,12 @@ def test_header_must_name_a_type() -> None:
     raw = b'{"id": 1}'
     with pytest.raises(protocol.ProtocolError, match="type"):
         protocol.Decoder().feed(struct.pack(">II", 4 + len(raw), len(raw)) + raw)
+
+
+def test_good_frames_before_a_bad_one_are_kept() -> None:
+    good = protocol.encode({"type": "a", "id": 1}) + protocol.encode({"type": "b", "id": 2})
+    bad = struct.pack(">II", 8, 4) + b"nope"  # a header that is not JSON
+    after = protocol.encode({"type": "c", "id": 3})
+    frames, errors = protocol.Decoder().feed_all(good + bad + after)
+    assert [f.type for f in frames] == ["a", "b", "c"]
+    assert len(errors) == 1 and "JSON" in str(errors[0])

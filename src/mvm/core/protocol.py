@@ -52,7 +52,12 @@ _U32 = struct.Struct(">I")
 
 
 class ProtocolError(Exception):
-    """A frame that cannot be read; the peer gets an error reply and the channel lives on."""
+    """A frame that cannot be read; the peer gets an error reply and the channel lives on.
+
+    ``frames`` holds the good frames decoded before the bad one in the same ``feed``.
+    """
+
+    frames: list[Frame] = []
 
 
 @dataclass
@@ -92,9 +97,29 @@ class Decoder:
         self._buf = bytearray()
         self._skip = 0
 
+    def feed_all(self, data: bytes) -> tuple[list[Frame], list[ProtocolError]]:
+        """Every whole frame in the stream so far, and what was wrong with the bad ones."""
+        frames: list[Frame] = []
+        errors: list[ProtocolError] = []
+        while True:
+            try:
+                return frames + self.feed(data), errors
+            except ProtocolError as err:
+                frames += err.frames
+                errors.append(err)
+                data = b""
+
     def feed(self, data: bytes) -> list[Frame]:
+        """Whole frames; raises at a bad frame (after skipping it: feed b"" to go on)."""
         self._buf += data
         frames: list[Frame] = []
+        try:
+            return self._frames(frames)
+        except ProtocolError as err:
+            err.frames = frames
+            raise
+
+    def _frames(self, frames: list[Frame]) -> list[Frame]:
         while True:
             if self._skip:
                 dropped = min(self._skip, len(self._buf))

@@ -699,15 +699,11 @@ def do_shutdown(session: Session, frame: protocol.Frame) -> None:
 
 
 def decode(decoder: protocol.Decoder, data: bytes, channel: Channel) -> list[protocol.Frame]:
-    """Whole frames in data. A bad frame gets an error reply; the decoder has skipped it, and
-    what follows it is still buffered, so keep feeding until it yields."""
-    frames: list[protocol.Frame] = []
-    while True:
-        try:
-            return frames + decoder.feed(data)
-        except protocol.ProtocolError as err:
-            channel.error(None, str(err))
-            data = b""
+    """Whole frames in data; each bad frame gets an error reply and is skipped."""
+    frames, errors = decoder.feed_all(data)
+    for err in errors:
+        channel.error(None, str(err))
+    return frames
 
 
 def serve_fd(fd: int) -> None:

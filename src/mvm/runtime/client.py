@@ -91,13 +91,18 @@ class VmClient:
     def receive(self) -> protocol.Frame:
         """The next frame from the supervisor, whatever request it answers."""
         while not self._queued:
-            assert self.sock is not None
-            data = self.sock.recv(1 << 20)
-            if not data:
-                raise VmError(f"the supervisor of VM {self.paths.name} went away",
-                              f"`mvmctl status {self.paths.name}` says why")
-            self._queued += self._decoder.feed(data)
+            self._fill()
         return self._queued.pop(0)
+
+    def _fill(self) -> None:
+        """One read from the socket into the queue of decoded frames."""
+        assert self.sock is not None
+        data = self.sock.recv(1 << 20)
+        if not data:
+            raise VmError(f"the supervisor of VM {self.paths.name} went away",
+                          f"`mvmctl status {self.paths.name}` says why")
+        frames, _ = self._decoder.feed_all(data)
+        self._queued += frames
 
     def receive_batch(self) -> list[protocol.Frame]:
         """Every frame that has arrived, waiting for at least one."""
@@ -166,7 +171,7 @@ class VmClient:
         assert self.sock is not None
         selector = selectors.DefaultSelector()
         try:
-            selector.register(stdin_fd, selectors.EVENT_READ)
+            selector.register(stdin_fd, selectors.EVENT_READ, "stdin")
         except PermissionError:  # a regular file or /dev/null: always readable, epoll refuses it
             selector.close()
             while data := os.read(stdin_fd, protocol.CHUNK):
@@ -174,26 +179,23 @@ class VmClient:
             self.send({"type": "stdin", "id": request_id, "eof": True})
             yield from self.replies(request_id)
             return
+        selector.register(self.sock, selectors.EVENT_READ, "vm")
         try:
             while True:
-                if self._queued:
-                    frames = self._take(request_id)
-                    yield from frames
-                    if frames and frames[-1].type == "exit":
+                for frame in self._take(request_id):
+                    yield frame
+                    if frame.type == "exit":
                         return
-                    continue
-                ready = selector.select(timeout=None) if selector.get_map() else []
-                if not ready:
-                    yield from self.replies(request_id)
-                    return
-                data = os.read(stdin_fd, protocol.CHUNK)
-                if data:
-                    self.send({"type": "stdin", "id": request_id}, data)
-                else:
-                    self.send({"type": "stdin", "id": request_id, "eof": True})
-                    selector.unregister(stdin_fd)
-                    yield from self.replies(request_id)
-                    return
+                for key, _ in selector.select():
+                    if key.data == "vm":
+                        self._fill()
+                        continue
+                    data = os.read(stdin_fd, protocol.CHUNK)
+                    if data:
+                        self.send({"type": "stdin", "id": request_id}, data)
+                    else:
+                        self.send({"type": "stdin", "id": request_id, "eof": True})
+                        selector.unregister(stdin_fd)
         finally:
             selector.close()
 

@@ -356,10 +356,7 @@ class Supervisor:
         self.agent_writer = writer
         decoder = protocol.Decoder()
         while data := await reader.read(1 << 20):
-            try:
-                frames = decoder.feed(data)
-            except protocol.ProtocolError:
-                continue
+            frames, _ = decoder.feed_all(data)
             for frame in frames:
                 self.on_agent_frame(frame)
         self.agent_writer = None
@@ -431,11 +428,9 @@ class Supervisor:
         decoder = protocol.Decoder()
         try:
             while data := await reader.read(1 << 20):
-                try:
-                    frames = decoder.feed(data)
-                except protocol.ProtocolError as err:
+                frames, errors = decoder.feed_all(data)
+                for err in errors:
                     client.send(protocol.error(None, str(err)))
-                    continue
                 for frame in frames:
                     self.on_client_frame(client, frame)
         except ConnectionError:
