@@ -4,6 +4,7 @@ session so Debian packages and the kernel are downloaded once."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,15 +19,25 @@ EXAMPLES = REPO / "examples"
 
 @dataclass
 class Mvmctl:
-    """Runs the real CLI in a subprocess against one MVM_HOME."""
+    """Runs the real CLI in a subprocess against one MVM_HOME (and the tests' dockerd)."""
 
     home: Path
+    docker_host: str | None = None
+    hypervisor: str | None = None  # added to `up` and `run`
+
+    def with_backend(self, hypervisor: str) -> Mvmctl:
+        return Mvmctl(self.home, self.docker_host, hypervisor)
 
     @property
     def env(self) -> dict[str, str]:
-        return {**os.environ, "MVM_HOME": str(self.home)}
+        env = {**os.environ, "MVM_HOME": str(self.home)}
+        if self.docker_host:
+            env["DOCKER_HOST"] = self.docker_host
+        return env
 
     def argv(self, *args: str) -> list[str]:
+        if self.hypervisor and args and args[0] in ("up", "run"):
+            args = (args[0], "--hypervisor", self.hypervisor, *args[1:])
         return [sys.executable, "-m", "mvm.cli.main", *args]
 
     def __call__(self, *args: str, input: str | None = None, timeout: float = 300,
@@ -44,8 +55,28 @@ def mvm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory):
+    """The host's dockerd if one answers, else our own, started once per session."""
+    from tests.dockerd import start_dockerd
+
+    root = Path("/tmp") / f"mvm-test-dockerd-{os.getpid()}"  # short: the socket path has a length limit
+    daemon = start_dockerd(root)
+    yield daemon
+    if daemon is not None and daemon.proc is not None:
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
 def mvmctl(mvm_home: Path) -> Mvmctl:
     return Mvmctl(mvm_home)
+
+
+@pytest.fixture(scope="session")
+def docker_mvmctl(mvm_home: Path, dockerd) -> Mvmctl:
+    if dockerd is None:
+        pytest.skip("no dockerd binary on this host (apt-get install docker.io)")
+    return Mvmctl(mvm_home, dockerd.host)
 
 
 @pytest.fixture

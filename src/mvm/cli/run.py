@@ -10,7 +10,7 @@ import click
 
 from mvm.cli.build import build_workload
 from mvm.cli.guest import raw_terminal, write_stdout
-from mvm.cli.vm import BOOT_PHASES, boot_phases, check_hypervisor, resources
+from mvm.cli.vm import BOOT_PHASES, HYPERVISOR_OPTION, boot_phases, note, resources
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
 from mvm.runtime.client import VmClient
@@ -26,8 +26,7 @@ DETACH_KEY = b"\x1d"  # Ctrl-]: leave the console, which stops an attached VM
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
-@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
-                                                  "libkrun", "lima"]), help="Backend to run on (default: auto).")
+@HYPERVISOR_OPTION
 @click.option("--boot-report", is_flag=True, help="After the VM stops, print when each boot phase was reached (stderr).")
 def run(directory: str, attached: bool, name: str | None, cpus: int | None, memory: str | None,
         hypervisor: str | None, boot_report: bool) -> None:
@@ -38,18 +37,19 @@ def run(directory: str, attached: bool, name: str | None, cpus: int | None, memo
     On an accessible image with a shell entrypoint your terminal is the guest's console:
     Ctrl-] leaves it and stops the VM.
     """
-    check_hypervisor(hypervisor)
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
     _, result = build_workload(directory, home=home)
     artifact = result.artifact
     vm_name = name or artifact.meta.name
     if not attached:
-        record = lifecycle.up(home, artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib)
+        record = lifecycle.up(home, artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
+                              hypervisor=hypervisor, progress=note)
         click.echo(f"VM {vm_name} is {record.state}; `mvmctl exec {vm_name} -- CMD` works in it, "
                    f"`mvmctl down {vm_name}` stops it")
         return
-    launch = lifecycle.start_vm(home, artifact, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib)
+    launch = lifecycle.start_vm(home, artifact, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
+                                hypervisor=hypervisor, progress=note)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
         launch.commit()

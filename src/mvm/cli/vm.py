@@ -14,6 +14,7 @@ from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
+from mvm.runtime.backend import ALL_BACKENDS, REDUCED_ISOLATION
 from mvm.runtime.client import VmClient
 
 BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
@@ -28,10 +29,13 @@ def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | N
         raise UsageError(f"--memory: {err}") from None
 
 
-def check_hypervisor(hypervisor: str | None) -> None:
-    if hypervisor not in (None, "auto", "qemu"):
-        raise UsageError(f"--hypervisor {hypervisor}: this mvm version runs VMs on qemu only",
-                         "use --hypervisor qemu; `mvmctl doctor` lists every backend and why it is unavailable")
+HYPERVISOR_OPTION = click.option(
+    "--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
+    help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
+
+
+def note(message: str) -> None:
+    click.echo(f"mvmctl: {message}", err=True)
 
 
 @click.command()
@@ -39,8 +43,7 @@ def check_hypervisor(hypervisor: str | None) -> None:
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
-@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
-                                                  "libkrun", "lima"]), help="Backend to run on (default: auto).")
+@HYPERVISOR_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
 def up(directory: str, name: str | None, cpus: int | None, memory: str | None, hypervisor: str | None,
        as_json: bool) -> None:
@@ -51,12 +54,12 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
     """
     from mvm.cli.build import build_workload
 
-    check_hypervisor(hypervisor)
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
     _, result = build_workload(directory, home=home)
     vm_name = name or result.artifact.meta.name
-    record = lifecycle.up(home, result.artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib)
+    record = lifecycle.up(home, result.artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
+                          hypervisor=hypervisor, progress=note)
     if as_json:
         click.echo(json.dumps(asdict(record), indent=2))
     elif record.state == "stopped":
@@ -65,7 +68,7 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
     else:
         ready = _marker_ms(record, "agent-ready")
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
-                   f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after QEMU started)")
+                   f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started)")
 
 
 @click.command()
@@ -152,7 +155,10 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
     click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
-    click.echo(f"  pids        supervisor {record.supervisor_pid}, qemu {record.qemu_pid}")
+    click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}"
+               + (f" (container {record.backend_id})" if record.backend == "docker" else ""))
+    if record.backend == "docker":
+        click.echo(f"  isolation   {REDUCED_ISOLATION}")
     if record.running:
         click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
     guest = report.get("guest")
@@ -227,7 +233,7 @@ def boot_report(name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"name": name, "accel": record.accel, "phases_ms": phases}, indent=2))
         return
-    click.echo(f"boot report for {name} ({record.accel}; ms since QEMU started):")
+    click.echo(f"boot report for {name} ({record.backend}/{record.accel}; ms since {record.backend} started):")
     for phase in BOOT_PHASES:
         ms = phases.get(phase)
         click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}")
@@ -237,7 +243,10 @@ def boot_phases(record: VmRecord) -> dict[str, int | None]:
     phases: dict[str, int | None] = {phase: _marker_ms(record, phase) for phase in BOOT_PHASES}
     first = next((m for m in record.markers if m.get("guest_uptime") is not None and m["phase"] != "agent-ready"), None)
     # The guest's uptime counts from the kernel's start: subtract it from when the line arrived.
-    phases["kernel"] = None if first is None else max(0, round(first["ms"] - first["guest_uptime"] * 1000))
+    if first is None or record.backend == "docker":  # a container has no kernel of its own to start
+        phases["kernel"] = None
+    else:
+        phases["kernel"] = max(0, round(first["ms"] - first["guest_uptime"] * 1000))
     return phases
 
 

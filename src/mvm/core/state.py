@@ -116,11 +116,15 @@ class VmPaths:
     data_disk = property(lambda self: self.dir / "data.ext4")
     ctl_socket = property(lambda self: self.dir / "ctl.sock")
     agent_socket = property(lambda self: self.dir / "agent.sock")
+    qmp_socket = property(lambda self: self.dir / "qmp.sock")
+    channel_dir = property(lambda self: self.dir / "chan")  # docker: bind-mounted at /.mvm
+    data_dir = property(lambda self: self.dir / "data")  # docker: bind-mounted at /data
     supervisor_lock = property(lambda self: self.dir / "supervisor.lock")
     supervisor_log = property(lambda self: self.dir / "supervisor.log")
 
     def check_socket_paths(self) -> None:
-        longest = max(len(str(self.ctl_socket)), len(str(self.agent_socket)))
+        longest = max(len(str(p)) for p in (self.ctl_socket, self.agent_socket, self.qmp_socket,
+                                             self.channel_dir / "agent.sock"))
         if longest > UNIX_PATH_MAX:
             raise UsageError(f"the VM's socket paths under {self.dir} are {longest} bytes, over the "
                              f"{UNIX_PATH_MAX}-byte unix socket limit", "use a shorter MVM_HOME or VM name")
@@ -163,6 +167,8 @@ class VmRecord:
     stopped_at: float | None = None
     stop_reason: str | None = None
     exit_status: int | None = None  # the entrypoint's, when it finished
+    backend_id: str | None = None  # the backend's own name for it (docker: the container)
+    backend_released: bool = False  # its backend resources are known to be gone
     markers: list[dict[str, Any]] = field(default_factory=list)  # {phase, args, guest_uptime, ms}
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {state, restarts, last_exit}
 

@@ -9,6 +9,9 @@ firecracker > qemu > docker unless one is named.
 
 from __future__ import annotations
 
+import platform
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from mvm.core.errors import BackendUnavailable, UsageError
@@ -66,19 +69,19 @@ class Choice:
     reason: str
 
 
-def select_backend(requested: str | None, available: dict[str, tuple[bool, str]]) -> Choice:
-    """The backend to use. ``available`` maps every backend to (available here, why / why not)."""
+def select_backend(requested: str | None, available: Callable[[str], tuple[bool, str]]) -> Choice:
+    """The backend to use. ``available(name)`` says whether it can run here, and why (not)."""
     if requested and requested != "auto":
         if requested not in ALL_BACKENDS:
             raise UsageError(f"unknown hypervisor {requested!r}", f"use one of: auto, {', '.join(ALL_BACKENDS)}")
-        ok, why = available.get(requested, (False, "unknown"))
+        ok, why = available(requested)
         if not ok:
             raise BackendUnavailable(f"{requested} is not available here: {why}",
                                      "`mvmctl doctor` lists every backend and what it needs")
         return Choice(requested, f"{requested} was asked for")
     passed = []
     for name in PRIORITY:
-        ok, why = available.get(name, (False, "unknown"))
+        ok, why = available(name)
         if ok:
             skipped = "; ".join(passed)
             return Choice(name, f"{name} is the first available in the order {' > '.join(PRIORITY)}"
@@ -86,3 +89,33 @@ def select_backend(requested: str | None, available: dict[str, tuple[bool, str]]
         passed.append(f"{name}: {why}")
     raise BackendUnavailable("no backend can run a VM here: " + "; ".join(passed),
                              "run `mvmctl bootstrap` to install QEMU, or start dockerd")
+
+
+ELSEWHERE = {
+    "apple-container": "needs macOS 26+ on Apple Silicon",
+    "libkrun": "needs libkrun and usable KVM, and is not supported by this mvm version",
+    "lima": "needs limactl, and is not supported by this mvm version",
+}
+
+
+def availability(name: str, kvm_usable: Callable[[], bool | None]) -> tuple[bool, str]:
+    """Whether ``name`` can start a VM here now, and why (not). Cheap checks first."""
+    if name == "qemu":
+        missing = [tool for tool in ("qemu-system-x86_64", "qemu-img") if shutil.which(tool) is None]
+        if missing:
+            return False, f"{' and '.join(missing)} not installed (run `mvmctl bootstrap`)"
+        return True, "QEMU is installed (KVM when the probe boot works, else TCG)"
+    if name == "docker":
+        from mvm.runtime import docker
+
+        ok, why = docker.daemon_status()
+        return ok, f"{why}; {REDUCED_ISOLATION}" if ok else why
+    if name == "firecracker":
+        from mvm.runtime import firecracker
+
+        if shutil.which("firecracker") is None:  # decided without a KVM probe boot
+            return False, "no firecracker binary on PATH; not exercised on this host"
+        return firecracker.available(kvm_usable())
+    if name in ELSEWHERE:
+        return False, f"{ELSEWHERE[name]}; this host is {platform.system()} {platform.machine()}"
+    return False, "unknown backend"

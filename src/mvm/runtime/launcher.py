@@ -9,6 +9,7 @@ QEMU's life to it) along with the console pipes, the commit pipe and the supervi
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import traceback
 
 from mvm.core.artifact import Artifact
 from mvm.core.state import VmPaths, VmRecord
-from mvm.runtime import qemu
+from mvm.runtime import docker, qemu
 from mvm.runtime.supervisor import LaunchSpec
 
 
@@ -56,34 +57,72 @@ def _redirect_stdio(paths: VmPaths) -> None:
 
 
 def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
+    agent_listen_fd: int | None = None
     try:
-        qemu.create_overlay(artifact.rootfs, paths.overlay)
-        spec = qemu.artifact_spec(artifact, paths.overlay, record.accel, vcpus=record.vcpus,
-                                  memory_mib=record.memory_mib)
-        spec.agent_socket = paths.agent_socket
-        if artifact.meta.data_disk_bytes:
-            spec.data_disk = paths.data_disk
-            qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
         spawned = time.monotonic()
-        proc = qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if record.backend == "docker":
+            listener = _agent_listener(paths)
+            agent_listen_fd = listener.detach()
+            spawned = time.monotonic()
+            proc = _spawn_docker(paths, artifact, record)
+        elif record.backend == "firecracker":
+            from mvm.runtime import firecracker
+
+            proc = firecracker.spawn(paths, artifact, record)
+        else:
+            spawned, proc = _spawn_qemu(paths, artifact, record)
     except Exception as err:  # noqa: BLE001 - any failure here is the VM's stop reason
-        record.state, record.stopped_at, record.stop_reason = "stopped", time.time(), f"QEMU did not start: {err}"
+        record.state, record.stopped_at = "stopped", time.time()
+        record.stop_reason = f"{record.backend} did not start: {err}"
         record.save(paths)
         raise
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     handover = LaunchSpec(vm_dir=str(paths.dir), qemu_pid=proc.pid, qemu_stdin=proc.stdin.fileno(),
                           qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned,
-                          commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=artifact.meta.expected_boot_ms)
-    keep = {0, 1, 2, handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
-    for fd in keep - {0, 1, 2}:
+                          commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=artifact.meta.expected_boot_ms,
+                          agent_listen_fd=agent_listen_fd)
+    keep = {handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
+    if agent_listen_fd is not None:
+        keep.add(agent_listen_fd)
+    for fd in keep:
         os.set_inheritable(fd, True)
     for fd in _open_fds():
-        if fd not in keep:
+        if fd > 2 and fd not in keep:
             try:
                 os.close(fd)
             except OSError:
                 pass
     os.execv(sys.executable, [sys.executable, "-m", "mvm.runtime.supervisor", handover.to_json()])
+
+
+def _spawn_qemu(paths: VmPaths, artifact: Artifact, record: VmRecord) -> tuple[float, subprocess.Popen]:
+    qemu.create_overlay(artifact.rootfs, paths.overlay)
+    spec = qemu.artifact_spec(artifact, paths.overlay, record.accel, vcpus=record.vcpus,
+                              memory_mib=record.memory_mib)
+    spec.agent_socket = paths.agent_socket
+    spec.qmp_socket = paths.qmp_socket
+    if artifact.meta.data_disk_bytes:
+        spec.data_disk = paths.data_disk
+        qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
+    spawned = time.monotonic()
+    return spawned, qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _agent_listener(paths: VmPaths) -> socket.socket:
+    """The socket a container's agent connects to (it cannot serve one the host could reach)."""
+    path = paths.channel_dir / "agent.sock"
+    path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    os.chmod(path, 0o777)  # uid 990 in the container; the VM directory keeps host users out
+    listener.listen(4)
+    return listener
+
+
+def _spawn_docker(paths: VmPaths, artifact: Artifact, record: VmRecord) -> subprocess.Popen:
+    data_disk = bool(artifact.meta.data_disk_bytes)
+    argv = docker.run_argv(paths, record, docker.image_tag(artifact.meta.name, artifact.meta.key), data_disk)
+    return qemu.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _open_fds() -> list[int]:

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mvm.core.artifact import Artifact
-from mvm.core.errors import BackendUnavailable, UsageError, VmError
+from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
 from mvm.runtime.client import AgentError, VmClient
-from mvm.runtime import launcher
-from mvm.runtime.kvm import select_accel
+from mvm.runtime import backend, docker, launcher
+from mvm.runtime.kvm import probe_kvm, select_accel
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -59,17 +59,32 @@ class Launch:
         self._commit_fd = self._name_lock_fd = -1
 
 
+def choose_backend(home: MvmHome, artifact: Artifact, requested: str | None) -> backend.Choice:
+    """--hypervisor, else mvm.toml's hypervisor, else the first available in priority order."""
+    wanted = requested if requested not in (None, "auto") else artifact.meta.workload.hypervisor
+    return backend.select_backend(wanted, lambda name: backend.availability(name, lambda: probe_kvm(home).usable))
+
+
 def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detached",
-             vcpus: int | None = None, memory_mib: int | None = None) -> Launch:
+             vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
+             progress: Callable[[str], None] | None = None) -> Launch:
     """Register ``name`` and boot ``artifact`` under a new supervisor."""
     check_vm_name(name)
     paths = home.vm(name)
     paths.check_socket_paths()
-    hypervisor = artifact.meta.workload.hypervisor
-    if hypervisor not in ("auto", "qemu"):
-        raise BackendUnavailable(f"hypervisor {hypervisor!r} (from mvm.toml) is not supported by this mvm version; "
-                                 "only qemu is", "set hypervisor = \"qemu\" or remove it; `mvmctl doctor` lists backends")
-    accel, _ = select_accel(home)
+    choice = choose_backend(home, artifact, hypervisor)
+    meta = artifact.meta
+    if choice.backend == "docker":
+        tag = docker.image_tag(meta.name, meta.key)
+        if progress:
+            progress(f"docker: {backend.REDUCED_ISOLATION}")
+        if docker.ensure_image(artifact.rootfs, tag) and progress:
+            progress(f"docker: imported the image as {tag}")
+        accel = "container"
+    elif choice.backend == "qemu":
+        accel, _ = select_accel(home)
+    else:
+        accel = "kvm"
     home.vms.mkdir(parents=True, exist_ok=True)
     name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -78,22 +93,39 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
         os.close(name_lock)
         raise UsageError(f"VM {name} is being started by another mvmctl", "wait for it, or pick another --name") from None
     try:
-        existing = reconcile(paths)
+        existing = settle(paths)
         if existing is not None and existing.running:
             raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
         shutil.rmtree(paths.dir, ignore_errors=True)
         paths.dir.mkdir(parents=True, mode=0o700)  # sockets inside: only the owner may drive the VM
-        meta = artifact.meta
-        record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend="qemu", accel=accel,
-                          mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
+        record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend=choice.backend,
+                          accel=accel, mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
                           accessible=meta.accessible, sealed=meta.sealed,
                           uids={"agent": meta.uids.agent, "entrypoint": meta.uids.entrypoint})
+        if choice.backend == "docker":
+            record.backend_id = docker.container_name(paths)
+            docker.remove(record.backend_id)  # a leftover from a crash must not block the name
+            docker.prepare_dirs(paths, bool(meta.data_disk_bytes))
         write_json_atomic(paths.mode, {"mode": mode})
         record.save(paths)
         return _fork_supervisor(paths, artifact, record, name_lock)
     except BaseException:
         os.close(name_lock)
         raise
+
+
+def settle(paths: VmPaths) -> VmRecord | None:
+    """``reconcile``, plus releasing what a dead VM's backend may still hold (a container)."""
+    record = reconcile(paths)
+    if record is not None and record.state == "stopped" and record.backend == "docker" \
+            and record.backend_id and not record.backend_released:
+        try:
+            docker.remove(record.backend_id)
+            record.backend_released = True
+            record.save(paths)
+        except MvmError:
+            pass  # dockerd is away: try again next time
+    return record
 
 
 def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_lock: int) -> Launch:
@@ -131,10 +163,11 @@ def _tail(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None,
-       memory_mib: int | None = None) -> VmRecord:
+def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
+       hypervisor: str | None = None, progress: Callable[[str], None] | None = None) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished)."""
-    launch = start_vm(home, artifact, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib)
+    launch = start_vm(home, artifact, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
+                      hypervisor=hypervisor, progress=progress)
     try:
         reply = launch.client.call("ready")
         launch.commit()
@@ -150,7 +183,7 @@ def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None
 
 def require_vm(home: MvmHome, name: str) -> tuple[VmPaths, VmRecord]:
     paths = home.vm(check_vm_name(name))
-    record = reconcile(paths)
+    record = settle(paths)
     if record is None:
         raise UsageError(f"there is no VM named {name}", "`mvmctl ls` lists them")
     return paths, record
@@ -169,7 +202,7 @@ def list_vms(home: MvmHome) -> list[VmRecord]:
     records = []
     for entry in sorted(home.vms.iterdir()):
         if entry.is_dir() and not entry.name.startswith("."):
-            record = reconcile(VmPaths(entry))
+            record = settle(VmPaths(entry))
             if record is not None:
                 records.append(record)
     return records

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mvm.core import protocol
+from mvm.core.errors import VmError
 from mvm.core.state import VmPaths, VmRecord, write_json_atomic
 from mvm.runtime.console import BootMarker, ConsoleFilter
 
@@ -55,6 +57,7 @@ class LaunchSpec:
     commit_fd: int  # read end of a pipe from `up`: b"k" = keep the VM; EOF first = abandon it
     lock_fd: int  # flock on supervisor.lock: held for as long as this process lives
     expected_boot_ms: int
+    agent_listen_fd: int | None = None  # docker: the agent connects to us on this socket
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -176,6 +179,12 @@ class Supervisor:
         asyncio.get_running_loop().remove_reader(pidfd)
         os.close(pidfd)
         code = self.proc.wait()
+        if self.record.backend == "docker" and self.record.backend_id:
+            # The docker CLI may have died alone (kill -9): the container must not outlive it.
+            from mvm.runtime import docker
+
+            await asyncio.to_thread(docker.remove, self.record.backend_id)
+            self.record.backend_released = True
         await asyncio.sleep(0.05)  # the console pipe may still hold the last marker
         self.console.flush()
         self.finish(self.exit_reason(code))
@@ -185,13 +194,18 @@ class Supervisor:
         if self.stopping:
             return self.stopping
         if code < 0:
-            return f"QEMU was killed by signal {-code} ({signal.Signals(-code).name})"
+            return f"{self.backend_process} was killed by signal {-code} ({signal.Signals(-code).name})"
         if status is not None:
             return f"its entrypoint exited with status {status}"
         if self.console.seen("shutdown") is not None:
             return "the guest shut down"
         detail = self.stderr_tail.decode(errors="replace").strip().splitlines()
-        return f"QEMU exited with code {code}" + (f": {detail[-1]}" if detail else "")
+        return f"{self.backend_process} exited with code {code}" + (f": {detail[-1]}" if detail else "")
+
+    @property
+    def backend_process(self) -> str:
+        return {"qemu": "QEMU", "docker": "the docker CLI", "firecracker": "Firecracker"}.get(self.record.backend,
+                                                                                           self.record.backend)
 
     def finish(self, reason: str) -> None:
         """Record the stop once, and answer everyone who waits for it."""
@@ -264,10 +278,17 @@ class Supervisor:
             stopped.cancel()
             if self.stopped.is_set():
                 return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM if not force else signal.SIGKILL)
-        if not await self.wait_stopped(KILL_GRACE_S) and self.proc.poll() is None:
-            self.proc.kill()
+        await self.terminate(signal.SIGKILL if force else signal.SIGTERM)
+        if not await self.wait_stopped(KILL_GRACE_S):
+            await self.terminate(signal.SIGKILL)
+
+    async def terminate(self, sig: int) -> None:
+        if self.record.backend == "docker" and self.record.backend_id:
+            # Signalling the docker CLI would leave the container running: kill the container.
+            from mvm.runtime import docker
+
+            await asyncio.to_thread(docker.kill, self.record.backend_id)
+        self.proc.send_signal(sig)
 
     async def wait_stopped(self, timeout: float) -> bool:
         try:
@@ -345,13 +366,26 @@ class Supervisor:
     # -- the agent channel -----------------------------------------------------------------------
 
     async def connect_agent(self) -> None:
+        if self.spec.agent_listen_fd is not None:  # docker: the agent dials us
+            listener = socket.socket(fileno=self.spec.agent_listen_fd)
+            server = await asyncio.start_unix_server(self.serve_agent, sock=listener)
+            async with server:
+                await server.serve_forever()
         path = str(self.paths.agent_socket)
         while True:
             try:
                 reader, writer = await asyncio.open_unix_connection(path)
+                if self.record.backend == "firecracker":
+                    from mvm.runtime import firecracker
+
+                    await firecracker.vsock_handshake(reader, writer)
                 break
-            except (FileNotFoundError, ConnectionRefusedError):
-                await asyncio.sleep(0.01)
+            except (OSError, VmError):  # not there yet, or (vsock) the agent is not listening yet
+                await asyncio.sleep(0.01 if self.record.backend != "firecracker" else 0.1)
+        await self.serve_agent(reader, writer)
+
+    async def serve_agent(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One agent connection; a reconnecting agent (after a restart) takes over the channel."""
         writer.write(protocol.hello("host"))  # queued until the agent opens its port
         self.agent_writer = writer
         decoder = protocol.Decoder()
@@ -359,7 +393,8 @@ class Supervisor:
             frames, _ = decoder.feed_all(data)
             for frame in frames:
                 self.on_agent_frame(frame)
-        self.agent_writer = None
+        if self.agent_writer is writer:
+            self.agent_writer = None
 
     def on_agent_frame(self, frame: protocol.Frame) -> None:
         if frame.type == "hello":
