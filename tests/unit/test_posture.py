@@ -77,11 +77,27 @@ def test_apple_container_is_unavailable_with_the_macos_reason(posture: Posture) 
     assert "needs macOS 26+ on Apple Silicon" in apple.reason
 
 
-def test_docker_is_reduced_isolation_and_reports_what_it_saw(posture: Posture) -> None:
-    docker = posture.backend("docker")
-    assert not docker.available
-    assert "not a microVM" in docker.reason
-    assert "docker CLI" in docker.reason and "socket" in docker.reason
+def test_docker_is_reduced_isolation_and_says_whether_dockerd_answers(
+    home: MvmHome, dockerd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if dockerd is None:
+        pytest.skip("no dockerd binary on this host")
+    monkeypatch.setenv("DOCKER_HOST", dockerd.host)
+    up = host_posture(home, probe=False).backend("docker")
+    assert up.available and up.tested_here
+    assert "not a microVM" in up.reason and "answers" in up.reason
+    assert up.capabilities["isolation"] == "container"
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    down = host_posture(home, probe=False).backend("docker")
+    assert not down.available and "dockerd is not running" in down.reason and "not a microVM" in down.reason
+
+
+def test_every_backend_declares_its_capabilities(posture: Posture) -> None:
+    for backend in posture.backends:
+        assert set(backend.capabilities) == {"snapshots", "pause_resume", "vsock", "tap_networking",
+                                             "port_forwarding", "detach", "console", "isolation"}
+    assert posture.backend("qemu").capabilities["isolation"] == "microvm"
+    assert posture.backend("firecracker").capabilities["vsock"] is True
 
 
 def test_firecracker_libkrun_lima_say_what_is_missing(posture: Posture) -> None:

@@ -72,12 +72,27 @@ def _print_posture(posture: Posture, console: Console) -> None:
     console.rule("Backends")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("backend", style="bold", no_wrap=True)
+    table.add_column("isolation", no_wrap=True)
     table.add_column("available", no_wrap=True)
     table.add_column("tested here", no_wrap=True)
     table.add_column("why")
     for b in posture.backends:
         name = b.name + (f" ({b.accel})" if b.accel else "")
-        table.add_row(name, _yes_no(b.available), _yes_no(b.tested_here), Text(b.reason))
+        table.add_row(name, str(b.capabilities["isolation"]), _yes_no(b.available), _yes_no(b.tested_here),
+                      Text(b.reason))
+    console.print(table)
+
+    console.rule("What mvm can do on each backend")
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("backend", style="bold", no_wrap=True)
+    short = {"snapshots": "snapshot", "pause_resume": "pause", "vsock": "vsock", "tap_networking": "tap",
+             "port_forwarding": "forward", "detach": "detach", "console": "console"}
+    columns = list(short)
+    for column in columns:
+        table.add_column(short[column], no_wrap=True)
+    for b in posture.backends:
+        caps = b.capabilities
+        table.add_row(b.name, *[_yes_no(bool(caps[c])) for c in columns])
     console.print(table)
 
     console.rule("Host tools")

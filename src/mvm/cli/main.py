@@ -36,6 +36,8 @@ VERBS = {
     "wait": "mvm.cli.vm",
     "detach": "mvm.cli.vm",
     "down": "mvm.cli.vm",
+    "pause": "mvm.cli.vm",
+    "resume": "mvm.cli.vm",
 }
 
 

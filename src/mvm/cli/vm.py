@@ -14,7 +14,7 @@ from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
-from mvm.runtime.backend import ALL_BACKENDS, REDUCED_ISOLATION
+from mvm.runtime.backend import ALL_BACKENDS, REDUCED_ISOLATION, require_capability
 from mvm.runtime.client import VmClient
 
 BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
@@ -254,4 +254,27 @@ def _marker_ms(record: VmRecord, phase: str) -> int | None:
     return next((m["ms"] for m in record.markers if m["phase"] == phase), None)
 
 
-COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report]
+@click.command()
+@click.argument("name")
+def pause(name: str) -> None:
+    """Freeze VM NAME (its vCPUs, or its container's processes); `mvmctl resume` thaws it."""
+    _set_paused(name, True)
+
+
+@click.command()
+@click.argument("name")
+def resume(name: str) -> None:
+    """Thaw VM NAME after `mvmctl pause`."""
+    _set_paused(name, False)
+
+
+def _set_paused(name: str, paused: bool) -> None:
+    home = MvmHome.default()
+    _, record = lifecycle.require_vm(home, name)
+    require_capability(record.backend, "pause_resume", name)
+    with lifecycle.connect(home, name) as client:
+        state = client.call("pause" if paused else "resume")["state"]
+    click.echo(f"VM {name} is {state}")
+
+
+COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume]

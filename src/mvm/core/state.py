@@ -159,7 +159,7 @@ class VmRecord:
     accessible: bool
     sealed: bool
     uids: dict[str, int]
-    state: str = "starting"  # starting | running | stopped
+    state: str = "starting"  # starting | running | paused | stopped
     created_at: float = field(default_factory=time.time)
     supervisor_pid: int | None = None
     qemu_pid: int | None = None
@@ -174,7 +174,7 @@ class VmRecord:
 
     @property
     def running(self) -> bool:
-        return self.state in ("starting", "running")
+        return self.state in ("starting", "running", "paused")
 
     def save(self, paths: VmPaths) -> None:
         write_json_atomic(paths.record, asdict(self))

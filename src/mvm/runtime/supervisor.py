@@ -236,7 +236,8 @@ class Supervisor:
 
     def cleanup_runtime_files(self) -> None:
         """A stopped VM keeps its record, mode and console log; the rest goes."""
-        for path in (self.paths.ctl_socket, self.paths.agent_socket, self.paths.overlay, self.paths.data_disk):
+        for path in (self.paths.ctl_socket, self.paths.agent_socket, self.paths.qmp_socket, self.paths.overlay,
+                     self.paths.data_disk, self.paths.channel_dir / "agent.sock"):
             path.unlink(missing_ok=True)
 
     # -- `up` hand-off ---------------------------------------------------------------------------
@@ -480,6 +481,8 @@ class Supervisor:
         if kind in AGENT_OPS:
             if self.stopped.is_set():
                 client.send(protocol.error(frame.id, f"the VM is stopped: {self.record.stop_reason}"))
+            elif self.record.state == "paused":
+                client.send(protocol.error(frame.id, f"VM {self.record.name} is paused (`mvmctl resume {self.record.name}`)"))
             elif kind == "stdin" and client.attached and frame.id == client.attach_id:
                 self.console_input += frame.body
                 self.flush_console_input()
@@ -515,6 +518,8 @@ class Supervisor:
                     other.send(protocol.encode({"type": "detached", "id": other.attach_id}))
                     other.attached = False
             client.send(protocol.encode({"type": "result", "id": frame.id, "mode": "detached"}))
+        elif kind in ("pause", "resume"):
+            asyncio.get_running_loop().create_task(self.set_paused(client, frame.id, kind == "pause"))
         elif kind == "stop":
             self.waiters.append((client, frame.id or 0, "wait"))
             self.request_stop(str(frame.header.get("reason") or "stopped on request"),
@@ -522,6 +527,36 @@ class Supervisor:
                               timeout=float(frame.header.get("timeout") or STOP_TIMEOUT_S))
         else:
             client.send(protocol.error(frame.id, f"unknown request type {kind!r}"))
+
+    async def set_paused(self, client: Client, request_id: int | None, paused: bool) -> None:
+        """Freeze or thaw the guest through its backend; the agent is frozen with it."""
+        try:
+            if self.record.backend == "qemu":
+                from qemu.qmp import QMPClient
+
+                qmp = QMPClient(self.record.name)
+                await qmp.connect(str(self.paths.qmp_socket))
+                try:
+                    await qmp.execute("stop" if paused else "cont")
+                finally:
+                    await qmp.disconnect()
+            elif self.record.backend == "docker" and self.record.backend_id:
+                from mvm.runtime import docker
+
+                await asyncio.to_thread(docker.pause, self.record.backend_id, paused)
+            elif self.record.backend == "firecracker":
+                from mvm.runtime import firecracker
+
+                api = firecracker.FirecrackerApi(str(self.paths.dir / firecracker.API_SOCKET))
+                await asyncio.to_thread(api.pause if paused else api.resume)
+            else:
+                raise VmError(f"{self.record.backend} cannot pause")
+        except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
+            client.send(protocol.error(request_id, f"{'pause' if paused else 'resume'} failed: {err}"))
+            return
+        self.record.state = "paused" if paused else ("running" if self.agent_hello else "starting")
+        self.record.save(self.paths)
+        client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
 
     def on_client_gone(self, client: Client) -> None:
         for channel_id, route in list(self.routes.items()):

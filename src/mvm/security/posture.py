@@ -19,6 +19,8 @@ from pydantic import BaseModel, computed_field
 
 from mvm.core.errors import MvmError
 from mvm.core.state import MvmHome
+from mvm.runtime import docker
+from mvm.runtime.backend import CAPABILITIES, REDUCED_ISOLATION
 from mvm.runtime.hosttools import ToolStatus, host_tools, os_release
 from mvm.runtime.kvm import probe_kvm
 
@@ -29,7 +31,7 @@ NOT_EXERCISED = "not exercised on this host"
 
 # Backends this mvm version can start VMs with. A backend joins when its runtime lands;
 # until then doctor still reports its prerequisites but never calls it available.
-SUPPORTED_BACKENDS: frozenset[str] = frozenset({"qemu"})
+SUPPORTED_BACKENDS: frozenset[str] = frozenset({"qemu", "docker", "firecracker"})
 BACKEND_NAMES: tuple[str, ...] = (
     "qemu", "firecracker", "docker", "apple-container", "libkrun", "lima",
 )
@@ -62,6 +64,12 @@ class BackendStatus(BaseModel):
     tested_here: bool
     reason: str
     accel: str | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def capabilities(self) -> dict[str, bool | str]:
+        """What mvm can do with a VM on it (see runtime/backend.py)."""
+        return CAPABILITIES[self.name].as_dict()
 
 
 class Posture(BaseModel):
@@ -220,19 +228,13 @@ def _is_socket(path: str) -> bool:
 
 def _docker() -> BackendStatus:
     cli = shutil.which("docker")
-    sock = _docker_socket()
-    seen = _join(
-        f"docker CLI at {cli}" if cli else "no docker CLI on PATH",
-        f"daemon socket {sock} present" if _is_socket(sock) else f"no daemon socket at {sock}",
-    )
-    supported = "docker" in SUPPORTED_BACKENDS
+    ok, why = docker.daemon_status()
     return BackendStatus(
-        name="docker", supported=supported, available=False, tested_here=False,
+        name="docker", supported=True, available=ok, tested_here=cli is not None,
         reason=_join(
-            _unsupported("docker"),
-            "reduced isolation: a container, not a microVM",
-            seen,
-            NOT_EXERCISED,
+            REDUCED_ISOLATION,
+            f"docker CLI at {cli}" if cli else "",
+            f"daemon socket {_docker_socket()}: {why}",
         ),
     )
 
