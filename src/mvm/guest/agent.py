@@ -7,6 +7,8 @@ exit, file reads stream from a thread, and all writes to the port go through one
 
 When the host goes away the port reads EOF; everything tied to that connection (running
 execs, half-written files) is dropped and the port is reopened for the next host.
+Under Firecracker there is no virtio-serial: the agent listens on vsock port 1024
+(``--vsock``) and serves one host connection at a time the same way.
 Stdlib only: this runs on the guest's python3-minimal + libpython3.11-stdlib.
 """
 
@@ -752,12 +754,46 @@ def serve_port(path: str) -> None:
         time.sleep(0.05)
 
 
+def serve_listener(listener: socket.socket) -> None:
+    """Serve host after host on a listening socket: one connection at a time, each until EOF."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        fd = conn.detach()
+        try:
+            serve_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def serve_vsock(port: int) -> None:
+    """Firecracker's agent channel: listen on AF_VSOCK port ``port`` of this guest. The host
+    reaches it by connecting to the VM's vsock unix socket and sending ``CONNECT <port>``."""
+    while True:
+        listener = None
+        try:
+            listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            listener.bind((socket.VMADDR_CID_ANY, port))
+            listener.listen(1)
+            break
+        except OSError:  # the vsock transport is not up yet
+            if listener is not None:
+                listener.close()
+            time.sleep(0.5)
+    serve_listener(listener)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--port", help="the virtio-serial device, e.g. /dev/vport0p1 (or a unix socket "
                                       "to connect to); reopened after every disconnect")
     where.add_argument("--fd", type=int, help="an inherited, connected descriptor; served until EOF")
+    where.add_argument("--vsock", type=int, metavar="PORT",
+                       help="listen on this AF_VSOCK port (Firecracker); hosts are served one at a time")
     parser.add_argument("--allow-root-for-tests", action="store_true",
                         help="tests on the host run as root; in a guest the agent never is")
     args = parser.parse_args(argv)
@@ -770,6 +806,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     if args.fd is not None:
         serve_fd(args.fd)
+    elif args.vsock is not None:
+        serve_vsock(args.vsock)
     else:
         serve_port(args.port)
     return 0
