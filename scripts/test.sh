@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The docker backend's tests run against a real dockerd; the fixtures start their own.
+if ! command -v dockerd >/dev/null; then
+    echo "==> installing docker.io (apt) for the docker backend's tests"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends docker.io </dev/null
+fi
 set +e
 .venv/bin/pytest -ra "$@"
 status=$?
