@@ -377,3 +377,21 @@ def test_nothing_left_behind(ctl: Mvmctl, sandbox: str) -> None:
         out = subprocess.run(["docker", "ps", "--format", "{{.Label \"mvm.vm\"}}"], env=ctl.env,
                              capture_output=True, text=True, check=True).stdout
         assert set(out.split()) <= {sandbox}
+
+
+def test_a_verb_the_backend_cannot_serve_is_refused_before_anything(ctl: Mvmctl, sandbox: str) -> None:
+    proc = ctl("snapshot", sandbox)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1
+    assert f"runs on {ctl.hypervisor}, which has no snapshots capability" in proc.stderr
+    assert not (vm_dir(ctl, sandbox) / "snapshot").exists()
+    assert ctl("exec", sandbox, "--", "true").returncode == 0
+
+
+def test_pause_and_resume(ctl: Mvmctl, sandbox: str) -> None:
+    assert "is paused" in ctl("pause", sandbox, check=True).stdout
+    assert record(ctl, sandbox)["state"] == "paused"
+    refused = ctl("exec", sandbox, "--", "true")
+    assert refused.returncode == 1 and "paused" in refused.stderr
+    assert "is running" in ctl("resume", sandbox, check=True).stdout
+    assert ctl("exec", sandbox, "--", "echo", "thawed", check=True).stdout == "thawed\n"

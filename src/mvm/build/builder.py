@@ -28,7 +28,7 @@ from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workload import Workload
 
-BUILDER_VERSION = "2"  # 2: precompiled guest Python (unchecked-hash pycs)
+BUILDER_VERSION = "3"  # 2: precompiled guest Python (unchecked-hash pycs); 3: vsock modules
 LOCK_FILE = "mvm.lock"
 IMAGE_EPOCH = 1704067200  # 2024-01-01: every timestamp in an image
 ROOT_HEADROOM_MIB = 256  # free space in the writable root (sparse: costs no disk until used)

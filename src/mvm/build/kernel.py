@@ -26,6 +26,8 @@ ELF_MAGIC = b"\x7fELF"
 MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng",
     "failover", "net_failover", "virtio_net",
+    # Firecracker's agent channel is virtio-vsock (QEMU here uses virtio-serial instead).
+    "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
 )
 
 

@@ -38,6 +38,7 @@ VERBS = {
     "down": "mvm.cli.vm",
     "pause": "mvm.cli.vm",
     "resume": "mvm.cli.vm",
+    "snapshot": "mvm.cli.vm",
 }
 
 

@@ -518,6 +518,8 @@ class Supervisor:
                     other.send(protocol.encode({"type": "detached", "id": other.attach_id}))
                     other.attached = False
             client.send(protocol.encode({"type": "result", "id": frame.id, "mode": "detached"}))
+        elif kind == "snapshot":
+            asyncio.get_running_loop().create_task(self.snapshot(client, frame.id))
         elif kind in ("pause", "resume"):
             asyncio.get_running_loop().create_task(self.set_paused(client, frame.id, kind == "pause"))
         elif kind == "stop":
@@ -547,7 +549,7 @@ class Supervisor:
             elif self.record.backend == "firecracker":
                 from mvm.runtime import firecracker
 
-                api = firecracker.FirecrackerApi(str(self.paths.dir / firecracker.API_SOCKET))
+                api = firecracker.FirecrackerApi(str(firecracker.api_socket_path(self.paths)))
                 await asyncio.to_thread(api.pause if paused else api.resume)
             else:
                 raise VmError(f"{self.record.backend} cannot pause")
@@ -557,6 +559,30 @@ class Supervisor:
         self.record.state = "paused" if paused else ("running" if self.agent_hello else "starting")
         self.record.save(self.paths)
         client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
+
+    async def snapshot(self, client: Client, request_id: int | None) -> None:
+        """Firecracker only: pause, write guest memory and device state (0600: it holds guest
+        memory), resume. The agent reseeds a clone's RNG and clock when it is restored."""
+        try:
+            if self.record.backend != "firecracker":
+                raise VmError(f"{self.record.backend} cannot snapshot in this mvm version")
+            from mvm.runtime import firecracker
+
+            api = firecracker.FirecrackerApi(str(firecracker.api_socket_path(self.paths)))
+            target = self.paths.dir / "snapshot"
+            target.mkdir(mode=0o700, exist_ok=True)
+            state, memory = target / "vmstate", target / "memory"
+            await asyncio.to_thread(api.pause)
+            try:
+                await asyncio.to_thread(api.snapshot_create, str(state), str(memory))
+            finally:
+                await asyncio.to_thread(api.resume)
+            for path in (state, memory):
+                path.chmod(0o600)
+        except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
+            client.send(protocol.error(request_id, f"snapshot failed: {err}"))
+            return
+        client.send(protocol.encode({"type": "result", "id": request_id, "state": str(state), "memory": str(memory)}))
 
     def on_client_gone(self, client: Client) -> None:
         for channel_id, route in list(self.routes.items()):
