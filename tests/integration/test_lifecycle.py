@@ -395,3 +395,31 @@ def test_pause_and_resume(ctl: Mvmctl, sandbox: str) -> None:
     assert refused.returncode == 1 and "paused" in refused.stderr
     assert "is running" in ctl("resume", sandbox, check=True).stdout
     assert ctl("exec", sandbox, "--", "echo", "thawed", check=True).stdout == "thawed\n"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_port_forward_reaches_a_guest_service_without_a_guest_nic(ctl: Mvmctl, sandbox: str) -> None:
+    import urllib.request
+
+    ctl("exec", sandbox, "--", "/bin/sh", "-c",
+        "cd /etc && python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &", check=True)
+    ctl("exec", sandbox, "--", "python3", "-c",  # wait until the server listens
+        "import socket, time\nfor _ in range(100):\n  try: socket.create_connection(('127.0.0.1', 8000)); break\n"
+        "  except OSError: time.sleep(0.1)", check=True)
+    port = free_port()
+    proc = ctl("forward", sandbox, f"{port}:8000", check=True)
+    assert f"127.0.0.1:{port}" in proc.stdout
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=30) as reply:
+        assert reply.read().decode().strip() == sandbox
+    # the guest has no way out: no interface but loopback
+    out = ctl("exec", sandbox, "--", "cat", "/proc/net/dev", check=True).stdout
+    assert {line.split(":")[0].strip() for line in out.splitlines()[2:]} == {"lo"}
+    taken = ctl("forward", sandbox, f"{port}:8000")
+    assert taken.returncode == 1 and f"{port}" in taken.stderr and taken.stderr.count("\n") == 1

@@ -8,6 +8,7 @@ are modules in this kernel, so the few we need are kept beside it for the initra
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -49,7 +50,9 @@ class Kernel:
 
 def prepare_kernel(deb_path: Path, deb: LockedPackage, cache: Path) -> Kernel:
     """Unpack ``deb`` into ``cache/<version>-<sha>`` unless it is already there."""
-    directory = cache / f"{deb.name}_{deb.version}_{deb.sha256[:12]}"
+    # The module list is part of the name: a new list must not reuse an old extraction.
+    modules = hashlib.sha256(" ".join(MODULES).encode()).hexdigest()[:8]
+    directory = cache / f"{deb.name}_{deb.version}_{deb.sha256[:12]}_{modules}"
     if (directory / "release").is_file():
         return Kernel(directory, (directory / "release").read_text().strip())
     cache.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ VERBS = {
     "pause": "mvm.cli.vm",
     "resume": "mvm.cli.vm",
     "snapshot": "mvm.cli.vm",
+    "forward": "mvm.cli.vm",
 }
 
 

@@ -44,9 +44,11 @@ def note(message: str) -> None:
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
 @HYPERVISOR_OPTION
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
+              help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
 def up(directory: str, name: str | None, cpus: int | None, memory: str | None, hypervisor: str | None,
-       as_json: bool) -> None:
+       publish: tuple[str, ...], as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
@@ -55,11 +57,12 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
     from mvm.cli.build import build_workload
 
     vcpus, memory_mib = resources(cpus, memory)
+    forwards = tuple(lifecycle.PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     _, result = build_workload(directory, home=home)
     vm_name = name or result.artifact.meta.name
     record = lifecycle.up(home, result.artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                          hypervisor=hypervisor, progress=note)
+                          hypervisor=hypervisor, progress=note, forwards=forwards)
     if as_json:
         click.echo(json.dumps(asdict(record), indent=2))
     elif record.state == "stopped":
@@ -69,6 +72,8 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
         ready = _marker_ms(record, "agent-ready")
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started)")
+        for forward in record.forwards:
+            click.echo(f"  {forward['host_addr']}:{forward['host_port']} -> guest port {forward['guest_port']}")
 
 
 @click.command()
@@ -168,6 +173,8 @@ def status(name: str, as_json: bool) -> None:
                    f"{format_size(memory.get('available', 0))} free of {format_size(memory.get('total', 0))}")
     for line in report.get("uid_check") or []:
         click.echo(f"  uid         {line}")
+    for fwd in record.forwards:
+        click.echo(f"  forward     {fwd['host_addr']}:{fwd['host_port']} -> guest port {fwd['guest_port']}")
     for service, info in record.services.items():
         click.echo(f"  service     {service}: {info['state']}, restarts {max(info['restarts'], 0)}, "
                    f"last exit {info['last_exit'] if info['last_exit'] is not None else '-'}")
@@ -293,4 +300,22 @@ def snapshot(name: str) -> None:
     click.echo(f"VM {name}: state {reply['state']}, memory {reply['memory']}")
 
 
-COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, snapshot]
+@click.command()
+@click.argument("name")
+@click.argument("spec", metavar="[ADDR:]HOST:GUEST")
+def forward(name: str, spec: str) -> None:
+    """Forward a host TCP port to VM NAME's loopback port, while it runs.
+
+    Binds 127.0.0.1 unless ADDR says otherwise. The connection is carried by the guest's
+    agent, so the guest needs no network interface (the default-deny network stays).
+    """
+    port_forward = lifecycle.PortForward.parse(spec)
+    home = MvmHome.default()
+    _, record = lifecycle.require_vm(home, name)
+    require_capability(record.backend, "port_forwarding", name)
+    with lifecycle.connect(home, name) as client:
+        lifecycle.add_forward(client, port_forward)
+    click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
+
+
+COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, snapshot, forward]

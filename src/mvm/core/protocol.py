@@ -32,6 +32,9 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
                                               available}, disk:{total, free}, agent:{pid, uid},
                                               entrypoint:{pid, uid} | null}
     shutdown                               -> result {}, then the guest powers off
+    connect {host:loopback, port}          -> connected, then data (body: the guest's bytes) ...,
+                                              done when the guest side closes (a port forward)
+    send {id of the connect, eof?} (body)  the host's bytes for that connection (no reply)
     anything wrong                         -> error {message, errno?}  (the channel lives on)
 
 ``type`` for a file's entry is one of file, dir, link, other; ``mode`` is the permission bits.

@@ -171,6 +171,7 @@ class VmRecord:
     backend_released: bool = False  # its backend resources are known to be gone
     markers: list[dict[str, Any]] = field(default_factory=list)  # {phase, args, guest_uptime, ms}
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {state, restarts, last_exit}
+    forwards: list[dict[str, Any]] = field(default_factory=list)  # {host_addr, host_port, guest_port}
 
     @property
     def running(self) -> bool:

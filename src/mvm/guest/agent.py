@@ -480,11 +480,46 @@ def handles(kind: str) -> Callable[[Handler], Handler]:
     return register
 
 
+class Tunnel:
+    """One forwarded TCP connection to a guest port: the host's bytes arrive in ``send``
+    frames, the guest's go back as ``data``; ``done`` when the guest side closes."""
+
+    def __init__(self, session: Session, request_id: int, sock: socket.socket) -> None:
+        self.session, self.id, self.sock = session, request_id, sock
+
+    def run(self) -> None:
+        try:
+            while data := self.sock.recv(protocol.CHUNK):
+                self.session.channel.reply(self.id, "data", data)
+        except OSError:
+            pass
+        finally:
+            self.session.tunnels.pop(self.id, None)
+            self.sock.close()
+            self.session.channel.reply(self.id, "done")
+
+    def send(self, data: bytes, eof: bool) -> None:
+        try:
+            if data:
+                self.sock.sendall(data)
+            if eof:
+                self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class Session:
     """The state of one host connection: its running execs and unfinished writes."""
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
+        self.tunnels: dict[int, Tunnel] = {}
         self.execs: dict[int, Exec] = {}
         self.uploads: dict[int | None, Upload] = {}
         self.failed_uploads: set[int | None] = set()  # ignore their frames until more:false
@@ -515,6 +550,8 @@ class Session:
         for upload in self.uploads.values():
             upload.abort()
         self.uploads.clear()
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close()
 
 
 @handles("hello")
@@ -592,6 +629,32 @@ def do_resize(session: Session, frame: protocol.Frame) -> None:
     rows, cols = int_arg(frame, "rows", _MISSING, 1, 0xFFFF), int_arg(frame, "cols", _MISSING, 1, 0xFFFF)
     if ex := running(session, frame):
         ex.resize(rows, cols)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+@handles("connect")
+def do_connect(session: Session, frame: protocol.Frame) -> None:
+    """A port forward: connect to a service on the guest's loopback for the host."""
+    if frame.id is None or frame.id in session.tunnels:
+        raise Refused("connect needs a new integer 'id'")
+    host = arg(frame, "host", str, "127.0.0.1")
+    if host not in LOOPBACK:
+        raise Refused(f"forwards reach the guest's loopback only, not {host!r}")
+    port = int_arg(frame, "port", _MISSING, 1, 65535)
+    sock = socket.create_connection((host, port), timeout=5)  # OSError -> error reply
+    sock.settimeout(None)
+    tunnel = session.tunnels[frame.id] = Tunnel(session, frame.id, sock)
+    session.channel.reply(frame.id, "connected")
+    threading.Thread(target=tunnel.run, daemon=True).start()
+
+
+@handles("send")
+@quietly
+def do_send(session: Session, frame: protocol.Frame) -> None:
+    if frame.id is not None and (tunnel := session.tunnels.get(frame.id)):
+        tunnel.send(frame.body, arg(frame, "eof", bool, False))
 
 
 @handles("read")

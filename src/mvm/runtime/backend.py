@@ -39,11 +39,11 @@ class Capabilities:
 
 CAPABILITIES: dict[str, Capabilities] = {
     "qemu": Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
-                         port_forwarding=False, detach=True, console=True, isolation="microvm"),
+                         port_forwarding=True, detach=True, console=True, isolation="microvm"),
     "firecracker": Capabilities(snapshots=True, pause_resume=True, vsock=True, tap_networking=True,
-                                port_forwarding=False, detach=True, console=True, isolation="microvm"),
+                                port_forwarding=True, detach=True, console=True, isolation="microvm"),
     "docker": Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
-                           port_forwarding=False, detach=True, console=True, isolation="container"),
+                           port_forwarding=True, detach=True, console=True, isolation="container"),
     "apple-container": Capabilities(snapshots=False, pause_resume=False, vsock=True, tap_networking=False,
                                     port_forwarding=True, detach=True, console=True, isolation="microvm"),
     "libkrun": Capabilities(snapshots=False, pause_resume=False, vsock=True, tap_networking=False,

@@ -163,13 +163,47 @@ def _tail(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
+@dataclass(frozen=True)
+class PortForward:
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> PortForward:
+        """``[ADDR:]HOST_PORT:GUEST_PORT``; ADDR defaults to 127.0.0.1."""
+        parts = spec.rsplit(":", 2)
+        try:
+            ports = [int(p) for p in parts[-2:]]
+            if len(parts) < 2 or not all(1 <= p <= 65535 for p in ports):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"port forward {spec!r} is not [ADDR:]HOST_PORT:GUEST_PORT",
+                             "e.g. 8080:80 or 127.0.0.1:8080:80") from None
+        return cls(parts[0] if len(parts) == 3 else "127.0.0.1", ports[0], ports[1])
+
+
+def add_forward(client: VmClient, forward: PortForward) -> None:
+    client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port)
+
+
 def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
-       hypervisor: str | None = None, progress: Callable[[str], None] | None = None) -> VmRecord:
-    """Start a detached VM and return once its agent answers (or it has already finished)."""
+       hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
+       forwards: tuple[PortForward, ...] = ()) -> VmRecord:
+    """Start a detached VM and return once its agent answers (or it has already finished).
+
+    Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
+    that cannot listen fails the whole `up`, leaving nothing.
+    """
     launch = start_vm(home, artifact, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                       hypervisor=hypervisor, progress=progress)
     try:
         reply = launch.client.call("ready")
+        if reply.get("state") == "running":
+            image_forwards = [PortForward(f.host_addr, f.host_port, f.guest_port)
+                              for f in artifact.meta.workload.network.forward]
+            for forward in [*image_forwards, *forwards]:
+                add_forward(launch.client, forward)
         launch.commit()
     finally:
         launch.abandon()

@@ -108,11 +108,27 @@ class Client:
             self.writer.write(data)
 
 
+@dataclass(eq=False)
+class TunnelEnd:
+    """The host end of one forwarded TCP connection: the agent's frames for it land here."""
+
+    writer: asyncio.StreamWriter
+    decoder: protocol.Decoder = field(default_factory=protocol.Decoder)
+
+    def send(self, data: bytes) -> None:
+        frames, _ = self.decoder.feed_all(data)
+        for frame in frames:
+            if frame.type == "data" and not self.writer.is_closing():
+                self.writer.write(frame.body)
+            elif frame.type in ("done", "error"):  # the guest closed, or nothing listens there
+                self.writer.close()
+
+
 @dataclass
 class Route:
     """One forwarded request: whose it is and the id the client knows it by."""
 
-    client: Client
+    client: Client | TunnelEnd
     client_id: int
     op: str
 
@@ -126,7 +142,7 @@ class Supervisor:
     next_id: int = 1
     agent_writer: asyncio.StreamWriter | None = None
     agent_hello: dict[str, Any] | None = None
-    pending: list[tuple[Client, protocol.Frame]] = field(default_factory=list)  # agent requests before ready
+    pending: list[tuple[Client | TunnelEnd, protocol.Frame]] = field(default_factory=list)  # agent requests before ready
     waiters: list[tuple[Client, int, str]] = field(default_factory=list)  # (client, id, "ready"|"wait")
     console_replay: bytearray = field(default_factory=bytearray)
     console_input: bytearray = field(default_factory=bytearray)  # held until an interactive entrypoint speaks
@@ -135,6 +151,7 @@ class Supervisor:
     committed: bool = False
     remove_on_exit: bool = False  # `up` was abandoned: the VM's directory goes too
     failed_writes: set[tuple[int, int]] = field(default_factory=set)  # drop the rest of a refused upload
+    forward_servers: list[asyncio.AbstractServer] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.paths = VmPaths(Path(self.spec.vm_dir))
@@ -164,6 +181,8 @@ class Supervisor:
         for task in tasks:
             task.cancel()
         server.close()
+        for forward in self.forward_servers:
+            forward.close()
         await asyncio.sleep(0.2)  # let the last replies drain to clients
         for client in list(self.clients):
             client.writer.close()
@@ -438,7 +457,7 @@ class Supervisor:
         if self.agent_writer is not None and not self.agent_writer.is_closing():
             self.agent_writer.write(data)
 
-    def forward(self, client: Client, frame: protocol.Frame) -> None:
+    def forward(self, client: Client | TunnelEnd, frame: protocol.Frame) -> None:
         if self.agent_hello is None:
             self.pending.append((client, frame))
             return
@@ -449,8 +468,8 @@ class Supervisor:
             return
         channel_id = self.by_client.get(key)
         if channel_id is None:
-            if frame.type in ("stdin", "signal", "resize"):
-                return  # for a process that has already ended
+            if frame.type in ("stdin", "signal", "resize", "send"):
+                return  # for a process or connection that has already ended
             channel_id, self.next_id = self.next_id, self.next_id + 1
             self.by_client[key] = channel_id
             self.routes[channel_id] = Route(client, frame.id if frame.id is not None else -1, frame.type)
@@ -518,6 +537,8 @@ class Supervisor:
                     other.send(protocol.encode({"type": "detached", "id": other.attach_id}))
                     other.attached = False
             client.send(protocol.encode({"type": "result", "id": frame.id, "mode": "detached"}))
+        elif kind == "forward":
+            asyncio.get_running_loop().create_task(self.add_forward(client, frame.id, frame.header))
         elif kind == "snapshot":
             asyncio.get_running_loop().create_task(self.snapshot(client, frame.id))
         elif kind in ("pause", "resume"):
@@ -583,6 +604,32 @@ class Supervisor:
             client.send(protocol.error(request_id, f"snapshot failed: {err}"))
             return
         client.send(protocol.encode({"type": "result", "id": request_id, "state": str(state), "memory": str(memory)}))
+
+    async def add_forward(self, client: Client, request_id: int | None, header: dict[str, Any]) -> None:
+        """Listen on the host (127.0.0.1 unless told otherwise); each connection is tunnelled
+        through the agent to the guest's loopback, so no guest NIC is needed."""
+        host, host_port, guest_port = header.get("host_addr") or "127.0.0.1", header.get("host_port"), header.get("guest_port")
+        try:
+            server = await asyncio.start_server(lambda r, w: self.serve_forward(int(guest_port), r, w),
+                                                host, int(host_port))  # type: ignore[arg-type]
+        except (OSError, TypeError, ValueError) as err:
+            client.send(protocol.error(request_id, f"cannot forward {host}:{host_port}: {err}"))
+            return
+        self.forward_servers.append(server)
+        self.record.forwards.append({"host_addr": host, "host_port": int(host_port),  # type: ignore[arg-type]
+                                     "guest_port": int(guest_port)})  # type: ignore[arg-type]
+        self.record.save(self.paths)
+        client.send(protocol.encode({"type": "result", "id": request_id, "forwards": self.record.forwards}))
+
+    async def serve_forward(self, guest_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        end = TunnelEnd(writer)
+        self.forward(end, protocol.Frame({"type": "connect", "id": 1, "host": "127.0.0.1", "port": guest_port}))
+        try:
+            while data := await reader.read(protocol.CHUNK):
+                self.forward(end, protocol.Frame({"type": "send", "id": 1}, data))
+            self.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
+        except ConnectionError:
+            self.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
 
     def on_client_gone(self, client: Client) -> None:
         for channel_id, route in list(self.routes.items()):
