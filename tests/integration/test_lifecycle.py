@@ -416,7 +416,7 @@ def test_port_forward_reaches_a_guest_service_without_a_guest_nic(ctl: Mvmctl, s
     port = free_port()
     proc = ctl("forward", sandbox, f"{port}:8000", check=True)
     assert f"127.0.0.1:{port}" in proc.stdout
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/hostname", timeout=30) as reply:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/mvm/name", timeout=30) as reply:
         assert reply.read().decode().strip() == sandbox
     # the guest has no way out: no interface but loopback
     out = ctl("exec", sandbox, "--", "cat", "/proc/net/dev", check=True).stdout
