@@ -423,3 +423,32 @@ def test_port_forward_reaches_a_guest_service_without_a_guest_nic(ctl: Mvmctl, s
     assert {line.split(":")[0].strip() for line in out.splitlines()[2:]} == {"lo"}
     taken = ctl("forward", sandbox, f"{port}:8000")
     assert taken.returncode == 1 and f"{port}" in taken.stderr and taken.stderr.count("\n") == 1
+
+
+def test_status_lists_services_with_their_restart_policy(ctl: Mvmctl, workload_dir) -> None:
+    directory = workload_dir("""
+        name = "svcs"
+        [entrypoint.services.web]
+        command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
+        restart = "always"
+        [entrypoint.services.flaky]
+        command = ["/bin/sh", "-c", "exit 3"]
+        restart = "on-failure"
+        [entrypoint.services.once]
+        command = ["/bin/true"]
+        restart = "never"
+    """, name="svcs")
+    ctl("up", str(directory), check=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            services = json.loads(ctl("status", "svcs", "--json", check=True).stdout)["services"]
+            if services.get("flaky", {}).get("restarts", 0) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert services["web"]["state"] == "running" and services["web"]["restarts"] == 0
+        assert services["once"] == {"state": "exited", "restarts": 0, "last_exit": 0}
+        assert services["flaky"]["restarts"] >= 2 and services["flaky"]["last_exit"] == 3
+        assert "service     web: running" in ctl("status", "svcs", check=True).stdout
+    finally:
+        ctl("down", "svcs", check=True)

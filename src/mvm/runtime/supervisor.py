@@ -418,6 +418,11 @@ class Supervisor:
 
     def on_agent_frame(self, frame: protocol.Frame) -> None:
         if frame.type == "hello":
+            version = frame.header.get("version")
+            if version != protocol.PROTOCOL_VERSION:
+                self.request_stop(f"its agent speaks protocol v{version}, this mvm v{protocol.PROTOCOL_VERSION} "
+                                  "(rebuild the image with this mvm: `mvmctl build --no-cache`)", force=True)
+                return
             first = self.agent_hello is None
             self.agent_hello = frame.header
             if first:
