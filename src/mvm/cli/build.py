@@ -71,9 +71,12 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
 @click.option("--no-cache", is_flag=True, help="Rebuild even when the store has this exact artifact.")
+@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
+                                                  "libkrun", "lima"]),
+              help="Also prepare the image for this backend (docker: import it) and check it can run here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
 def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str | None, no_cache: bool,
-          as_json: bool) -> None:
+          hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
     Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
@@ -85,9 +88,10 @@ def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str 
     overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk)
     workload, result = build_workload(directory, overrides, no_cache=no_cache)
     meta = result.artifact.meta
+    backend = prepare_backend(result, hypervisor) if hypervisor else None
     if as_json:
         record = meta.model_dump(mode="json", by_alias=True)
-        record.update(path=str(result.artifact.path), cacheHit=result.cache_hit)
+        record.update(path=str(result.artifact.path), cacheHit=result.cache_hit, backend=backend)
         click.echo(json.dumps(record, indent=2, sort_keys=True))
         return
     kind = "sealed" if meta.sealed else "accessible"
@@ -100,6 +104,20 @@ def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str 
     click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")
     if result.lock_written:
         click.echo(f"  wrote {manifest_dir(directory) / 'mvm.lock'} ({len(meta.packages)} packages pinned)")
+    if backend:
+        click.echo(f"  runs on {backend}")
+
+
+def prepare_backend(result: BuildResult, hypervisor: str) -> str:
+    """The backend `up` would pick for this image, made ready (a docker image imported)."""
+    from mvm.runtime import docker, lifecycle
+
+    home = MvmHome.default()
+    choice = lifecycle.choose_backend(home, result.artifact, hypervisor)
+    if choice.backend == "docker":
+        meta = result.artifact.meta
+        docker.ensure_image(result.artifact.rootfs, docker.image_tag(meta.name, meta.key))
+    return choice.backend
 
 
 COMMANDS = [build]
