@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 from importlib import resources
@@ -54,10 +55,30 @@ def protocol_source() -> bytes:
     return resources.files("mvm.core").joinpath("protocol.py").read_bytes()
 
 
+def run_group(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run argv in its own process group, and take the whole group down if we are interrupted.
+
+    dpkg-deb -x hands the work to a tar child: killing dpkg-deb alone would leave tar writing
+    into the staging tree while the build removes it.
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it had already finished
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def unpack_debs(debs: list[Path], tree: Path) -> None:
     """``dpkg-deb -x`` every package into ``tree``."""
     def unpack(deb: Path) -> None:
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], capture_output=True, text=True)
+        proc = run_group(["dpkg-deb", "-x", str(deb), str(tree)])
         if proc.returncode != 0:
             if "No space left" in proc.stderr:
                 raise BuildError("assemble", f"no space left on the device while unpacking {deb.name}",
