@@ -1,0 +1,178 @@
+"""Helpers shared by the benchmark sections: timing, statistics, VMs, the agent hello."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+MVMCTL = [sys.executable, "-m", "mvm.cli.main"]
+FOREVER_TOML = """\
+# benchmarks: an entrypoint that never ends, so the VM stays up until `mvmctl down`
+name = "bench"
+vcpus = 1
+memory_mib = 256
+
+[entrypoint]
+command = ["/bin/sh", "-c", "while :; do sleep 1; done"]
+"""
+
+
+@dataclass
+class Bench:
+    """One run's shared state: private MVM_HOME, the environment for child processes, results."""
+
+    work: Path
+    env: dict[str, str]
+    rounds: int
+    docker_host: str | None = None
+    summary: list[tuple[str, str, str]] = field(default_factory=list)  # (what, measured, verdict)
+
+    @property
+    def home(self) -> Path:
+        return Path(self.env["MVM_HOME"])
+
+    @property
+    def forever(self) -> Path:
+        return self.work / "forever"
+
+    def mvm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run([*MVMCTL, *args], env=self.env, check=check, capture_output=True,
+                              stdin=subprocess.DEVNULL)
+
+    def record(self, name: str) -> dict:
+        return json.loads((self.home / "vms" / name / "record.json").read_text())
+
+    def target(self, what: str, measured: str, met: bool | None, target: str) -> None:
+        verdict = "n/a" if met is None else ("met" if met else "MISSED")
+        self.summary.append((what, measured, f"{verdict} ({target})"))
+
+
+def write_forever_workload(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mvm.toml").write_text(FOREVER_TOML)
+    return directory
+
+
+def run_quiet(argv: list[str], env: dict[str, str], check: bool = True) -> float:
+    """Seconds from exec to exit."""
+    started = time.perf_counter()
+    subprocess.run(argv, env=env, check=check, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   stdin=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def p95(xs: list[float]) -> float:
+    ordered = sorted(xs)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def fmt_s(xs: list[float]) -> str:
+    return f"{median(xs):7.3f} s  (min {min(xs):.3f}, max {max(xs):.3f}, n={len(xs)})"
+
+
+def fmt_ms(xs: list[float]) -> str:
+    ms = [x * 1000 for x in xs]
+    return f"{median(ms):7.2f} ms median, p95 {p95(ms):.2f} ms, min {min(ms):.2f} (n={len(ms)})"
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, RssShmem from /proc/PID/status and Pss from smaps_rollup, in KiB."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            out[key] = int(value.split()[0])
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["Pss"] = int(line.split()[1])
+    except OSError:
+        pass
+    return out
+
+
+def agent_hello(sock: socket.socket, deadline: float) -> dict:
+    """Send the host's hello on a connected agent channel and read until the agent's hello."""
+    from mvm.core import protocol
+
+    sock.sendall(protocol.hello("host"))
+    decoder = protocol.Decoder()
+    while True:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        data = sock.recv(1 << 16)
+        if not data:
+            raise RuntimeError("the agent channel closed before the agent's hello")
+        frames, _ = decoder.feed_all(data)
+        for frame in frames:
+            if frame.type == "hello":
+                return frame.header
+
+
+def connect_when_there(path: Path, deadline: float) -> socket.socket:
+    """Connect to a unix socket a starting process will create (QEMU's chardev server)."""
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path} did not appear") from None
+            time.sleep(0.002)
+
+
+def stop_proc(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def down_all(bench: Bench) -> None:
+    """`mvmctl down --force` every VM of our private home (best effort, for cleanup)."""
+    vms = bench.home / "vms"
+    if not vms.is_dir():
+        return
+    for entry in vms.iterdir():
+        if entry.is_dir() and not entry.name.startswith("."):
+            bench.mvm("down", "--force", entry.name, check=False)
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None
+
+
+def banner(title: str) -> None:
+    print(f"\n{title}", flush=True)
+
+
+def row(label: str, value: str) -> None:
+    print(f"  {label:<48} {value}", flush=True)
+
+
+def samples(label: str, xs: list[float]) -> None:
+    """Every sample in run order, so a reader can see noise and outliers, not just the median."""
+    print(f"    samples, {label}: " + " ".join(f"{x:.2f}" for x in xs), flush=True)
+
+
+def env_with_src() -> None:
+    src = str(REPO / "src")
+    if src not in sys.path:
+        sys.path.insert(0, src)
+    os.environ["PYTHONPATH"] = src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")

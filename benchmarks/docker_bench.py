@@ -1,0 +1,89 @@
+"""Docker backend: `mvmctl up --hypervisor docker` vs a plain `docker run` of the same image,
+both to the agent's hello."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from common import Bench, agent_hello, banner, fmt_s, median, row, samples, stop_proc
+from lifecycle_bench import trace_up
+
+
+def plain_run_argv(bench: Bench) -> tuple[list[str], Path, str]:
+    """mvm's own `docker run` argv (runtime/docker.run_argv) for a VM directory of ours."""
+    from mvm.build.store import ArtifactStore
+    from mvm.core.state import MvmHome, VmPaths, VmRecord
+    from mvm.runtime import docker
+
+    artifact = ArtifactStore(MvmHome(bench.home)).require("bench")
+    meta = artifact.meta
+    paths = VmPaths(bench.work / "plain" / "plainrun")
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    record = VmRecord(name="plainrun", artifact_key=meta.key, artifact_name=meta.name, backend="docker",
+                      accel="container", mode="detached", vcpus=meta.vcpus, memory_mib=meta.memory_mib,
+                      accessible=meta.accessible, sealed=meta.sealed, uids={})
+    docker.prepare_dirs(paths, False)
+    tag = docker.image_tag(meta.name, meta.key)
+    return docker.run_argv(paths, record, tag, False), paths.channel_dir / "agent.sock", docker.container_name(paths)
+
+
+def plain_run_to_hello(argv: list[str], sock_path: Path, container: str, env: dict[str, str]) -> float:
+    """Listen like mvm's launcher, exec `docker run`, accept the agent, hello both ways."""
+    sock_path.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock_path))
+    os.chmod(sock_path, 0o777)
+    listener.listen(4)
+    deadline = time.monotonic() + 120
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        listener.settimeout(120)
+        conn, _ = listener.accept()
+        with conn:
+            agent_hello(conn, deadline)
+        return time.perf_counter() - started
+    finally:
+        listener.close()
+        subprocess.run(["docker", "kill", container], env=env, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+        stop_proc(proc)
+        subprocess.run(["docker", "rm", "--force", container], env=env, capture_output=True,
+                       stdin=subprocess.DEVNULL, check=False)
+
+
+def bench_docker_up(bench: Bench) -> None:
+    n = bench.rounds
+    banner(f"docker backend to agent-ready: `mvmctl up --hypervisor docker` vs plain `docker run` ({n} each, alternated)")
+    # the first up imports the image (`docker import`); not part of the comparison
+    started = time.perf_counter()
+    bench.mvm("up", str(bench.forever), "--name", "dkwarm", "--hypervisor", "docker")
+    row("first up, incl. docker import of the rootfs", f"{time.perf_counter() - started:7.2f} s (not compared)")
+    bench.mvm("down", "--force", "dkwarm")
+    argv, sock_path, container = plain_run_argv(bench)
+    mvm_times: list[float] = []
+    plain_times: list[float] = []
+    container_part: list[float] = []
+    for _ in range(n):
+        started = time.perf_counter()
+        bench.mvm("up", str(bench.forever), "--name", "dkbench", "--hypervisor", "docker")
+        mvm_times.append(time.perf_counter() - started)
+        ready = next((m["ms"] for m in bench.record("dkbench")["markers"] if m["phase"] == "agent-ready"), None)
+        if ready is not None:
+            container_part.append(ready / 1000)
+        bench.mvm("down", "--force", "dkbench")
+        plain_times.append(plain_run_to_hello(argv, sock_path, container, bench.env))
+    samples("mvmctl up", mvm_times)
+    samples("docker run", plain_times)
+    ratio = median(mvm_times) / median(plain_times)
+    row("mvmctl up --hypervisor docker", fmt_s(mvm_times))
+    row("  of which `docker run` spawn -> agent-ready (record)", fmt_s(container_part) if container_part else "-")
+    row("plain docker run, same argv (exec -> agent hello)", fmt_s(plain_times))
+    row("ratio mvmctl / docker run", f"{ratio:7.2f} x")
+    bench.target("docker: mvmctl up / docker run to agent hello", f"{ratio:.2f}x ({median(mvm_times):.2f} s "
+                 f"vs {median(plain_times):.2f} s)", ratio <= 1.2, "<= 1.20x")
+    trace_up(bench, ["--hypervisor", "docker"], "dkbench")
