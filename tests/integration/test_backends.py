@@ -84,3 +84,17 @@ def test_docker_backend_errors_are_one_line(docker_mvmctl: Mvmctl, workload_dir)
                     "--hypervisor", "docker")
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "dockerd is not running" in proc.stderr
+
+
+def test_a_docker_import_failure_is_one_clear_error(docker_mvmctl: Mvmctl, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.core.errors import VmError
+    from mvm.runtime import docker
+
+    monkeypatch.setenv("DOCKER_HOST", docker_mvmctl.docker_host or "")
+    broken = tmp_path / "rootfs.ext4"
+    broken.write_bytes(b"not an ext4 file system" * 100)
+    with pytest.raises(VmError) as caught:
+        docker.ensure_image(broken, "mvm/broken:test")
+    assert "cannot unpack" in str(caught.value) and str(broken) in str(caught.value)
+    assert "\n" not in str(caught.value)

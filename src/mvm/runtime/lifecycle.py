@@ -20,13 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-from mvm.core.artifact import Artifact
 from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
 from mvm.runtime.client import AgentError, VmClient
-from mvm.runtime import backend, docker, launcher
-from mvm.runtime.kvm import probe_kvm, select_accel
+from mvm.runtime import backend
+
+if TYPE_CHECKING:  # the exec/cp/ls path must not pay for pydantic, QEMU or asyncio imports
+    from mvm.core.artifact import Artifact
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -61,6 +63,8 @@ class Launch:
 
 def choose_backend(home: MvmHome, artifact: Artifact, requested: str | None) -> backend.Choice:
     """--hypervisor, else mvm.toml's hypervisor, else the first available in priority order."""
+    from mvm.runtime.kvm import probe_kvm
+
     wanted = requested if requested not in (None, "auto") else artifact.meta.workload.hypervisor
     return backend.select_backend(wanted, lambda name: backend.availability(name, lambda: probe_kvm(home).usable))
 
@@ -72,6 +76,8 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
     check_vm_name(name)
     paths = home.vm(name)
     paths.check_socket_paths()
+    from mvm.runtime import docker
+
     choice = choose_backend(home, artifact, hypervisor)
     meta = artifact.meta
     if choice.backend == "docker":
@@ -82,6 +88,8 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
             progress(f"docker: imported the image as {tag}")
         accel = "container"
     elif choice.backend == "qemu":
+        from mvm.runtime.kvm import select_accel
+
         accel, _ = select_accel(home)
     else:
         accel = "kvm"
@@ -119,6 +127,8 @@ def settle(paths: VmPaths) -> VmRecord | None:
     record = reconcile(paths)
     if record is not None and record.state == "stopped" and record.backend == "docker" \
             and record.backend_id and not record.backend_released:
+        from mvm.runtime import docker
+
         try:
             docker.remove(record.backend_id)
             record.backend_released = True
@@ -129,6 +139,8 @@ def settle(paths: VmPaths) -> VmRecord | None:
 
 
 def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_lock: int) -> Launch:
+    from mvm.runtime import launcher
+
     # The supervisor lock is taken here and inherited, so the VM is never without a live owner.
     lock = os.open(paths.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)

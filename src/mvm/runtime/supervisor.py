@@ -152,6 +152,7 @@ class Supervisor:
     remove_on_exit: bool = False  # `up` was abandoned: the VM's directory goes too
     failed_writes: set[tuple[int, int]] = field(default_factory=set)  # drop the rest of a refused upload
     forward_servers: list[asyncio.AbstractServer] = field(default_factory=list)
+    markers_seen: int = 0  # console markers already applied to the record
 
     def __post_init__(self) -> None:
         self.paths = VmPaths(Path(self.spec.vm_dir))
@@ -354,9 +355,10 @@ class Supervisor:
         self.flush_console_input()
 
     def on_markers(self) -> None:
-        seen = len(self.record.markers)
+        seen = self.markers_seen  # not len(record.markers): that also holds agent-ready
         if len(self.console.markers) == seen:
             return
+        self.markers_seen = len(self.console.markers)
         for marker in self.console.markers[seen:]:
             if marker.phase in ("service-start", "service-exit") and marker.args:
                 service = self.record.services.setdefault(marker.args[0], {"state": "starting", "restarts": -1,
