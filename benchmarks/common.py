@@ -176,3 +176,14 @@ def env_with_src() -> None:
     if src not in sys.path:
         sys.path.insert(0, src)
     os.environ["PYTHONPATH"] = src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+
+
+def timed_up(bench: Bench, name: str, hypervisor: str) -> tuple[float, float | None]:
+    """Seconds for `mvmctl up` of the forever workload to return, and the backend spawn ->
+    agent-ready part from its record (None if missing); the VM is taken down after."""
+    started = time.perf_counter()
+    bench.mvm("up", str(bench.forever), "--name", name, "--hypervisor", hypervisor)
+    took = time.perf_counter() - started
+    ready = next((m["ms"] for m in bench.record(name)["markers"] if m["phase"] == "agent-ready"), None)
+    bench.mvm("down", "--force", name)
+    return took, None if ready is None else ready / 1000

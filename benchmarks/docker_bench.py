@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import Bench, agent_hello, banner, fmt_s, median, row, samples, stop_proc
+from common import Bench, agent_hello, banner, fmt_s, median, row, samples, stop_proc, timed_up
 from lifecycle_bench import trace_up
 
 
@@ -69,13 +69,10 @@ def bench_docker_up(bench: Bench) -> None:
     plain_times: list[float] = []
     container_part: list[float] = []
     for _ in range(n):
-        started = time.perf_counter()
-        bench.mvm("up", str(bench.forever), "--name", "dkbench", "--hypervisor", "docker")
-        mvm_times.append(time.perf_counter() - started)
-        ready = next((m["ms"] for m in bench.record("dkbench")["markers"] if m["phase"] == "agent-ready"), None)
+        took, ready = timed_up(bench, "dkbench", "docker")
+        mvm_times.append(took)
         if ready is not None:
-            container_part.append(ready / 1000)
-        bench.mvm("down", "--force", "dkbench")
+            container_part.append(ready)
         plain_times.append(plain_run_to_hello(argv, sock_path, container, bench.env))
     samples("mvmctl up", mvm_times)
     samples("docker run", plain_times)

@@ -25,6 +25,7 @@ from common import (
     samples,
     status_kib,
     stop_proc,
+    timed_up,
 )
 
 # -- 3. boot: mvmctl up vs raw qemu-system, both to the agent's hello ----------------------------
@@ -70,13 +71,10 @@ def bench_up(bench: Bench) -> None:
     raw_times: list[float] = []
     qemu_part: list[float] = []
     for i in range(n):
-        started = time.perf_counter()
-        bench.mvm("up", str(bench.forever), "--name", "upbench", "--hypervisor", "qemu")
-        mvm_times.append(time.perf_counter() - started)
-        ready = next((m["ms"] for m in bench.record("upbench")["markers"] if m["phase"] == "agent-ready"), None)
+        took, ready = timed_up(bench, "upbench", "qemu")
+        mvm_times.append(took)
         if ready is not None:
-            qemu_part.append(ready / 1000)
-        bench.mvm("down", "--force", "upbench")
+            qemu_part.append(ready)
         argv, sock, _ = raw_up_argv(bench, "bench")
         raw_times.append(raw_qemu_to_hello(argv, sock, bench.env))
     samples("mvmctl up", mvm_times)
