@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -34,9 +35,7 @@ def path_without_qemu(tmp_path: Path) -> str:
     return str(shadow)
 
 
-def run_with(ctl: Mvmctl, env: dict[str, str], *args: str):
-    import subprocess
-
+def run_with(ctl: Mvmctl, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(ctl.argv(*args), env={**ctl.env, **env}, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=300)
 
@@ -55,13 +54,21 @@ def test_a_named_backend_that_cannot_run_here_is_refused(mvmctl: Mvmctl, workloa
 def test_without_qemu_auto_falls_back_to_docker(docker_mvmctl: Mvmctl, workload_dir, tmp_path: Path) -> None:
     directory = workload_dir(SLEEPER.format(name="fallback"))
     docker_mvmctl("build", str(directory), check=True)
-    proc = run_with(docker_mvmctl, {"PATH": path_without_qemu(tmp_path)}, "up", str(directory))
+    proc = run_with(docker_mvmctl, {"PATH": path_without_qemu(tmp_path)}, "up", str(directory),
+                    "--cpus", "2", "--memory", "300M")
     assert proc.returncode == 0, proc.stderr
     assert "reduced isolation" in proc.stderr
     try:
         listing = json.loads(docker_mvmctl("ls", "--json", check=True).stdout)
         assert next(vm for vm in listing if vm["name"] == "fallback")["backend"] == "docker"
         assert docker_mvmctl("exec", "fallback", "--", "true").returncode == 0
+        # --cpus and --memory became the container's limits, and it has no network
+        container = json.loads((docker_mvmctl.home / "vms" / "fallback" / "record.json").read_text())["backend_id"]
+        inspect = subprocess.run(["docker", "inspect", container], env=docker_mvmctl.env, capture_output=True,
+                                 text=True, check=True)
+        host_config = json.loads(inspect.stdout)[0]["HostConfig"]
+        assert host_config["NanoCpus"] == 2_000_000_000 and host_config["Memory"] == 300 * 1024 * 1024
+        assert host_config["NetworkMode"] == "none"
     finally:
         docker_mvmctl("down", "fallback")
 

@@ -79,7 +79,9 @@ def ensure_image(rootfs: Path, tag: str) -> bool:
         # debugfs reads the ext4 without mounting it; as root it keeps owners and modes.
         dump = subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(rootfs)], capture_output=True, text=True)
         if dump.returncode != 0 or not (tree / "init").exists():
-            raise VmError(f"cannot unpack {rootfs} for docker: {dump.stderr.strip()[-200:]}")
+            lines = [line for line in dump.stderr.splitlines() if line.startswith("debugfs:")] or ["no /init in it"]
+            raise VmError(f"cannot unpack {rootfs} for docker: {lines[0].removeprefix('debugfs: ')}",
+                          "rebuild the image with `mvmctl build --no-cache`")
         tar = subprocess.Popen(["tar", "-C", str(tree), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
         assert tar.stdout is not None
         try:
