@@ -248,6 +248,9 @@ def test_console_on_an_accessible_image(ctl: Mvmctl, workload_dir) -> None:
         proc = ctl("console", "devbox", "--command", "id -u; tty; exit 4")
         assert proc.returncode == 4, proc.stderr
         assert "990" in proc.stdout and "/dev/pts/" in proc.stdout
+        shell = ctl("console", "devbox", input="echo shell-$((6*7)); exit 5\n")  # no --command: a login shell
+        assert shell.returncode == 5, shell.stderr
+        assert "shell-42" in shell.stdout
     finally:
         ctl("down", "devbox", check=True)
 

@@ -139,13 +139,13 @@ class VmClient:
 
         ``stdin`` is bytes to send, or a file descriptor streamed until EOF.
         """
-        header: dict[str, Any] = {"type": kind, "argv": argv, "stdin": stdin is not None, "pty": pty}
-        for key, value in (("env", env), ("cwd", cwd), ("timeout", timeout), ("rows", rows), ("cols", cols)):
-            if value is not None:
+        header: dict[str, Any] = {"type": kind}
+        if kind == "exec":
+            header.update(stdin=stdin is not None, pty=pty)
+        for key, value in (("argv", argv or None), ("env", env), ("cwd", cwd), ("timeout", timeout),
+                           ("rows", rows), ("cols", cols)):
+            if value is not None:  # a console without argv gets the guest's login shell
                 header[key] = value
-        if kind == "console":
-            header.pop("pty")
-            header.pop("stdin")
         request_id = self.send(header)
         if isinstance(stdin, bytes):
             for start in range(0, len(stdin), protocol.CHUNK):
