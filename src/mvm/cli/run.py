@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import selectors
 import sys
+from contextlib import nullcontext
 
 import click
 
 from mvm.cli.build import build_workload
 from mvm.cli.guest import raw_terminal, write_stdout
-from mvm.cli.vm import BOOT_PHASES, HYPERVISOR_OPTION, boot_phases, note, resources
+from mvm.cli.vm import HYPERVISOR_OPTION, boot_report_lines, note, resources
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
 from mvm.runtime.client import VmClient
@@ -72,7 +73,7 @@ def run(directory: str, attached: bool, name: str | None, cpus: int | None, memo
 def follow_console(client: VmClient, attach_id: int, name: str, stdin_fd: int | None) -> int:
     """Relay the console until the VM stops (its exit status) or is detached (0)."""
     assert client.sock is not None
-    with raw_terminal(stdin_fd) if stdin_fd is not None else _no_terminal() as is_tty:
+    with raw_terminal(stdin_fd) if stdin_fd is not None else nullcontext(False) as is_tty:
         add_cr = is_tty  # the supervisor stores LF line ends; a raw terminal needs CRLF
         selector = selectors.DefaultSelector()
         selector.register(client.sock, selectors.EVENT_READ, "vm")
@@ -107,20 +108,9 @@ def follow_console(client: VmClient, attach_id: int, name: str, stdin_fd: int | 
             selector.close()
 
 
-class _no_terminal:
-    def __enter__(self) -> bool:
-        return False
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def print_boot_report(record: VmRecord) -> None:
-    phases = boot_phases(record)
-    click.echo(f"boot report ({record.accel}; ms since QEMU started):", err=True)
-    for phase in BOOT_PHASES:
-        ms = phases.get(phase)
-        click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}", err=True)
+    for line in boot_report_lines(record):
+        click.echo(line, err=True)
     agent = next((m for m in record.markers if m["phase"] == "agent-ready"), None)
     if agent is None:
         click.echo("  agent        no hello on its channel before the VM stopped", err=True)

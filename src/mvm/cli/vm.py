@@ -240,10 +240,17 @@ def boot_report(name: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"name": name, "accel": record.accel, "phases_ms": phases}, indent=2))
         return
-    click.echo(f"boot report for {name} ({record.backend}/{record.accel}; ms since {record.backend} started):")
+    for line in boot_report_lines(record):
+        click.echo(line)
+
+
+def boot_report_lines(record: VmRecord) -> list[str]:
+    phases = boot_phases(record)
+    lines = [f"boot report for {record.name} ({record.backend}/{record.accel}; ms since {record.backend} started):"]
     for phase in BOOT_PHASES:
         ms = phases.get(phase)
-        click.echo(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}")
+        lines.append(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}")
+    return lines
 
 
 def boot_phases(record: VmRecord) -> dict[str, int | None]:

@@ -257,16 +257,23 @@ def list_vms(home: MvmHome) -> list[VmRecord]:
 def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord:
     """Stop the VM (gracefully unless ``force``), then remove everything it had on disk."""
     paths, record = require_vm(home, name)
-    if record.running:
-        try:
-            with VmClient.connect(paths) as client:
-                client.call("stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
-        except VmError:
-            pass  # it stopped on its own meanwhile, or its supervisor died: both fine
-        _wait_supervisor_exit(paths, record)
-        record = reconcile(paths) or record
+    record = _until_stopped(paths, record, "stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
     shutil.rmtree(paths.dir, ignore_errors=True)
     return record
+
+
+def _until_stopped(paths: VmPaths, record: VmRecord, request: str, **fields: object) -> VmRecord:
+    """Send ``request`` (stop, wait) to a running VM's supervisor, see the supervisor gone,
+    and return the final record."""
+    if not record.running:
+        return record
+    try:
+        with VmClient.connect(paths) as client:
+            client.call(request, **fields)
+    except VmError:
+        pass  # it stopped on its own meanwhile, or its supervisor died: both fine
+    _wait_supervisor_exit(paths, record)
+    return reconcile(paths) or record
 
 
 def _wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
@@ -283,15 +290,7 @@ def _wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
 def wait_vm(home: MvmHome, name: str) -> VmRecord:
     """Block until the VM stops; its record then holds the entrypoint's status."""
     paths, record = require_vm(home, name)
-    if record.running:
-        try:
-            with VmClient.connect(paths) as client:
-                client.call("wait")
-        except VmError:
-            pass
-        _wait_supervisor_exit(paths, record)
-        record = reconcile(paths) or record
-    return record
+    return _until_stopped(paths, record, "wait")
 
 
 def detach(home: MvmHome, name: str) -> None:
