@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mvm.core.errors import HostToolMissing, VmError
+from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
     import asyncio
@@ -613,10 +614,6 @@ def spawn(paths: VmPaths, artifact: Any, record: VmRecord | None = None) -> subp
     stdin/stdout/stderr are pipes: stdout is the guest's serial console. The process dies with
     ours (PDEATHSIG) when not jailed; the jailer changes credentials, which clears PDEATHSIG.
     """
-    from mvm.runtime.qemu import (
-        _die_with_parent,  # lazily: qemu imports pydantic via artifact
-    )
-
     binary = firecracker_binary()
     refuse_unsuitable_kernel(artifact, binary)
     image = image_of(artifact)
@@ -631,8 +628,7 @@ def spawn(paths: VmPaths, artifact: Any, record: VmRecord | None = None) -> subp
     else:
         _prepare_disks(image, paths, root_disk_path(paths), paths.data_disk if image.data_disk_bytes else None)
         (paths.dir / LOG_FILE).touch()
-    proc = subprocess.Popen(launch.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=_die_with_parent)  # noqa: PLW1509 - as qemu.spawn: before any thread
+    proc = spawn_tied(launch.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         _wait_for_api(proc, launch.api_socket, time.monotonic() + API_SOCKET_WAIT_S)
         api = FirecrackerApi(launch.api_socket)

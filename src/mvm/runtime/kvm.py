@@ -20,6 +20,7 @@ from mvm.core.artifact import ARTIFACT_FILE, Artifact
 from mvm.core.state import MvmHome, write_json_atomic
 from mvm.runtime import qemu
 from mvm.runtime.console import ConsoleFilter
+from mvm.runtime.process import spawn_tied
 
 KVM_DEVICE = Path("/dev/kvm")
 PVM_MODULE = Path("/sys/module/kvm_pvm")
@@ -78,7 +79,7 @@ def _probe_boot(artifact: Artifact, pvm: bool, hint: str) -> KvmProbe:
     spec = qemu.QemuSpec(kernel=artifact.vmlinux, initrd=artifact.initrd, root_disk=None, accel="kvm",
                          memory_mib=128)
     started = time.monotonic()
-    proc = qemu.spawn(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn_tied(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     console = ConsoleFilter(sink=lambda _: None)
     assert proc.stdout is not None
     selector = selectors.DefaultSelector()

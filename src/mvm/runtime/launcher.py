@@ -18,6 +18,7 @@ import traceback
 from mvm.core.artifact import Artifact
 from mvm.core.state import VmPaths, VmRecord
 from mvm.runtime import docker, qemu
+from mvm.runtime.process import spawn_tied
 from mvm.runtime.supervisor import LaunchSpec
 
 
@@ -105,7 +106,7 @@ def _spawn_qemu(paths: VmPaths, artifact: Artifact, record: VmRecord) -> tuple[f
         spec.data_disk = paths.data_disk
         qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
     spawned = time.monotonic()
-    return spawned, qemu.spawn(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return spawned, spawn_tied(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _agent_listener(paths: VmPaths) -> socket.socket:
@@ -122,7 +123,7 @@ def _agent_listener(paths: VmPaths) -> socket.socket:
 def _spawn_docker(paths: VmPaths, artifact: Artifact, record: VmRecord) -> subprocess.Popen:
     data_disk = bool(artifact.meta.data_disk_bytes)
     argv = docker.run_argv(paths, record, docker.image_tag(artifact.meta.name, artifact.meta.key), data_disk)
-    return qemu.spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _open_fds() -> list[int]:

@@ -9,11 +9,8 @@ kernel finds virtio-mmio devices only through it.
 
 from __future__ import annotations
 
-import ctypes
-import os
 import re
 import shutil
-import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,6 @@ from mvm.core.errors import HostToolMissing, VmError
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.mvm.agent"
-PR_SET_PDEATHSIG = 1
 BOOT_ARGS = (
     "console=ttyS0 quiet loglevel=3 tsc=reliable no_timer_check mitigations=off cryptomgr.notests "
     "8250.nr_uarts=1 random.trust_cpu=on panic=-1"
@@ -126,18 +122,6 @@ def create_data_disk(path: Path, size: int) -> None:
     proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "mvm-data", str(path)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise VmError(f"cannot format the data disk {path}: {proc.stderr.strip()}")
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: if mvm dies, even by SIGKILL, QEMU gets SIGKILL."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    os.setsid()  # keep the terminal's Ctrl-C for mvm, which stops QEMU itself
-
-
-def spawn(argv: list[str], **popen_args) -> subprocess.Popen:
-    """Start QEMU tied to this process's life."""
-    return subprocess.Popen(argv, preexec_fn=_die_with_parent, **popen_args)
 
 
 def artifact_spec(artifact: Artifact, overlay: Path, accel: str, *, vcpus: int | None = None,
