@@ -187,3 +187,19 @@ def timed_up(bench: Bench, name: str, hypervisor: str) -> tuple[float, float | N
     ready = next((m["ms"] for m in bench.record(name)["markers"] if m["phase"] == "agent-ready"), None)
     bench.mvm("down", "--force", name)
     return took, None if ready is None else ready / 1000
+
+
+
+def compare_to_hello(bench: Bench, *, mvm_label: str, mvm_times: list[float], part_label: str, part: list[float],
+                     other: str, other_label: str, other_times: list[float], target: str, limit: float) -> None:
+    """Print `mvmctl up` against a plain start of the same guest, both to the agent's hello,
+    and record the ratio against its target."""
+    samples("mvmctl up", mvm_times)
+    samples(other, other_times)
+    ratio = median(mvm_times) / median(other_times)
+    row(mvm_label, fmt_s(mvm_times))
+    row(part_label, fmt_s(part) if part else "-")
+    row(other_label, fmt_s(other_times))
+    row(f"ratio mvmctl up / {other}", f"{ratio:7.2f} x")
+    bench.target(target, f"{ratio:.2f}x ({median(mvm_times):.2f} s vs {median(other_times):.2f} s)",
+                 ratio <= limit, f"<= {limit:.2f}x")

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import Bench, agent_hello, banner, fmt_s, median, row, samples, stop_proc, timed_up
+from common import Bench, agent_hello, banner, compare_to_hello, row, stop_proc, timed_up
 from lifecycle_bench import trace_up
 
 
@@ -74,13 +74,8 @@ def bench_docker_up(bench: Bench) -> None:
         if ready is not None:
             container_part.append(ready)
         plain_times.append(plain_run_to_hello(argv, sock_path, container, bench.env))
-    samples("mvmctl up", mvm_times)
-    samples("docker run", plain_times)
-    ratio = median(mvm_times) / median(plain_times)
-    row("mvmctl up --hypervisor docker", fmt_s(mvm_times))
-    row("  of which `docker run` spawn -> agent-ready (record)", fmt_s(container_part) if container_part else "-")
-    row("plain docker run, same argv (exec -> agent hello)", fmt_s(plain_times))
-    row("ratio mvmctl / docker run", f"{ratio:7.2f} x")
-    bench.target("docker: mvmctl up / docker run to agent hello", f"{ratio:.2f}x ({median(mvm_times):.2f} s "
-                 f"vs {median(plain_times):.2f} s)", ratio <= 1.2, "<= 1.20x")
+    compare_to_hello(bench, mvm_label="mvmctl up --hypervisor docker", mvm_times=mvm_times,
+                     part_label="  of which `docker run` spawn -> agent-ready (record)", part=container_part,
+                     other="docker run", other_label="plain docker run, same argv (exec -> agent hello)",
+                     other_times=plain_times, target="docker: mvmctl up / docker run to agent hello", limit=1.20)
     trace_up(bench, ["--hypervisor", "docker"], "dkbench")

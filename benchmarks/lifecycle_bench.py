@@ -15,14 +15,13 @@ from common import (
     Bench,
     agent_hello,
     banner,
+    compare_to_hello,
     connect_when_there,
     fmt_ms,
-    fmt_s,
     median,
     p95,
     row,
     run_quiet,
-    samples,
     status_kib,
     stop_proc,
     timed_up,
@@ -77,15 +76,10 @@ def bench_up(bench: Bench) -> None:
             qemu_part.append(ready)
         argv, sock, _ = raw_up_argv(bench, "bench")
         raw_times.append(raw_qemu_to_hello(argv, sock, bench.env))
-    samples("mvmctl up", mvm_times)
-    samples("raw qemu", raw_times)
-    ratio = median(mvm_times) / median(raw_times)
-    row("mvmctl up (exec -> command returns)", fmt_s(mvm_times))
-    row("  of which QEMU spawn -> agent-ready (record)", fmt_s(qemu_part) if qemu_part else "-")
-    row("raw qemu-system (exec -> agent hello)", fmt_s(raw_times))
-    row("ratio mvmctl up / raw", f"{ratio:7.2f} x")
-    bench.target("boot: mvmctl up / raw qemu to agent hello", f"{ratio:.2f}x "
-                 f"({median(mvm_times):.2f} s vs {median(raw_times):.2f} s)", ratio <= 1.10, "<= 1.10x")
+    compare_to_hello(bench, mvm_label="mvmctl up (exec -> command returns)", mvm_times=mvm_times,
+                     part_label="  of which QEMU spawn -> agent-ready (record)", part=qemu_part,
+                     other="raw qemu", other_label="raw qemu-system (exec -> agent hello)",
+                     other_times=raw_times, target="boot: mvmctl up / raw qemu to agent hello", limit=1.10)
     trace_up(bench, ["--hypervisor", "qemu"], "upbench")
 
 
