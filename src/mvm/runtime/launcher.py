@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from mvm.core.artifact import Artifact
 from mvm.core.state import VmPaths, VmRecord
@@ -22,8 +23,13 @@ from mvm.runtime.process import spawn_tied
 from mvm.runtime.supervisor import LaunchSpec
 
 
-def launch(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
-    """Returns the supervisor's pid. A double fork, so it is nobody's child and has no terminal."""
+def launch(paths: VmPaths, staged: Path, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
+    """Returns the supervisor's pid. A double fork, so it is nobody's child and has no terminal.
+
+    The VM was registered in the hidden directory ``staged``; the supervisor renames it to
+    ``paths.dir``, so a caller killed before this fork leaves no VM behind, only a hidden
+    directory that the next start of that name sweeps away.
+    """
     read_pid, write_pid = os.pipe()
     first = os.fork()
     if first:
@@ -40,6 +46,7 @@ def launch(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, c
             os.write(write_pid, str(second).encode())
             os._exit(0)
         os.close(write_pid)
+        os.rename(staged, paths.dir)
         _redirect_stdio(paths)
         _become_supervisor(paths, artifact, record, lock_fd, commit_fd)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the caller

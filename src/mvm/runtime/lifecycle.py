@@ -105,7 +105,11 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
         if existing is not None and existing.running:
             raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
         shutil.rmtree(paths.dir, ignore_errors=True)
-        paths.dir.mkdir(parents=True, mode=0o700)  # sockets inside: only the owner may drive the VM
+        _sweep_abandoned_starts(home, name)
+        # Registered out of sight until the supervisor exists (see launcher.launch); 0700:
+        # sockets inside, only the owner may drive the VM.
+        staged = VmPaths(Path(tempfile.mkdtemp(prefix=f".{name}.starting-", dir=home.vms)))
+        staged.dir.chmod(0o700)
         record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend=choice.backend,
                           accel=accel, mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
                           accessible=meta.accessible, sealed=meta.sealed,
@@ -113,13 +117,20 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
         if choice.backend == "docker":
             record.backend_id = docker.container_name(paths)
             docker.remove(record.backend_id)  # a leftover from a crash must not block the name
-            docker.prepare_dirs(paths, bool(meta.data_disk_bytes))
-        write_json_atomic(paths.mode, {"mode": mode})
-        record.save(paths)
-        return _fork_supervisor(paths, artifact, record, name_lock)
+            docker.prepare_dirs(staged, bool(meta.data_disk_bytes))
+        write_json_atomic(staged.mode, {"mode": mode})
+        record.save(staged)
+        return _fork_supervisor(paths, staged, artifact, record, name_lock)
     except BaseException:
         os.close(name_lock)
         raise
+
+
+def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
+    """Hidden registrations of ``name`` whose `up` died before forking its supervisor."""
+    for entry in home.vms.glob(f".{name}.starting-*"):
+        if not VmPaths(entry).supervisor_alive():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def settle(paths: VmPaths) -> VmRecord | None:
@@ -138,15 +149,16 @@ def settle(paths: VmPaths) -> VmRecord | None:
     return record
 
 
-def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_lock: int) -> Launch:
+def _fork_supervisor(paths: VmPaths, staged: VmPaths, artifact: Artifact, record: VmRecord,
+                     name_lock: int) -> Launch:
     from mvm.runtime import launcher
 
     # The supervisor lock is taken here and inherited, so the VM is never without a live owner.
-    lock = os.open(paths.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(staged.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.flock(lock, fcntl.LOCK_EX)
     commit_read, commit_write = os.pipe()
     try:
-        pid = launcher.launch(paths, artifact, record, lock, commit_read)
+        pid = launcher.launch(paths, staged.dir, artifact, record, lock, commit_read)
     finally:
         os.close(commit_read)
         os.close(lock)
@@ -156,11 +168,14 @@ def _fork_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, name_
             client = VmClient.connect(paths)
             break
         except VmError:
-            if not paths.supervisor_alive() or time.monotonic() > deadline:
+            # Staged first: the supervisor renames staged -> paths.dir, lock and all.
+            alive = staged.supervisor_alive() or paths.supervisor_alive()
+            if not alive or time.monotonic() > deadline:
                 os.close(commit_write)
                 record = reconcile(paths) or record
                 detail = _tail(paths.supervisor_log)
                 shutil.rmtree(paths.dir, ignore_errors=True)
+                shutil.rmtree(staged.dir, ignore_errors=True)
                 raise VmError(f"the supervisor of VM {paths.name} (pid {pid}) did not start: "
                               f"{record.stop_reason or detail or 'no reason given'}") from None
             time.sleep(0.005)
