@@ -111,10 +111,10 @@ def availability(name: str, kvm_usable: Callable[[], bool | None]) -> tuple[bool
         ok, why = docker.daemon_status()
         return ok, f"{why}; {REDUCED_ISOLATION}" if ok else why
     if name == "firecracker":
+        if shutil.which("firecracker") is None:  # decided without a KVM probe boot, or its imports
+            return False, "no firecracker binary on PATH; not exercised on this host"
         from mvm.runtime import firecracker
 
-        if shutil.which("firecracker") is None:  # decided without a KVM probe boot
-            return False, "no firecracker binary on PATH; not exercised on this host"
         return firecracker.available(kvm_usable())
     if name in ELSEWHERE:
         return False, f"{ELSEWHERE[name]}; this host is {platform.system()} {platform.machine()}"
