@@ -33,14 +33,15 @@ from common import (
 def raw_up_argv(bench: Bench, artifact_name: str) -> tuple[list[str], Path, Path]:
     """The argv mvm's launcher would give QEMU for this artifact, with our own overlay and sockets."""
     from mvm.build.store import ArtifactStore
+    from mvm.core.bootimage import BootImage
     from mvm.core.state import MvmHome
     from mvm.runtime import qemu
 
-    artifact = ArtifactStore(MvmHome(bench.home)).require(artifact_name)
+    image = BootImage.open(ArtifactStore(MvmHome(bench.home)).require(artifact_name).path)
     overlay = bench.work / "rawup-overlay.qcow2"
     overlay.unlink(missing_ok=True)
-    qemu.create_overlay(artifact.rootfs, overlay)
-    spec = qemu.artifact_spec(artifact, overlay, bench.env["MVM_ACCEL"])
+    qemu.create_overlay(image.rootfs, overlay)
+    spec = qemu.image_spec(image, overlay, bench.env["MVM_ACCEL"])
     spec.agent_socket = bench.work / "rawup-agent.sock"
     spec.qmp_socket = bench.work / "rawup-qmp.sock"  # mvm passes one too
     spec.agent_socket.unlink(missing_ok=True)

@@ -76,13 +76,14 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     """The command line mvm itself would run for examples/hello, with its own overlay."""
     os.environ["MVM_HOME"] = env["MVM_HOME"]
     from mvm.build.store import ArtifactStore
+    from mvm.core.bootimage import BootImage
     from mvm.core.state import MvmHome
     from mvm.runtime import qemu
 
-    artifact = ArtifactStore(MvmHome.default()).require("hello")
+    image = BootImage.open(ArtifactStore(MvmHome.default()).require("hello").path)
     overlay = work / "raw-overlay.qcow2"
-    qemu.create_overlay(artifact.rootfs, overlay)
-    spec = qemu.artifact_spec(artifact, overlay, env["MVM_ACCEL"])
+    qemu.create_overlay(image.rootfs, overlay)
+    spec = qemu.image_spec(image, overlay, env["MVM_ACCEL"])
     spec.agent_socket = work / "raw-agent.sock"
     return spec.argv()
 

@@ -41,21 +41,20 @@ def wrap(owner: object, attr: str, label: str) -> None:
 
 def main() -> None:
     started = time.time()
-    import mvm.cli.build as cli_build
     import mvm.cli.main as cli_main
-    import mvm.cli.vm  # noqa: F401 - what `up` loads lazily; loaded here so it is timed as imports
-    from mvm.runtime import docker, launcher, lifecycle, qemu
+    import mvm.cli.vm as cli_vm  # what `up` loads lazily; loaded here so it is timed as imports
+    from mvm.runtime import docker, kvm, launcher, lifecycle, qemu  # launcher: what `up` imports before forking
     from mvm.runtime.client import VmClient
 
-    log("imports (click, pydantic, mvm.cli.vm, lifecycle, supervisor, asyncio)", started, time.time())
-    wrap(cli_build, "build_workload", "build cache check (build_workload)")
+    log("imports (click, mvm.cli.vm, lifecycle, launcher, qemu)", started, time.time())
+    wrap(cli_vm, "boot_image", "find the image (its stamp, else a build or cache check)")
     wrap(lifecycle, "choose_backend", "choose backend")
-    wrap(lifecycle, "select_accel", "select accel (KVM verdict)")
+    wrap(kvm, "select_accel", "select accel (KVM verdict)")
     wrap(docker, "ensure_image", "docker image inspect (ensure_image)")
     wrap(docker, "remove", "docker rm --force leftover")
     wrap(launcher, "launch", "fork + launch (parent side)")
     wrap(qemu, "create_overlay", "child: qemu-img create overlay")
-    wrap(qemu, "spawn", "child: spawn backend process")
+    wrap(launcher, "spawn_tied", "child: spawn backend process")
     original_call = VmClient.call
     original_connect = VmClient.connect.__func__
 

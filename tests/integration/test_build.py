@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -212,3 +213,34 @@ def test_disk_full_fails_at_a_named_step(mvmctl: Mvmctl, mvm_home: Path, workloa
         assert not (directory / "mvm.lock").exists()
     finally:
         subprocess.run(["umount", str(home / "store")], check=False)
+
+
+def test_up_of_an_unchanged_workload_finds_its_image_by_stamp(mvmctl: Mvmctl, mvm_home: Path, workload_dir) -> None:
+    """After a build, `up` needs neither the manifest parser nor pydantic (they are blocked here);
+    a build with overrides does not move the stamp; an edit to mvm.toml is built, not missed."""
+    directory = workload_dir("""
+        name = "stamped"
+        memory_mib = 256
+        [entrypoint]
+        command = ["/bin/sh", "-c", "while :; do sleep 3600; done"]
+    """)
+    default_key = build_json(mvmctl, directory)["key"]
+    assert default_key in {p.read_text().strip() for p in (mvm_home / "store" / "stamps").iterdir()}
+    assert build_json(mvmctl, directory, "--mem", "320M")["key"] != default_key
+    blocked = ("import runpy, sys; sys.modules['pydantic'] = None; sys.argv[0] = 'mvmctl'; "
+               "runpy.run_module('mvm.cli.main', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", blocked, "up", str(directory), "--name", "stamp1"],
+                          env=mvmctl.env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        status = json.loads(mvmctl("status", "stamp1", "--json", check=True).stdout)
+        assert (status["artifact_key"], status["memory_mib"]) == (default_key, 256)
+    finally:
+        mvmctl("down", "--force", "stamp1")
+    (directory / "mvm.toml").write_text((directory / "mvm.toml").read_text().replace("256", "288"))
+    mvmctl("up", str(directory), "--name", "stamp2", check=True)
+    try:
+        status = json.loads(mvmctl("status", "stamp2", "--json", check=True).stdout)
+        assert status["artifact_key"] != default_key and status["memory_mib"] == 288
+    finally:
+        mvmctl("down", "--force", "stamp2")

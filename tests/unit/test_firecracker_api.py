@@ -24,12 +24,12 @@ import socketserver
 import subprocess
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from mvm.core import protocol
+from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, VmError
 from mvm.core.state import VmPaths, VmRecord
 from mvm.runtime import firecracker as fc
@@ -182,15 +182,18 @@ def test_boot_plan_is_mvms_vm(tmp_path: Path, data_disk, vcpus, memory) -> None:
     assert not any(r.path == "/actions" for r in plan)  # InstanceStart comes after the plan
 
 
-def test_boot_plan_takes_an_artifact_shape(tmp_path: Path) -> None:
-    """mvm's Artifact (.vmlinux/.initrd/.rootfs, .meta.*) works as well as a FirecrackerImage."""
+def test_boot_plan_takes_a_boot_image(tmp_path: Path) -> None:
+    """mvm's BootImage (what `up` reads from the store) works as well as a FirecrackerImage."""
     store = tmp_path / "store" / "key"
-    artifact = SimpleNamespace(path=store, vmlinux=store / "vmlinux", initrd=store / "initrd.cpio",
-                               rootfs=store / "rootfs.ext4",
-                               meta=SimpleNamespace(vcpus=2, memory_mib=384, data_disk_bytes=1 << 20))
-    plan = fc.plan_boot(artifact, vm(tmp_path), None)
+    boot_image = BootImage(path=store, key="k" * 64, name="w", vcpus=2, memory_mib=384, data_disk_bytes=1 << 20,
+                           expected_boot_ms=2500, kernel_release="6.1.0-test", accessible=False, sealed=True,
+                           entrypoint_kind="command", agent_uid=990, entrypoint_uid=1000, hypervisor="firecracker",
+                           forwards=())
+    plan = fc.plan_boot(boot_image, vm(tmp_path), None)
     assert plan[0].body == {"vcpu_count": 2, "mem_size_mib": 384, "smt": False}
     assert any(r.path == "/drives/data" for r in plan)
+    by_path = {r.path: r.body for r in plan}
+    assert by_path["/boot-source"]["kernel_image_path"] == str(store / "vmlinux")
 
 
 def every_other_request(tmp_path: Path) -> list[fc.Request]:

@@ -20,16 +20,16 @@ from pathlib import Path
 
 from mvm.build import image, kernel, packages, rootfs
 from mvm.build.packages import DebCache, PackageLock
+from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
 from mvm.core.artifact import (
     ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids,
 )
 from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
+from mvm.core.workdir import LOCK_FILE
 from mvm.core.workload import Workload
 
-BUILDER_VERSION = "3"  # 2: precompiled guest Python (unchecked-hash pycs); 3: vsock modules
-LOCK_FILE = "mvm.lock"
 IMAGE_EPOCH = 1704067200  # 2024-01-01: every timestamp in an image
 ROOT_HEADROOM_MIB = 256  # free space in the writable root (sparse: costs no disk until used)
 EXPECTED_BOOT_MS = 2500  # measured under TCG on the reference host (benchmarks/); KVM is far faster
@@ -45,15 +45,6 @@ class BuildResult:
     cache_hit: bool
     lock_written: bool
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def guest_sources_digest() -> str:
-    """Changing /init, the agent or the protocol must change every key."""
-    digest = hashlib.sha256()
-    for name in ("init", "initramfs-init", "agent.py"):
-        digest.update(rootfs.guest_file(name))
-    digest.update(rootfs.protocol_source())
-    return digest.hexdigest()
 
 
 def store_key(workload: Workload, lock: PackageLock) -> str:

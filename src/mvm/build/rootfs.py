@@ -17,12 +17,12 @@ import shutil
 import signal
 import subprocess
 import tarfile
-from importlib import resources
 from pathlib import Path
 
 from mvm.build.kernel import MODULES, Kernel
 from mvm.core.errors import BuildError
 from mvm.core.workload import EntrypointKind, Workload
+from mvm.guest import guest_file, protocol_source
 
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "usr/share/bug", "usr/share/bash-completion", "usr/share/common-licenses")
@@ -44,15 +44,6 @@ for source, seen, guest in json.load(sys.stdin):
         failed.append(guest)
 json.dump(failed, sys.stdout)
 """
-
-
-def guest_file(name: str) -> bytes:
-    """A file shipped in mvm.guest (the /init scripts, the agent)."""
-    return resources.files("mvm.guest").joinpath(name).read_bytes()
-
-
-def protocol_source() -> bytes:
-    return resources.files("mvm.core").joinpath("protocol.py").read_bytes()
 
 
 def run_group(argv: list[str]) -> subprocess.CompletedProcess:

@@ -5,19 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import click
 
+from mvm.build import stamps
 from mvm.build.builder import Builder, BuildResult
+from mvm.core.bootimage import BootImage
 from mvm.core.manifest import ManifestOverrides, load_manifest
 from mvm.core.state import MvmHome
+from mvm.core.workdir import manifest_dir, manifest_file
 from mvm.core.workload import Workload
-
-
-def manifest_dir(path: str) -> Path:
-    given = Path(path)
-    return given if given.is_dir() else given.parent
 
 
 class PhaseProgress:
@@ -53,15 +50,24 @@ class PhaseProgress:
 
 def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_cache: bool = False,
                    home: MvmHome | None = None) -> tuple[Workload, BuildResult]:
-    """Load, then build with progress on stderr. Shared by `build` and `run`."""
+    """Load, then build with progress on stderr. Shared by `build`, `up` and `run`.
+
+    A build from the directory alone (no overrides) leaves a stamp, so the next `up` or
+    `run` of the unchanged directory finds the image without coming here (build/stamps.py).
+    """
+    home = home or MvmHome.default()
+    stampable = overrides is None or overrides == ManifestOverrides()
+    manifest = manifest_file(path).read_bytes() if stampable and manifest_file(path).is_file() else None
     workload = load_manifest(path, overrides=overrides)
     progress = PhaseProgress()
     try:
-        result = Builder(home or MvmHome.default(), progress).build(workload, manifest_dir(path), no_cache=no_cache)
+        result = Builder(home, progress).build(workload, manifest_dir(path), no_cache=no_cache)
     finally:
         if progress.status is not None:
             progress.status.stop()
     progress.finish_phase()
+    if manifest is not None:
+        stamps.record(home, path, manifest, result.artifact.meta.key)
     return workload, result
 
 
@@ -113,10 +119,10 @@ def prepare_backend(result: BuildResult, hypervisor: str) -> str:
     from mvm.runtime import docker, lifecycle
 
     home = MvmHome.default()
-    choice = lifecycle.choose_backend(home, result.artifact, hypervisor)
+    image = BootImage.open(result.artifact.path)
+    choice = lifecycle.choose_backend(home, image, hypervisor)
     if choice.backend == "docker":
-        meta = result.artifact.meta
-        docker.ensure_image(result.artifact.rootfs, docker.image_tag(meta.name, meta.key))
+        docker.ensure_image(image.rootfs, docker.image_tag(image.name, image.key))
     return choice.backend
 
 

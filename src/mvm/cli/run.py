@@ -9,9 +9,8 @@ from contextlib import nullcontext
 
 import click
 
-from mvm.cli.build import build_workload
 from mvm.cli.guest import raw_terminal, write_stdout
-from mvm.cli.vm import HYPERVISOR_OPTION, boot_report_lines, note, resources
+from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
 from mvm.runtime.client import VmClient
@@ -40,21 +39,20 @@ def run(directory: str, attached: bool, name: str | None, cpus: int | None, memo
     """
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
-    _, result = build_workload(directory, home=home)
-    artifact = result.artifact
-    vm_name = name or artifact.meta.name
+    image = boot_image(directory, home)
+    vm_name = name or image.name
     if not attached:
-        record = lifecycle.up(home, artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
+        record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                               hypervisor=hypervisor, progress=note)
         click.echo(f"VM {vm_name} is {record.state}; `mvmctl exec {vm_name} -- CMD` works in it, "
                    f"`mvmctl down {vm_name}` stops it")
         return
-    launch = lifecycle.start_vm(home, artifact, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
+    launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
                                 hypervisor=hypervisor, progress=note)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
         launch.commit()
-        interactive = artifact.meta.accessible and artifact.meta.workload.entrypoint.kind == "shell"
+        interactive = image.accessible and image.entrypoint_kind == "shell"
         try:
             code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)
         except KeyboardInterrupt:

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from mvm.build import stamps
+from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import MvmHome, VmRecord
@@ -38,6 +40,18 @@ def note(message: str) -> None:
     click.echo(f"mvmctl: {message}", err=True)
 
 
+def boot_image(directory: str, home: MvmHome) -> BootImage:
+    """The image of the workload in ``directory``: found by its stamp when nothing changed
+    since it was built (no pydantic, no builder imports before QEMU starts), else built now."""
+    image = stamps.lookup(home, directory)
+    if image is None:
+        from mvm.cli.build import build_workload
+
+        _, result = build_workload(directory, home=home)
+        image = BootImage.open(result.artifact.path)
+    return image
+
+
 @click.command()
 @click.argument("directory", default=".", type=click.Path())
 @click.option("--name", help="The VM's name (default: the workload's name).")
@@ -54,14 +68,12 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
     keeps running until `mvmctl down NAME` (or until its entrypoint ends).
     """
-    from mvm.cli.build import build_workload
-
     vcpus, memory_mib = resources(cpus, memory)
-    forwards = tuple(lifecycle.PortForward.parse(spec) for spec in publish)
+    forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
-    _, result = build_workload(directory, home=home)
-    vm_name = name or result.artifact.meta.name
-    record = lifecycle.up(home, result.artifact, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
+    image = boot_image(directory, home)
+    vm_name = name or image.name
+    record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=note, forwards=forwards)
     if as_json:
         click.echo(json.dumps(asdict(record), indent=2))
@@ -316,7 +328,7 @@ def forward(name: str, spec: str) -> None:
     Binds 127.0.0.1 unless ADDR says otherwise. The connection is carried by the guest's
     agent, so the guest needs no network interface (the default-deny network stays).
     """
-    port_forward = lifecycle.PortForward.parse(spec)
+    port_forward = PortForward.parse(spec)
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
     require_capability(record.backend, "port_forwarding", name)

@@ -12,12 +12,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
 from mvm.core.workload import EntrypointKind, Workload
-
-ARTIFACT_FILE = "artifact.json"
-KERNEL_FILE = "vmlinux"
-INITRD_FILE = "initrd.cpio"
-ROOTFS_FILE = "rootfs.ext4"
 
 
 class ArtifactUids(BaseModel):

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from mvm.core.errors import ManifestError, UsageError
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
+from mvm.core.workdir import MANIFEST_FILE, manifest_file
 from mvm.core.workload import (
     AGENT_UID,
     SEALED_ENTRYPOINT_UID,
@@ -46,7 +47,6 @@ from mvm.core.workload import (
     validate_name,
 )
 
-MANIFEST_FILE = "mvm.toml"
 MIN_MEMORY_MIB = 64
 MAX_VCPUS = 64
 MAX_UID = 65534
@@ -85,7 +85,7 @@ class ManifestOverrides:
 def load_manifest(path: Path | str, *, overrides: ManifestOverrides | None = None) -> Workload:
     """Read ``path`` (a directory holding mvm.toml, or the file itself) into a Workload."""
     given = Path(path)
-    file = given / MANIFEST_FILE if given.is_dir() else given
+    file = manifest_file(given)
     shown = str(file)
     if not file.exists():
         raise ManifestError(

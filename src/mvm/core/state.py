@@ -2,6 +2,7 @@
 
     store/<key>/        built artifacts, content-addressed, never modified after the rename
     store/refs/<name>   the key of the newest successful build of a workload name
+    store/stamps/<h>    the key that a workload's exact inputs built (build/stamps.py)
     cache/debs/         downloaded .deb files, named by Debian's file name, checked by sha256
     cache/kernels/      extracted kernels (vmlinux + modules) by kernel package version
     cache/host/         host facts worth keeping per host boot (the KVM probe verdict)
@@ -48,6 +49,10 @@ class MvmHome:
     @property
     def refs(self) -> Path:
         return self.root / "store" / "refs"
+
+    @property
+    def stamps(self) -> Path:
+        return self.root / "store" / "stamps"
 
     @property
     def debs(self) -> Path:

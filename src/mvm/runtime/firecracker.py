@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, VmError
 from mvm.runtime.process import spawn_tied
 
@@ -248,8 +249,8 @@ def _fault(data: bytes) -> str:
 # -- the boot plan ------------------------------------------------------------------------
 
 
-class BootImage(Protocol):
-    """What the backend needs from an artifact."""
+class ImageLike(Protocol):
+    """What the backend needs from an image (a FirecrackerImage, or what image_of makes of a BootImage)."""
 
     @property
     def kernel(self) -> Path: ...
@@ -275,15 +276,12 @@ class FirecrackerImage:
     data_disk_bytes: int | None = None
 
 
-def image_of(artifact_like: Any) -> BootImage:
-    """A FirecrackerImage from mvm's Artifact (``.vmlinux``, ``.meta.vcpus``, ...) or anything
-    that already looks like a BootImage."""
-    if hasattr(artifact_like, "meta"):
-        meta = artifact_like.meta
-        return FirecrackerImage(kernel=Path(artifact_like.vmlinux), initrd=Path(artifact_like.initrd),
-                                rootfs=Path(artifact_like.rootfs), vcpus=meta.vcpus, memory_mib=meta.memory_mib,
-                                data_disk_bytes=meta.data_disk_bytes)
-    return artifact_like
+def image_of(image: BootImage | ImageLike) -> ImageLike:
+    """A FirecrackerImage from mvm's BootImage; anything else is taken to be ImageLike already."""
+    if isinstance(image, BootImage):
+        return FirecrackerImage(kernel=image.vmlinux, initrd=image.initrd, rootfs=image.rootfs, vcpus=image.vcpus,
+                                memory_mib=image.memory_mib, data_disk_bytes=image.data_disk_bytes)
+    return image
 
 
 def api_socket_path(paths: VmPaths) -> Path:
@@ -305,7 +303,7 @@ class BootFiles:
     vsock: str
 
 
-def boot_files(image: BootImage, paths: VmPaths, *, jailed: bool = False) -> BootFiles:
+def boot_files(image: ImageLike, paths: VmPaths, *, jailed: bool = False) -> BootFiles:
     data = image.data_disk_bytes
     if jailed:  # spawn links/copies everything into the chroot under these names
         return BootFiles("/vmlinux", "/initrd.cpio", f"/{ROOT_DISK_FILE}", "/data.ext4" if data else None,
@@ -314,7 +312,7 @@ def boot_files(image: BootImage, paths: VmPaths, *, jailed: bool = False) -> Boo
                      str(paths.data_disk) if data else None, str(paths.agent_socket))
 
 
-def plan_boot(artifact_like: Any, paths: VmPaths, record: VmRecord | None = None, *,
+def plan_boot(artifact_like: BootImage | ImageLike, paths: VmPaths, record: VmRecord | None = None, *,
               jailed: bool = False) -> list[Request]:
     """Every request that configures the VM, in order; InstanceStart is sent after them.
 
@@ -466,11 +464,11 @@ def initramfs_modules(initrd: Path) -> list[str] | None:
     return None
 
 
-def artifact_kernel_config(artifact: Any) -> dict[str, str] | None:
-    """The artifact's kernel config, from the kernel .deb (``linux-image-<kernelRelease>_*.deb``)
+def artifact_kernel_config(image: BootImage) -> dict[str, str] | None:
+    """The image's kernel config, from the kernel .deb (``linux-image-<kernelRelease>_*.deb``)
     in ``$MVM_HOME/cache/debs`` if it is still there; None when it is not."""
-    home = Path(artifact.path).parent.parent  # $MVM_HOME/store/<key>
-    release = artifact.meta.kernel_release
+    home = image.path.parent.parent  # $MVM_HOME/store/<key>
+    release = image.kernel_release
     for deb in sorted((home / "cache" / "debs").glob(f"linux-image-{release}_*.deb"), reverse=True):
         try:
             config = kernel_config_from_deb(deb)
@@ -543,7 +541,7 @@ def launch_argv(paths: VmPaths, binary: str, jailer: str | None) -> Launch:
     return Launch(argv, api_socket_path(paths), jail_root)
 
 
-def _prepare_disks(image: BootImage, paths: VmPaths, root_disk: Path, data_disk: Path | None) -> None:
+def _prepare_disks(image: ImageLike, paths: VmPaths, root_disk: Path, data_disk: Path | None) -> None:
     proc = subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(image.rootfs), str(root_disk)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -557,7 +555,7 @@ def _prepare_disks(image: BootImage, paths: VmPaths, root_disk: Path, data_disk:
         create_data_disk(data_disk, image.data_disk_bytes)
 
 
-def _stage_jail(launch: Launch, image: BootImage, paths: VmPaths) -> None:
+def _stage_jail(launch: Launch, image: ImageLike, paths: VmPaths) -> None:
     """Put what the jailed Firecracker opens inside its chroot, owned by its uid, and point the
     VM directory's fc.sock / agent.sock at the sockets it will create there."""
     assert launch.jail_root is not None
@@ -597,10 +595,10 @@ def _wait_for_api(proc: subprocess.Popen, sock_path: Path, deadline: float) -> N
     raise VmError(f"Firecracker's API socket {sock_path} did not come up within {API_SOCKET_WAIT_S:.0f} s")
 
 
-def refuse_unsuitable_kernel(artifact: Any, binary: str | None = None) -> None:
+def refuse_unsuitable_kernel(artifact: BootImage | ImageLike, binary: str | None = None) -> None:
     """Raise VmError, before anything starts, if the artifact cannot boot under Firecracker."""
     image = image_of(artifact)
-    config = artifact_kernel_config(artifact) if hasattr(artifact, "meta") else None
+    config = artifact_kernel_config(artifact) if isinstance(artifact, BootImage) else None
     version = firecracker_version(binary) if binary else None
     problems = check_kernel(config, initramfs_modules(image.initrd), version)
     if problems:
@@ -608,7 +606,7 @@ def refuse_unsuitable_kernel(artifact: Any, binary: str | None = None) -> None:
                       "see docs/firecracker.md (kernel requirements); use --hypervisor qemu")
 
 
-def spawn(paths: VmPaths, artifact: Any, record: VmRecord | None = None) -> subprocess.Popen:
+def spawn(paths: VmPaths, artifact: BootImage | ImageLike, record: VmRecord | None = None) -> subprocess.Popen:
     """Start Firecracker for this VM, configure it through the API and boot the guest.
 
     stdin/stdout/stderr are pipes: stdout is the guest's serial console. The process dies with

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mvm.core.artifact import ARTIFACT_FILE, Artifact
+from mvm.core.bootimage import ARTIFACT_FILE, BootImage
 from mvm.core.state import MvmHome, write_json_atomic
 from mvm.runtime import qemu
 from mvm.runtime.console import ConsoleFilter
@@ -45,9 +45,9 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _newest_artifact(home: MvmHome) -> Artifact | None:
+def _newest_image(home: MvmHome) -> BootImage | None:
     found = sorted(home.store.glob(f"*/{ARTIFACT_FILE}"), key=lambda p: p.stat().st_mtime)
-    return Artifact.load(found[-1].parent) if found else None
+    return BootImage.open(found[-1].parent) if found else None
 
 
 def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
@@ -67,16 +67,16 @@ def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
         pass
     if not run_if_needed:
         return KvmProbe(True, pvm, None, "not probed yet since the host booted" + hint)
-    artifact = _newest_artifact(home)
-    if artifact is None:
+    image = _newest_image(home)
+    if image is None:
         return KvmProbe(True, pvm, None, "no image built yet to probe with (run `mvmctl build`)" + hint)
-    result = _probe_boot(artifact, pvm, hint)
+    result = _probe_boot(image, pvm, hint)
     write_json_atomic(cache, {"boot_id": _boot_id(), **asdict(result)})
     return result
 
 
-def _probe_boot(artifact: Artifact, pvm: bool, hint: str) -> KvmProbe:
-    spec = qemu.QemuSpec(kernel=artifact.vmlinux, initrd=artifact.initrd, root_disk=None, accel="kvm",
+def _probe_boot(image: BootImage, pvm: bool, hint: str) -> KvmProbe:
+    spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm",
                          memory_mib=128)
     started = time.monotonic()
     proc = spawn_tied(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -16,14 +16,14 @@ import time
 import traceback
 from pathlib import Path
 
-from mvm.core.artifact import Artifact
+from mvm.core.bootimage import BootImage
 from mvm.core.state import VmPaths, VmRecord
 from mvm.runtime import docker, qemu
 from mvm.runtime.process import spawn_tied
-from mvm.runtime.supervisor import LaunchSpec
+from mvm.runtime.launchspec import LaunchSpec
 
 
-def launch(paths: VmPaths, staged: Path, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
+def launch(paths: VmPaths, staged: Path, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
     """Returns the supervisor's pid. A double fork, so it is nobody's child and has no terminal.
 
     The VM was registered in the hidden directory ``staged``; the supervisor renames it to
@@ -48,7 +48,7 @@ def launch(paths: VmPaths, staged: Path, artifact: Artifact, record: VmRecord, l
         os.close(write_pid)
         os.rename(staged, paths.dir)
         _redirect_stdio(paths)
-        _become_supervisor(paths, artifact, record, lock_fd, commit_fd)
+        _become_supervisor(paths, image, record, lock_fd, commit_fd)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
         traceback.print_exc()
     os._exit(1)
@@ -64,7 +64,7 @@ def _redirect_stdio(paths: VmPaths) -> None:
     os.close(devnull)
 
 
-def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
+def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
     agent_listen_fd: int | None = None
     try:
         spawned = time.monotonic()
@@ -72,13 +72,13 @@ def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, loc
             listener = _agent_listener(paths)
             agent_listen_fd = listener.detach()
             spawned = time.monotonic()
-            proc = _spawn_docker(paths, artifact, record)
+            proc = _spawn_docker(paths, image, record)
         elif record.backend == "firecracker":
             from mvm.runtime import firecracker
 
-            proc = firecracker.spawn(paths, artifact, record)
+            proc = firecracker.spawn(paths, image, record)
         else:
-            spawned, proc = _spawn_qemu(paths, artifact, record)
+            spawned, proc = _spawn_qemu(paths, image, record)
     except Exception as err:  # noqa: BLE001 - any failure here is the VM's stop reason
         record.state, record.stopped_at = "stopped", time.time()
         record.stop_reason = f"{record.backend} did not start: {err}"
@@ -87,7 +87,7 @@ def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, loc
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     handover = LaunchSpec(vm_dir=str(paths.dir), qemu_pid=proc.pid, qemu_stdin=proc.stdin.fileno(),
                           qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned,
-                          commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=artifact.meta.expected_boot_ms,
+                          commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=image.expected_boot_ms,
                           agent_listen_fd=agent_listen_fd)
     keep = {handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
     if agent_listen_fd is not None:
@@ -103,15 +103,15 @@ def _become_supervisor(paths: VmPaths, artifact: Artifact, record: VmRecord, loc
     os.execv(sys.executable, [sys.executable, "-m", "mvm.runtime.supervisor", handover.to_json()])
 
 
-def _spawn_qemu(paths: VmPaths, artifact: Artifact, record: VmRecord) -> tuple[float, subprocess.Popen]:
-    qemu.create_overlay(artifact.rootfs, paths.overlay)
-    spec = qemu.artifact_spec(artifact, paths.overlay, record.accel, vcpus=record.vcpus,
+def _spawn_qemu(paths: VmPaths, image: BootImage, record: VmRecord) -> tuple[float, subprocess.Popen]:
+    qemu.create_overlay(image.rootfs, paths.overlay)
+    spec = qemu.image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus,
                               memory_mib=record.memory_mib)
     spec.agent_socket = paths.agent_socket
     spec.qmp_socket = paths.qmp_socket
-    if artifact.meta.data_disk_bytes:
+    if image.data_disk_bytes:
         spec.data_disk = paths.data_disk
-        qemu.create_data_disk(spec.data_disk, artifact.meta.data_disk_bytes)
+        qemu.create_data_disk(spec.data_disk, image.data_disk_bytes)
     spawned = time.monotonic()
     return spawned, spawn_tied(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -127,9 +127,9 @@ def _agent_listener(paths: VmPaths) -> socket.socket:
     return listener
 
 
-def _spawn_docker(paths: VmPaths, artifact: Artifact, record: VmRecord) -> subprocess.Popen:
-    data_disk = bool(artifact.meta.data_disk_bytes)
-    argv = docker.run_argv(paths, record, docker.image_tag(artifact.meta.name, artifact.meta.key), data_disk)
+def _spawn_docker(paths: VmPaths, image: BootImage, record: VmRecord) -> subprocess.Popen:
+    data_disk = bool(image.data_disk_bytes)
+    argv = docker.run_argv(paths, record, docker.image_tag(image.name, image.key), data_disk)
     return spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 

@@ -20,15 +20,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING
 
+from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
 from mvm.runtime.client import AgentError, VmClient
 from mvm.runtime import backend
-
-if TYPE_CHECKING:  # the exec/cp/ls path must not pay for pydantic, QEMU or asyncio imports
-    from mvm.core.artifact import Artifact
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -61,30 +58,29 @@ class Launch:
         self._commit_fd = self._name_lock_fd = -1
 
 
-def choose_backend(home: MvmHome, artifact: Artifact, requested: str | None) -> backend.Choice:
+def choose_backend(home: MvmHome, image: BootImage, requested: str | None) -> backend.Choice:
     """--hypervisor, else mvm.toml's hypervisor, else the first available in priority order."""
     from mvm.runtime.kvm import probe_kvm
 
-    wanted = requested if requested not in (None, "auto") else artifact.meta.workload.hypervisor
+    wanted = requested if requested not in (None, "auto") else image.hypervisor
     return backend.select_backend(wanted, lambda name: backend.availability(name, lambda: probe_kvm(home).usable))
 
 
-def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detached",
+def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None) -> Launch:
-    """Register ``name`` and boot ``artifact`` under a new supervisor."""
+    """Register ``name`` and boot ``image`` under a new supervisor."""
     check_vm_name(name)
     paths = home.vm(name)
     paths.check_socket_paths()
     from mvm.runtime import docker
 
-    choice = choose_backend(home, artifact, hypervisor)
-    meta = artifact.meta
+    choice = choose_backend(home, image, hypervisor)
     if choice.backend == "docker":
-        tag = docker.image_tag(meta.name, meta.key)
+        tag = docker.image_tag(image.name, image.key)
         if progress:
             progress(f"docker: {backend.REDUCED_ISOLATION}")
-        if docker.ensure_image(artifact.rootfs, tag) and progress:
+        if docker.ensure_image(image.rootfs, tag) and progress:
             progress(f"docker: imported the image as {tag}")
         accel = "container"
     elif choice.backend == "qemu":
@@ -110,17 +106,17 @@ def start_vm(home: MvmHome, artifact: Artifact, *, name: str, mode: str = "detac
         # sockets inside, only the owner may drive the VM.
         staged = VmPaths(Path(tempfile.mkdtemp(prefix=f".{name}.starting-", dir=home.vms)))
         staged.dir.chmod(0o700)
-        record = VmRecord(name=name, artifact_key=meta.key, artifact_name=meta.name, backend=choice.backend,
-                          accel=accel, mode=mode, vcpus=vcpus or meta.vcpus, memory_mib=memory_mib or meta.memory_mib,
-                          accessible=meta.accessible, sealed=meta.sealed,
-                          uids={"agent": meta.uids.agent, "entrypoint": meta.uids.entrypoint})
+        record = VmRecord(name=name, artifact_key=image.key, artifact_name=image.name, backend=choice.backend,
+                          accel=accel, mode=mode, vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib,
+                          accessible=image.accessible, sealed=image.sealed,
+                          uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid})
         if choice.backend == "docker":
             record.backend_id = docker.container_name(paths)
             docker.remove(record.backend_id)  # a leftover from a crash must not block the name
-            docker.prepare_dirs(staged, bool(meta.data_disk_bytes))
+            docker.prepare_dirs(staged, bool(image.data_disk_bytes))
         write_json_atomic(staged.mode, {"mode": mode})
         record.save(staged)
-        return _fork_supervisor(paths, staged, artifact, record, name_lock)
+        return _fork_supervisor(paths, staged, image, record, name_lock)
     except BaseException:
         os.close(name_lock)
         raise
@@ -149,7 +145,7 @@ def settle(paths: VmPaths) -> VmRecord | None:
     return record
 
 
-def _fork_supervisor(paths: VmPaths, staged: VmPaths, artifact: Artifact, record: VmRecord,
+def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: VmRecord,
                      name_lock: int) -> Launch:
     from mvm.runtime import launcher
 
@@ -158,7 +154,7 @@ def _fork_supervisor(paths: VmPaths, staged: VmPaths, artifact: Artifact, record
     fcntl.flock(lock, fcntl.LOCK_EX)
     commit_read, commit_write = os.pipe()
     try:
-        pid = launcher.launch(paths, staged.dir, artifact, record, lock, commit_read)
+        pid = launcher.launch(paths, staged.dir, image, record, lock, commit_read)
     finally:
         os.close(commit_read)
         os.close(lock)
@@ -190,31 +186,11 @@ def _tail(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-@dataclass(frozen=True)
-class PortForward:
-    host_addr: str
-    host_port: int
-    guest_port: int
-
-    @classmethod
-    def parse(cls, spec: str) -> PortForward:
-        """``[ADDR:]HOST_PORT:GUEST_PORT``; ADDR defaults to 127.0.0.1."""
-        parts = spec.rsplit(":", 2)
-        try:
-            ports = [int(p) for p in parts[-2:]]
-            if len(parts) < 2 or not all(1 <= p <= 65535 for p in ports):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"port forward {spec!r} is not [ADDR:]HOST_PORT:GUEST_PORT",
-                             "e.g. 8080:80 or 127.0.0.1:8080:80") from None
-        return cls(parts[0] if len(parts) == 3 else "127.0.0.1", ports[0], ports[1])
-
-
 def add_forward(client: VmClient, forward: PortForward) -> None:
     client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port)
 
 
-def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
+def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = ()) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
@@ -222,14 +198,12 @@ def up(home: MvmHome, artifact: Artifact, *, name: str, vcpus: int | None = None
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
     that cannot listen fails the whole `up`, leaving nothing.
     """
-    launch = start_vm(home, artifact, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
+    launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                       hypervisor=hypervisor, progress=progress)
     try:
         reply = launch.client.call("ready")
         if reply.get("state") == "running":
-            image_forwards = [PortForward(f.host_addr, f.host_port, f.guest_port)
-                              for f in artifact.meta.workload.network.forward]
-            for forward in [*image_forwards, *forwards]:
+            for forward in [*image.forwards, *forwards]:
                 add_forward(launch.client, forward)
         launch.commit()
     finally:

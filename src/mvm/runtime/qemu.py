@@ -15,7 +15,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm.core.artifact import Artifact
+from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, VmError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -124,7 +124,7 @@ def create_data_disk(path: Path, size: int) -> None:
         raise VmError(f"cannot format the data disk {path}: {proc.stderr.strip()}")
 
 
-def artifact_spec(artifact: Artifact, overlay: Path, accel: str, *, vcpus: int | None = None,
-                  memory_mib: int | None = None) -> QemuSpec:
-    return QemuSpec(kernel=artifact.vmlinux, initrd=artifact.initrd, root_disk=overlay, accel=accel,
-                    vcpus=vcpus or artifact.meta.vcpus, memory_mib=memory_mib or artifact.meta.memory_mib)
+def image_spec(image: BootImage, overlay: Path, accel: str, *, vcpus: int | None = None,
+               memory_mib: int | None = None) -> QemuSpec:
+    return QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=overlay, accel=accel,
+                    vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib)

@@ -18,7 +18,6 @@ channel; the supervisor answers its own: ``ready``, ``status``, ``wait``, ``logs
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import signal
@@ -33,6 +32,7 @@ from mvm.core import protocol
 from mvm.core.errors import VmError
 from mvm.core.state import VmPaths, VmRecord, write_json_atomic
 from mvm.runtime.console import BootMarker, ConsoleFilter
+from mvm.runtime.launchspec import LaunchSpec
 
 TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
 AGENT_OPS = frozenset({"exec", "console", "stdin", "signal", "resize", "read", "write", "list", "stat",
@@ -42,29 +42,6 @@ STOP_TIMEOUT_S = 10.0
 KILL_GRACE_S = 3.0
 BOOT_TIMEOUT_FACTOR = 20  # no /init marker after 20x the expected boot time: give up
 REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attaches late
-
-
-@dataclass
-class LaunchSpec:
-    """What the launcher hands over through exec: QEMU is already running as our child."""
-
-    vm_dir: str
-    qemu_pid: int
-    qemu_stdin: int  # file descriptors of QEMU's serial console pipes
-    qemu_stdout: int
-    qemu_stderr: int
-    spawned: float  # time.monotonic() just before QEMU's exec (the clock is system-wide)
-    commit_fd: int  # read end of a pipe from `up`: b"k" = keep the VM; EOF first = abandon it
-    lock_fd: int  # flock on supervisor.lock: held for as long as this process lives
-    expected_boot_ms: int
-    agent_listen_fd: int | None = None  # docker: the agent connects to us on this socket
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> LaunchSpec:
-        return cls(**json.loads(text))
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""What a build's result depends on, hashed, so an unchanged workload finds its image at once.
+
+Every store key (builder.store_key) covers the builder's version, the guest's sources, the
+workload and the package lock. A *stamp* goes one step earlier: it hashes the raw inputs of a
+workload (the bytes of mvm.toml and mvm.lock, and mvm.toml's real path, since relative
+paths in it resolve against its directory, and the builder's version and guest sources) and
+remembers the key they built, in ``store/stamps/<digest>``.
+
+`up` and `run` of an unchanged directory are the common case. With a stamp they find the
+image by hashing a few small files, without parsing mvm.toml or importing the builder
+(~150 ms of pydantic and friends, paid before QEMU could start). A stamp is only a shortcut
+into the content-addressed store: any change to an input is a different digest, which misses
+and takes the ordinary build path; a stamp naming a key the store no longer has is ignored.
+Builds with command-line overrides (``build --mem ...``) write no stamp, since their key is
+not the directory's alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from mvm.core.bootimage import ARTIFACT_FILE, BootImage
+from mvm.core.state import MvmHome, write_atomic
+from mvm.core.workdir import LOCK_FILE, manifest_file
+from mvm.guest import GUEST_FILES, guest_file, protocol_source
+
+# 2: precompiled guest Python (unchecked-hash pycs); 3: vsock modules in the initramfs
+BUILDER_VERSION = "3"
+
+
+def guest_sources_digest() -> str:
+    """Changing /init, the agent or the protocol must change every key."""
+    digest = hashlib.sha256()
+    for name in GUEST_FILES:
+        digest.update(guest_file(name))
+    digest.update(protocol_source())
+    return digest.hexdigest()
+
+
+def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
+    """The stamp digest of a workload; None if it has no mvm.toml or no mvm.lock yet (an
+    unlocked workload is resolved against the package index, which a stamp cannot see).
+
+    ``manifest``: the mvm.toml bytes a build actually read, when recording after it.
+    """
+    file = manifest_file(path)
+    try:
+        if manifest is None:
+            manifest = file.read_bytes()
+        lock = (file.parent / LOCK_FILE).read_bytes()
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    for part in (b"stamp-1", BUILDER_VERSION.encode(), guest_sources_digest().encode(),
+                 os.path.realpath(file).encode(), manifest, lock):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def lookup(home: MvmHome, path: str | Path) -> BootImage | None:
+    """The image an unchanged workload built before, if the store still has it.
+
+    A hit does not move ``store/refs/<name>``: only builds do.
+    """
+    digest = input_digest(path)
+    if digest is None:
+        return None
+    try:
+        key = (home.stamps / digest).read_text().strip()
+    except OSError:
+        return None
+    image_dir = home.store / key
+    if len(key) != 64 or not (image_dir / ARTIFACT_FILE).is_file():
+        return None
+    return BootImage.open(image_dir)
+
+
+def record(home: MvmHome, path: str | Path, manifest: bytes, key: str) -> None:
+    """Remember that the workload at ``path``, with ``manifest`` and its mvm.lock as it is now, built ``key``."""
+    digest = input_digest(path, manifest)
+    if digest is not None:
+        write_atomic(home.stamps / digest, key + "\n")

@@ -1,0 +1,96 @@
+"""What starting a VM needs from a built artifact, read from its ``artifact.json`` with plain json.
+
+The build side writes and validates that record with pydantic (core/artifact.py). Starting a
+VM reads a dozen of its fields, and does so before QEMU can start, where every millisecond
+is boot time: importing pydantic and building its models costs ~130 ms, this costs ~0. The
+store is content-addressed and only ever holds records the builder validated, so nothing is
+lost by not validating them again here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mvm.core.errors import UsageError
+
+# The file names in an artifact directory (core/artifact.py uses these too).
+ARTIFACT_FILE = "artifact.json"
+KERNEL_FILE = "vmlinux"
+INITRD_FILE = "initrd.cpio"
+ROOTFS_FILE = "rootfs.ext4"
+
+
+@dataclass(frozen=True)
+class PortForward:
+    """A host TCP port forwarded to a port on the guest's loopback."""
+
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+    @classmethod
+    def parse(cls, spec: str) -> PortForward:
+        """``[ADDR:]HOST_PORT:GUEST_PORT``; ADDR defaults to 127.0.0.1."""
+        parts = spec.rsplit(":", 2)
+        try:
+            ports = [int(p) for p in parts[-2:]]
+            if len(parts) < 2 or not all(1 <= p <= 65535 for p in ports):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"port forward {spec!r} is not [ADDR:]HOST_PORT:GUEST_PORT",
+                             "e.g. 8080:80 or 127.0.0.1:8080:80") from None
+        return cls(parts[0] if len(parts) == 3 else "127.0.0.1", ports[0], ports[1])
+
+
+@dataclass(frozen=True)
+class BootImage:
+    """A built artifact as the runtime sees it: its files and the facts a VM is started from."""
+
+    path: Path  # the artifact's directory in the store
+    key: str
+    name: str
+    vcpus: int
+    memory_mib: int
+    data_disk_bytes: int | None
+    expected_boot_ms: int
+    kernel_release: str
+    accessible: bool
+    sealed: bool
+    entrypoint_kind: str  # shell | command | services
+    agent_uid: int
+    entrypoint_uid: int
+    hypervisor: str  # what mvm.toml asked for; "auto" when it did not
+    forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.path / KERNEL_FILE
+
+    @property
+    def initrd(self) -> Path:
+        return self.path / INITRD_FILE
+
+    @property
+    def rootfs(self) -> Path:
+        return self.path / ROOTFS_FILE
+
+    @classmethod
+    def open(cls, path: Path) -> BootImage:
+        try:
+            record = json.loads((path / ARTIFACT_FILE).read_text())
+            workload = record["workload"]
+            return cls(
+                path=path, key=record["key"], name=record["name"], vcpus=record["vcpus"],
+                memory_mib=record["memoryMib"], data_disk_bytes=record.get("dataDiskBytes"),
+                expected_boot_ms=record["expectedBootMs"], kernel_release=record["kernelRelease"],
+                accessible=record["accessible"], sealed=record["sealed"], entrypoint_kind=record["entrypointKind"],
+                agent_uid=record["uids"]["agent"], entrypoint_uid=record["uids"]["entrypoint"],
+                hypervisor=workload.get("hypervisor") or "auto",
+                forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
+                               for f in workload["network"]["forward"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",
+                             "build it again with `mvmctl build --no-cache`") from None
