@@ -22,9 +22,8 @@ from mvm.build import image, kernel, packages, rootfs
 from mvm.build.packages import DebCache, PackageLock
 from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
-from mvm.core.artifact import (
-    ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE, Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids,
-)
+from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids
+from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
 from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workdir import LOCK_FILE

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
+from mvm.core.bootimage import ARTIFACT_FILE
 from mvm.core.workload import EntrypointKind, Workload
 
 
@@ -71,22 +71,11 @@ class ArtifactMeta(BaseModel):
 
 
 class Artifact(BaseModel):
-    """A built artifact in the store: its directory and its metadata."""
+    """A built artifact in the store: its directory and its metadata (the runtime reads its
+    files and the facts it boots from through core/bootimage.py's BootImage)."""
 
     path: Path
     meta: ArtifactMeta
-
-    @property
-    def vmlinux(self) -> Path:
-        return self.path / KERNEL_FILE
-
-    @property
-    def initrd(self) -> Path:
-        return self.path / INITRD_FILE
-
-    @property
-    def rootfs(self) -> Path:
-        return self.path / ROOTFS_FILE
 
     @classmethod
     def load(cls, path: Path) -> "Artifact":
