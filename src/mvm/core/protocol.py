@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs an import on every `mvmctl exec`; annotations are strings
+if TYPE_CHECKING:
+    from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
@@ -63,11 +65,23 @@ class ProtocolError(Exception):
     frames: list[Frame] = []
 
 
-@dataclass
 class Frame:
-    header: dict[str, Any]
-    body: bytes = b""
-    extra: dict[str, Any] = field(default_factory=dict)
+    """One frame: its JSON header and raw body (``extra`` is for whoever holds it, never sent)."""
+
+    __slots__ = ("header", "body", "extra")
+
+    def __init__(self, header: dict[str, Any], body: bytes = b"", extra: dict[str, Any] | None = None) -> None:
+        self.header = header
+        self.body = body
+        self.extra = {} if extra is None else extra
+
+    def __repr__(self) -> str:
+        return f"Frame(header={self.header!r}, body={self.body!r}, extra={self.extra!r})"
+
+    def __eq__(self, other: object) -> bool:  # (and so unhashable, like the dataclass it was)
+        if not isinstance(other, Frame):
+            return NotImplemented
+        return (self.header, self.body, self.extra) == (other.header, other.body, other.extra)
 
     @property
     def type(self) -> str:
@@ -95,6 +109,8 @@ class Decoder:
     A frame that is too large or malformed raises ProtocolError after the decoder has skipped
     it (when its length is known), so the caller can reply with an error and keep reading.
     """
+
+    __slots__ = ("_buf", "_skip")
 
     def __init__(self) -> None:
         self._buf = bytearray()

@@ -12,12 +12,15 @@ import os
 import selectors
 import socket
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
 
 from mvm.core import protocol
 from mvm.core.errors import VmError
-from mvm.core.state import VmPaths
+
+TYPE_CHECKING = False  # typing, dataclasses and state's pathlib cost imports on every `mvmctl exec`
+if TYPE_CHECKING:
+    from typing import Any, BinaryIO
+
+    from mvm.core.state import VmPaths
 
 Sink = Callable[[bytes], None]
 
@@ -30,13 +33,27 @@ class AgentError(VmError):
         self.errno = errno
 
 
-@dataclass
 class ExecResult:
-    code: int | None
-    signal: int | None
-    timed_out: bool
-    stdout: bytes = b""
-    stderr: bytes = b""
+    """How a guest process ended, and its output when no sink took it."""
+
+    __slots__ = ("code", "signal", "timed_out", "stdout", "stderr")
+
+    def __init__(self, code: int | None, signal: int | None, timed_out: bool, stdout: bytes = b"",
+                 stderr: bytes = b"") -> None:
+        self.code = code
+        self.signal = signal
+        self.timed_out = timed_out
+        self.stdout = stdout
+        self.stderr = stderr
+
+    def __repr__(self) -> str:
+        return (f"ExecResult(code={self.code!r}, signal={self.signal!r}, timed_out={self.timed_out!r}, "
+                f"stdout={self.stdout!r}, stderr={self.stderr!r})")
+
+    def __eq__(self, other: object) -> bool:  # (and so unhashable, like the dataclass it was)
+        if not isinstance(other, ExecResult):
+            return NotImplemented
+        return all(getattr(self, slot) == getattr(other, slot) for slot in self.__slots__)
 
     @property
     def exit_status(self) -> int:
@@ -46,25 +63,39 @@ class ExecResult:
         return 128 + (self.signal or 0)
 
 
-@dataclass
 class VmClient:
-    paths: VmPaths
-    sock: socket.socket | None = None
-    _decoder: protocol.Decoder = field(default_factory=protocol.Decoder)
-    _queued: list[protocol.Frame] = field(default_factory=list)
-    _next_id: int = 1
+    """One connection to VM ``name``'s supervisor; ``paths`` is set when it was found by its VmPaths."""
+
+    __slots__ = ("name", "paths", "sock", "_decoder", "_queued", "_next_id")
+
+    def __init__(self, name: str, sock: socket.socket | None = None, paths: VmPaths | None = None) -> None:
+        self.name = name
+        self.paths = paths
+        self.sock = sock
+        self._decoder = protocol.Decoder()
+        self._queued: list[protocol.Frame] = []
+        self._next_id = 1
 
     @classmethod
     def connect(cls, paths: VmPaths) -> VmClient:
-        client = cls(paths)
+        client = cls.connect_socket(str(paths.ctl_socket), paths.name)
+        client.paths = paths
+        return client
+
+    @classmethod
+    def connect_socket(cls, ctl_socket: str, name: str) -> VmClient:
+        """Connect to VM ``name`` by its control socket's path, without its VmPaths (which cost
+        `mvmctl exec` the import of core/state.py)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.connect(str(paths.ctl_socket))
+            sock.connect(ctl_socket)
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
-            raise VmError(f"VM {paths.name} is not running", "`mvmctl ls` shows its state; `mvmctl up` starts it") from None
-        client.sock = sock
-        return client
+            raise VmError(f"VM {name} is not running", "`mvmctl ls` shows its state; `mvmctl up` starts it") from None
+        except BaseException:
+            sock.close()
+            raise
+        return cls(name, sock)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -99,8 +130,7 @@ class VmClient:
         assert self.sock is not None
         data = self.sock.recv(1 << 20)
         if not data:
-            raise VmError(f"the supervisor of VM {self.paths.name} went away",
-                          f"`mvmctl status {self.paths.name}` says why")
+            raise VmError(f"the supervisor of VM {self.name} went away", f"`mvmctl status {self.name}` says why")
         frames, _ = self._decoder.feed_all(data)
         self._queued += frames
 
