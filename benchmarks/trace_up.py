@@ -41,7 +41,7 @@ def wrap(owner: object, attr: str, label: str) -> None:
 
 def main() -> None:
     started = time.time()
-    import mvm.cli.main as cli_main
+    import mvm.cli.commands as cli_commands
     import mvm.cli.vm as cli_vm  # what `up` loads lazily; loaded here so it is timed as imports
     from mvm.runtime import docker, kvm, launcher, lifecycle, qemu  # launcher: what `up` imports before forking
     from mvm.runtime.client import VmClient
@@ -76,7 +76,7 @@ def main() -> None:
     VmClient.call = call
     VmClient.connect = classmethod(connect)
     try:
-        cli_main.cli.main(sys.argv[2:], prog_name="mvmctl", standalone_mode=False)
+        cli_commands.cli.main(sys.argv[2:], prog_name="mvmctl", standalone_mode=False)
     finally:
         log("cli main returned", time.time(), time.time())
 

@@ -3,56 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 import shlex
-import shutil
 import stat
 import sys
-import termios
-import tty
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
+from mvm.cli.exec_run import run_exec
+from mvm.cli.terminal import interactive, write_stdout
+from mvm.cli.terminal import raw_terminal as raw_terminal  # cli/run.py imports it from here
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome
 from mvm.runtime import lifecycle
-from mvm.runtime.client import ExecResult, VmClient
-
-
-@contextmanager
-def raw_terminal(fd: int) -> Iterator[bool]:
-    """Raw mode for the length of an interactive session; yields whether fd is a terminal."""
-    if not os.isatty(fd):
-        yield False
-        return
-    saved = termios.tcgetattr(fd)
-    try:
-        tty.setraw(fd)
-        yield True
-    finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-def write_stdout(data: bytes) -> None:
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
-
-
-def write_stderr(data: bytes) -> None:
-    sys.stderr.buffer.write(data)
-    sys.stderr.buffer.flush()
-
-
-def interactive(client: VmClient, argv: list[str] | None, *, kind: str, env: dict[str, str] | None = None,
-                cwd: str | None = None, timeout: float | None = None) -> ExecResult:
-    """A PTY session wired to this terminal (or to piped stdin)."""
-    size = shutil.get_terminal_size()
-    with raw_terminal(sys.stdin.fileno()):
-        return client.exec(argv or [], env=env, cwd=cwd, timeout=timeout, stdin=sys.stdin.fileno(), pty=True,
-                           rows=size.lines, cols=size.columns, stdout=write_stdout, kind=kind)
 
 
 @click.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -72,23 +35,7 @@ def exec_(name: str, argv: tuple[str, ...], env_pairs: tuple[str, ...], cwd: str
       echo hi | mvmctl exec -i web -- cat
       mvmctl exec -it web -- /bin/sh
     """
-    env = {}
-    for pair in env_pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--env {pair!r} is not K=V")
-        env[key] = value
-    if timeout is not None and timeout <= 0:
-        raise UsageError(f"--timeout {timeout}: must be more than 0 seconds")
-    with lifecycle.connect(MvmHome.default(), name) as client:
-        if tty:
-            result = interactive(client, list(argv), kind="exec", env=env or None, cwd=cwd, timeout=timeout)
-        else:
-            result = client.exec(list(argv), env=env or None, cwd=cwd, timeout=timeout,
-                                 stdin=sys.stdin.fileno() if stdin else None, stdout=write_stdout, stderr=write_stderr)
-    if result.timed_out:
-        click.echo(f"mvmctl: {argv[0]} was killed after its {timeout:g} s timeout", err=True)
-    sys.exit(result.exit_status)
+    sys.exit(run_exec(name, argv, env_pairs, cwd, timeout, stdin, tty))
 
 
 @click.command()

@@ -1,86 +1,13 @@
-"""``mvmctl``: the command-line shell over mvm's functions.
-
-Each verb group lives in its own module and only parses, calls and prints. Every
-:class:`~mvm.core.errors.MvmError` becomes one line on stderr and its exit code; nothing
-a user can cause prints a traceback.
-"""
+"""``mvmctl``'s entry point: the click group in cli/commands.py."""
 
 from __future__ import annotations
 
-import importlib
 import sys
-
-import click
-
-from mvm import __version__
-from mvm.core.errors import MvmError
-
-
-# verb -> module that defines it. Modules load only when their verb runs (or for --help), so
-# `mvmctl run` does not pay for importing what `doctor` needs, and vice versa.
-VERBS = {
-    "bootstrap": "mvm.cli.host",
-    "doctor": "mvm.cli.host",
-    "validate": "mvm.cli.validate",
-    "build": "mvm.cli.build",
-    "run": "mvm.cli.run",
-    "up": "mvm.cli.vm",
-    "ls": "mvm.cli.vm",
-    "status": "mvm.cli.vm",
-    "exec": "mvm.cli.guest",
-    "cp": "mvm.cli.guest",
-    "fs": "mvm.cli.guest",
-    "console": "mvm.cli.guest",
-    "logs": "mvm.cli.vm",
-    "boot-report": "mvm.cli.vm",
-    "wait": "mvm.cli.vm",
-    "detach": "mvm.cli.vm",
-    "down": "mvm.cli.vm",
-    "pause": "mvm.cli.vm",
-    "resume": "mvm.cli.vm",
-    "snapshot": "mvm.cli.vm",
-    "forward": "mvm.cli.vm",
-}
-
-
-class MvmGroup(click.Group):
-    """Loads verbs lazily and turns our errors into one clear line instead of a traceback."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(VERBS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in VERBS:
-            return None
-        module = importlib.import_module(VERBS[name])
-        return next(c for c in module.COMMANDS if c.name == name)
-
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
-        try:
-            return super().invoke(ctx)
-        except MvmError as err:
-            click.echo(f"mvmctl: error: {err}", err=True)
-            ctx.exit(err.exit_code)
-        except KeyboardInterrupt:
-            click.echo("mvmctl: interrupted", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=MvmGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="mvmctl")
-def cli() -> None:
-    """Build small Linux guests from mvm.toml and run them as microVMs.
-
-    \b
-    Typical use:
-      mvmctl bootstrap          install the host tools (QEMU, e2fsprogs, ...)
-      mvmctl build examples/hello
-      mvmctl run examples/hello --attached
-      mvmctl up examples/python --name py && mvmctl exec py -- python3 -V && mvmctl down py
-    """
 
 
 def main() -> None:
+    from mvm.cli.commands import cli
+
     cli(prog_name="mvmctl")
 
 
