@@ -124,8 +124,9 @@ def bench_exec(bench: Bench, qemu_vm: str | None, docker_vm: str | None) -> None
         kinds["docker exec (same container)"] = ["docker", "exec", container, "true"]
     # what the CLI process costs before it talks to anything
     kinds["python -c pass (interpreter start)"] = [sys.executable, "-c", "pass"]
-    kinds["python -c 'import mvm.cli.main'"] = [sys.executable, "-c", "import mvm.cli.main"]
-    kinds["python -c 'import mvm.cli.guest' (exec's imports)"] = [sys.executable, "-c", "import mvm.cli.guest"]
+    kinds["python -c 'import mvm.cli.commands' (click, every other verb)"] = [sys.executable, "-c",
+                                                                          "import mvm.cli.commands"]
+    kinds["python -c 'import mvm.cli.exec_run' (exec's imports)"] = [sys.executable, "-c", "import mvm.cli.exec_run"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(n):
         for label, argv in kinds.items():
@@ -142,11 +143,12 @@ def bench_exec(bench: Bench, qemu_vm: str | None, docker_vm: str | None) -> None
                      f"{de * 1000:.0f} ms)", md <= de, "<= 1.00x")
         bench.target("exec: mvmctl exec (qemu VM) / docker exec", f"{mq / de:.2f}x ({mq * 1000:.0f} vs "
                      f"{de * 1000:.0f} ms)", mq <= de, "<= 1.00x")
-    import_breakdown(bench, "mvm.cli.guest")
+    import_breakdown(bench, "mvm.cli.exec_run")
 
 
 IMPORT_GROUPS = ("click", "pydantic", "mvm.core.workload", "mvm.core.artifact", "asyncio",
-                 "mvm.runtime.supervisor", "mvm.runtime.launcher", "mvm.runtime.lifecycle", "mvm.cli.guest")
+                 "mvm.runtime.supervisor", "mvm.runtime.launcher", "mvm.runtime.lifecycle", "mvm.cli.guest",
+                 "re", "json", "socket", "mvm.core.home", "mvm.core.protocol", "mvm.runtime.client", "mvm.cli.exec_run")
 
 
 def import_breakdown(bench: Bench, module: str) -> None:
