@@ -2,8 +2,8 @@
 VM's control socket lives.
 
 Kept apart from core/state.py, without pathlib or dataclasses, because `mvmctl exec` uses them
-to reach a VM before it imports anything heavier. state.py's MvmHome and VmPaths must agree with
-them: tests/unit/test_home.py checks that they do.
+to reach a VM before it imports anything heavier. state.py's MvmHome and VmPaths are built on
+these same rules.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from mvm.core.errors import UsageError
+from mvm.core.home import CTL_SOCKET, VMS_DIR, home_dir
+from mvm.core.home import check_vm_name as check_vm_name  # callers import it from here too
 
-VM_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-VM_NAME_MAX = 40
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
 
 
 def mvm_home() -> Path:
-    return Path(os.environ.get("MVM_HOME") or Path.home() / ".mvm")
+    return Path(home_dir())
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class MvmHome:
 
     @property
     def vms(self) -> Path:
-        return self.root / "vms"
+        return self.root / VMS_DIR
 
     def vm(self, name: str) -> VmPaths:
         return VmPaths(self.vms / name)
@@ -98,14 +97,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def check_vm_name(name: str) -> str:
-    """Names become directory and socket names: keep them short and plain."""
-    if not VM_NAME.fullmatch(name) or len(name) > VM_NAME_MAX:
-        raise UsageError(f"VM name {name!r} is not allowed",
-                         f"use 1-{VM_NAME_MAX} lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
-    return name
-
-
 @dataclass(frozen=True)
 class VmPaths:
     dir: Path
@@ -119,7 +110,7 @@ class VmPaths:
     console_log = property(lambda self: self.dir / "console.log")
     overlay = property(lambda self: self.dir / "overlay.qcow2")
     data_disk = property(lambda self: self.dir / "data.ext4")
-    ctl_socket = property(lambda self: self.dir / "ctl.sock")
+    ctl_socket = property(lambda self: self.dir / CTL_SOCKET)
     agent_socket = property(lambda self: self.dir / "agent.sock")
     qmp_socket = property(lambda self: self.dir / "qmp.sock")
     channel_dir = property(lambda self: self.dir / "chan")  # docker: bind-mounted at /.mvm
