@@ -100,6 +100,10 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         existing = settle(paths)
         if existing is not None and existing.running:
             raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
+        if existing is not None:
+            # Stopped, but its supervisor may still be tidying up by path (an attached `run`
+            # returns on the exit frame, before that): let it finish before the name is reused.
+            _wait_supervisor_exit(paths, existing)
         shutil.rmtree(paths.dir, ignore_errors=True)
         _sweep_abandoned_starts(home, name)
         # Registered out of sight until the supervisor exists (see launcher.launch); 0700:
