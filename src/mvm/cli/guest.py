@@ -12,7 +12,6 @@ import click
 
 from mvm.cli.exec_run import run_exec
 from mvm.cli.terminal import interactive, write_stdout
-from mvm.cli.terminal import raw_terminal as raw_terminal  # cli/run.py imports it from here
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome
 from mvm.runtime import lifecycle

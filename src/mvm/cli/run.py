@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import click
 
-from mvm.cli.guest import raw_terminal, write_stdout
+from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
