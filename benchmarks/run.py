@@ -20,6 +20,7 @@ a private one it starts and stops); every VM and container it starts is removed 
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -103,6 +104,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {', '.join(SECTIONS)}")
     common.env_with_src()
+    # As scripts/setup.sh does: mvm's own .pyc files exist, as they would for an installed tool,
+    # even where PYTHONDONTWRITEBYTECODE keeps the runs below from writing them.
+    compileall.compile_dir(str(REPO / "src" / "mvm"), quiet=1)
     from mvm.core.state import MvmHome
     from mvm.runtime.kvm import select_accel
 
