@@ -63,6 +63,7 @@ def run(directory: str, attached: bool, name: str | None, cpus: int | None, memo
     finally:
         launch.abandon()
         launch.client.close()
+    lifecycle.wait_supervisor_gone(launch.paths)
     if boot_report:
         print_boot_report(lifecycle.wait_vm(home, vm_name))
     sys.exit(code)

@@ -269,6 +269,15 @@ def _until_stopped(paths: VmPaths, record: VmRecord, request: str, **fields: obj
     return reconcile(paths) or record
 
 
+def wait_supervisor_gone(paths: VmPaths) -> None:
+    """Once a VM has stopped, wait until its supervisor has tidied up and exited, so that an
+    attached `run` returns with the name free for the next one (as `docker run` returns after
+    its container is gone)."""
+    record = reconcile(paths)
+    if record is not None and not record.running:
+        _wait_supervisor_exit(paths, record)
+
+
 def _wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
     deadline = time.monotonic() + SUPERVISOR_EXIT_S
     while paths.supervisor_alive():

@@ -161,12 +161,18 @@ class Supervisor:
         server.close()
         for forward in self.forward_servers:
             forward.close()
-        await asyncio.sleep(0.2)  # let the last replies drain to clients
-        for client in list(self.clients):
-            client.writer.close()
+        await self.close_clients()
         self.cleanup_runtime_files()
         self.release_commit()
         self.log.close()
+
+    async def close_clients(self, timeout: float = 1.0) -> None:
+        """Close every client once what was written to it (the exit frames) has gone out."""
+        writers = [client.writer for client in self.clients]
+        for writer in writers:
+            writer.close()  # the transport flushes its buffer first
+        if writers:
+            await asyncio.wait([asyncio.ensure_future(w.wait_closed()) for w in writers], timeout=timeout)
 
     async def watch_qemu(self) -> None:
         pidfd = os.pidfd_open(self.proc.pid)
