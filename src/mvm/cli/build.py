@@ -56,8 +56,12 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
     `run` of the unchanged directory finds the image without coming here (build/stamps.py).
     """
     home = home or MvmHome.default()
-    stampable = overrides is None or overrides == ManifestOverrides()
-    manifest = manifest_file(path).read_bytes() if stampable and manifest_file(path).is_file() else None
+    manifest = None
+    if overrides is None or overrides == ManifestOverrides():
+        try:
+            manifest = manifest_file(path).read_bytes()
+        except OSError:
+            pass  # missing or unreadable: load_manifest says so in one line
     workload = load_manifest(path, overrides=overrides)
     progress = PhaseProgress()
     try:
