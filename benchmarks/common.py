@@ -10,6 +10,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,6 +188,22 @@ def timed_up(bench: Bench, name: str, hypervisor: str) -> tuple[float, float | N
     ready = next((m["ms"] for m in bench.record(name)["markers"] if m["phase"] == "agent-ready"), None)
     bench.mvm("down", "--force", name)
     return took, None if ready is None else ready / 1000
+
+
+def alternate_ups(bench: Bench, name: str, hypervisor: str,
+                  plain: Callable[[], float]) -> tuple[list[float], list[float], list[float]]:
+    """``bench.rounds`` rounds of a timed `mvmctl up` then ``plain()`` (seconds of the start it
+    is compared with): the up times, their spawn -> agent-ready parts, and the plain times."""
+    mvm_times: list[float] = []
+    parts: list[float] = []
+    plain_times: list[float] = []
+    for _ in range(bench.rounds):
+        took, ready = timed_up(bench, name, hypervisor)
+        mvm_times.append(took)
+        if ready is not None:
+            parts.append(ready)
+        plain_times.append(plain())
+    return mvm_times, parts, plain_times
 
 
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import Bench, agent_hello, banner, compare_to_hello, row, stop_proc, timed_up
+from common import Bench, agent_hello, alternate_ups, banner, compare_to_hello, row, stop_proc
 from lifecycle_bench import trace_up
 
 
@@ -65,15 +65,8 @@ def bench_docker_up(bench: Bench) -> None:
     row("first up, incl. docker import of the rootfs", f"{time.perf_counter() - started:7.2f} s (not compared)")
     bench.mvm("down", "--force", "dkwarm")
     argv, sock_path, container = plain_run_argv(bench)
-    mvm_times: list[float] = []
-    plain_times: list[float] = []
-    container_part: list[float] = []
-    for _ in range(n):
-        took, ready = timed_up(bench, "dkbench", "docker")
-        mvm_times.append(took)
-        if ready is not None:
-            container_part.append(ready)
-        plain_times.append(plain_run_to_hello(argv, sock_path, container, bench.env))
+    mvm_times, container_part, plain_times = alternate_ups(
+        bench, "dkbench", "docker", lambda: plain_run_to_hello(argv, sock_path, container, bench.env))
     compare_to_hello(bench, mvm_label="mvmctl up --hypervisor docker", mvm_times=mvm_times,
                      part_label="  of which `docker run` spawn -> agent-ready (record)", part=container_part,
                      other="docker run", other_label="plain docker run, same argv (exec -> agent hello)",

@@ -14,6 +14,7 @@ from common import (
     REPO,
     Bench,
     agent_hello,
+    alternate_ups,
     banner,
     compare_to_hello,
     connect_when_there,
@@ -24,7 +25,6 @@ from common import (
     run_quiet,
     status_kib,
     stop_proc,
-    timed_up,
 )
 
 # -- 3. boot: mvmctl up vs raw qemu-system, both to the agent's hello ----------------------------
@@ -67,16 +67,12 @@ def raw_qemu_to_hello(argv: list[str], agent_sock: Path, env: dict[str, str]) ->
 def bench_up(bench: Bench) -> None:
     n = bench.rounds
     banner(f"boot to agent-ready: `mvmctl up` (qemu) vs raw qemu-system, same argv ({n} each, alternated)")
-    mvm_times: list[float] = []
-    raw_times: list[float] = []
-    qemu_part: list[float] = []
-    for i in range(n):
-        took, ready = timed_up(bench, "upbench", "qemu")
-        mvm_times.append(took)
-        if ready is not None:
-            qemu_part.append(ready)
+
+    def raw_up() -> float:
         argv, sock, _ = raw_up_argv(bench, "bench")
-        raw_times.append(raw_qemu_to_hello(argv, sock, bench.env))
+        return raw_qemu_to_hello(argv, sock, bench.env)
+
+    mvm_times, qemu_part, raw_times = alternate_ups(bench, "upbench", "qemu", raw_up)
     compare_to_hello(bench, mvm_label="mvmctl up (exec -> command returns)", mvm_times=mvm_times,
                      part_label="  of which QEMU spawn -> agent-ready (record)", part=qemu_part,
                      other="raw qemu", other_label="raw qemu-system (exec -> agent hello)",
