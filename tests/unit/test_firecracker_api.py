@@ -32,7 +32,9 @@ from mvm.core import protocol
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, VmError
 from mvm.core.state import VmPaths, VmRecord
-from mvm.runtime import firecracker as fc
+from mvm.runtime.backends import firecracker as fc
+from mvm.runtime.backends import firecracker_api as fc_api
+from mvm.runtime.backends import firecracker_kernel as fc_kernel
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC_PATH = Path(os.environ.get("MVM_FIRECRACKER_SPEC") or REPO.parent / "shared" / "specs" / "firecracker"
@@ -64,7 +66,7 @@ def _strict(schema: Any) -> Any:
     return schema
 
 
-def _operation(spec: dict[str, Any], request: fc.Request) -> tuple[str, dict[str, Any], dict[str, str]]:
+def _operation(spec: dict[str, Any], request: fc_api.Request) -> tuple[str, dict[str, Any], dict[str, str]]:
     """(path template, operation, path parameters) for a request, or an AssertionError."""
     for template, item in spec["paths"].items():
         pattern = "^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(template)) + "$"
@@ -76,7 +78,7 @@ def _operation(spec: dict[str, Any], request: fc.Request) -> tuple[str, dict[str
     raise AssertionError(f"{request.describe()}: no such path in the spec")
 
 
-def spec_errors(spec: dict[str, Any], request: fc.Request) -> list[str]:
+def spec_errors(spec: dict[str, Any], request: fc_api.Request) -> list[str]:
     """Why the document would refuse this request ([] when it conforms)."""
     import jsonschema
 
@@ -107,7 +109,7 @@ def spec_errors(spec: dict[str, Any], request: fc.Request) -> list[str]:
     return errors
 
 
-def assert_conforms(spec: dict[str, Any], request: fc.Request) -> None:
+def assert_conforms(spec: dict[str, Any], request: fc_api.Request) -> None:
     errors = spec_errors(spec, request)
     assert not errors, f"{request.describe()} {json.dumps(request.body)}: " + "; ".join(errors)
 
@@ -127,9 +129,9 @@ def record(name: str, vcpus: int, memory_mib: int) -> VmRecord:
                     uids={"agent": 990, "entrypoint": 1000})
 
 
-def image(tmp_path: Path, *, data_disk: int | None = None, vcpus: int = 1, memory: int = 256) -> fc.FirecrackerImage:
+def image(tmp_path: Path, *, data_disk: int | None = None, vcpus: int = 1, memory: int = 256) -> fc_api.FirecrackerImage:
     store = tmp_path / "store" / "key"
-    return fc.FirecrackerImage(kernel=store / "vmlinux", initrd=store / "initrd.cpio", rootfs=store / "rootfs.ext4",
+    return fc_api.FirecrackerImage(kernel=store / "vmlinux", initrd=store / "initrd.cpio", rootfs=store / "rootfs.ext4",
                                vcpus=vcpus, memory_mib=memory, data_disk_bytes=data_disk)
 
 
@@ -144,10 +146,10 @@ PLANS = [
 @pytest.mark.parametrize(("data_disk", "vcpus", "memory"), PLANS)
 def test_boot_plan_conforms_to_the_spec(spec, tmp_path: Path, data_disk, vcpus, memory) -> None:
     paths = vm(tmp_path)
-    plan = fc.plan_boot(image(tmp_path, data_disk=data_disk), paths, record("t1", vcpus, memory))
+    plan = fc_api.plan_boot(image(tmp_path, data_disk=data_disk), paths, record("t1", vcpus, memory))
     for request in plan:
         assert_conforms(spec, request)
-    jailed = fc.plan_boot(image(tmp_path, data_disk=data_disk), paths, record("t1", vcpus, memory), jailed=True)
+    jailed = fc_api.plan_boot(image(tmp_path, data_disk=data_disk), paths, record("t1", vcpus, memory), jailed=True)
     for request in jailed:
         assert_conforms(spec, request)
     assert [r.path for r in jailed] == [r.path for r in plan]
@@ -157,7 +159,7 @@ def test_boot_plan_conforms_to_the_spec(spec, tmp_path: Path, data_disk, vcpus, 
 def test_boot_plan_is_mvms_vm(tmp_path: Path, data_disk, vcpus, memory) -> None:
     paths = vm(tmp_path)
     img = image(tmp_path, data_disk=data_disk)
-    plan = fc.plan_boot(img, paths, record("t1", vcpus, memory))
+    plan = fc_api.plan_boot(img, paths, record("t1", vcpus, memory))
     by_path = {r.path: r.body for r in plan}
     assert plan[0].path == "/machine-config" and plan[1].path == "/boot-source"  # before any device
     assert by_path["/machine-config"] == {"vcpu_count": vcpus, "mem_size_mib": memory, "smt": False}
@@ -189,26 +191,26 @@ def test_boot_plan_takes_a_boot_image(tmp_path: Path) -> None:
                            expected_boot_ms=2500, kernel_release="6.1.0-test", accessible=False, sealed=True,
                            entrypoint_kind="command", agent_uid=990, entrypoint_uid=1000, hypervisor="firecracker",
                            forwards=())
-    plan = fc.plan_boot(boot_image, vm(tmp_path), None)
+    plan = fc_api.plan_boot(boot_image, vm(tmp_path), None)
     assert plan[0].body == {"vcpu_count": 2, "mem_size_mib": 384, "smt": False}
     assert any(r.path == "/drives/data" for r in plan)
     by_path = {r.path: r.body for r in plan}
     assert by_path["/boot-source"]["kernel_image_path"] == str(store / "vmlinux")
 
 
-def every_other_request(tmp_path: Path) -> list[fc.Request]:
+def every_other_request(tmp_path: Path) -> list[fc_api.Request]:
     return [
-        fc.action_request("InstanceStart"),
-        fc.action_request("SendCtrlAltDel"),
-        fc.vm_state_request("Paused"),
-        fc.vm_state_request("Resumed"),
-        fc.snapshot_create_request(tmp_path / "snap.state", tmp_path / "snap.mem"),
-        fc.snapshot_load_request(tmp_path / "snap.state", tmp_path / "snap.mem"),
-        fc.snapshot_load_request(tmp_path / "snap.state", tmp_path / "snap.mem", resume=False,
+        fc_api.action_request("InstanceStart"),
+        fc_api.action_request("SendCtrlAltDel"),
+        fc_api.vm_state_request("Paused"),
+        fc_api.vm_state_request("Resumed"),
+        fc_api.snapshot_create_request(tmp_path / "snap.state", tmp_path / "snap.mem"),
+        fc_api.snapshot_load_request(tmp_path / "snap.state", tmp_path / "snap.mem"),
+        fc_api.snapshot_load_request(tmp_path / "snap.state", tmp_path / "snap.mem", resume=False,
                                  vsock_uds_path=tmp_path / "clone.sock"),
-        fc.network_interface_request("eth0", "mvmtap0"),
-        fc.network_interface_request("eth0", "mvmtap0", guest_mac="06:00:ac:10:00:02"),
-        fc.drive_request("data", tmp_path / "ro.ext4", root=False, read_only=True),
+        fc_api.network_interface_request("eth0", "mvmtap0"),
+        fc_api.network_interface_request("eth0", "mvmtap0", guest_mac="06:00:ac:10:00:02"),
+        fc_api.drive_request("data", tmp_path / "ro.ext4", root=False, read_only=True),
     ]
 
 
@@ -220,15 +222,15 @@ def test_every_other_request_conforms_to_the_spec(spec, tmp_path: Path) -> None:
 def test_the_checker_refuses_what_the_spec_refuses(spec) -> None:
     """The conformance check itself has teeth: each of these is wrong per the document."""
     wrong = [
-        fc.Request("PUT", "/machine-config", {"vcpu_count": 0, "mem_size_mib": 128}),
-        fc.Request("PUT", "/machine-config", {"vcpus": 1, "mem_size_mib": 128}),
-        fc.Request("PUT", "/vm", {"state": "Stopped"}),
-        fc.Request("POST", "/actions", {"action_type": "InstanceStart"}),
-        fc.Request("PUT", "/actions", {"action_type": "Reboot"}),
-        fc.Request("PUT", "/vsock", {"guest_cid": 2, "uds_path": "/x"}),
-        fc.Request("PUT", "/drives/root", {"drive_id": "root", "path_on_host": "/x"}),
-        fc.Request("PUT", "/snapshot/create", {"snapshot_path": "/s"}),
-        fc.Request("PUT", "/no-such-thing", {}),
+        fc_api.Request("PUT", "/machine-config", {"vcpu_count": 0, "mem_size_mib": 128}),
+        fc_api.Request("PUT", "/machine-config", {"vcpus": 1, "mem_size_mib": 128}),
+        fc_api.Request("PUT", "/vm", {"state": "Stopped"}),
+        fc_api.Request("POST", "/actions", {"action_type": "InstanceStart"}),
+        fc_api.Request("PUT", "/actions", {"action_type": "Reboot"}),
+        fc_api.Request("PUT", "/vsock", {"guest_cid": 2, "uds_path": "/x"}),
+        fc_api.Request("PUT", "/drives/root", {"drive_id": "root", "path_on_host": "/x"}),
+        fc_api.Request("PUT", "/snapshot/create", {"snapshot_path": "/s"}),
+        fc_api.Request("PUT", "/no-such-thing", {}),
     ]
     for request in wrong:
         assert spec_errors(spec, request), f"{request.describe()} {request.body} should not conform"
@@ -236,11 +238,11 @@ def test_the_checker_refuses_what_the_spec_refuses(spec) -> None:
 
 def test_pure_builders_refuse_impossible_values() -> None:
     with pytest.raises(VmError):
-        fc.machine_config_request(33, 256)
+        fc_api.machine_config_request(33, 256)
     with pytest.raises(VmError):
-        fc.vsock_request(2, "/x")
+        fc_api.vsock_request(2, "/x")
     with pytest.raises(VmError):
-        fc.drive_request("../etc", "/x", root=False, read_only=True)
+        fc_api.drive_request("../etc", "/x", root=False, read_only=True)
 
 
 # -- the HTTP framing, against a server that only checks the spec -------------------------
@@ -251,7 +253,7 @@ class SpecCheckingServer(socketserver.ThreadingMixIn, socketserver.UnixStreamSer
 
     def __init__(self, path: str, spec: dict[str, Any]) -> None:
         self.spec = spec
-        self.seen: list[fc.Request] = []
+        self.seen: list[fc_api.Request] = []
         super().__init__(path, SpecCheckingHandler)
 
 
@@ -277,7 +279,7 @@ class SpecCheckingHandler(http.server.BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except ValueError as err:
                 problems.append(f"body is not JSON: {err}")
-        request = fc.Request(self.command, self.path, body)
+        request = fc_api.Request(self.command, self.path, body)
         self.server.seen.append(request)
         problems += spec_errors(self.server.spec, request)
         if problems:
@@ -308,9 +310,9 @@ def spec_server(spec, tmp_path: Path):
 
 def test_api_client_sends_spec_conformant_http(spec_server, tmp_path: Path) -> None:
     path, server = spec_server
-    api = fc.FirecrackerApi(path)
+    api = fc_api.FirecrackerApi(path)
     paths = vm(tmp_path)
-    plan = fc.plan_boot(image(tmp_path, data_disk=1 << 20), paths, record("t1", 2, 512))
+    plan = fc_api.plan_boot(image(tmp_path, data_disk=1 << 20), paths, record("t1", 2, 512))
     for request in plan:
         api.send(request)
     api.start()
@@ -331,14 +333,14 @@ def test_api_client_sends_spec_conformant_http(spec_server, tmp_path: Path) -> N
 
 def test_api_client_reports_the_fault_message(spec_server) -> None:
     path, _ = spec_server
-    api = fc.FirecrackerApi(path)
+    api = fc_api.FirecrackerApi(path)
     with pytest.raises(VmError, match=r"refused PATCH /vm \(400\): .*Stopped"):
-        api.send(fc.Request("PATCH", "/vm", {"state": "Stopped"}))
+        api.send(fc_api.Request("PATCH", "/vm", {"state": "Stopped"}))
 
 
 def test_api_client_on_a_missing_socket(tmp_path: Path) -> None:
     with pytest.raises(VmError, match="failed on PUT /actions"):
-        fc.FirecrackerApi(tmp_path / "nothing.sock").start()
+        fc_api.FirecrackerApi(tmp_path / "nothing.sock").start()
 
 
 # -- the vsock handshake (host side) ------------------------------------------------------
@@ -366,7 +368,7 @@ def _peer(sock: socket.socket, reply: bytes) -> threading.Thread:
 def test_handshake_reads_ok_and_leaves_the_rest() -> None:
     ours, theirs = socket.socketpair()
     peer = _peer(theirs, b"OK 1073741824\n" + protocol.hello("agent"))
-    assert fc.connect_agent_handshake(ours) == 1073741824
+    assert fc_api.connect_agent_handshake(ours) == 1073741824
     peer.join(5)
     frames, _ = protocol.Decoder().feed_all(ours.recv(65536))  # the agent's bytes were not eaten
     assert frames and frames[0].type == "hello"
@@ -375,13 +377,13 @@ def test_handshake_reads_ok_and_leaves_the_rest() -> None:
 def test_handshake_refused_and_garbage() -> None:
     ours, theirs = socket.socketpair()
     _peer(theirs, b"")
-    with pytest.raises(fc.VsockRefused):
-        fc.connect_agent_handshake(ours)
+    with pytest.raises(fc_api.VsockRefused):
+        fc_api.connect_agent_handshake(ours)
     ours, theirs = socket.socketpair()
     _peer(theirs, b"NOPE\n")
     with pytest.raises(ConnectionError, match="unexpected vsock handshake reply"):
-        fc.connect_agent_handshake(ours)
-    assert fc.AGENT_VSOCK_PORT == 1024
+        fc_api.connect_agent_handshake(ours)
+    assert fc_api.AGENT_VSOCK_PORT == 1024
 
 
 def test_async_handshake(tmp_path: Path) -> None:
@@ -393,7 +395,7 @@ def test_async_handshake(tmp_path: Path) -> None:
 
         server = await asyncio.start_unix_server(serve, path=str(tmp_path / "v.sock"))
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "v.sock"))
-        await fc.vsock_handshake(reader, writer)
+        await fc_api.vsock_handshake(reader, writer)
         writer.close()
         server.close()
 
@@ -403,8 +405,8 @@ def test_async_handshake(tmp_path: Path) -> None:
 
         server = await asyncio.start_unix_server(hang_up, path=str(tmp_path / "w.sock"))
         reader, writer = await asyncio.open_unix_connection(str(tmp_path / "w.sock"))
-        with pytest.raises(fc.VsockRefused):
-            await fc.vsock_handshake(reader, writer)
+        with pytest.raises(fc_api.VsockRefused):
+            await fc_api.vsock_handshake(reader, writer)
         writer.close()
         server.close()
 
@@ -449,23 +451,23 @@ VSOCK_MODULES = ["vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio
 
 
 def test_default_kernel_lacks_only_the_vsock_modules() -> None:
-    problems = fc.check_kernel(DEBIAN_CLOUD_6_1, MVM_INITRAMFS, (1, 12, 0))
+    problems = fc_kernel.check_kernel(DEBIAN_CLOUD_6_1, MVM_INITRAMFS, (1, 12, 0))
     assert len(problems) == 3 and all("vsock" in p for p in problems)
-    assert fc.check_kernel(DEBIAN_CLOUD_6_1, MVM_INITRAMFS + VSOCK_MODULES, (1, 12, 0)) == []
+    assert fc_kernel.check_kernel(DEBIAN_CLOUD_6_1, MVM_INITRAMFS + VSOCK_MODULES, (1, 12, 0)) == []
 
 
 def test_kernel_device_discovery() -> None:
     modules = MVM_INITRAMFS + VSOCK_MODULES
-    old = fc.check_kernel(DEBIAN_CLOUD_6_1, modules, (1, 7, 0))
+    old = fc_kernel.check_kernel(DEBIAN_CLOUD_6_1, modules, (1, 7, 0))
     assert len(old) == 1 and "predates ACPI" in old[0]
     no_acpi = {**DEBIAN_CLOUD_6_1, "CONFIG_ACPI": "n"}
-    assert any("cannot find" in p for p in fc.check_kernel(no_acpi, modules))
+    assert any("cannot find" in p for p in fc_kernel.check_kernel(no_acpi, modules))
     legacy = {**no_acpi, "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES": "y"}
-    assert fc.check_kernel(legacy, modules, (1, 7, 0)) == []
+    assert fc_kernel.check_kernel(legacy, modules, (1, 7, 0)) == []
     built_in = {**DEBIAN_CLOUD_6_1, "CONFIG_VSOCKETS": "y", "CONFIG_VIRTIO_VSOCKETS_COMMON": "y",
                 "CONFIG_VIRTIO_VSOCKETS": "y"}
-    assert fc.check_kernel(built_in, MVM_INITRAMFS) == []
-    assert any("CONFIG_KVM_GUEST=n" in p for p in fc.check_kernel({**built_in, "CONFIG_KVM_GUEST": "n"}, None))
+    assert fc_kernel.check_kernel(built_in, MVM_INITRAMFS) == []
+    assert any("CONFIG_KVM_GUEST=n" in p for p in fc_kernel.check_kernel({**built_in, "CONFIG_KVM_GUEST": "n"}, None))
 
 
 def _cpio(tmp_path: Path, files: dict[str, str]) -> Path:
@@ -483,8 +485,8 @@ def _cpio(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.skipif(not __import__("shutil").which("cpio"), reason="cpio is not installed")
 def test_initramfs_modules_and_refusal(tmp_path: Path) -> None:
     initrd = _cpio(tmp_path, {"init": "#!/bin/sh\n", "modules/virtio.ko": "x", "modules.order": "\n".join(MVM_INITRAMFS)})
-    assert fc.initramfs_modules(initrd) == MVM_INITRAMFS
-    img = fc.FirecrackerImage(kernel=tmp_path / "vmlinux", initrd=initrd, rootfs=tmp_path / "rootfs.ext4")
+    assert fc_kernel.initramfs_modules(initrd) == MVM_INITRAMFS
+    img = fc_api.FirecrackerImage(kernel=tmp_path / "vmlinux", initrd=initrd, rootfs=tmp_path / "rootfs.ext4")
     with pytest.raises(VmError, match="vmw_vsock_virtio_transport"):
         fc.refuse_unsuitable_kernel(img)
 
@@ -500,7 +502,7 @@ def test_kernel_config_from_a_deb(tmp_path: Path) -> None:
                                                      "CONFIG_VIRTIO_MMIO=m\nCONFIG_CMDLINE=\"a b\"\n")
     deb = tmp_path / "linux-image-test_1_amd64.deb"
     subprocess.run(["dpkg-deb", "-Zxz", "--build", str(root), str(deb)], check=True, capture_output=True)
-    assert fc.kernel_config_from_deb(deb) == {"CONFIG_ACPI": "y", "CONFIG_VIRTIO_MMIO": "m", "CONFIG_CMDLINE": "a b"}
+    assert fc_kernel.kernel_config_from_deb(deb) == {"CONFIG_ACPI": "y", "CONFIG_VIRTIO_MMIO": "m", "CONFIG_CMDLINE": "a b"}
 
 
 # -- availability and the process ---------------------------------------------------------
@@ -542,7 +544,7 @@ def test_jailer_command_line(tmp_path: Path) -> None:
 
 def test_module_stays_lean() -> None:
     """The per-VM supervisor imports this module: no pydantic behind it."""
-    code = "import sys, mvm.runtime.firecracker; print('pydantic' in sys.modules)"
+    code = "import sys, mvm.runtime.backends.firecracker; print('pydantic' in sys.modules)"
     out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

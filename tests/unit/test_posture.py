@@ -14,13 +14,9 @@ from click.testing import CliRunner
 
 from mvm.cli.host import bootstrap, doctor
 from mvm.core.state import MvmHome
-from mvm.security.posture import (
-    BACKEND_NAMES,
-    NOT_EXERCISED,
-    SUPPORTED_BACKENDS,
-    Posture,
-    host_posture,
-)
+from mvm.runtime import backends
+from mvm.runtime.backends.base import NOT_EXERCISED
+from mvm.security.posture import DOCTOR_ORDER, Posture, host_posture
 
 EXPECTED_BACKENDS = ("qemu", "firecracker", "docker", "apple-container", "libkrun", "lima")
 
@@ -45,7 +41,8 @@ def _hide_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_every_backend_is_reported_with_a_reason(posture: Posture) -> None:
-    assert BACKEND_NAMES == EXPECTED_BACKENDS
+    assert DOCTOR_ORDER == EXPECTED_BACKENDS
+    assert set(backends.ALL_BACKENDS) == set(EXPECTED_BACKENDS)
     assert tuple(b.name for b in posture.backends) == EXPECTED_BACKENDS
     for b in posture.backends:
         assert b.reason.strip(), b.name
@@ -56,7 +53,7 @@ def test_every_backend_is_reported_with_a_reason(posture: Posture) -> None:
 
 def test_only_supported_backends_can_be_available(posture: Posture) -> None:
     for b in posture.backends:
-        assert b.supported == (b.name in SUPPORTED_BACKENDS)
+        assert b.supported == (b.name in backends.PRIORITY)
         if not b.supported:
             assert not b.available
             assert "not supported by this mvm version" in b.reason, b.name

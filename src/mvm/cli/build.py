@@ -15,6 +15,7 @@ from mvm.core.manifest import ManifestOverrides, load_manifest
 from mvm.core.state import MvmHome
 from mvm.core.workdir import manifest_dir, manifest_file
 from mvm.core.workload import Workload
+from mvm.runtime.backends import ALL_BACKENDS
 
 
 class PhaseProgress:
@@ -81,8 +82,7 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
 @click.option("--no-cache", is_flag=True, help="Rebuild even when the store has this exact artifact.")
-@click.option("--hypervisor", type=click.Choice(["auto", "qemu", "firecracker", "docker", "apple-container",
-                                                  "libkrun", "lima"]),
+@click.option("--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
               help="Also prepare the image for this backend (docker: import it) and check it can run here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
 def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str | None, no_cache: bool,
@@ -120,14 +120,13 @@ def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str 
 
 def prepare_backend(result: BuildResult, hypervisor: str) -> str:
     """The backend `up` would pick for this image, made ready (a docker image imported)."""
-    from mvm.runtime import docker, lifecycle
+    from mvm.runtime import lifecycle
 
     home = MvmHome.default()
     image = BootImage.open(result.artifact.path)
-    choice = lifecycle.choose_backend(home, image, hypervisor)
-    if choice.backend == "docker":
-        docker.ensure_image(image.rootfs, docker.image_tag(image.name, image.key))
-    return choice.backend
+    backend = lifecycle.choose_backend(home, image, hypervisor).backend
+    backend.prepare_image(image)
+    return backend.name
 
 
 COMMANDS = [build]

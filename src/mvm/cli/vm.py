@@ -16,7 +16,7 @@ from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
-from mvm.runtime.backend import ALL_BACKENDS, REDUCED_ISOLATION, require_capability
+from mvm.runtime import backends
 from mvm.runtime.client import VmClient
 
 BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
@@ -32,7 +32,7 @@ def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | N
 
 
 HYPERVISOR_OPTION = click.option(
-    "--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
+    "--hypervisor", type=click.Choice(["auto", *backends.ALL_BACKENDS]),
     help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
 
 
@@ -172,10 +172,9 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
     click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
-    click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}"
-               + (f" (container {record.backend_id})" if record.backend == "docker" else ""))
-    if record.backend == "docker":
-        click.echo(f"  isolation   {REDUCED_ISOLATION}")
+    click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")
+    for label, text in backends.get(record.backend).describe(record):
+        click.echo(f"  {label:<11} {text}")
     if record.running:
         click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
     guest = report.get("guest")
@@ -269,7 +268,7 @@ def boot_phases(record: VmRecord) -> dict[str, int | None]:
     phases: dict[str, int | None] = {phase: _marker_ms(record, phase) for phase in BOOT_PHASES}
     first = next((m for m in record.markers if m.get("guest_uptime") is not None and m["phase"] != "agent-ready"), None)
     # The guest's uptime counts from the kernel's start: subtract it from when the line arrived.
-    if first is None or record.backend == "docker":  # a container has no kernel of its own to start
+    if first is None or not backends.get(record.backend).boots_kernel:  # a container starts no kernel
         phases["kernel"] = None
     else:
         phases["kernel"] = max(0, round(first["ms"] - first["guest_uptime"] * 1000))
@@ -297,7 +296,7 @@ def resume(name: str) -> None:
 def _set_paused(name: str, paused: bool) -> None:
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
-    require_capability(record.backend, "pause_resume", name)
+    backends.get(record.backend).require("pause_resume", name)
     with lifecycle.connect(home, name) as client:
         state = client.call("pause" if paused else "resume")["state"]
     click.echo(f"VM {name} is {state}")
@@ -313,7 +312,7 @@ def snapshot(name: str) -> None:
     """
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
-    require_capability(record.backend, "snapshots", name)
+    backends.get(record.backend).require("snapshots", name)
     with lifecycle.connect(home, name) as client:
         reply = client.call("snapshot")
     click.echo(f"VM {name}: state {reply['state']}, memory {reply['memory']}")
@@ -331,7 +330,7 @@ def forward(name: str, spec: str) -> None:
     port_forward = PortForward.parse(spec)
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
-    require_capability(record.backend, "port_forwarding", name)
+    backends.get(record.backend).require("port_forwarding", name)
     with lifecycle.connect(home, name) as client:
         lifecycle.add_forward(client, port_forward)
     click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")

@@ -118,9 +118,9 @@ class VmPaths:
     supervisor_lock = property(lambda self: self.dir / "supervisor.lock")
     supervisor_log = property(lambda self: self.dir / "supervisor.log")
 
-    def check_socket_paths(self) -> None:
-        longest = max(len(str(p)) for p in (self.ctl_socket, self.agent_socket, self.qmp_socket,
-                                             self.channel_dir / "agent.sock"))
+    def check_socket_paths(self, backend_sockets: list[Path]) -> None:
+        """The control socket and ``backend_sockets`` must fit a unix socket address."""
+        longest = max(len(str(p)) for p in (self.ctl_socket, *backend_sockets))
         if longest > UNIX_PATH_MAX:
             raise UsageError(f"the VM's socket paths under {self.dir} are {longest} bytes, over the "
                              f"{UNIX_PATH_MAX}-byte unix socket limit", "use a shorter MVM_HOME or VM name")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage
 from mvm.core.state import MvmHome, write_json_atomic
-from mvm.runtime import qemu
+from mvm.runtime.backends import qemu
 from mvm.runtime.console import ConsoleFilter
 from mvm.runtime.process import spawn_tied
 

@@ -1,16 +1,15 @@
-"""Start a VM's supervisor: fork it off as its own session, spawn QEMU, then exec the lean
-supervisor process (runtime/supervisor.py) in its place.
+"""Start a VM's supervisor: fork it off as its own session, spawn the VM's process through its
+backend, then exec the lean supervisor process (runtime/supervisor/) in its place.
 
-QEMU is spawned before the exec, from code `up` has already loaded, so the guest starts
-booting at once; the exec'd supervisor inherits QEMU as its child (PDEATHSIG still ties
-QEMU's life to it) along with the console pipes, the commit pipe and the supervisor lock.
+The VM's process is spawned before the exec, from code `up` has already loaded, so the guest
+starts booting at once; the exec'd supervisor inherits it as its child (PDEATHSIG still ties
+its life to the supervisor) along with the console pipes, the commit pipe and the supervisor
+lock.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -18,8 +17,7 @@ from pathlib import Path
 
 from mvm.core.bootimage import BootImage
 from mvm.core.state import VmPaths, VmRecord
-from mvm.runtime import docker, qemu
-from mvm.runtime.process import spawn_tied
+from mvm.runtime import backends
 from mvm.runtime.launchspec import LaunchSpec
 
 
@@ -65,33 +63,22 @@ def _redirect_stdio(paths: VmPaths) -> None:
 
 
 def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
-    agent_listen_fd: int | None = None
     try:
-        spawned = time.monotonic()
-        if record.backend == "docker":
-            listener = _agent_listener(paths)
-            agent_listen_fd = listener.detach()
-            spawned = time.monotonic()
-            proc = _spawn_docker(paths, image, record)
-        elif record.backend == "firecracker":
-            from mvm.runtime import firecracker
-
-            proc = firecracker.spawn(paths, image, record)
-        else:
-            spawned, proc = _spawn_qemu(paths, image, record)
+        spawned = backends.get(record.backend).spawn(image, record, paths)
     except Exception as err:  # noqa: BLE001 - any failure here is the VM's stop reason
         record.state, record.stopped_at = "stopped", time.time()
         record.stop_reason = f"{record.backend} did not start: {err}"
         record.save(paths)
         raise
+    proc = spawned.process
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     handover = LaunchSpec(vm_dir=str(paths.dir), qemu_pid=proc.pid, qemu_stdin=proc.stdin.fileno(),
-                          qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned,
+                          qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned.spawned,
                           commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=image.expected_boot_ms,
-                          agent_listen_fd=agent_listen_fd)
+                          agent_listen_fd=spawned.agent_listen_fd)
     keep = {handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
-    if agent_listen_fd is not None:
-        keep.add(agent_listen_fd)
+    if spawned.agent_listen_fd is not None:
+        keep.add(spawned.agent_listen_fd)
     for fd in keep:
         os.set_inheritable(fd, True)
     for fd in _open_fds():
@@ -101,36 +88,6 @@ def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_
             except OSError:
                 pass
     os.execv(sys.executable, [sys.executable, "-m", "mvm.runtime.supervisor", handover.to_json()])
-
-
-def _spawn_qemu(paths: VmPaths, image: BootImage, record: VmRecord) -> tuple[float, subprocess.Popen]:
-    qemu.create_overlay(image.rootfs, paths.overlay)
-    spec = qemu.image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus,
-                              memory_mib=record.memory_mib)
-    spec.agent_socket = paths.agent_socket
-    spec.qmp_socket = paths.qmp_socket
-    if image.data_disk_bytes:
-        spec.data_disk = paths.data_disk
-        qemu.create_data_disk(spec.data_disk, image.data_disk_bytes)
-    spawned = time.monotonic()
-    return spawned, spawn_tied(spec.argv(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def _agent_listener(paths: VmPaths) -> socket.socket:
-    """The socket a container's agent connects to (it cannot serve one the host could reach)."""
-    path = paths.channel_dir / "agent.sock"
-    path.unlink(missing_ok=True)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    os.chmod(path, 0o777)  # uid 990 in the container; the VM directory keeps host users out
-    listener.listen(4)
-    return listener
-
-
-def _spawn_docker(paths: VmPaths, image: BootImage, record: VmRecord) -> subprocess.Popen:
-    data_disk = bool(image.data_disk_bytes)
-    argv = docker.run_argv(paths, record, docker.image_tag(image.name, image.key), data_disk)
-    return spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _open_fds() -> list[int]:

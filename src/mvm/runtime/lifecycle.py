@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from mvm.core.bootimage import BootImage, PortForward
-from mvm.core.errors import MvmError, UsageError, VmError
+from mvm.core.errors import UsageError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
+from mvm.runtime import backends
 from mvm.runtime.client import AgentError, VmClient
-from mvm.runtime import backend
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -58,12 +58,12 @@ class Launch:
         self._commit_fd = self._name_lock_fd = -1
 
 
-def choose_backend(home: MvmHome, image: BootImage, requested: str | None) -> backend.Choice:
+def choose_backend(home: MvmHome, image: BootImage, requested: str | None,
+                   host: backends.Host | None = None) -> backends.Choice:
     """--hypervisor, else mvm.toml's hypervisor, else the first available in priority order."""
-    from mvm.runtime.kvm import probe_kvm
-
+    host = host or backends.Host(home)
     wanted = requested if requested not in (None, "auto") else image.hypervisor
-    return backend.select_backend(wanted, lambda name: backend.availability(name, lambda: probe_kvm(home).usable))
+    return backends.select_backend(wanted, lambda backend: backend.availability(host))
 
 
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
@@ -72,23 +72,11 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     """Register ``name`` and boot ``image`` under a new supervisor."""
     check_vm_name(name)
     paths = home.vm(name)
-    paths.check_socket_paths()
-    from mvm.runtime import docker
-
-    choice = choose_backend(home, image, hypervisor)
-    if choice.backend == "docker":
-        tag = docker.image_tag(image.name, image.key)
-        if progress:
-            progress(f"docker: {backend.REDUCED_ISOLATION}")
-        if docker.ensure_image(image.rootfs, tag) and progress:
-            progress(f"docker: imported the image as {tag}")
-        accel = "container"
-    elif choice.backend == "qemu":
-        from mvm.runtime.kvm import select_accel
-
-        accel, _ = select_accel(home)
-    else:
-        accel = "kvm"
+    host = backends.Host(home)
+    vm_backend = choose_backend(home, image, hypervisor, host).backend
+    paths.check_socket_paths(vm_backend.socket_paths(paths))
+    vm_backend.prepare_image(image, progress)
+    accel = vm_backend.accel(host)
     home.vms.mkdir(parents=True, exist_ok=True)
     name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -110,16 +98,17 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         # sockets inside, only the owner may drive the VM.
         staged = VmPaths(Path(tempfile.mkdtemp(prefix=f".{name}.starting-", dir=home.vms)))
         staged.dir.chmod(0o700)
-        record = VmRecord(name=name, artifact_key=image.key, artifact_name=image.name, backend=choice.backend,
+        record = VmRecord(name=name, artifact_key=image.key, artifact_name=image.name, backend=vm_backend.name,
                           accel=accel, mode=mode, vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib,
                           accessible=image.accessible, sealed=image.sealed,
                           uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid})
-        if choice.backend == "docker":
-            record.backend_id = docker.container_name(paths)
-            docker.remove(record.backend_id)  # a leftover from a crash must not block the name
-            docker.prepare_dirs(staged, bool(image.data_disk_bytes))
-        write_json_atomic(staged.mode, {"mode": mode})
-        record.save(staged)
+        try:
+            vm_backend.prepare(image, record, staged)
+            write_json_atomic(staged.mode, {"mode": mode})
+            record.save(staged)
+        except BaseException:
+            shutil.rmtree(staged.dir, ignore_errors=True)
+            raise
         return _fork_supervisor(paths, staged, image, record, name_lock)
     except BaseException:
         os.close(name_lock)
@@ -136,16 +125,10 @@ def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
 def settle(paths: VmPaths) -> VmRecord | None:
     """``reconcile``, plus releasing what a dead VM's backend may still hold (a container)."""
     record = reconcile(paths)
-    if record is not None and record.state == "stopped" and record.backend == "docker" \
-            and record.backend_id and not record.backend_released:
-        from mvm.runtime import docker
-
-        try:
-            docker.remove(record.backend_id)
+    if record is not None and record.state == "stopped" and not record.backend_released:
+        if backends.get(record.backend).release(paths, record):
             record.backend_released = True
             record.save(paths)
-        except MvmError:
-            pass  # dockerd is away: try again next time
     return record
 
 

@@ -8,33 +8,24 @@ the check, and every reason says what is missing or what was verified.
 
 from __future__ import annotations
 
-import ctypes.util
 import os
 import platform
-import shutil
-import stat
+from dataclasses import asdict
 
 import psutil
 from pydantic import BaseModel, computed_field
 
 from mvm.core.errors import MvmError
 from mvm.core.state import MvmHome
-from mvm.runtime import docker
-from mvm.runtime.backend import CAPABILITIES, REDUCED_ISOLATION
+from mvm.runtime import backends
+from mvm.runtime.backends.base import HostFacts
 from mvm.runtime.hosttools import ToolStatus, host_tools, os_release
 from mvm.runtime.kvm import probe_kvm
 
 KVM_DEVICE = "/dev/kvm"
 PVM_MODULE = "/sys/module/kvm_pvm"
-DOCKER_SOCKET = "/var/run/docker.sock"
-NOT_EXERCISED = "not exercised on this host"
-
-# Backends this mvm version can start VMs with. A backend joins when its runtime lands;
-# until then doctor still reports its prerequisites but never calls it available.
-SUPPORTED_BACKENDS: frozenset[str] = frozenset({"qemu", "docker", "firecracker"})
-BACKEND_NAMES: tuple[str, ...] = (
-    "qemu", "firecracker", "docker", "apple-container", "libkrun", "lima",
-)
+# doctor's order: the microVM backends this host might run, the fallback, then other hosts'.
+DOCTOR_ORDER: tuple[str, ...] = ("qemu", "firecracker", "docker", "apple-container", "libkrun", "lima")
 
 
 class HostInfo(BaseModel):
@@ -68,8 +59,8 @@ class BackendStatus(BaseModel):
     @computed_field  # type: ignore[prop-decorator]
     @property
     def capabilities(self) -> dict[str, bool | str]:
-        """What mvm can do with a VM on it (see runtime/backend.py)."""
-        return CAPABILITIES[self.name].as_dict()
+        """What mvm can do with a VM on it (see runtime/backends/)."""
+        return backends.get(self.name).capabilities.as_dict()
 
 
 class Posture(BaseModel):
@@ -139,163 +130,13 @@ def kvm_state(home: MvmHome, *, probe: bool = True) -> KvmState:
     )
 
 
-def _kvm_phrase(kvm: KvmState) -> str:
-    if kvm.usable:
-        return "KVM usable"
-    if kvm.usable is False:
-        return f"KVM not usable ({kvm.reason})"
-    hint = "; kvm_pvm loaded, nested PVM KVM usually cannot boot a guest" if kvm.pvm_hint else ""
-    return f"KVM not verified ({kvm.reason}{hint})"
-
-
-def _kvm_short(kvm: KvmState) -> str:
-    """For backends other than qemu: the KVM section of the report carries the details."""
-    if kvm.usable:
-        return "KVM usable"
-    return "KVM not usable" if kvm.usable is False else "KVM not verified"
-
-
-def _unsupported(name: str) -> str:
-    return "not supported by this mvm version yet" if name not in SUPPORTED_BACKENDS else ""
-
-
-def _join(*parts: str) -> str:
-    return "; ".join(p for p in parts if p)
-
-
-def _qemu(tools: dict[str, ToolStatus], kvm: KvmState) -> BackendStatus:
-    system, img = tools["qemu-system-x86_64"], tools["qemu-img"]
-    supported = "qemu" in SUPPORTED_BACKENDS
-    # The version check executes the binary, so a found-and-ok tool has run here.
-    ran = system.ok
-    broken = [f"{t.name}: {t.problem}" for t in (system, img) if not t.ok]
-    if broken:
-        return BackendStatus(
-            name="qemu", supported=supported, available=False, tested_here=ran,
-            reason=_join(*broken, _unsupported("qemu"), "" if ran else NOT_EXERCISED),
-        )
-    if kvm.usable:
-        accel = "kvm"
-        why = "accel kvm: the probe booted a guest under KVM" + (
-            f" in {kvm.boot_ms} ms" if kvm.boot_ms is not None else ""
-        )
-    else:
-        accel = "tcg"
-        why = (
-            f"accel tcg (software emulation, slower) because {_kvm_phrase(kvm)}; "
-            "doctor boots no guest under TCG"
-        )
-    return BackendStatus(
-        name="qemu", supported=supported, available=supported, tested_here=True, accel=accel,
-        reason=_join(
-            f"qemu-system-x86_64 {system.version or '(version unknown)'} and qemu-img run "
-            "(version check)",
-            why,
-            _unsupported("qemu"),
-        ),
-    )
-
-
-def _firecracker(kvm: KvmState) -> BackendStatus:
-    missing: list[str] = []
-    if platform.system() != "Linux":
-        missing.append(f"needs Linux, this host is {platform.system()}")
-    if not kvm.usable:
-        missing.append(f"needs usable KVM ({_kvm_short(kvm)})")
-    binary = shutil.which("firecracker")
-    if binary is None:
-        missing.append("needs a `firecracker` binary on PATH (none found)")
-    supported = "firecracker" in SUPPORTED_BACKENDS
-    found = f"firecracker at {binary}" if binary and not missing else ""
-    return BackendStatus(
-        name="firecracker", supported=supported, available=supported and not missing,
-        tested_here=False,
-        reason=_join(*missing, found, _unsupported("firecracker"), NOT_EXERCISED),
-    )
-
-
-def _docker_socket() -> str:
-    host = os.environ.get("DOCKER_HOST", "")
-    return host.removeprefix("unix://") if host.startswith("unix://") else DOCKER_SOCKET
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.stat(path).st_mode)
-    except OSError:
-        return False
-
-
-def _docker() -> BackendStatus:
-    cli = shutil.which("docker")
-    ok, why = docker.daemon_status()
-    return BackendStatus(
-        name="docker", supported=True, available=ok, tested_here=cli is not None,
-        reason=_join(
-            REDUCED_ISOLATION,
-            f"docker CLI at {cli}" if cli else "",
-            f"daemon socket {_docker_socket()}: {why}",
-        ),
-    )
-
-
-def _apple_container() -> BackendStatus:
-    system, arch = platform.system(), platform.machine()
-    here = f"this host is {system} {arch}"
-    if system == "Darwin":
-        here = f"this host is macOS {platform.mac_ver()[0] or '?'} {arch}"
-    return BackendStatus(
-        name="apple-container", supported="apple-container" in SUPPORTED_BACKENDS,
-        available=False, tested_here=False,
-        reason=_join(
-            "needs macOS 26+ on Apple Silicon", here, _unsupported("apple-container"),
-            NOT_EXERCISED,
-        ),
-    )
-
-
-def _libkrun(kvm: KvmState) -> BackendStatus:
-    lib = ctypes.util.find_library("krun")
-    return BackendStatus(
-        name="libkrun", supported="libkrun" in SUPPORTED_BACKENDS,
-        available=False, tested_here=False,
-        reason=_join(
-            "needs libkrun (libkrun.so) and usable KVM",
-            f"found {lib}" if lib else "libkrun not found",
-            _kvm_short(kvm),
-            _unsupported("libkrun"),
-            NOT_EXERCISED,
-        ),
-    )
-
-
-def _lima() -> BackendStatus:
-    limactl = shutil.which("limactl")
-    return BackendStatus(
-        name="lima", supported="lima" in SUPPORTED_BACKENDS,
-        available=False, tested_here=False,
-        reason=_join(
-            "needs `limactl`",
-            f"found {limactl}" if limactl else "limactl not on PATH",
-            _unsupported("lima"),
-            NOT_EXERCISED,
-        ),
-    )
-
-
 def host_posture(home: MvmHome, *, probe: bool = True) -> Posture:
     """Check this host now. ``probe=False`` uses only a cached KVM verdict, never boots."""
     tools = host_tools()
-    by_name = {t.name: t for t in tools}
     kvm = kvm_state(home, probe=probe)
-    backends = [
-        _qemu(by_name, kvm),
-        _firecracker(kvm),
-        _docker(),
-        _apple_container(),
-        _libkrun(kvm),
-        _lima(),
-    ]
-    return Posture(host=host_info(), kvm=kvm, backends=backends, tools=tools)
+    facts = HostFacts(kvm_usable=kvm.usable, kvm_reason=kvm.reason, kvm_boot_ms=kvm.boot_ms, pvm_hint=kvm.pvm_hint,
+                      tools={t.name: t for t in tools})
+    reports = [BackendStatus(**asdict(backends.get(name).doctor(facts))) for name in DOCTOR_ORDER]
+    return Posture(host=host_info(), kvm=kvm, backends=reports, tools=tools)
 
 

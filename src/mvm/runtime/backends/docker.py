@@ -13,17 +13,40 @@ supervisor, and the CLI already handles contexts, DOCKER_HOST and API version ne
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mvm.core.errors import BackendUnavailable, HostToolMissing, VmError
+from mvm.core.errors import BackendUnavailable, HostToolMissing, MvmError, VmError
 from mvm.core.state import VmPaths, VmRecord
+from mvm.runtime.backends.base import (
+    BackendReport,
+    Capabilities,
+    Host,
+    HostFacts,
+    Progress,
+    Spawned,
+    VmBackend,
+    in_thread,
+    join_reasons,
+)
+from mvm.runtime.process import spawn_tied
+
+if TYPE_CHECKING:
+    from mvm.runtime.backends.base import AgentHandler
+    from mvm.core.bootimage import BootImage
 
 CAP_ADD = ("CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")  # what /init needs, no more
 CHANNEL_MOUNT = "/.mvm"
 CLI_TIMEOUT_S = 60
+DOCKER_SOCKET = "/var/run/docker.sock"
+REDUCED_ISOLATION = ("docker runs the guest as a container: reduced isolation (it shares the host kernel), "
+                     "not a microVM")
 
 
 def docker_cli() -> str:
@@ -114,6 +137,10 @@ def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> lis
     return [*argv, tag, "/init"]
 
 
+def agent_socket_path(paths: VmPaths) -> Path:
+    return paths.channel_dir / "agent.sock"
+
+
 def prepare_dirs(paths: VmPaths, data_disk: bool) -> None:
     paths.channel_dir.mkdir(mode=0o755, exist_ok=True)
     paths.channel_dir.chmod(0o755)  # the agent (uid 990 in the container) must reach its socket
@@ -135,3 +162,107 @@ def pause(container: str, paused: bool) -> None:
     proc = _docker("pause" if paused else "unpause", container)
     if proc.returncode != 0:
         raise VmError(f"docker {'pause' if paused else 'unpause'} failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def _daemon_socket() -> str:
+    host = os.environ.get("DOCKER_HOST", "")
+    return host.removeprefix("unix://") if host.startswith("unix://") else DOCKER_SOCKET
+
+
+class DockerBackend(VmBackend):
+    """The guest's root tree as a container: reduced isolation, for hosts with no hypervisor."""
+
+    name = "docker"
+    process_label = "the docker CLI"
+    boots_kernel = False
+    capabilities = Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
+                                port_forwarding=True, detach=True, console=True, isolation="container")
+
+    def availability(self, host: Host) -> tuple[bool, str]:
+        ok, why = daemon_status()
+        return ok, f"{why}; {REDUCED_ISOLATION}" if ok else why
+
+    def accel(self, host: Host) -> str:
+        return "container"
+
+    def prepare_image(self, image: BootImage, progress: Progress | None = None) -> None:
+        tag = image_tag(image.name, image.key)
+        if progress:
+            progress(f"docker: {REDUCED_ISOLATION}")
+        if ensure_image(image.rootfs, tag) and progress:
+            progress(f"docker: imported the image as {tag}")
+
+    def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
+        # Named after the final directory: the container is started after the rename.
+        record.backend_id = container_name(VmPaths(staged.dir.parent / record.name))
+        remove(record.backend_id)  # a leftover from a crash must not block the name
+        prepare_dirs(staged, bool(image.data_disk_bytes))
+
+    def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
+        """The container's agent cannot serve a socket the host could reach, so it dials one
+        the supervisor listens on, in a directory bind-mounted at /.mvm."""
+        path = agent_socket_path(paths)
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        os.chmod(path, 0o777)  # uid 990 in the container; the VM directory keeps host users out
+        listener.listen(4)
+        argv = run_argv(paths, record, image_tag(image.name, image.key), bool(image.data_disk_bytes))
+        spawned = time.monotonic()
+        process = spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return Spawned(process, spawned, agent_listen_fd=listener.detach())
+
+    def socket_paths(self, paths: VmPaths) -> list[Path]:
+        return [agent_socket_path(paths)]
+
+    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+        import asyncio
+        assert listen_fd is not None
+        server = await asyncio.start_unix_server(handler, sock=socket.socket(fileno=listen_fd))
+        async with server:
+            await server.serve_forever()
+
+    async def pause(self, paths: VmPaths, record: VmRecord) -> None:
+        await in_thread(pause, self._container(record), True)
+
+    async def resume(self, paths: VmPaths, record: VmRecord) -> None:
+        await in_thread(pause, self._container(record), False)
+
+    async def terminate(self, record: VmRecord, process: Any, sig: int) -> None:
+        # Signalling the docker CLI would leave the container running: kill the container.
+        if record.backend_id:
+            await in_thread(kill, record.backend_id)
+        process.send_signal(sig)
+
+    async def after_exit(self, record: VmRecord) -> None:
+        # The docker CLI may have died alone (kill -9): the container must not outlive it.
+        if record.backend_id:
+            await in_thread(remove, record.backend_id)
+            record.backend_released = True
+
+    def runtime_files(self, paths: VmPaths) -> list[Path]:
+        return [*super().runtime_files(paths), agent_socket_path(paths)]
+
+    def release(self, paths: VmPaths, record: VmRecord) -> bool:
+        if not record.backend_id:
+            return True
+        try:
+            remove(record.backend_id)
+        except MvmError:
+            return False  # dockerd is away: try again next time
+        return True
+
+    def describe(self, record: VmRecord) -> list[tuple[str, str]]:
+        return [("container", str(record.backend_id)), ("isolation", REDUCED_ISOLATION)]
+
+    def doctor(self, facts: HostFacts) -> BackendReport:
+        cli = shutil.which("docker")
+        ok, why = daemon_status()
+        return BackendReport(self.name, True, ok, cli is not None, join_reasons(
+            REDUCED_ISOLATION, f"docker CLI at {cli}" if cli else "", f"daemon socket {_daemon_socket()}: {why}"))
+
+    @staticmethod
+    def _container(record: VmRecord) -> str:
+        if not record.backend_id:
+            raise VmError(f"VM {record.name} has no container")
+        return record.backend_id

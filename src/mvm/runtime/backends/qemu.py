@@ -1,4 +1,4 @@
-"""QEMU ``-M microvm``: the command line and the process.
+"""The QEMU backend, ``-M microvm``: the command line, the process, and QMP for pause.
 
 Every choice here was measured on a TCG host (see DESIGN.md, "This machine"): the ELF
 vmlinux boots via PVH; ``tsc_early_khz`` stops one boot in ten from hanging in PIT
@@ -12,11 +12,29 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, VmError
+from mvm.runtime.backends.base import (
+    NOT_EXERCISED,
+    BackendReport,
+    Capabilities,
+    Host,
+    HostFacts,
+    Spawned,
+    VmBackend,
+    dial_until_open,
+    join_reasons,
+)
+from mvm.runtime.process import spawn_tied
+
+if TYPE_CHECKING:
+    from mvm.runtime.backends.base import AgentHandler
+    from mvm.core.state import VmPaths, VmRecord
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.mvm.agent"
@@ -128,3 +146,84 @@ def image_spec(image: BootImage, overlay: Path, accel: str, *, vcpus: int | None
                memory_mib: int | None = None) -> QemuSpec:
     return QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=overlay, accel=accel,
                     vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib)
+
+
+class QemuBackend(VmBackend):
+    """A microVM under QEMU: KVM when a real probe boot works, else TCG."""
+
+    name = "qemu"
+    process_label = "QEMU"
+    capabilities = Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
+                                port_forwarding=True, detach=True, console=True, isolation="microvm")
+
+    def availability(self, host: Host) -> tuple[bool, str]:
+        missing = [tool for tool in (QEMU_BINARY, "qemu-img") if shutil.which(tool) is None]
+        if missing:
+            return False, f"{' and '.join(missing)} not installed (run `mvmctl bootstrap`)"
+        return True, "QEMU is installed (KVM when the probe boot works, else TCG)"
+
+    def accel(self, host: Host) -> str:
+        from mvm.runtime.kvm import select_accel
+
+        return select_accel(host.home)[0]
+
+    def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
+        create_overlay(image.rootfs, staged.overlay)
+        if image.data_disk_bytes:
+            create_data_disk(staged.data_disk, image.data_disk_bytes)
+
+    def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
+        spec = image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus, memory_mib=record.memory_mib)
+        spec.agent_socket = paths.agent_socket
+        spec.qmp_socket = paths.qmp_socket
+        if image.data_disk_bytes:
+            spec.data_disk = paths.data_disk
+        argv = spec.argv()
+        spawned = time.monotonic()
+        return Spawned(spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+                       spawned)
+
+    def socket_paths(self, paths: VmPaths) -> list[Path]:
+        return [paths.agent_socket, paths.qmp_socket]
+
+    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+        """QEMU serves the virtio-serial port's chardev socket: dial it until it is there."""
+        await handler(*await dial_until_open(paths.agent_socket, 0.01))
+
+    async def pause(self, paths: VmPaths, record: VmRecord) -> None:
+        await self._qmp(paths, record, "stop")
+
+    async def resume(self, paths: VmPaths, record: VmRecord) -> None:
+        await self._qmp(paths, record, "cont")
+
+    async def _qmp(self, paths: VmPaths, record: VmRecord, command: str) -> None:
+        from qemu.qmp import QMPClient
+
+        qmp = QMPClient(record.name)
+        await qmp.connect(str(paths.qmp_socket))
+        try:
+            await qmp.execute(command)
+        finally:
+            await qmp.disconnect()
+
+    def runtime_files(self, paths: VmPaths) -> list[Path]:
+        return [*super().runtime_files(paths), paths.qmp_socket, paths.overlay]
+
+    def doctor(self, facts: HostFacts) -> BackendReport:
+        system, img = facts.tools[QEMU_BINARY], facts.tools["qemu-img"]
+        ran = system.ok  # the version check executes the binary, so a found-and-ok tool has run here
+        broken = [f"{t.name}: {t.problem}" for t in (system, img) if not t.ok]
+        if broken:
+            return BackendReport(self.name, True, False, ran,
+                                 join_reasons(*broken, "" if ran else NOT_EXERCISED))
+        if facts.kvm_usable:
+            accel = "kvm"
+            why = "accel kvm: the probe booted a guest under KVM" + (
+                f" in {facts.kvm_boot_ms} ms" if facts.kvm_boot_ms is not None else "")
+        else:
+            accel = "tcg"
+            why = (f"accel tcg (software emulation, slower) because {facts.kvm_phrase()}; "
+                   "doctor boots no guest under TCG")
+        return BackendReport(self.name, True, True, True, join_reasons(
+            f"{QEMU_BINARY} {system.version or '(version unknown)'} and qemu-img run (version check)", why),
+            accel=accel)

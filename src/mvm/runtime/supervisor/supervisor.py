@@ -1,0 +1,140 @@
+"""The :class:`Supervisor`: the parts of a VM's supervisor put together, and what belongs to
+none of them alone (the record, the stop, the `up` hand-off, pause and snapshot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mvm.core import protocol
+from mvm.core.state import VmPaths, VmRecord, write_json_atomic
+from mvm.runtime import backends
+from mvm.runtime.launchspec import LaunchSpec
+from mvm.runtime.supervisor.agent_link import AgentLink
+from mvm.runtime.supervisor.clients import Client, ClientServer
+from mvm.runtime.supervisor.console import ConsoleRelay
+from mvm.runtime.supervisor.forwards import Forwards
+from mvm.runtime.supervisor.vm_process import ProcessWatch
+
+
+class Supervisor:
+    def __init__(self, spec: LaunchSpec) -> None:
+        self.spec = spec
+        self.paths = VmPaths(Path(spec.vm_dir))
+        self.record = VmRecord.load(self.paths)
+        self.backend = backends.get(self.record.backend)
+        self.stopped = asyncio.Event()
+        self.committed = False
+        self.watch = ProcessWatch(self)
+        self.console = ConsoleRelay(self)
+        self.agent = AgentLink(self)
+        self.clients = ClientServer(self)
+        self.forwards = Forwards(self)
+
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, lambda: self.watch.request_stop("the supervisor got a signal"))
+        self.record.supervisor_pid = os.getpid()
+        self.record.qemu_pid = self.watch.proc.pid
+        self.record.save(self.paths)
+        server = await asyncio.start_unix_server(self.clients.serve, path=str(self.paths.ctl_socket))
+        loop.add_reader(self.spec.commit_fd, self.on_commit_pipe)
+        tasks = [asyncio.create_task(c) for c in (self.console.pump(self.spec.qemu_stdout),
+                                                     self.console.pump_stderr(self.spec.qemu_stderr),
+                                                     self.agent.serve(), self.watch.watch_boot())]
+        await self.watch.watch()
+        for task in tasks:
+            task.cancel()
+        server.close()
+        self.forwards.close()
+        await self.clients.close_all()
+        self.cleanup_runtime_files()
+        self.release_commit()
+        self.console.close()
+
+    def finish(self, reason: str) -> None:
+        """Record the stop once, and answer everyone who waits for it."""
+        if self.stopped.is_set():
+            return
+        record = self.record
+        record.state, record.stopped_at, record.stop_reason = "stopped", time.time(), reason
+        record.exit_status = self.console.filter.exit_status()
+        self.console.record_markers()
+        record.save(self.paths)
+        self.stopped.set()
+        self.clients.answer_waiters("*", {"type": "result", "state": "stopped", "reason": reason,
+                                          "exit_status": record.exit_status})
+        for client in self.clients.clients:
+            if client.attached and client.attach_id is not None:
+                client.send(protocol.encode({"type": "exit", "id": client.attach_id, "code": record.exit_status,
+                                             "reason": reason}))
+            if client.follow_id is not None:
+                client.send(protocol.encode({"type": "done", "id": client.follow_id}))
+        self.agent.fail_all(reason)
+
+    def on_agent_ready(self) -> None:
+        self.record.state, self.record.ready_at = "running", time.time()
+        self.console.record_markers()
+        self.record.save(self.paths)
+        self.clients.answer_waiters("ready", {"type": "result", "state": "running"})
+
+    def cleanup_runtime_files(self) -> None:
+        """A stopped VM keeps its record, mode and console log; the rest goes."""
+        for path in self.backend.runtime_files(self.paths):
+            path.unlink(missing_ok=True)
+
+    # -- `up` hand-off ---------------------------------------------------------------------------
+
+    def on_commit_pipe(self) -> None:
+        data = os.read(self.spec.commit_fd, 16)
+        if data:
+            self.committed = True
+        if not data or self.committed:
+            asyncio.get_running_loop().remove_reader(self.spec.commit_fd)
+        if not data and not self.committed:
+            # `up` died (or gave up) before it could report the VM: leave nothing behind.
+            self.watch.request_stop("the mvmctl that started it exited before the VM was ready", remove=True)
+
+    def release_commit(self) -> None:
+        try:
+            os.close(self.spec.commit_fd)
+        except OSError:
+            pass
+
+    # -- requests that touch the VM as a whole -------------------------------------------------
+
+    async def set_paused(self, client: Client, request_id: int | None, paused: bool) -> None:
+        """Freeze or thaw the guest through its backend; the agent is frozen with it."""
+        try:
+            await (self.backend.pause if paused else self.backend.resume)(self.paths, self.record)
+        except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
+            client.send(protocol.error(request_id, f"{'pause' if paused else 'resume'} failed: {err}"))
+            return
+        self.record.state = "paused" if paused else ("running" if self.agent.ready else "starting")
+        self.record.save(self.paths)
+        client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
+
+    async def snapshot(self, client: Client, request_id: int | None) -> None:
+        try:
+            saved = await self.backend.snapshot(self.paths, self.record)
+        except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
+            client.send(protocol.error(request_id, f"snapshot failed: {err}"))
+            return
+        client.send(protocol.encode({"type": "result", "id": request_id, **saved}))
+
+    def set_mode(self, mode: str) -> None:
+        self.record.mode = mode
+        write_json_atomic(self.paths.mode, {"mode": mode})
+        self.record.save(self.paths)
+
+    def status(self) -> dict[str, Any]:
+        live = asdict(self.record)
+        live["agent"] = self.agent.hello
+        return live
