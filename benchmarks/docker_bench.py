@@ -14,10 +14,10 @@ from lifecycle_bench import trace_up
 
 
 def plain_run_argv(bench: Bench) -> tuple[list[str], Path, str]:
-    """mvm's own `docker run` argv (runtime/docker.run_argv) for a VM directory of ours."""
+    """mvm's own `docker run` argv (runtime/backends/docker.run_argv) for a VM directory of ours."""
     from mvm.build.store import ArtifactStore
     from mvm.core.state import MvmHome, VmPaths, VmRecord
-    from mvm.runtime import docker
+    from mvm.runtime.backends import docker
 
     artifact = ArtifactStore(MvmHome(bench.home)).require("bench")
     meta = artifact.meta

@@ -35,7 +35,7 @@ def raw_up_argv(bench: Bench, artifact_name: str) -> tuple[list[str], Path, Path
     from mvm.build.store import ArtifactStore
     from mvm.core.bootimage import BootImage
     from mvm.core.state import MvmHome
-    from mvm.runtime import qemu
+    from mvm.runtime.backends import qemu
 
     image = BootImage.open(ArtifactStore(MvmHome(bench.home)).require(artifact_name).path)
     overlay = bench.work / "rawup-overlay.qcow2"

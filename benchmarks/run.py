@@ -79,7 +79,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     from mvm.build.store import ArtifactStore
     from mvm.core.bootimage import BootImage
     from mvm.core.state import MvmHome
-    from mvm.runtime import qemu
+    from mvm.runtime.backends import qemu
 
     image = BootImage.open(ArtifactStore(MvmHome.default()).require("hello").path)
     overlay = work / "raw-overlay.qcow2"

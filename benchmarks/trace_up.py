@@ -4,7 +4,7 @@
 
 The parent sets BENCH_T0 (time.time() just before it exec'd us). Each line appended to
 LOGFILE is JSON {"what", "start", "end"} in time.time() seconds; the forked launcher child
-appends its own lines (overlay creation, backend spawn) before it execs the supervisor.
+appends its own line (backend spawn) before it execs the supervisor.
 Nothing in mvm is changed: functions are wrapped from outside, for this process only.
 """
 
@@ -43,18 +43,20 @@ def main() -> None:
     started = time.time()
     import mvm.cli.commands as cli_commands
     import mvm.cli.vm as cli_vm  # what `up` loads lazily; loaded here so it is timed as imports
-    from mvm.runtime import docker, kvm, launcher, lifecycle, qemu  # launcher: what `up` imports before forking
+    from mvm.runtime import kvm, launcher, lifecycle  # launcher: what `up` imports before forking
+    from mvm.runtime.backends import docker, qemu
     from mvm.runtime.client import VmClient
 
-    log("imports (click, mvm.cli.vm, lifecycle, launcher, qemu)", started, time.time())
+    log("imports (click, mvm.cli.vm, lifecycle, launcher, backends)", started, time.time())
     wrap(cli_vm, "boot_image", "find the image (its stamp, else a build or cache check)")
     wrap(lifecycle, "choose_backend", "choose backend")
     wrap(kvm, "select_accel", "select accel (KVM verdict)")
     wrap(docker, "ensure_image", "docker image inspect (ensure_image)")
     wrap(docker, "remove", "docker rm --force leftover")
     wrap(launcher, "launch", "fork + launch (parent side)")
-    wrap(qemu, "create_overlay", "child: qemu-img create overlay")
-    wrap(launcher, "spawn_tied", "child: spawn backend process")
+    wrap(qemu, "create_overlay", "qemu-img create overlay")
+    wrap(qemu, "spawn_tied", "child: spawn QEMU")
+    wrap(docker, "spawn_tied", "child: spawn the docker CLI")
     original_call = VmClient.call
     original_connect = VmClient.connect.__func__
 
