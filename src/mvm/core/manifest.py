@@ -13,20 +13,19 @@ lookup only).
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import json
 import os
 import re
 import shutil
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from mvm.core.errors import ManifestError, UsageError
+from mvm.core.manifest_wording import ManifestChecks, field_name, kind_of, quote
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
 from mvm.core.workdir import MANIFEST_FILE, manifest_file
 from mvm.core.workload import (
@@ -51,7 +50,6 @@ MIN_MEMORY_MIB = 64
 MAX_VCPUS = 64
 MAX_UID = 65534
 PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 # Written by the builder itself; an extra file there would replace /init or the agent.
 _RESERVED_PATHS = ("/init", "/etc/mvm", "/usr/lib/mvm")
 
@@ -138,123 +136,8 @@ def parse_manifest(
         ) from None
 
 
-def field_name(*parts: str | int) -> str:
-    """Dotted TOML path for messages: ``extra_files."/etc/motd".mode``, ``volumes[0].host``."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        key = part if _BARE_KEY.match(part) else _quote(part)
-        out += f".{key}" if out else key
-    return out
-
-
-def _quote(text: str) -> str:
-    """A quoted string with newlines and control characters escaped: messages stay one line."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _kind(value: object) -> str:
-    """The TOML name of a value's type, for "must be X, not Y" messages."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date/time"
-
-
-def _closest(word: str, choices: tuple[str, ...], n: int = 1) -> str | None:
-    """The known word(s) a typo most likely meant, e.g. "mem or memory_mib" for "memroy"."""
-    return " or ".join(difflib.get_close_matches(word, choices, n=n, cutoff=0.6)) or None
-
-
-class _Parser:
+class _Parser(ManifestChecks):
     """Walks the TOML document; every check raises one ManifestError for ``self.path``."""
-
-    def __init__(self, path: str, base_dir: Path) -> None:
-        self.path = path
-        self.base_dir = base_dir
-
-    def error(self, field: tuple[str | int, ...], message: str, fix: str) -> ManifestError:
-        return ManifestError(self.path, field_name(*field) or None, message, fix)
-
-    # -- generic shape checks --------------------------------------------------------------
-
-    def keys(
-        self, table: dict[str, Any], known: tuple[str, ...], at: tuple[str | int, ...]
-    ) -> None:
-        for key in table:
-            if key in known:
-                continue
-            near = _closest(key, known, n=2)
-            fix = (
-                f"rename it to {near}"
-                if near
-                else f"remove it; known keys here: {', '.join(known)}"
-            )
-            raise self.error((*at, key), "unknown key", fix)
-
-    def table(self, value: object, at: tuple[str | int, ...], fix: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.error(at, f"must be a table, not {_kind(value)}", fix)
-        return value
-
-    def string(self, value: object, at: tuple[str | int, ...], fix: str) -> str:
-        if not isinstance(value, str):
-            raise self.error(at, f"must be a string, not {_kind(value)}", fix)
-        if "\0" in value:
-            raise self.error(at, "must not contain a NUL character", fix)
-        return value
-
-    def boolean(self, value: object, at: tuple[str | int, ...]) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(
-                at, f"must be true or false, not {_kind(value)}", "write true or false"
-            )
-        return value
-
-    def integer(self, value: object, at: tuple[str | int, ...], fix: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(at, f"must be an integer, not {_kind(value)}", fix)
-        return value
-
-    def strings(self, value: object, at: tuple[str | int, ...], fix: str) -> list[str]:
-        if not isinstance(value, list):
-            raise self.error(at, f"must be an array of strings, not {_kind(value)}", fix)
-        return [self.string(item, (*at, i), fix) for i, item in enumerate(value)]
-
-    def choice(self, value: object, choices: tuple[str, ...], at: tuple[str | int, ...]) -> str:
-        listed = " | ".join(choices)
-        if not isinstance(value, str):
-            raise self.error(
-                at, f"must be one of {listed}, not {_kind(value)}", f'write e.g. "{choices[0]}"'
-            )
-        if value not in choices:
-            near = _closest(value, choices)
-            fix = f'did you mean "{near}"?' if near else f"use one of {listed}"
-            raise self.error(at, f"{_quote(value)} is not one of {listed}", fix)
-        return value
-
-    def guest_path(self, value: str, at: tuple[str | int, ...], example: str) -> str:
-        """An absolute path inside the guest; ``..`` is refused so nothing escapes its place."""
-        fix = f'use an absolute path such as "{example}"'
-        if not value.startswith("/"):
-            raise self.error(at, f"{_quote(value)} is not an absolute path", fix)
-        if ".." in value.split("/"):
-            raise self.error(at, f"{_quote(value)} contains a '..' component", fix)
-        normal = str(PurePosixPath(value))
-        if normal == "/":
-            raise self.error(at, "must name something below /, not / itself", fix)
-        return normal
 
     # -- the document ----------------------------------------------------------------------
 
@@ -321,7 +204,7 @@ class _Parser:
             plain = re.sub(r"[^a-z0-9_.-]+", "-", derived).strip("-._")[:63] or "app"
             raise self.error(
                 ("name",),
-                f"is not set, and the directory name {_quote(self.base_dir.name)} is not valid",
+                f"is not set, and the directory name {quote(self.base_dir.name)} is not valid",
                 f'add name = "{plain}" to the top of the file',
             ) from None
 
@@ -374,7 +257,7 @@ class _Parser:
         except ValueError as err:
             raise self.error(("data_disk",), str(err), fix) from None
         if size < MIB:
-            raise self.error(("data_disk",), f"{_quote(text)} is smaller than 1M", fix)
+            raise self.error(("data_disk",), f"{quote(text)} is smaller than 1M", fix)
         return size
 
     def entrypoint(self, data: dict[str, Any]) -> Entrypoint:
@@ -401,7 +284,7 @@ class _Parser:
             fix = 'write shell = "/bin/sh"'
             shell = self.string(table["shell"], (*at, "shell"), fix)
             if not shell.startswith("/"):
-                raise self.error((*at, "shell"), f"{_quote(shell)} is not an absolute path", fix)
+                raise self.error((*at, "shell"), f"{quote(shell)} is not an absolute path", fix)
             return Entrypoint(kind=EntrypointKind.SHELL, shell=shell)
         if form == "command":
             argv = self.argv(table["command"], (*at, "command"))
@@ -418,7 +301,7 @@ class _Parser:
         if not program or (not program.startswith("/") and "/" in program):
             raise self.error(
                 at,
-                f"program {_quote(program)} must be an absolute path or a bare name found on PATH",
+                f"program {quote(program)} must be an absolute path or a bare name found on PATH",
                 fix,
             )
         return tuple(argv)
@@ -494,7 +377,7 @@ class _Parser:
             if not PACKAGE_RE.match(name):
                 raise self.error(
                     ("packages", i),
-                    f"{_quote(name)} is not a Debian package name (two or more lowercase"
+                    f"{quote(name)} is not a Debian package name (two or more lowercase"
                     " letters, digits, '+', '-' or '.', starting with a letter or digit)",
                     "use the name `apt-cache search` shows, e.g. python3",
                 )
@@ -521,7 +404,7 @@ class _Parser:
                     )
             if path in files:
                 raise self.error(
-                    here, f"names the same file as {_quote(path)} above", "keep one of them"
+                    here, f"names the same file as {quote(path)} above", "keep one of them"
                 )
             spec = self.table(spec, here, f"write {fix}")
             self.keys(spec, _EXTRA_FILE_KEYS, here)
@@ -537,7 +420,7 @@ class _Parser:
         fix = 'write the mode as octal digits in a string, e.g. mode = "0644"'
         if isinstance(value, str):
             if not re.fullmatch(r"[0-7]{1,5}", value):
-                raise self.error(at, f"{_quote(value)} is not an octal mode", fix)
+                raise self.error(at, f"{quote(value)} is not an octal mode", fix)
             mode = int(value, 8)
         elif isinstance(value, int) and not isinstance(value, bool):
             mode = value
@@ -553,7 +436,7 @@ class _Parser:
                     f'for octal {mode} write mode = "0{mode}" or mode = 0o{mode}' if octal else fix,
                 )
         else:
-            raise self.error(at, f"must be a string of octal digits, not {_kind(value)}", fix)
+            raise self.error(at, f"must be a string of octal digits, not {kind_of(value)}", fix)
         if mode > 0o7777:
             raise self.error(at, f"0o{mode:o} is larger than 0o7777", fix)
         return mode
@@ -598,7 +481,7 @@ class _Parser:
     def allow_entry(self, entry: str, at: tuple[str | int, ...], fix: str) -> None:
         host, sep, port = entry.rpartition(":")
         if not sep or not host or any(c.isspace() for c in entry) or not _port(port):
-            raise self.error(at, f"{_quote(entry)} is not host:port", fix)
+            raise self.error(at, f"{quote(entry)} is not host:port", fix)
 
     def forward(self, spec: str, at: tuple[str | int, ...], fix: str) -> Forward:
         """``[ADDR:]HOSTPORT:GUESTPORT``; ADDR may be ``[::1]``; it defaults to loopback."""
@@ -607,29 +490,29 @@ class _Parser:
         if spec.startswith("["):
             close = spec.find("]:")
             if close < 0:
-                raise self.error(at, f"{_quote(spec)} has an unclosed [ADDR]", fix)
+                raise self.error(at, f"{quote(spec)} has an unclosed [ADDR]", fix)
             addr, rest = spec[1:close], spec[close + 2 :]
         parts = rest.split(":")
         if not spec.startswith("[") and len(parts) == 3:
             addr, parts = parts[0], parts[1:]
         if len(parts) != 2:
-            raise self.error(at, f"{_quote(spec)} is not [ADDR:]HOSTPORT:GUESTPORT", fix)
+            raise self.error(at, f"{quote(spec)} is not [ADDR:]HOSTPORT:GUESTPORT", fix)
         try:
             addr = str(ipaddress.ip_address(addr))
         except ValueError:
             raise self.error(
-                at, f"{_quote(addr)} in {_quote(spec)} is not an IP address", fix
+                at, f"{quote(addr)} in {quote(spec)} is not an IP address", fix
             ) from None
         host_port, guest_port = (_port(p) for p in parts)
         if host_port is None or guest_port is None:
-            raise self.error(at, f"{_quote(spec)} needs ports from 1 to 65535", fix)
+            raise self.error(at, f"{quote(spec)} needs ports from 1 to 65535", fix)
         return Forward(host_addr=addr, host_port=host_port, guest_port=guest_port)
 
     def volumes(self, data: dict[str, Any]) -> tuple[Volume, ...]:
         fix = 'write [[volumes]] with host = "./data" and guest = "/data"'
         value = data.get("volumes", [])
         if not isinstance(value, list):
-            raise self.error(("volumes",), f"must be an array of tables, not {_kind(value)}", fix)
+            raise self.error(("volumes",), f"must be an array of tables, not {kind_of(value)}", fix)
         volumes: list[Volume] = []
         for i, spec in enumerate(value):
             here: tuple[str | int, ...] = ("volumes", i)
