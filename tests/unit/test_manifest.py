@@ -13,7 +13,8 @@ from click.testing import CliRunner
 
 from mvm.cli.validate import COMMANDS, validate
 from mvm.core.errors import ManifestError, UsageError
-from mvm.core.manifest import ManifestOverrides, field_name, load_manifest, parse_manifest
+from mvm.core.manifest import ManifestOverrides, load_manifest, parse_manifest
+from mvm.core.manifest_wording import field_name
 from mvm.core.workload import EntrypointKind, NetworkMode, RestartPolicy, Workload
 
 SHELL = '[entrypoint]\nshell = "/bin/sh"\n'

@@ -7,69 +7,38 @@ Keys are checked against a fixed schema so a typo is reported (with the closest 
 instead of silently ignored. CLI overrides (``--vcpus --mem --data-disk``) win over the file
 and are reported as :class:`~mvm.core.errors.UsageError` naming the flag.
 
+The top-level keys and the overrides are read here; the sections in core.manifest_guest
+(entrypoint, uids, packages, extra_files) and core.manifest_host (sizes, network, volumes),
+and the wording of every mistake in core.manifest_wording.
+
 This module is pure: it reads one file and never runs a program (the ``nix`` check is a PATH
 lookup only).
 """
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
-import json
-import os
 import re
 import shutil
 import tomllib
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, get_args
 
 from pydantic import ValidationError
 
 from mvm.core.errors import ManifestError, UsageError
+from mvm.core.manifest_guest import GuestSections
+from mvm.core.manifest_host import MAX_VCPUS, MIN_MEMORY_MIB, HostSections
+from mvm.core.manifest_wording import field_name, quote
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
 from mvm.core.workdir import MANIFEST_FILE, manifest_file
-from mvm.core.workload import (
-    AGENT_UID,
-    SEALED_ENTRYPOINT_UID,
-    Entrypoint,
-    EntrypointKind,
-    ExtraFile,
-    Forward,
-    Hypervisor,
-    Network,
-    NetworkMode,
-    RestartPolicy,
-    Service,
-    Uids,
-    Volume,
-    Workload,
-    validate_name,
-)
-
-MIN_MEMORY_MIB = 64
-MAX_VCPUS = 64
-MAX_UID = 65534
-PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-# Written by the builder itself; an extra file there would replace /init or the agent.
-_RESERVED_PATHS = ("/init", "/etc/mvm", "/usr/lib/mvm")
+from mvm.core.workload import Hypervisor, Workload, validate_name
 
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
     "flake", "profile", "entrypoint", "uids", "extra_files", "network", "volumes",
 )  # fmt: skip
-_ENTRYPOINT_KEYS = ("shell", "command", "services")
-_SERVICE_KEYS = ("command", "restart")
-_UID_KEYS = ("agent", "entrypoint")
-_EXTRA_FILE_KEYS = ("content", "mode")
-_NETWORK_KEYS = ("mode", "allow", "forward")
-_VOLUME_KEYS = ("host", "guest", "readonly")
 
-_ENTRYPOINT_FIX = (
-    'add an [entrypoint] table with one of shell = "/bin/sh", command = ["/path/prog", ...]'
-    " or [entrypoint.services.NAME] tables"
-)
 _NIX_FIX = "remove flake/profile to use mvm's built-in Debian builder"
 
 
@@ -138,125 +107,8 @@ def parse_manifest(
         ) from None
 
 
-def field_name(*parts: str | int) -> str:
-    """Dotted TOML path for messages: ``extra_files."/etc/motd".mode``, ``volumes[0].host``."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-            continue
-        key = part if _BARE_KEY.match(part) else _quote(part)
-        out += f".{key}" if out else key
-    return out
-
-
-def _quote(text: str) -> str:
-    """A quoted string with newlines and control characters escaped: messages stay one line."""
-    return json.dumps(text, ensure_ascii=False)
-
-
-def _kind(value: object) -> str:
-    """The TOML name of a value's type, for "must be X, not Y" messages."""
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a float"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return "a date/time"
-
-
-def _closest(word: str, choices: tuple[str, ...], n: int = 1) -> str | None:
-    """The known word(s) a typo most likely meant, e.g. "mem or memory_mib" for "memroy"."""
-    return " or ".join(difflib.get_close_matches(word, choices, n=n, cutoff=0.6)) or None
-
-
-class _Parser:
-    """Walks the TOML document; every check raises one ManifestError for ``self.path``."""
-
-    def __init__(self, path: str, base_dir: Path) -> None:
-        self.path = path
-        self.base_dir = base_dir
-
-    def error(self, field: tuple[str | int, ...], message: str, fix: str) -> ManifestError:
-        return ManifestError(self.path, field_name(*field) or None, message, fix)
-
-    # -- generic shape checks --------------------------------------------------------------
-
-    def keys(
-        self, table: dict[str, Any], known: tuple[str, ...], at: tuple[str | int, ...]
-    ) -> None:
-        for key in table:
-            if key in known:
-                continue
-            near = _closest(key, known, n=2)
-            fix = (
-                f"rename it to {near}"
-                if near
-                else f"remove it; known keys here: {', '.join(known)}"
-            )
-            raise self.error((*at, key), "unknown key", fix)
-
-    def table(self, value: object, at: tuple[str | int, ...], fix: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise self.error(at, f"must be a table, not {_kind(value)}", fix)
-        return value
-
-    def string(self, value: object, at: tuple[str | int, ...], fix: str) -> str:
-        if not isinstance(value, str):
-            raise self.error(at, f"must be a string, not {_kind(value)}", fix)
-        if "\0" in value:
-            raise self.error(at, "must not contain a NUL character", fix)
-        return value
-
-    def boolean(self, value: object, at: tuple[str | int, ...]) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(
-                at, f"must be true or false, not {_kind(value)}", "write true or false"
-            )
-        return value
-
-    def integer(self, value: object, at: tuple[str | int, ...], fix: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(at, f"must be an integer, not {_kind(value)}", fix)
-        return value
-
-    def strings(self, value: object, at: tuple[str | int, ...], fix: str) -> list[str]:
-        if not isinstance(value, list):
-            raise self.error(at, f"must be an array of strings, not {_kind(value)}", fix)
-        return [self.string(item, (*at, i), fix) for i, item in enumerate(value)]
-
-    def choice(self, value: object, choices: tuple[str, ...], at: tuple[str | int, ...]) -> str:
-        listed = " | ".join(choices)
-        if not isinstance(value, str):
-            raise self.error(
-                at, f"must be one of {listed}, not {_kind(value)}", f'write e.g. "{choices[0]}"'
-            )
-        if value not in choices:
-            near = _closest(value, choices)
-            fix = f'did you mean "{near}"?' if near else f"use one of {listed}"
-            raise self.error(at, f"{_quote(value)} is not one of {listed}", fix)
-        return value
-
-    def guest_path(self, value: str, at: tuple[str | int, ...], example: str) -> str:
-        """An absolute path inside the guest; ``..`` is refused so nothing escapes its place."""
-        fix = f'use an absolute path such as "{example}"'
-        if not value.startswith("/"):
-            raise self.error(at, f"{_quote(value)} is not an absolute path", fix)
-        if ".." in value.split("/"):
-            raise self.error(at, f"{_quote(value)} contains a '..' component", fix)
-        normal = str(PurePosixPath(value))
-        if normal == "/":
-            raise self.error(at, "must name something below /, not / itself", fix)
-        return normal
-
-    # -- the document ----------------------------------------------------------------------
+class _Parser(GuestSections, HostSections):
+    """Walks the TOML document: the top-level keys here, each section by its reader."""
 
     def workload(self, data: dict[str, Any], overrides: ManifestOverrides) -> Workload:
         self.keys(data, _TOP_KEYS, ())
@@ -321,349 +173,9 @@ class _Parser:
             plain = re.sub(r"[^a-z0-9_.-]+", "-", derived).strip("-._")[:63] or "app"
             raise self.error(
                 ("name",),
-                f"is not set, and the directory name {_quote(self.base_dir.name)} is not valid",
+                f"is not set, and the directory name {quote(self.base_dir.name)} is not valid",
                 f'add name = "{plain}" to the top of the file',
             ) from None
-
-    def vcpus(self, data: dict[str, Any]) -> int:
-        if "vcpus" not in data:
-            return 1
-        fix = f"write vcpus as a whole number from 1 to {MAX_VCPUS}"
-        vcpus = self.integer(data["vcpus"], ("vcpus",), fix)
-        if not 1 <= vcpus <= MAX_VCPUS:
-            raise self.error(
-                ("vcpus",), f"{vcpus} is out of range; a guest has 1 to {MAX_VCPUS} vCPUs", fix
-            )
-        return vcpus
-
-    def memory(self, data: dict[str, Any]) -> int:
-        """``memory_mib = 256`` or ``mem = "256M"``: two spellings, one value, never both."""
-        if "memory_mib" in data and "mem" in data:
-            raise self.error(("mem",), "memory_mib and mem are both given", "keep only one of them")
-        if "memory_mib" in data:
-            fix = 'write memory_mib as a whole number of MiB, or mem = "256M"'
-            mib = self.integer(data["memory_mib"], ("memory_mib",), fix)
-            self.enough_memory(mib, ("memory_mib",))
-            return mib
-        if "mem" in data:
-            fix = 'write a size such as mem = "256M", or memory_mib = 256'
-            text = self.string(data["mem"], ("mem",), fix)
-            try:
-                mib = parse_mib(text)
-            except ValueError as err:
-                raise self.error(("mem",), str(err), fix) from None
-            self.enough_memory(mib, ("mem",))
-            return mib
-        return 256
-
-    def enough_memory(self, mib: int, at: tuple[str, ...]) -> None:
-        if mib < MIN_MEMORY_MIB:
-            raise self.error(
-                at,
-                f"{mib} MiB is too small; a guest needs at least {MIN_MEMORY_MIB} MiB",
-                f"give it {MIN_MEMORY_MIB} MiB or more",
-            )
-
-    def data_disk(self, data: dict[str, Any]) -> int | None:
-        if "data_disk" not in data:
-            return None
-        fix = 'write a size such as data_disk = "8G"'
-        text = self.string(data["data_disk"], ("data_disk",), fix)
-        try:
-            size = parse_size(text)
-        except ValueError as err:
-            raise self.error(("data_disk",), str(err), fix) from None
-        if size < MIB:
-            raise self.error(("data_disk",), f"{_quote(text)} is smaller than 1M", fix)
-        return size
-
-    def entrypoint(self, data: dict[str, Any]) -> Entrypoint:
-        if "entrypoint" not in data:
-            raise self.error(
-                ("entrypoint",), "is missing: nothing says what the guest runs", _ENTRYPOINT_FIX
-            )
-        at: tuple[str | int, ...] = ("entrypoint",)
-        table = self.table(data["entrypoint"], at, _ENTRYPOINT_FIX)
-        self.keys(table, _ENTRYPOINT_KEYS, at)
-        forms = [k for k in _ENTRYPOINT_KEYS if k in table]
-        if not forms:
-            raise self.error(
-                at, "is empty: give one of shell, command or services", _ENTRYPOINT_FIX
-            )
-        if len(forms) > 1:
-            raise self.error(
-                at,
-                f"gives {' and '.join(forms)}; an entrypoint is exactly one of them",
-                f"keep only one of {', '.join(forms)}",
-            )
-        form = forms[0]
-        if form == "shell":
-            fix = 'write shell = "/bin/sh"'
-            shell = self.string(table["shell"], (*at, "shell"), fix)
-            if not shell.startswith("/"):
-                raise self.error((*at, "shell"), f"{_quote(shell)} is not an absolute path", fix)
-            return Entrypoint(kind=EntrypointKind.SHELL, shell=shell)
-        if form == "command":
-            argv = self.argv(table["command"], (*at, "command"))
-            return Entrypoint(kind=EntrypointKind.COMMAND, command=argv)
-        return Entrypoint(kind=EntrypointKind.SERVICES, services=self.services(table["services"]))
-
-    def argv(self, value: object, at: tuple[str | int, ...]) -> tuple[str, ...]:
-        """A program and its arguments; no shell parsing ever happens on them."""
-        fix = 'write command = ["/usr/bin/prog", "arg", ...]'
-        argv = self.strings(value, at, fix)
-        if not argv:
-            raise self.error(at, "is empty: it needs at least the program to run", fix)
-        program = argv[0]
-        if not program or (not program.startswith("/") and "/" in program):
-            raise self.error(
-                at,
-                f"program {_quote(program)} must be an absolute path or a bare name found on PATH",
-                fix,
-            )
-        return tuple(argv)
-
-    def services(self, value: object) -> tuple[Service, ...]:
-        at: tuple[str | int, ...] = ("entrypoint", "services")
-        fix = 'add [entrypoint.services.web] with command = ["/usr/bin/prog"]'
-        table = self.table(value, at, fix)
-        if not table:
-            raise self.error(at, "lists no services", fix)
-        services = []
-        for name, spec in table.items():
-            here = (*at, name)
-            try:
-                validate_name(name)
-            except ValueError as err:
-                raise self.error(
-                    here, f"service name: {err}", 'name it like "web" or "worker-1"'
-                ) from None
-            spec = self.table(spec, here, f"write [{field_name(*here)}] with a command")
-            self.keys(spec, _SERVICE_KEYS, here)
-            if "command" not in spec:
-                raise self.error(
-                    (*here, "command"), "is missing", 'add command = ["/usr/bin/prog", ...]'
-                )
-            argv = self.argv(spec["command"], (*here, "command"))
-            policies = tuple(p.value for p in RestartPolicy)
-            restart = RestartPolicy.ON_FAILURE
-            if "restart" in spec:
-                restart = RestartPolicy(self.choice(spec["restart"], policies, (*here, "restart")))
-            services.append(Service(name=name, command=argv, restart=restart))
-        return tuple(services)
-
-    def uids(self, data: dict[str, Any], dev: bool) -> Uids:
-        """Defaults: agent 990; entrypoint root in a dev image, 1000 in a sealed one."""
-        at: tuple[str | int, ...] = ("uids",)
-        table = self.table(
-            data.get("uids", {}), at, "write [uids] with agent = 990, entrypoint = 1000"
-        )
-        self.keys(table, _UID_KEYS, at)
-        values: dict[str, int] = {}
-        for key in _UID_KEYS:
-            if key not in table:
-                continue
-            fix = f"write {key} = a whole number from {1 if key == 'agent' else 0} to {MAX_UID}"
-            uid = self.integer(table[key], (*at, key), fix)
-            if not 0 <= uid <= MAX_UID:
-                raise self.error((*at, key), f"{uid} is not a uid from 0 to {MAX_UID}", fix)
-            values[key] = uid
-        if values.get("agent") == 0:
-            raise self.error(
-                (*at, "agent"),
-                "is 0, but the agent never runs as root",
-                "remove it to use 990, or pick another uid",
-            )
-        values.setdefault("entrypoint", Workload.default_entrypoint_uid(dev))
-        agent = values.get("agent", AGENT_UID)
-        if values["entrypoint"] == agent:
-            # Same uid would let the workload signal or ptrace the agent and answer for it.
-            raise self.error(
-                (*at, "entrypoint"),
-                f"{agent} is the agent's uid; the workload must not run as the agent",
-                f"pick another uid, e.g. {SEALED_ENTRYPOINT_UID}",
-            )
-        return Uids(**values)
-
-    def packages(self, data: dict[str, Any]) -> tuple[str, ...]:
-        if "packages" not in data:
-            return ()
-        fix = 'write packages = ["python3", ...] with Debian package names'
-        names = self.strings(data["packages"], ("packages",), fix)
-        for i, name in enumerate(names):
-            if not PACKAGE_RE.match(name):
-                raise self.error(
-                    ("packages", i),
-                    f"{_quote(name)} is not a Debian package name (two or more lowercase"
-                    " letters, digits, '+', '-' or '.', starting with a letter or digit)",
-                    "use the name `apt-cache search` shows, e.g. python3",
-                )
-        return tuple(dict.fromkeys(names))
-
-    def extra_files(self, data: dict[str, Any]) -> tuple[ExtraFile, ...]:
-        at: tuple[str | int, ...] = ("extra_files",)
-        fix = '[extra_files."/etc/motd"] with content = "..." and mode = "0644"'
-        table = self.table(data.get("extra_files", {}), at, f"write {fix}")
-        files: dict[str, ExtraFile] = {}
-        for key, spec in table.items():
-            here = (*at, key)
-            path = self.guest_path(key, here, "/etc/motd")
-            if key.endswith("/"):
-                raise self.error(
-                    here,
-                    "ends with '/', so it names a directory, not a file",
-                    "drop the trailing /",
-                )
-            for reserved in _RESERVED_PATHS:
-                if path == reserved or path.startswith(reserved + "/"):
-                    raise self.error(
-                        here, f"{reserved} is written by mvm itself", "put the file somewhere else"
-                    )
-            if path in files:
-                raise self.error(
-                    here, f"names the same file as {_quote(path)} above", "keep one of them"
-                )
-            spec = self.table(spec, here, f"write {fix}")
-            self.keys(spec, _EXTRA_FILE_KEYS, here)
-            if "content" not in spec:
-                raise self.error((*here, "content"), "is missing", 'add content = "..."')
-            content = self.string(spec["content"], (*here, "content"), 'write content = "..."')
-            mode = self.mode(spec["mode"], (*here, "mode")) if "mode" in spec else 0o644
-            files[path] = ExtraFile(path=path, content=content, mode=mode)
-        return tuple(files.values())
-
-    def mode(self, value: object, at: tuple[str | int, ...]) -> int:
-        """``"0644"``, ``"755"`` or a TOML integer such as ``0o644`` (taken as the mode itself)."""
-        fix = 'write the mode as octal digits in a string, e.g. mode = "0644"'
-        if isinstance(value, str):
-            if not re.fullmatch(r"[0-7]{1,5}", value):
-                raise self.error(at, f"{_quote(value)} is not an octal mode", fix)
-            mode = int(value, 8)
-        elif isinstance(value, int) and not isinstance(value, bool):
-            mode = value
-            if mode < 0:
-                raise self.error(at, f"{mode} is negative", fix)
-            if mode <= 0o7777 and mode & 0o1000:
-                # The sticky bit means nothing on a file: this is almost always `mode = 644`.
-                octal = set(str(mode)) <= set("01234567")
-                raise self.error(
-                    at,
-                    f"the integer {mode} is mode 0o{mode:o} (sticky bit);"
-                    " TOML integers are decimal",
-                    f'for octal {mode} write mode = "0{mode}" or mode = 0o{mode}' if octal else fix,
-                )
-        else:
-            raise self.error(at, f"must be a string of octal digits, not {_kind(value)}", fix)
-        if mode > 0o7777:
-            raise self.error(at, f"0o{mode:o} is larger than 0o7777", fix)
-        return mode
-
-    def network(self, data: dict[str, Any]) -> Network:
-        at: tuple[str | int, ...] = ("network",)
-        table = self.table(data.get("network", {}), at, 'write [network] with mode = "deny"')
-        self.keys(table, _NETWORK_KEYS, at)
-        modes = tuple(m.value for m in NetworkMode)
-        mode = (
-            NetworkMode(self.choice(table["mode"], modes, (*at, "mode")))
-            if "mode" in table
-            else NetworkMode.DENY
-        )
-        allow_fix = 'write allow = ["api.example.com:443", ...]'
-        allow = self.strings(table.get("allow", []), (*at, "allow"), allow_fix)
-        for i, entry in enumerate(allow):
-            self.allow_entry(entry, (*at, "allow", i), allow_fix)
-        if allow and mode is not NetworkMode.ALLOW_LIST:
-            raise self.error(
-                (*at, "allow"),
-                f'lists destinations, but network.mode is "{mode.value}" so it has no effect',
-                'set mode = "allow-list" or remove allow',
-            )
-        forward_fix = 'write each forward as "[ADDR:]HOSTPORT:GUESTPORT", e.g. "127.0.0.1:8080:80"'
-        specs = self.strings(table.get("forward", []), (*at, "forward"), forward_fix)
-        forwards: list[Forward] = []
-        for i, spec in enumerate(specs):
-            forward = self.forward(spec, (*at, "forward", i), forward_fix)
-            if any(
-                (f.host_addr, f.host_port) == (forward.host_addr, forward.host_port)
-                for f in forwards
-            ):
-                raise self.error(
-                    (*at, "forward", i),
-                    f"{forward.host_addr}:{forward.host_port} is already forwarded",
-                    "give each forward its own host port",
-                )
-            forwards.append(forward)
-        return Network(mode=mode, allow=tuple(allow), forward=tuple(forwards))
-
-    def allow_entry(self, entry: str, at: tuple[str | int, ...], fix: str) -> None:
-        host, sep, port = entry.rpartition(":")
-        if not sep or not host or any(c.isspace() for c in entry) or not _port(port):
-            raise self.error(at, f"{_quote(entry)} is not host:port", fix)
-
-    def forward(self, spec: str, at: tuple[str | int, ...], fix: str) -> Forward:
-        """``[ADDR:]HOSTPORT:GUESTPORT``; ADDR may be ``[::1]``; it defaults to loopback."""
-        addr = "127.0.0.1"
-        rest = spec
-        if spec.startswith("["):
-            close = spec.find("]:")
-            if close < 0:
-                raise self.error(at, f"{_quote(spec)} has an unclosed [ADDR]", fix)
-            addr, rest = spec[1:close], spec[close + 2 :]
-        parts = rest.split(":")
-        if not spec.startswith("[") and len(parts) == 3:
-            addr, parts = parts[0], parts[1:]
-        if len(parts) != 2:
-            raise self.error(at, f"{_quote(spec)} is not [ADDR:]HOSTPORT:GUESTPORT", fix)
-        try:
-            addr = str(ipaddress.ip_address(addr))
-        except ValueError:
-            raise self.error(
-                at, f"{_quote(addr)} in {_quote(spec)} is not an IP address", fix
-            ) from None
-        host_port, guest_port = (_port(p) for p in parts)
-        if host_port is None or guest_port is None:
-            raise self.error(at, f"{_quote(spec)} needs ports from 1 to 65535", fix)
-        return Forward(host_addr=addr, host_port=host_port, guest_port=guest_port)
-
-    def volumes(self, data: dict[str, Any]) -> tuple[Volume, ...]:
-        fix = 'write [[volumes]] with host = "./data" and guest = "/data"'
-        value = data.get("volumes", [])
-        if not isinstance(value, list):
-            raise self.error(("volumes",), f"must be an array of tables, not {_kind(value)}", fix)
-        volumes: list[Volume] = []
-        for i, spec in enumerate(value):
-            here: tuple[str | int, ...] = ("volumes", i)
-            spec = self.table(spec, here, fix)
-            self.keys(spec, _VOLUME_KEYS, here)
-            for key in ("host", "guest"):
-                if key not in spec:
-                    raise self.error((*here, key), "is missing", fix)
-            host = self.string(spec["host"], (*here, "host"), fix)
-            if not host:
-                raise self.error((*here, "host"), "is empty", fix)
-            # Relative to the manifest, not to wherever mvmctl happens to run.
-            host_path = os.path.normpath(self.base_dir / os.path.expanduser(host))
-            guest = self.guest_path(
-                self.string(spec["guest"], (*here, "guest"), fix), (*here, "guest"), "/data"
-            )
-            if any(v.guest == guest for v in volumes):
-                raise self.error(
-                    (*here, "guest"),
-                    f"{guest} is already a volume",
-                    "give each volume its own guest path",
-                )
-            readonly = (
-                self.boolean(spec["readonly"], (*here, "readonly")) if "readonly" in spec else True
-            )
-            volumes.append(Volume(host=host_path, guest=guest, readonly=readonly))
-        return tuple(volumes)
-
-
-def _port(text: str) -> int | None:
-    if not text.isascii() or not text.isdigit():
-        return None
-    port = int(text)
-    return port if 1 <= port <= 65535 else None
 
 
 def _apply(
