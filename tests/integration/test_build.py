@@ -79,8 +79,8 @@ def test_second_build_is_a_cache_hit_and_no_cache_is_byte_identical(
 CHECK_PYC = """
 import importlib.util, json, marshal, subprocess, sys
 sys.path.insert(0, "/usr/lib/mvm")
-import mvm.core.protocol
-for module in (json, subprocess, mvm.core.protocol):
+import agent.session, mvm.core.protocol
+for module in (json, subprocess, mvm.core.protocol, agent.session):
     cached = module.__spec__.cached
     with open(cached, "rb") as f:
         data = f.read()
@@ -112,6 +112,7 @@ def test_guest_python_loads_precompiled_bytecode(mvmctl: Mvmctl, workload_dir) -
     assert "pyc json True 1 True /usr/lib/python3.11/json/__init__.py" in out, out
     assert "pyc subprocess True 1 True /usr/lib/python3.11/subprocess.py" in out, out
     assert "pyc mvm.core.protocol True 1 True /usr/lib/mvm/mvm/core/protocol.py" in out, out
+    assert "pyc agent.session True 1 True /usr/lib/mvm/agent/session.py" in out, out
     assert "code object from '/usr/lib/python3.11/json/__pycache__/__init__.cpython-311.pyc'" in out, out
     assert "code object from /usr/lib/python3.11/json/__init__.py" not in out, out
 

@@ -1,8 +1,9 @@
 """The guest agent, run for real on the host: a subprocess spoken to with real frames.
 
-Each test starts src/mvm/guest/agent.py over a socketpair (``--fd``) or, where a host has to
-come and go, over a unix socket it connects to (``--port``). Tests run as root here, so the
-agent gets its test-only ``--allow-root-for-tests``; the fuzz test runs it as nobody.
+Each test starts the agent as /init does, ``python3 -E -s -m agent`` from a copy of the
+guest's /usr/lib/mvm that the builder lays out, over a socketpair (``--fd``) or, where a host
+has to come and go, over a unix socket it connects to (``--port``). Tests run as root here, so
+the agent gets its test-only ``--allow-root-for-tests``; the fuzz test runs it as nobody.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import resource
 import select
+import shutil
 import socket
 import stat
 import struct
@@ -33,13 +35,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mvm.build.rootfs import GUEST_DIR, write_agent
 from mvm.core import protocol
 
-REPO = Path(__file__).resolve().parents[2]
-AGENT = REPO / "src" / "mvm" / "guest" / "agent.py"
 WAIT = 10.0  # seconds any single reply may take
 # The guest runs Debian 12's python3.11; where the host has that same interpreter, use it.
 PYTHON = "/usr/bin/python3.11" if os.access("/usr/bin/python3.11", os.X_OK) else sys.executable
+AGENT = [PYTHON, "-E", "-s", "-m", "agent"]  # as /init runs it, in the directory Guest.lib
 NOBODY = 65534
 
 
@@ -164,17 +166,18 @@ class Guest:
     """Where the tests point the agent's guest paths."""
 
     root: Path
+    lib: Path  # the guest's /usr/lib/mvm: the agent package and mvm/core/protocol.py
 
     @property
     def env(self) -> dict[str, str]:
-        return {"PYTHONPATH": str(REPO / "src"), "PATH": os.environ["PATH"],
+        return {"PATH": os.environ["PATH"],
                 "MVM_AGENT_ARTIFACT_JSON": str(self.root / "artifact.json"),
                 "MVM_AGENT_ENTRYPOINT_PID": str(self.root / "entrypoint.pid"),
                 "MVM_AGENT_CONTROL": str(self.root / "control")}
 
 
 def agent_argv(*where: str) -> list[str]:
-    return [PYTHON, str(AGENT), *where, "--allow-root-for-tests"]
+    return [*AGENT, *where, "--allow-root-for-tests"]
 
 
 def check_stderr(path: Path) -> None:
@@ -189,7 +192,7 @@ def spawn_agent(guest: Guest, **popen: Any) -> Iterator[Client]:
     log = guest.root / "agent.stderr"
     with open(log, "wb") as stderr:
         proc = subprocess.Popen(agent_argv("--fd", str(theirs.fileno())), pass_fds=[theirs.fileno()],
-                                env=guest.env, stdin=subprocess.DEVNULL, stderr=stderr, **popen)
+                                cwd=guest.lib, env=guest.env, stdin=subprocess.DEVNULL, stderr=stderr, **popen)
     theirs.close()
     client = Client(ours)
     try:
@@ -205,12 +208,23 @@ def spawn_agent(guest: Guest, **popen: Any) -> Iterator[Client]:
         check_stderr(log)
 
 
+@pytest.fixture(scope="session")
+def guest_lib() -> Iterator[Path]:
+    """GUEST_DIR as the builder writes it into every image, where nobody can read it too."""
+    top = Path(tempfile.mkdtemp(prefix="mvm-guest-lib-"))
+    write_agent(top)
+    for directory in [top, *(p for p in top.rglob("*") if p.is_dir())]:
+        directory.chmod(0o755)
+    yield top / GUEST_DIR.lstrip("/")
+    shutil.rmtree(top)
+
+
 @pytest.fixture
-def guest(tmp_path: Path) -> Guest:
+def guest(tmp_path: Path, guest_lib: Path) -> Guest:
     root = tmp_path / "guest"
     root.mkdir()
     (root / "artifact.json").write_text(json.dumps({"sealed": False}))
-    return Guest(root)
+    return Guest(root, guest_lib)
 
 
 @pytest.fixture
@@ -236,7 +250,7 @@ def test_hello_and_ping(guest: Guest) -> None:
 
 
 def test_refuses_root_without_the_test_flag(guest: Guest) -> None:
-    proc = subprocess.run([PYTHON, str(AGENT), "--fd", "0"], env=guest.env, capture_output=True,
+    proc = subprocess.run([*AGENT, "--fd", "0"], cwd=guest.lib, env=guest.env, capture_output=True,
                           text=True, timeout=WAIT, stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 2 and "root" in proc.stderr
 
@@ -631,8 +645,8 @@ def port_agent(guest: Guest, **popen: Any) -> Iterator[tuple[socket.socket, subp
     server.settimeout(WAIT)
     log = guest.root / "agent.stderr"
     with open(log, "wb") as stderr:
-        proc = subprocess.Popen(agent_argv("--port", str(path)), env=guest.env, stdin=subprocess.DEVNULL,
-                                stderr=stderr, **popen)
+        proc = subprocess.Popen(agent_argv("--port", str(path)), cwd=guest.lib, env=guest.env,
+                                stdin=subprocess.DEVNULL, stderr=stderr, **popen)
     try:
         yield server, proc
     finally:
@@ -696,11 +710,10 @@ def fuzz_frames(draw: st.DrawFn) -> bytes:
     return struct.pack(">II", 4 + len(raw) + len(body), len(raw)) + raw + body
 
 
-def can_run_as_nobody() -> bool:
+def can_run_as_nobody(guest: Guest) -> bool:
     try:
-        subprocess.run([PYTHON, "-c", f"import sys; sys.path.insert(0, {str(REPO / 'src')!r}); import mvm.core.protocol"],
-                       user=NOBODY, group=NOBODY, extra_groups=[], cwd="/", check=True, timeout=WAIT,
-                       capture_output=True)
+        subprocess.run([*AGENT, "--help"], user=NOBODY, group=NOBODY, extra_groups=[], cwd=guest.lib,
+                       check=True, timeout=WAIT, capture_output=True)
     except (OSError, subprocess.SubprocessError):
         return False
     return True
@@ -708,11 +721,11 @@ def can_run_as_nobody() -> bool:
 
 def test_fuzzed_frames_never_kill_the_agent(guest: Guest) -> None:
     """As nobody where the interpreter and sources allow it; only harmless ops are drawn."""
-    uid = NOBODY if can_run_as_nobody() else os.getuid()
+    uid = NOBODY if can_run_as_nobody(guest) else os.getuid()
     as_user = {"user": uid, "group": uid, "extra_groups": []} if uid == NOBODY else {}
     guest.root.chmod(0o755)
     guest.root.parent.chmod(0o755)
-    with port_agent(guest, cwd="/", **as_user) as (server, proc):
+    with port_agent(guest, **as_user) as (server, proc):
 
         @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
         @given(st.lists(fuzz_frames(), max_size=6), st.binary(max_size=300))

@@ -420,12 +420,12 @@ def test_agent_serves_hosts_one_after_another_on_a_listener(tmp_path: Path) -> N
     """``--vsock`` is an AF_VSOCK listener fed to serve_listener. AF_VSOCK cannot be exercised
     here (no vsock loopback transport, no /dev/vhost-vsock), so the same loop runs on a unix
     listener: each host gets a session until EOF, then the next one is accepted."""
-    from mvm.guest import agent
+    from mvm.guest.agent import serve
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp_path / "agent.sock"))
     listener.listen(1)
-    threading.Thread(target=agent.serve_listener, args=(listener,), daemon=True).start()
+    threading.Thread(target=serve.serve_listener, args=(listener,), daemon=True).start()
     for _ in range(2):
         host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         host.settimeout(10)

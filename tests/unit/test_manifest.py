@@ -387,7 +387,7 @@ def test_bad_hypervisor_suggests() -> None:
     ("path", "word"),
     [("etc/motd", "absolute"), ("/etc/../root/.ssh/keys", "'..'"), ("/", "not / itself"),
      ("/etc/", "directory"), ("/init", "written by mvm"), ("/etc/mvm/name", "written by mvm"),
-     ("/usr/lib/mvm/agent.py", "written by mvm")],
+     ("/usr/lib/mvm/agent/session.py", "written by mvm")],
 )  # fmt: skip
 def test_bad_extra_file_paths(path: str, word: str) -> None:
     text = 'name = "t"\n' + SHELL + f'[extra_files."{path}"]\ncontent = "x"\n'

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mvm import guest
 from mvm.build import stamps
 from mvm.core.artifact import ArtifactMeta, ArtifactUids
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
@@ -98,6 +99,24 @@ def test_the_digest_follows_every_input(tmp_path: Path) -> None:
     (here / "mvm.lock").write_bytes(LOCK)
     elsewhere = shutil.copytree(here, tmp_path / "copy")  # relative paths in mvm.toml would mean other files
     assert stamps.input_digest(elsewhere) not in (None, first)
+
+
+def test_the_guest_digest_covers_every_agent_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent is a package: each of its modules is shipped and hashed, and moving code from
+    one module to the next (same bytes, other files) is a change too."""
+    package = Path(guest.__file__).parent / "agent"
+    assert guest.AGENT_FILES == tuple(sorted(f"agent/{p.name}" for p in package.glob("*.py")))
+    assert {"agent/__main__.py", "agent/session.py"} <= set(guest.AGENT_FILES)
+    assert set(guest.AGENT_FILES) <= set(guest.GUEST_FILES)
+    first = stamps.guest_sources_digest()
+    real = stamps.guest_file
+    for name in guest.AGENT_FILES:
+        monkeypatch.setattr(stamps, "guest_file", lambda n, name=name: real(n) + b"#" * (n == name))
+        assert stamps.guest_sources_digest() != first, name
+    a, b = guest.AGENT_FILES[:2]
+    moved = {a: real(a) + real(b)[:1], b: real(b)[1:]}
+    monkeypatch.setattr(stamps, "guest_file", lambda n: moved.get(n) or real(n))
+    assert stamps.guest_sources_digest() != first
 
 
 def test_lookup_finds_only_an_image_the_store_still_has(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from mvm.build.kernel import MODULES, Kernel
 from mvm.core.errors import BuildError
 from mvm.core.workload import EntrypointKind, Workload
-from mvm.guest import guest_file, protocol_source
+from mvm.guest import AGENT_FILES, guest_file, protocol_source
 
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "usr/share/bug", "usr/share/bash-completion", "usr/share/common-licenses")
@@ -128,15 +128,22 @@ def _argv_line(argv: tuple[str, ...]) -> str:
     return "set -- " + " ".join(shlex.quote(a) for a in argv) + "\n"
 
 
+def write_agent(tree: Path) -> None:
+    """The agent package and the one module of mvm it imports, in GUEST_DIR: /init runs
+    ``python3 -m agent`` there, so ``agent`` and ``mvm.core.protocol`` both import."""
+    for name in AGENT_FILES:
+        write_file(tree, f"{GUEST_DIR}/{name}", guest_file(name), 0o644)
+    write_file(tree, f"{GUEST_DIR}/mvm/__init__.py", "", 0o644)
+    write_file(tree, f"{GUEST_DIR}/mvm/core/__init__.py", "", 0o644)
+    write_file(tree, f"{GUEST_DIR}/mvm/core/protocol.py", protocol_source(), 0o644)
+
+
 def write_mvm_config(tree: Path, workload: Workload, artifact_json: str) -> dict[str, int]:
     """/etc/mvm/*, users, /init and the agent. Returns the owners the image must give paths."""
     uids = workload.uids
     entry = workload.entrypoint
     write_file(tree, "/init", guest_file("init"), 0o755)
-    write_file(tree, f"{GUEST_DIR}/agent.py", guest_file("agent.py"), 0o644)
-    write_file(tree, f"{GUEST_DIR}/mvm/__init__.py", "", 0o644)
-    write_file(tree, f"{GUEST_DIR}/mvm/core/__init__.py", "", 0o644)
-    write_file(tree, f"{GUEST_DIR}/mvm/core/protocol.py", protocol_source(), 0o644)
+    write_agent(tree)
     write_file(tree, "/etc/mvm/name", workload.name + "\n")
     write_file(tree, "/etc/mvm/uids", f"AGENT_UID={uids.agent}\nENTRYPOINT_UID={uids.entrypoint}\n")
     write_file(tree, "/etc/mvm/artifact.json", artifact_json)

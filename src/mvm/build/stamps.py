@@ -31,11 +31,13 @@ BUILDER_VERSION = "3"
 
 
 def guest_sources_digest() -> str:
-    """Changing /init, the agent or the protocol must change every key."""
+    """Changing /init, the agent or the protocol must change every key. Each file goes in with
+    its name and length, so code moved from one agent module to the next changes it too."""
     digest = hashlib.sha256()
-    for name in GUEST_FILES:
-        digest.update(guest_file(name))
-    digest.update(protocol_source())
+    files = [(name, guest_file(name)) for name in GUEST_FILES] + [("mvm/core/protocol.py", protocol_source())]
+    for name, data in files:
+        for part in (name.encode(), data):
+            digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 _HERE = Path(__file__).parent
-GUEST_FILES = ("init", "initramfs-init", "agent.py")
+# The agent is a package, shipped as agent/NAME.py; sorted so the build stamp is stable.
+AGENT_FILES = tuple(f"agent/{p.name}" for p in sorted((_HERE / "agent").glob("*.py")))
+GUEST_FILES = ("init", "initramfs-init", *AGENT_FILES)
 
 
 def guest_file(name: str) -> bytes:
-    """A file shipped here (the /init scripts, the agent), as it goes into every image."""
+    """A file shipped here (the /init scripts, an agent module), as it goes into every image."""
     return (_HERE / name).read_bytes()
 
 

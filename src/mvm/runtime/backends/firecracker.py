@@ -13,8 +13,8 @@ Shape of a VM (everything in ``vms/<name>/``):
   (and, where the filesystem can, reflinked) copy of the artifact's read-only rootfs.ext4
 - ``data.ext4`` the optional data disk, as under QEMU
 - ``agent.sock`` the vsock device's unix socket. The host connects to it and sends
-  ``CONNECT 1024\\n``; Firecracker answers ``OK <host port>\\n`` once the guest agent (``agent.py
-  --vsock 1024``) accepted, or closes the connection when nothing listens yet.
+  ``CONNECT 1024\\n``; Firecracker answers ``OK <host port>\\n`` once the guest agent (``python3 -m
+  agent --vsock 1024``) accepted, or closes the connection when nothing listens yet.
 - stdout of the Firecracker process is the guest's serial console (ttyS0), stdin its input.
 
 Stdlib only at module level: the lean per-VM supervisor imports this module.

@@ -1,0 +1,55 @@
+"""Frames out to the host: every thread writes through one Channel, so frames stay whole."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any
+
+from mvm.core import protocol
+
+MAX_MESSAGE = 2000  # error messages are cut so an error reply always fits in a frame
+
+
+class Channel:
+    """The write side of one host connection, shared by every thread.
+
+    One lock keeps frames whole. Once the connection is closed, late writers (an exec thread
+    still draining) are dropped instead of talking to the next host.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def send(self, header: dict[str, Any], body: bytes = b"") -> None:
+        data = memoryview(protocol.encode(header, body))
+        with self.lock:
+            if self.closed:
+                return
+            try:
+                while data:
+                    data = data[os.write(self.fd, data) :]
+            except OSError:
+                pass  # no host connected: the port refuses writes, which is not fatal
+
+    def reply(self, request_id: int | None, kind: str, body: bytes = b"", **fields: Any) -> None:
+        self.send({"type": kind, "id": request_id, **fields}, body)
+
+    def error(self, request_id: int | None, message: str, err: int | None = None) -> None:
+        fields: dict[str, Any] = {"message": message[:MAX_MESSAGE]}
+        if err is not None:
+            fields["errno"] = errno.errorcode.get(err, str(err))
+        self.reply(request_id, "error", **fields)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

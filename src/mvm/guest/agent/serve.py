@@ -1,0 +1,100 @@
+"""The frame loop: read one host connection until EOF, then wait for the next host on this
+guest's kind of channel (virtio-serial, vsock, or an inherited descriptor in tests)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+
+from mvm.core import protocol
+
+from .channel import Channel
+from .session import Session
+
+
+def decode(decoder: protocol.Decoder, data: bytes, channel: Channel) -> list[protocol.Frame]:
+    """Whole frames in data; each bad frame gets an error reply and is skipped."""
+    frames, errors = decoder.feed_all(data)
+    for err in errors:
+        channel.error(None, str(err))
+    return frames
+
+
+def serve_fd(fd: int) -> None:
+    """Serve one host connection on fd until it reads EOF (or fails)."""
+    session = Session(Channel(fd))
+    decoder = protocol.Decoder()
+    try:
+        while True:
+            try:
+                data = os.read(fd, 1 << 20)
+            except OSError:
+                return
+            if not data:
+                return
+            for frame in decode(decoder, data, session.channel):
+                session.handle(frame)
+    finally:
+        session.close()
+
+
+def open_port(path: str) -> int:
+    """The virtio-serial device, or (for tests) a unix socket that stands in for one."""
+    if stat.S_ISSOCK(os.stat(path).st_mode):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+        except OSError:
+            sock.close()
+            raise
+        return sock.detach()
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def serve_port(path: str) -> None:
+    """Serve host after host: virtio-serial reads EOF while no host is connected, so reopen."""
+    while True:
+        try:
+            fd = open_port(path)
+        except OSError:
+            time.sleep(0.5)
+            continue
+        try:
+            serve_fd(fd)
+        finally:
+            os.close(fd)
+        time.sleep(0.05)
+
+
+def serve_listener(listener: socket.socket) -> None:
+    """Serve host after host on a listening socket: one connection at a time, each until EOF."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            time.sleep(0.5)
+            continue
+        fd = conn.detach()
+        try:
+            serve_fd(fd)
+        finally:
+            os.close(fd)
+
+
+def serve_vsock(port: int) -> None:
+    """Firecracker's agent channel: listen on AF_VSOCK port ``port`` of this guest. The host
+    reaches it by connecting to the VM's vsock unix socket and sending ``CONNECT <port>``."""
+    while True:
+        listener = None
+        try:
+            listener = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            listener.bind((socket.VMADDR_CID_ANY, port))
+            listener.listen(1)
+            break
+        except OSError:  # the vsock transport is not up yet
+            if listener is not None:
+                listener.close()
+            time.sleep(0.5)
+    serve_listener(listener)

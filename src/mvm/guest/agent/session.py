@@ -1,0 +1,71 @@
+"""One host connection: its running execs, tunnels and unfinished writes, and the dispatch of
+its requests, where any failure becomes an error reply instead of taking the channel down."""
+
+from __future__ import annotations
+
+import os
+import signal
+import traceback
+from typing import Any
+
+from mvm.core import protocol
+
+# Importing a concern's module registers its handlers in HANDLERS.
+from . import files, process, system, tunnels
+from .channel import Channel
+from .dispatch import HANDLERS, Refused, handles
+
+
+class Session:
+    """The state of one host connection: its running execs and unfinished writes."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.tunnels: dict[int, tunnels.Tunnel] = {}
+        self.execs: dict[int, process.Exec] = {}
+        self.uploads: dict[int | None, files.Upload] = {}
+        self.failed_uploads: set[int | None] = set()  # ignore their frames until more:false
+
+    def handle(self, frame: protocol.Frame) -> None:
+        handler = HANDLERS.get(frame.type)
+        try:
+            if handler is None:
+                raise Refused(f"unknown request type {frame.type!r}")
+            handler(self, frame)
+        except (Refused, ValueError) as err:  # ValueError: e.g. a NUL byte in a path or argv
+            self.channel.error(frame.id, str(err))
+        except OSError as err:
+            where = frame.header.get("path") or frame.header.get("src") or err.filename
+            prefix = f"{where}: " if isinstance(where, str) else ""
+            self.channel.error(frame.id, f"{prefix}{err.strerror or err}", err.errno)
+        except protocol.ProtocolError as err:
+            self.channel.error(frame.id, f"the reply does not fit in one frame: {err}")
+        except Exception as err:  # noqa: BLE001 -- a bug must not take the channel down
+            traceback.print_exc()
+            self.channel.error(frame.id, f"agent error: {type(err).__name__}: {err}")
+
+    def close(self) -> None:
+        """The host is gone: silence the channel, kill its processes, drop partial files."""
+        self.channel.close()
+        for ex in list(self.execs.values()):
+            ex.kill(signal.SIGKILL)
+        for upload in self.uploads.values():
+            upload.abort()
+        self.uploads.clear()
+        for tunnel in list(self.tunnels.values()):
+            tunnel.close()
+
+
+@handles("hello")
+def do_hello(session: Session, frame: protocol.Frame) -> None:
+    # The host speaks first: what it writes is queued for us, while what we write with
+    # no host connected is lost. So every host hello gets our hello back.
+    info: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "uptime": system.uptime()}
+    if frame.id is not None:
+        info["id"] = frame.id
+    session.channel.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "agent", **info})
+
+
+@handles("ping")
+def do_ping(session: Session, frame: protocol.Frame) -> None:
+    session.channel.reply(frame.id, "pong", uptime=system.uptime())

@@ -1,0 +1,89 @@
+"""What the host asks of the guest as a whole: telemetry, and a shutdown the agent cannot do
+itself (it holds no privilege), so it asks /init."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+from mvm.core import protocol
+
+from .channel import write_all
+from .dispatch import handles
+
+if TYPE_CHECKING:
+    from .session import Session
+
+# Guest paths, overridable by environment so tests can run the agent on the host.
+ARTIFACT_JSON = os.environ.get("MVM_AGENT_ARTIFACT_JSON", "/etc/mvm/artifact.json")
+ENTRYPOINT_PID = os.environ.get("MVM_AGENT_ENTRYPOINT_PID", "/run/mvm/entrypoint.pid")
+CONTROL_FIFO = os.environ.get("MVM_AGENT_CONTROL", "/run/mvm/control")  # /init's root listener
+
+
+def uptime() -> float:
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0])
+
+
+def load() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def memory() -> dict[str, int]:
+    fields = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = int(rest.split()[0]) * 1024
+    return {"total": fields["MemTotal"], "available": fields["MemAvailable"]}
+
+
+def disk() -> dict[str, int]:
+    """Of the root filesystem; "free" is what an unprivileged user (we) can still use."""
+    st = os.statvfs("/")
+    return {"total": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize}
+
+
+def entrypoint() -> dict[str, int] | None:
+    """The pid /init recorded for the entrypoint and its real uid; None once it is gone."""
+    try:
+        with open(ENTRYPOINT_PID) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f if ":" in line)
+    except (OSError, ValueError):
+        return None
+    if status.get("State", "").strip().startswith("Z"):
+        return None  # exited, not yet reaped
+    return {"pid": pid, "uid": int(status["Uid"].split()[0])}
+
+
+def sealed() -> bool:
+    """A sealed image has no console. Metadata that is unreadable or does not say
+    "sealed": false counts as sealed: fail closed."""
+    try:
+        with open(ARTIFACT_JSON) as f:
+            return json.load(f).get("sealed") is not False
+    except (OSError, ValueError, AttributeError):
+        return True
+
+
+@handles("telemetry")
+def do_telemetry(session: Session, frame: protocol.Frame) -> None:
+    session.channel.reply(frame.id, "result", uptime=uptime(), load=load(), memory=memory(), disk=disk(),
+                          agent={"pid": os.getpid(), "uid": os.getuid()}, entrypoint=entrypoint())
+
+
+@handles("shutdown")
+def do_shutdown(session: Session, frame: protocol.Frame) -> None:
+    """We hold no privilege to power off: /init's root listener on a fifo does it for us.
+    Opening it first means a missing listener is an error reply, not a silent no-op; the
+    result goes out before the request, so the host has it before the guest is gone."""
+    fd = os.open(CONTROL_FIFO, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        session.channel.reply(frame.id, "result")
+        write_all(fd, b"poweroff\n")
+    finally:
+        os.close(fd)
