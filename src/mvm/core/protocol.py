@@ -53,6 +53,7 @@ PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
 MAX_HEADER = 64 * 1024
 CHUNK = 1024 * 1024  # body size of one data/stdout frame or one write frame
+MAX_TIMEOUT_S = 7 * 24 * 3600  # an exec timeout beyond this (or infinite) is a mistake, refused on both sides
 _U32 = struct.Struct(">I")
 
 

@@ -8,6 +8,7 @@ import signal
 import sys
 
 from . import __doc__ as AGENT_DOC
+from . import system
 from .serve import serve_fd, serve_port, serve_vsock
 
 
@@ -19,12 +20,16 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--fd", type=int, help="an inherited, connected descriptor; served until EOF")
     where.add_argument("--vsock", type=int, metavar="PORT",
                        help="listen on this AF_VSOCK port (Firecracker); hosts are served one at a time")
+    parser.add_argument("--exec-uid", type=int, metavar="UID",
+                        help="run exec and console commands as this uid (default: the agent's own)")
     parser.add_argument("--allow-root-for-tests", action="store_true",
                         help="tests on the host run as root; in a guest the agent never is")
     args = parser.parse_args(argv)
     if os.getuid() == 0 and not args.allow_root_for_tests:
         print("mvm agent: refusing to run as root", file=sys.stderr)
         return 2
+    if args.exec_uid is not None:
+        system.EXEC_UID.append(args.exec_uid)
     # /init starts us as a background job, and ash makes those ignore SIGINT and SIGQUIT;
     # ignored signals survive exec, so without this no process we start could be ^C'd.
     signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -26,6 +26,7 @@ class Channel:
 
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:
         data = memoryview(protocol.encode(header, body))
+        whole = len(data)
         with self.lock:
             if self.closed:
                 return
@@ -33,7 +34,10 @@ class Channel:
                 while data:
                     data = data[os.write(self.fd, data) :]
             except OSError:
-                pass  # no host connected: the port refuses writes, which is not fatal
+                # No host connected: the port refuses writes, which is not fatal. But after half
+                # a frame the host can no longer find where frames start: say nothing more.
+                if len(data) != whole:
+                    self.closed = True
 
     def reply(self, request_id: int | None, kind: str, body: bytes = b"", **fields: Any) -> None:
         self.send({"type": kind, "id": request_id, **fields}, body)

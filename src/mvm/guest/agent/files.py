@@ -1,12 +1,20 @@
-"""File requests: read, write, list, stat, remove, mkdir, rename, as the agent's own uid.
+"""File requests: read, write, list, stat, remove, mkdir, rename, as the exec uid.
+
+Each runs with the thread's filesystem uid and gid set to the exec uid (setfsuid: per thread,
+and the agent holds CAP_SETUID for it), so a file the host writes belongs to the same user its
+commands run as, and the agent reaches only what that user may.
 
 A read streams from its own thread and a write lands in a temporary file renamed into place,
-so a big file neither holds up other requests nor is ever seen half written.
+so a big file neither holds up other requests nor is ever seen half written. A read is
+opened without blocking (a FIFO with no writer would hold the agent's loop for ever) and can
+be cancelled: an endless one (/dev/zero) stops when the host sends ``cancel``, which the
+supervisor does when its client goes away.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import shutil
 import stat
 import tempfile
@@ -15,8 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
 
-from .channel import Channel, write_all
-from .dispatch import arg, handles, int_arg
+from .channel import write_all
+from .dispatch import Refused, arg, handles, int_arg, quietly
+from .system import as_exec_user
 
 if TYPE_CHECKING:
     from .session import Session
@@ -67,29 +76,60 @@ class Upload:
             pass
 
 
-def stream_file(channel: Channel, request_id: int | None, path: str, fd: int) -> None:
-    """The body of a read, on its own thread so a big file does not hold up other requests."""
-    try:
-        st = os.fstat(fd)
-        size = 0
-        while data := os.read(fd, protocol.CHUNK):
-            channel.reply(request_id, "data", data)
-            size += len(data)
-        channel.reply(request_id, "done", size=size, mode=stat.S_IMODE(st.st_mode))
-    except OSError as err:
-        channel.error(request_id, f"{path}: {err.strerror or err}", err.errno)
-    finally:
-        os.close(fd)
+class Read:
+    """One file being streamed to the host, from its own thread, until EOF or ``cancel``."""
+
+    def __init__(self, session: Session, request_id: int | None, path: str, fd: int) -> None:
+        self.session, self.id, self.path, self.fd = session, request_id, path, fd
+        self.cancelled = threading.Event()
+
+    def run(self) -> None:
+        channel = self.session.channel
+        try:
+            st = os.fstat(self.fd)
+            size = 0
+            while (data := self.next_chunk()) and not self.cancelled.is_set():
+                channel.reply(self.id, "data", data)
+                size += len(data)
+            if not self.cancelled.is_set():
+                channel.reply(self.id, "done", size=size, mode=stat.S_IMODE(st.st_mode))
+        except OSError as err:
+            channel.error(self.id, f"{self.path}: {err.strerror or err}", err.errno)
+        finally:
+            self.session.reads.pop(self.id, None)
+            os.close(self.fd)
+
+    def next_chunk(self) -> bytes:
+        """The next bytes, waiting (cancellably) on a pipe or device that has none yet."""
+        while not self.cancelled.is_set():
+            try:
+                return os.read(self.fd, protocol.CHUNK)
+            except BlockingIOError:
+                select.select([self.fd], [], [], 0.5)
+        return b""
 
 
 @handles("read")
+@as_exec_user
 def do_read(session: Session, frame: protocol.Frame) -> None:
     path = arg(frame, "path", str)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    threading.Thread(target=stream_file, args=(session.channel, frame.id, path, fd), daemon=True).start()
+    if frame.id in session.reads:
+        raise Refused(f"id {frame.id} is already reading")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    read = session.reads[frame.id] = Read(session, frame.id, path, fd)
+    threading.Thread(target=read.run, daemon=True).start()
+
+
+@handles("cancel")
+@quietly
+def do_cancel(session: Session, frame: protocol.Frame) -> None:
+    """Stop a read whose client has gone (no reply: nobody is waiting for one)."""
+    if read := session.reads.get(frame.id):
+        read.cancelled.set()
 
 
 @handles("write")
+@as_exec_user
 def do_write(session: Session, frame: protocol.Frame) -> None:
     more = arg(frame, "more", bool, False)
     if frame.id in session.failed_uploads:
@@ -117,6 +157,7 @@ def do_write(session: Session, frame: protocol.Frame) -> None:
 
 
 @handles("list")
+@as_exec_user
 def do_list(session: Session, frame: protocol.Frame) -> None:
     entries = []
     with os.scandir(arg(frame, "path", str)) as it:
@@ -130,6 +171,7 @@ def do_list(session: Session, frame: protocol.Frame) -> None:
 
 
 @handles("stat")
+@as_exec_user
 def do_stat(session: Session, frame: protocol.Frame) -> None:
     path = arg(frame, "path", str)
     st = os.lstat(path)
@@ -138,6 +180,7 @@ def do_stat(session: Session, frame: protocol.Frame) -> None:
 
 
 @handles("remove")
+@as_exec_user
 def do_remove(session: Session, frame: protocol.Frame) -> None:
     path = arg(frame, "path", str)
     if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -151,6 +194,7 @@ def do_remove(session: Session, frame: protocol.Frame) -> None:
 
 
 @handles("mkdir")
+@as_exec_user
 def do_mkdir(session: Session, frame: protocol.Frame) -> None:
     path, mode = arg(frame, "path", str), int_arg(frame, "mode", 0o755, 0, 0o7777)
     if arg(frame, "parents", bool, False):
@@ -161,6 +205,7 @@ def do_mkdir(session: Session, frame: protocol.Frame) -> None:
 
 
 @handles("rename")
+@as_exec_user
 def do_rename(session: Session, frame: protocol.Frame) -> None:
     os.rename(arg(frame, "src", str), arg(frame, "dst", str))
     session.channel.reply(frame.id, "result")

@@ -1,8 +1,14 @@
 """exec and console: each process in its own session, its output pumped to the host by a
-thread of its own, so a chatty or stuck process never holds up the reading loop."""
+thread of its own, so a chatty or stuck process never holds up the reading loop.
+
+Commands run as the exec uid (the entrypoint's), never as the agent's own: util-linux's
+setpriv sets the uid, clears groups and every capability the agent holds, and (for a
+non-root uid) no_new_privs, so nothing a command runs can signal, trace or impersonate the
+agent."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import pwd
@@ -21,7 +27,7 @@ from mvm.core import protocol
 
 from .channel import write_all
 from .dispatch import MISSING, Refused, arg, handles, int_arg, quietly
-from .system import sealed
+from .system import exec_uid, sealed
 
 if TYPE_CHECKING:
     from .session import Session
@@ -30,6 +36,8 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 CONSOLE_ARGV = ["/bin/sh", "-l"]
 READ_SIZE = 64 * 1024  # one read of a process's output (a pipe holds 64 KiB)
 LINGER_S = 1.0  # after a process exits, how long a background child may keep its output open
+STDIN_LIMIT = 16 << 20  # input queued for a process that does not read it: beyond this, its stdin is closed
+SETPRIV = "/usr/bin/setpriv"
 
 
 @dataclass
@@ -45,8 +53,7 @@ class ExecSpec:
 
 
 def exec_spec(frame: protocol.Frame, *, console: bool = False) -> ExecSpec:
-    """Validate an exec (or console) request. Commands can only run as the agent's own uid:
-    it holds no privilege to become anyone else."""
+    """Validate an exec (or console) request. Commands run as the exec uid only."""
     argv = arg(frame, "argv", list, list(CONSOLE_ARGV) if console else MISSING)
     if not argv or not all(isinstance(a, str) for a in argv):
         raise Refused(f"{frame.type}: 'argv' must be a non-empty list of strings")
@@ -54,11 +61,11 @@ def exec_spec(frame: protocol.Frame, *, console: bool = False) -> ExecSpec:
     if not all(isinstance(v, str) for v in env.values()):
         raise Refused(f"{frame.type}: 'env' values must be strings")
     uid = arg(frame, "uid", int, None)
-    if uid is not None and uid != os.getuid():
-        raise Refused(f"cannot run as uid {uid}: this image allows commands as uid {os.getuid()} only")
+    if uid is not None and uid != exec_uid():
+        raise Refused(f"cannot run as uid {uid}: this image allows commands as uid {exec_uid()} only")
     timeout = arg(frame, "timeout", (int, float), None)
-    if timeout is not None and not timeout > 0:
-        raise Refused(f"{frame.type}: 'timeout' must be positive")
+    if timeout is not None and not 0 < timeout <= protocol.MAX_TIMEOUT_S:  # (also false for NaN)
+        raise Refused(f"{frame.type}: 'timeout' must be more than 0 and at most {protocol.MAX_TIMEOUT_S} s (7 days)")
     pty = console or arg(frame, "pty", bool, False)
     base = {"PATH": BASE_PATH, "HOME": home(), "LANG": "C.UTF-8"}
     if pty:
@@ -71,7 +78,7 @@ def exec_spec(frame: protocol.Frame, *, console: bool = False) -> ExecSpec:
 
 def home() -> str:
     try:
-        directory = pwd.getpwuid(os.getuid()).pw_dir
+        directory = pwd.getpwuid(exec_uid()).pw_dir
     except KeyError:
         return "/"
     return directory if os.path.isdir(directory) else "/"
@@ -142,19 +149,22 @@ class Exec:
         return proc
 
     def popen(self, **kwargs: Any) -> subprocess.Popen:
-        return subprocess.Popen(self.spec.argv, env=self.spec.env, cwd=self.spec.cwd,
-                                start_new_session=True, **kwargs)
+        return subprocess.Popen(as_exec_uid(self.spec.argv, self.spec.env["PATH"]), env=self.spec.env,
+                                cwd=self.spec.cwd, start_new_session=True, **kwargs)
 
     # stdin: a thread per process, so a child that does not read cannot stall the agent
     def start_stdin(self, fd: int, eof: bytes | None) -> None:
         self.stdin = queue.Queue()
         self.stdin_eof = eof
+        self.stdin_queued = 0  # bytes in the queue, bounded by STDIN_LIMIT
+        self.stdin_lock = threading.Lock()
         threading.Thread(target=self.feed_stdin, args=(fd, self.stdin), daemon=True).start()
 
-    @staticmethod
-    def feed_stdin(fd: int, chunks: queue.Queue[bytes | None]) -> None:
+    def feed_stdin(self, fd: int, chunks: queue.Queue[bytes | None]) -> None:
         try:
             while (data := chunks.get()) is not None:
+                with self.stdin_lock:
+                    self.stdin_queued -= len(data)
                 write_all(fd, data)
         except OSError:
             pass  # the process closed its stdin or ended
@@ -166,7 +176,16 @@ class Exec:
         if chunks is None:
             raise Refused(f"exec {self.id} has no open stdin")
         if data:
-            chunks.put(data)
+            with self.stdin_lock:
+                over = self.stdin_queued + len(data) > STDIN_LIMIT
+                if not over:
+                    self.stdin_queued += len(data)
+            if over:  # the process is not reading: end its input rather than grow without bound
+                self.session.channel.reply(self.id, "stderr", f"mvm agent: closed the input of a process that left "
+                                                              f"{STDIN_LIMIT >> 20} MiB of it unread\n".encode())
+                data, eof = b"", True
+            else:
+                chunks.put(data)
         if eof:
             chunks.put(self.stdin_eof)
             if self.stdin_eof is None:
@@ -251,6 +270,33 @@ class Exec:
             if self.tty_fd is not None:
                 os.close(self.tty_fd)
                 self.tty_fd = None
+
+
+def find_program(name: str, path: str) -> None:
+    """Raise what exec would (ENOENT, EACCES) for a program that cannot start, so that it is an
+    error reply, as before setpriv stood in between, not a process that exits 126 or 127."""
+    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in path.split(":")]
+    denied = None
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return
+            denied = candidate
+    if denied is not None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+
+
+def as_exec_uid(argv: list[str], path: str) -> list[str]:
+    """``argv`` wrapped to run as the exec uid, with none of the agent's capabilities."""
+    uid = exec_uid()
+    if uid == os.getuid() and uid != 0:
+        return argv  # (tests run the agent as the exec uid, holding nothing to drop)
+    find_program(argv[0], path)
+    drop = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all"]
+    if uid != 0:  # root (a dev image's entrypoint uid) is root: nothing more to hold back
+        drop.append("--no-new-privs")
+    return [*drop, "--", *argv]
 
 
 @handles("exec")

@@ -24,6 +24,7 @@ class Session:
         self.tunnels: dict[int, tunnels.Tunnel] = {}
         self.execs: dict[int, process.Exec] = {}
         self.uploads: dict[int | None, files.Upload] = {}
+        self.reads: dict[int | None, files.Read] = {}
         self.failed_uploads: set[int | None] = set()  # ignore their frames until more:false
 
     def handle(self, frame: protocol.Frame) -> None:
@@ -49,11 +50,14 @@ class Session:
         self.channel.close()
         for ex in list(self.execs.values()):
             ex.kill(signal.SIGKILL)
-        for upload in self.uploads.values():
-            upload.abort()
+        with system.acting_as_exec_uid():  # (its temporary files are the exec uid's)
+            for upload in self.uploads.values():
+                upload.abort()
         self.uploads.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
+        for read in list(self.reads.values()):
+            read.cancelled.set()
 
 
 @handles("hello")

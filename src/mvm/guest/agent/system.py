@@ -1,16 +1,19 @@
 """What the host asks of the guest as a whole: telemetry, and a shutdown the agent cannot do
-itself (it holds no privilege), so it asks /init."""
+itself (it is not root), so it asks /init. Also who commands run as."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
 
 from .channel import write_all
-from .dispatch import handles
+from .dispatch import Handler, handles
 
 if TYPE_CHECKING:
     from .session import Session
@@ -19,6 +22,47 @@ if TYPE_CHECKING:
 ARTIFACT_JSON = os.environ.get("MVM_AGENT_ARTIFACT_JSON", "/etc/mvm/artifact.json")
 ENTRYPOINT_PID = os.environ.get("MVM_AGENT_ENTRYPOINT_PID", "/run/mvm/entrypoint.pid")
 CONTROL_FIFO = os.environ.get("MVM_AGENT_CONTROL", "/run/mvm/control")  # /init's root listener
+EXEC_UID: list[int] = []  # --exec-uid: who exec and console run as (the entrypoint's uid)
+
+
+def exec_uid() -> int:
+    """Commands run as this uid, never as the agent's own (unless told so, as tests do)."""
+    return EXEC_UID[0] if EXEC_UID else os.getuid()
+
+
+def _set_fs_identity(uid: int, gid: int) -> None:
+    """This thread's filesystem uid and gid (Linux: per thread; needs CAP_SETUID/CAP_SETGID).
+    ctypes is imported on first use: it is not worth its import time at the agent's start."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.setfsgid(gid)
+    libc.setfsuid(uid)
+    if libc.setfsuid(-1) != uid or libc.setfsgid(-1) != gid:  # (-1 fails and returns the current one)
+        raise PermissionError(errno.EPERM, f"cannot act as uid {uid}")
+
+
+@contextmanager
+def acting_as_exec_uid() -> Iterator[None]:
+    """This thread touches files as the exec uid meanwhile (its group: the same number, as
+    /init's setpriv gives it)."""
+    uid = exec_uid()
+    if uid == os.getuid():
+        yield
+        return
+    _set_fs_identity(uid, uid)
+    try:
+        yield
+    finally:
+        _set_fs_identity(os.getuid(), os.getgid())
+
+
+def as_exec_user(handler: Handler) -> Handler:
+    """A file request's handler, run with the filesystem identity of the exec uid."""
+    def wrapper(session: Session, frame: protocol.Frame) -> None:
+        with acting_as_exec_uid():
+            handler(session, frame)
+    return wrapper
 
 
 def uptime() -> float:
@@ -78,12 +122,13 @@ def do_telemetry(session: Session, frame: protocol.Frame) -> None:
 
 @handles("shutdown")
 def do_shutdown(session: Session, frame: protocol.Frame) -> None:
-    """We hold no privilege to power off: /init's root listener on a fifo does it for us.
-    Opening it first means a missing listener is an error reply, not a silent no-op; the
-    result goes out before the request, so the host has it before the guest is gone."""
+    """We may not power off: /init's root listener on a fifo does it for us. A missing
+    listener (or a full fifo) is an error reply, not a silent no-op, and only a request that
+    went in is answered "result" (exactly one reply). The listener first stops the
+    entrypoint, which leaves the host ample time to read the answer."""
     fd = os.open(CONTROL_FIFO, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        session.channel.reply(frame.id, "result")
         write_all(fd, b"poweroff\n")
     finally:
         os.close(fd)
+    session.channel.reply(frame.id, "result")

@@ -1,7 +1,13 @@
-"""Port forwards: a TCP connection to the guest's loopback, relayed in frames by a thread."""
+"""Port forwards: a TCP connection to the guest's loopback, relayed in frames by threads.
+
+Connecting and sending happen on the tunnel's own threads, never on the agent's reading
+loop: a guest service with a full backlog, or one that stops reading, holds up only its own
+connection. What waits to be sent is bounded; beyond that the connection is cut.
+"""
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -14,38 +20,84 @@ if TYPE_CHECKING:
     from .session import Session
 
 
+SEND_LIMIT = 16 << 20  # the host's bytes waiting for a guest service that does not read them
+CONNECT_TIMEOUT_S = 5.0
+
+
 class Tunnel:
     """One forwarded TCP connection to a guest port: the host's bytes arrive in ``send``
     frames, the guest's go back as ``data``; ``done`` when the guest side closes."""
 
-    def __init__(self, session: Session, request_id: int, sock: socket.socket) -> None:
-        self.session, self.id, self.sock = session, request_id, sock
+    def __init__(self, session: Session, request_id: int, host: str, port: int) -> None:
+        self.session, self.id, self.address = session, request_id, (host, port)
+        self.sock: socket.socket | None = None
+        self.outgoing: queue.Queue[bytes | None] = queue.Queue()  # None: shut the write side
+        self.queued = 0
+        self.lock = threading.Lock()
+        self.closed = False
 
     def run(self) -> None:
+        """Connect, then relay the guest's bytes until it closes; ``done`` (or an error) ends it."""
+        channel = self.session.channel
+        try:
+            self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
+            self.sock.settimeout(None)
+        except OSError as err:
+            self.session.tunnels.pop(self.id, None)
+            channel.error(self.id, f"cannot connect to {self.address[0]}:{self.address[1]}: "
+                                   f"{err.strerror or err}", err.errno)
+            return
+        if self.closed:
+            self.sock.close()
+            return
+        channel.reply(self.id, "connected")
+        threading.Thread(target=self.write_guest, daemon=True).start()
         try:
             while data := self.sock.recv(protocol.CHUNK):
-                self.session.channel.reply(self.id, "data", data)
+                channel.reply(self.id, "data", data)
         except OSError:
             pass
         finally:
             self.session.tunnels.pop(self.id, None)
-            self.sock.close()
-            self.session.channel.reply(self.id, "done")
+            self.close()
+            self.outgoing.put(None)
+            channel.reply(self.id, "done")
 
-    def send(self, data: bytes, eof: bool) -> None:
+    def write_guest(self) -> None:
+        """The host's bytes to the guest service; the last user of the socket, so it closes it."""
+        assert self.sock is not None
         try:
-            if data:
+            while (data := self.outgoing.get()) is not None:
+                with self.lock:
+                    self.queued -= len(data)
                 self.sock.sendall(data)
-            if eof:
-                self.sock.shutdown(socket.SHUT_WR)
+            self.sock.shutdown(socket.SHUT_WR)
+            while not self.closed and self.outgoing.get() is not None:
+                pass  # more after eof: nothing to do with it; run() puts None when the guest closes
         except OSError:
             self.close()
+        finally:
+            self.sock.close()
+
+    def send(self, data: bytes, eof: bool) -> None:
+        with self.lock:
+            self.queued += len(data)
+            over = self.queued > SEND_LIMIT
+        if over:  # the guest service stopped reading: cut the connection, the host sees it end
+            self.close()
+            return
+        if data:
+            self.outgoing.put(data)
+        if eof:
+            self.outgoing.put(None)
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.closed = True
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -60,10 +112,7 @@ def do_connect(session: Session, frame: protocol.Frame) -> None:
     if host not in LOOPBACK:
         raise Refused(f"forwards reach the guest's loopback only, not {host!r}")
     port = int_arg(frame, "port", MISSING, 1, 65535)
-    sock = socket.create_connection((host, port), timeout=5)  # OSError -> error reply
-    sock.settimeout(None)
-    tunnel = session.tunnels[frame.id] = Tunnel(session, frame.id, sock)
-    session.channel.reply(frame.id, "connected")
+    tunnel = session.tunnels[frame.id] = Tunnel(session, frame.id, host, port)
     threading.Thread(target=tunnel.run, daemon=True).start()
 
 
