@@ -19,7 +19,7 @@ from pathlib import Path
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage
 from mvm.core.state import MvmHome, write_json_atomic
 from mvm.runtime.backends import qemu
-from mvm.runtime.console import ConsoleFilter
+from mvm.runtime.boot_markers import BootLog, ConsoleFilter
 from mvm.runtime.process import spawn_tied
 
 KVM_DEVICE = Path("/dev/kvm")
@@ -77,15 +77,16 @@ def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
 
 def _probe_boot(image: BootImage, pvm: bool, hint: str) -> KvmProbe:
     spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm",
-                         memory_mib=128)
+                         memory_mib=128, boot_args="mvm.probe")  # its initramfs marks on the console
     started = time.monotonic()
     proc = spawn_tied(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    console = ConsoleFilter(sink=lambda _: None)
+    boot = BootLog()  # no boot port on a probe: the initramfs marks on the console
+    console = ConsoleFilter(sink=lambda _: None, boot_log=boot)
     assert proc.stdout is not None
     selector = selectors.DefaultSelector()
     selector.register(proc.stdout, selectors.EVENT_READ)
     try:
-        while console.seen("initramfs") is None:
+        while boot.seen("initramfs") is None:
             left = PROBE_DEADLINE_S - (time.monotonic() - started)
             if left <= 0 or not selector.select(left):
                 return KvmProbe(True, pvm, False, f"a probe boot under KVM did not reach the initramfs in "

@@ -25,6 +25,8 @@ methods, and the backend modules import asyncio inside those.
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -151,6 +153,18 @@ async def dial_until_open(path: Path, interval: float,
             await asyncio.sleep(interval)
 
 
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def peer_uid(writer: Any) -> int | None:
+    """The uid of the process at the other end of an asyncio unix stream (SO_PEERCRED)."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return None
+    _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return uid
+
+
 def join_reasons(*parts: str) -> str:
     return "; ".join(p for p in parts if p)
 
@@ -163,6 +177,9 @@ class VmBackend:
     process_label: ClassVar[str]  # how a stop reason names its process ("QEMU", "the docker CLI")
     supported: ClassVar[bool] = True  # this mvm version can start VMs with it
     boots_kernel: ClassVar[bool] = True  # False for a container: boot-report has no kernel phase
+    # True where no channel but the console exists for /init's boot markers, so a workload can
+    # forge them (Firecracker here); otherwise serve_boot_channel reaches a root-only one.
+    markers_on_console: ClassVar[bool] = False
 
     # -- choosing ------------------------------------------------------------------------------
 
@@ -192,8 +209,13 @@ class VmBackend:
 
     # -- in the supervisor ---------------------------------------------------------------------
 
-    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+    async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
+                                  handler: AgentHandler) -> None:
         """Reach the guest's agent and hand each connection to ``handler``."""
+        raise NotImplementedError
+
+    async def serve_boot_channel(self, paths: VmPaths, feed: Callable[[bytes], None]) -> None:
+        """Pass the bytes of the guest's boot marker channel to ``feed`` as they arrive."""
         raise NotImplementedError
 
     async def pause(self, paths: VmPaths, record: VmRecord) -> None:

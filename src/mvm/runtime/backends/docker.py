@@ -17,8 +17,10 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +36,7 @@ from mvm.runtime.backends.base import (
     VmBackend,
     in_thread,
     join_reasons,
+    peer_uid,
 )
 from mvm.runtime.process import spawn_tied
 
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 CAP_ADD = ("CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")  # what /init needs, no more
 CHANNEL_MOUNT = "/.mvm"
 CLI_TIMEOUT_S = 60
+PIDS_LIMIT = 4096  # a fork bomb in a container would otherwise spend the host's pids (a VM has its own)
 DOCKER_SOCKET = "/var/run/docker.sock"
 REDUCED_ISOLATION = ("docker runs the guest as a container: reduced isolation (it shares the host kernel), "
                      "not a microVM")
@@ -100,7 +104,11 @@ def ensure_image(rootfs: Path, tag: str) -> bool:
         tree = Path(tmp) / "root"
         tree.mkdir()
         # debugfs reads the ext4 without mounting it; as root it keeps owners and modes.
-        dump = subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(rootfs)], capture_output=True, text=True)
+        try:
+            dump = subprocess.run(["debugfs", "-R", f"rdump / {tree}", str(rootfs)], capture_output=True, text=True,
+                                  timeout=CLI_TIMEOUT_S * 5)
+        except subprocess.TimeoutExpired:
+            raise VmError(f"unpacking {rootfs} for docker did not finish within {CLI_TIMEOUT_S * 5} s") from None
         if dump.returncode != 0 or not (tree / "init").exists():
             lines = [line for line in dump.stderr.splitlines() if line.startswith("debugfs:")] or ["no /init in it"]
             raise VmError(f"cannot unpack {rootfs} for docker: {lines[0].removeprefix('debugfs: ')}",
@@ -128,6 +136,7 @@ def container_name(paths: VmPaths) -> str:
 def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> list[str]:
     argv = [docker_cli(), "run", "--rm", "-i", "--name", container_name(paths), "--hostname", record.name,
             "--network", "none", "--cpus", str(record.vcpus), "--memory", f"{record.memory_mib}m",
+            "--pids-limit", str(PIDS_LIMIT),
             "--tmpfs", "/tmp:rw,exec", "--tmpfs", "/run:rw,noexec,nosuid",
             "--cap-drop", "ALL", *[arg for cap in CAP_ADD for arg in ("--cap-add", cap)],
             "--env", "MVM_BACKEND=docker", "--label", f"mvm.vm={record.name}",
@@ -138,12 +147,28 @@ def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> lis
 
 
 def agent_socket_path(paths: VmPaths) -> Path:
-    return paths.channel_dir / "agent.sock"
+    """/.mvm/agent/agent.sock in the container: in a directory only the agent's uid may enter."""
+    return paths.channel_dir / "agent" / "agent.sock"
 
 
-def prepare_dirs(paths: VmPaths, data_disk: bool) -> None:
+def boot_fifo_path(paths: VmPaths) -> Path:
+    """/.mvm/boot in the container: PID 1 (root) writes its boot markers here, nobody else can."""
+    return paths.channel_dir / "boot"
+
+
+def prepare_dirs(paths: VmPaths, data_disk: bool, agent_uid: int) -> None:
+    """The channel directory the container sees at /.mvm: the agent's socket directory (its uid,
+    0700) and the boot marker FIFO (root, 0600). The container shares the host's uids (no user
+    namespace), so these owners hold inside it too."""
     paths.channel_dir.mkdir(mode=0o755, exist_ok=True)
-    paths.channel_dir.chmod(0o755)  # the agent (uid 990 in the container) must reach its socket
+    paths.channel_dir.chmod(0o755)
+    agent_dir = agent_socket_path(paths).parent
+    agent_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chown(agent_dir, agent_uid, agent_uid)
+    agent_dir.chmod(0o700)
+    fifo = boot_fifo_path(paths)
+    fifo.unlink(missing_ok=True)
+    os.mkfifo(fifo, 0o600)
     if data_disk:
         paths.data_dir.mkdir(exist_ok=True)
         paths.data_dir.chmod(0o1777)
@@ -196,7 +221,7 @@ class DockerBackend(VmBackend):
         # Named after the final directory: the container is started after the rename.
         record.backend_id = container_name(VmPaths(staged.dir.parent / record.name))
         remove(record.backend_id)  # a leftover from a crash must not block the name
-        prepare_dirs(staged, bool(image.data_disk_bytes))
+        prepare_dirs(staged, bool(image.data_disk_bytes), image.agent_uid)
 
     def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
         """The container's agent cannot serve a socket the host could reach, so it dials one
@@ -205,7 +230,7 @@ class DockerBackend(VmBackend):
         path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(str(path))
-        os.chmod(path, 0o777)  # uid 990 in the container; the VM directory keeps host users out
+        os.chmod(path, 0o777)  # its directory is what keeps everyone but the agent's uid out
         listener.listen(4)
         argv = run_argv(paths, record, image_tag(image.name, image.key), bool(image.data_disk_bytes))
         spawned = time.monotonic()
@@ -215,12 +240,48 @@ class DockerBackend(VmBackend):
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [agent_socket_path(paths)]
 
-    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+    async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
+                                  handler: AgentHandler) -> None:
+        """Connections to the socket the agent dials, refused unless they come from the agent's
+        uid (SO_PEERCRED: the container shares the host's uids)."""
         import asyncio
+
         assert listen_fd is not None
-        server = await asyncio.start_unix_server(handler, sock=socket.socket(fileno=listen_fd))
+        agent_uid = record.uids.get("agent")
+
+        async def from_agent_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            uid = peer_uid(writer)
+            if uid != agent_uid:
+                print(f"mvm-supervisor: refused an agent connection from uid {uid} (the agent is {agent_uid})",
+                      file=sys.stderr, flush=True)
+                writer.close()
+                return
+            await handler(reader, writer)
+
+        server = await asyncio.start_unix_server(from_agent_only, sock=socket.socket(fileno=listen_fd))
         async with server:
             await server.serve_forever()
+
+    async def serve_boot_channel(self, paths: VmPaths, feed: Callable[[bytes], None]) -> None:
+        """Read the boot FIFO; opened read-write so it never reads EOF between writers."""
+        import asyncio
+
+        fd = os.open(boot_fifo_path(paths), os.O_RDWR | os.O_NONBLOCK)
+        loop = asyncio.get_running_loop()
+        readable = asyncio.Event()
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                await readable.wait()
+                readable.clear()
+                try:
+                    data = os.read(fd, 65536)
+                except BlockingIOError:
+                    continue
+                feed(data)
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     async def pause(self, paths: VmPaths, record: VmRecord) -> None:
         await in_thread(pause, self._container(record), True)
@@ -241,7 +302,7 @@ class DockerBackend(VmBackend):
             record.backend_released = True
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
-        return [*super().runtime_files(paths), agent_socket_path(paths)]
+        return [*super().runtime_files(paths), agent_socket_path(paths), boot_fifo_path(paths)]
 
     def release(self, paths: VmPaths, record: VmRecord) -> bool:
         if not record.backend_id:

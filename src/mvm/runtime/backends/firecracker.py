@@ -290,6 +290,7 @@ class FirecrackerBackend(VmBackend):
 
     name = "firecracker"
     process_label = "Firecracker"
+    markers_on_console = True  # one serial port and no virtio-serial: see docs/firecracker.md
     capabilities = Capabilities(snapshots=True, pause_resume=True, vsock=True, tap_networking=True,
                                 port_forwarding=True, detach=True, console=True, isolation="microvm")
 
@@ -305,7 +306,8 @@ class FirecrackerBackend(VmBackend):
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [paths.agent_socket, api_socket_path(paths)]
 
-    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+    async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
+                                  handler: AgentHandler) -> None:
         """Dial the vsock device's unix socket and ask for the agent's port until it listens
         (a refused handshake is an OSError: nothing listens on that guest port yet)."""
         from mvm.runtime.backends.firecracker_api import vsock_handshake

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.mvm.agent"
+BOOT_PORT_NAME = "org.mvm.boot"
+QMP_TIMEOUT_S = 10.0
+TOOL_TIMEOUT_S = 120.0  # qemu-img, mkfs.ext4 for a VM's disks  # /init's boot markers: a port only root in the guest may open
 BOOT_ARGS = (
     "console=ttyS0 quiet loglevel=3 tsc=reliable no_timer_check mitigations=off cryptomgr.notests "
     "8250.nr_uarts=1 random.trust_cpu=on panic=-1"
@@ -87,9 +91,11 @@ class QemuSpec:
     vcpus: int = 1
     memory_mib: int = 256
     agent_socket: Path | None = None
+    boot_socket: Path | None = None  # needs agent_socket (they share the virtio-serial device)
     data_disk: Path | None = None
     qmp_socket: Path | None = None
     console: str = "stdio"  # a QEMU chardev backend for the serial console
+    boot_args: str = ""  # appended to the kernel command line
     extra_args: list[str] = field(default_factory=list)
 
     def argv(self) -> list[str]:
@@ -100,7 +106,7 @@ class QemuSpec:
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd),
-            "-append", kernel_cmdline(self.accel),
+            "-append", f"{kernel_cmdline(self.accel)} {self.boot_args}".rstrip(),
             "-chardev", f"{self.console},id=console0" + (",signal=off" if self.console == "stdio" else ""),
             "-serial", "chardev:console0",
             "-device", "virtio-rng-device",
@@ -115,6 +121,9 @@ class QemuSpec:
             argv += ["-chardev", f"socket,id=agent0,path={self.agent_socket},server=on,wait=off",
                      "-device", "virtio-serial-device",
                      "-device", f"virtserialport,chardev=agent0,name={AGENT_PORT_NAME}"]
+            if self.boot_socket is not None:
+                argv += ["-chardev", f"socket,id=boot0,path={self.boot_socket},server=on,wait=off",
+                         "-device", f"virtserialport,chardev=boot0,name={BOOT_PORT_NAME}"]
         if self.qmp_socket is not None:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         if self.accel == "kvm":
@@ -127,8 +136,11 @@ def create_overlay(base: Path, overlay: Path) -> None:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise HostToolMissing("qemu-img", "qemu-utils")
-    proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw",
-                           str(overlay)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw",
+                               str(overlay)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise VmError(f"qemu-img did not create {overlay} within {TOOL_TIMEOUT_S:.0f} s") from None
     if proc.returncode != 0:
         raise VmError(f"cannot create the disk overlay {overlay}: {proc.stderr.strip()}")
 
@@ -137,7 +149,11 @@ def create_data_disk(path: Path, size: int) -> None:
     """A sparse ext4 file the guest mounts at /data."""
     with path.open("wb") as f:
         f.truncate(size)
-    proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "mvm-data", str(path)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "mvm-data", str(path)], capture_output=True, text=True,
+                              timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise VmError(f"mkfs.ext4 did not format {path} within {TOOL_TIMEOUT_S:.0f} s") from None
     if proc.returncode != 0:
         raise VmError(f"cannot format the data disk {path}: {proc.stderr.strip()}")
 
@@ -175,6 +191,7 @@ class QemuBackend(VmBackend):
     def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
         spec = image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus, memory_mib=record.memory_mib)
         spec.agent_socket = paths.agent_socket
+        spec.boot_socket = paths.boot_socket
         spec.qmp_socket = paths.qmp_socket
         if image.data_disk_bytes:
             spec.data_disk = paths.data_disk
@@ -184,11 +201,20 @@ class QemuBackend(VmBackend):
                        spawned)
 
     def socket_paths(self, paths: VmPaths) -> list[Path]:
-        return [paths.agent_socket, paths.qmp_socket]
+        return [paths.agent_socket, paths.boot_socket, paths.qmp_socket]
 
-    async def serve_agent_channel(self, paths: VmPaths, listen_fd: int | None, handler: AgentHandler) -> None:
+    async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
+                                  handler: AgentHandler) -> None:
         """QEMU serves the virtio-serial port's chardev socket: dial it until it is there."""
         await handler(*await dial_until_open(paths.agent_socket, 0.01))
+
+    async def serve_boot_channel(self, paths: VmPaths, feed: Callable[[bytes], None]) -> None:
+        reader, _ = await dial_until_open(paths.boot_socket, 0.01)
+        try:
+            while data := await reader.read(65536):
+                feed(data)
+        except ConnectionError:
+            pass  # QEMU is gone
 
     async def pause(self, paths: VmPaths, record: VmRecord) -> None:
         await self._qmp(paths, record, "stop")
@@ -197,17 +223,22 @@ class QemuBackend(VmBackend):
         await self._qmp(paths, record, "cont")
 
     async def _qmp(self, paths: VmPaths, record: VmRecord, command: str) -> None:
+        """One QMP command; a QEMU that does not answer within QMP_TIMEOUT_S is an error, not a hang."""
+        import asyncio
+
         from qemu.qmp import QMPClient
 
         qmp = QMPClient(record.name)
-        await qmp.connect(str(paths.qmp_socket))
         try:
-            await qmp.execute(command)
+            await asyncio.wait_for(qmp.connect(str(paths.qmp_socket)), QMP_TIMEOUT_S)
+            await asyncio.wait_for(qmp.execute(command), QMP_TIMEOUT_S)
+        except TimeoutError:
+            raise VmError(f"QEMU did not answer QMP {command!r} within {QMP_TIMEOUT_S:.0f} s") from None
         finally:
             await qmp.disconnect()
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
-        return [*super().runtime_files(paths), paths.qmp_socket, paths.overlay]
+        return [*super().runtime_files(paths), paths.boot_socket, paths.qmp_socket, paths.overlay]
 
     def doctor(self, facts: HostFacts) -> BackendReport:
         system, img = facts.tools[QEMU_BINARY], facts.tools["qemu-img"]

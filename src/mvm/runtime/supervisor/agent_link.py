@@ -3,39 +3,39 @@
 Client requests are forwarded with their ids rewritten to channel ids of ours, and replies
 are routed back under the id the client used, so many clients (and many requests of one
 client) share the agent. Requests that arrive before the agent's hello wait in ``pending``.
-How the channel is reached is the backend's business (``serve_agent_channel``).
+How the channel is reached is the backend's business (``serve_agent_channel``); that there
+is exactly one agent connection per boot is this module's: a second is refused and logged.
+Reading from the agent waits while a reader of its replies falls behind (backpressure
+instead of an ever-growing buffer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
-from mvm.runtime.console import BootMarker
+from mvm.runtime.boot_markers import BootMarker
+from mvm.runtime.supervisor.clients import Reader
 from mvm.runtime.supervisor.vm_process import SHUTDOWN_ID
 
 if TYPE_CHECKING:
     from mvm.runtime.supervisor.supervisor import Supervisor
 
 TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
-NO_REPLY = frozenset({"stdin", "signal", "resize", "send"})  # only for a request that is still open
-
-
-class Requester(Protocol):
-    """Whoever a forwarded request's replies go back to: a client, or a tunnel's host end."""
-
-    def send(self, data: bytes) -> None: ...
+NO_REPLY = frozenset({"stdin", "signal", "resize", "send", "cancel"})  # only for a request still open
+AGENT_BUFFER_HIGH = 4 << 20  # queued bytes toward the agent before clients wait for it
 
 
 @dataclass
 class Route:
     """One forwarded request: whose it is and the id the client knows it by."""
 
-    owner: Requester
+    owner: Reader
     client_id: int
     op: str
 
@@ -46,10 +46,9 @@ class AgentLink:
         self.writer: asyncio.StreamWriter | None = None
         self.hello: dict[str, Any] | None = None
         self.routes: dict[int, Route] = {}  # channel id -> route
-        self.by_client: dict[tuple[int, int], int] = {}  # (id(owner), client id) -> channel id
         self.next_id = 1
-        self.pending: list[tuple[Requester, protocol.Frame]] = []  # requests before the agent is ready
-        self.failed_writes: set[tuple[int, int]] = set()  # drop the rest of a refused upload
+        self.pending: list[tuple[Reader, protocol.Frame]] = []  # requests before the agent is ready
+        self.connections = 0  # agent connections offered this boot: only the first is served
 
     @property
     def ready(self) -> bool:
@@ -62,47 +61,74 @@ class AgentLink:
 
     async def serve(self) -> None:
         sup = self.sup
-        await sup.backend.serve_agent_channel(sup.paths, sup.spec.agent_listen_fd, self.serve_connection)
+        await sup.backend.serve_agent_channel(sup.paths, sup.record, sup.spec.agent_listen_fd,
+                                              self.serve_connection)
 
     async def serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One agent connection; a reconnecting agent (after a restart) takes over the channel."""
+        """The agent's connection: the first of this boot. Any later one is refused, so nothing
+        in the guest can take the agent's place by connecting after it."""
+        self.connections += 1
+        if self.connections > 1:
+            print(f"mvm-supervisor: refused agent connection #{self.connections}: one per boot", file=sys.stderr,
+                  flush=True)
+            writer.close()
+            return
         writer.write(protocol.hello("host"))  # queued until the agent opens its port
         self.writer = writer
         decoder = protocol.Decoder()
-        while data := await reader.read(1 << 20):
-            frames, _ = decoder.feed_all(data)
-            for frame in frames:
-                self.on_frame(frame)
-        if self.writer is writer:
-            self.writer = None
+        try:
+            while data := await reader.read(1 << 20):
+                frames, _ = decoder.feed_all(data)
+                behind = [owner for owner in map(self.on_frame, frames) if owner is not None and owner.slow]
+                for owner in set(behind):
+                    await owner.catch_up()
+        except ConnectionError:
+            pass  # the VM went away mid-read: the same as its end
+        self.writer = None
+        if not self.sup.stopped.is_set():  # (a stop answers them itself, with its reason)
+            self.fail_all("the guest's agent closed its channel", prefix="")
 
-    def on_frame(self, frame: protocol.Frame) -> None:
+    async def drain(self) -> None:
+        """Wait while too much is queued toward the agent (it is not keeping up)."""
+        if self.writer is not None and self.writer.transport.get_write_buffer_size() > AGENT_BUFFER_HIGH:
+            try:
+                await self.writer.drain()
+            except ConnectionError:
+                pass
+
+    def on_frame(self, frame: protocol.Frame) -> Reader | None:
+        """Act on one frame from the agent; returns whom it was passed to."""
         sup = self.sup
         if frame.type == "hello":
             version = frame.header.get("version")
             if version != protocol.PROTOCOL_VERSION:
-                sup.watch.request_stop(f"its agent speaks protocol v{version}, this mvm v{protocol.PROTOCOL_VERSION} "
-                                       "(rebuild the image with this mvm: `mvmctl build --no-cache`)", force=True)
-                return
-            first = self.hello is None
-            self.hello = frame.header
-            if first:
+                sup.watch.request_stop(f"its agent speaks protocol v{str(version)[:16]}, this mvm "
+                                       f"v{protocol.PROTOCOL_VERSION} (rebuild the image with this mvm: "
+                                       "`mvmctl build --no-cache`)", force=True)
+                return None
+            if self.hello is None:
+                self.hello = frame.header
                 self.on_ready(frame.header)
-            return
+            else:  # the agent was restarted in the guest: what the old one had open is gone
+                self.fail_all("the guest's agent restarted", prefix="")
+            return None
         if frame.id == SHUTDOWN_ID and frame.type == "error":
             sup.watch.shutdown_refused.set()
-            return
+            return None
         route = self.routes.get(frame.id) if frame.id is not None else None
         if route is None:
-            return  # a reply for a client that has gone, or our own shutdown request
+            return None  # a reply for a client that has gone, or our own shutdown request
         header = {**frame.header, "id": route.client_id}
-        route.owner.send(protocol.encode(header, frame.body))
+        try:
+            route.owner.send(protocol.encode(header, frame.body))
+        except protocol.ProtocolError:  # a header the agent filled beyond the limit: not passed on
+            route.owner.send(protocol.error(route.client_id, "the agent sent a reply too large to pass on"))
         if frame.type in TERMINAL:
             del self.routes[frame.id]
-            key = (id(route.owner), route.client_id)
-            self.by_client.pop(key, None)
+            route.owner.open_requests.pop(route.client_id, None)
             if route.op == "write" and frame.type == "error":
-                self.failed_writes.add(key)
+                route.owner.failed_writes.add(route.client_id)
+        return route.owner
 
     def on_ready(self, hello: dict[str, Any]) -> None:
         console = self.sup.console
@@ -118,39 +144,43 @@ class AgentLink:
         if self.writer is not None and not self.writer.is_closing():
             self.writer.write(data)
 
-    def forward(self, owner: Requester, frame: protocol.Frame) -> None:
+    def forward(self, owner: Reader, frame: protocol.Frame) -> None:
         if self.hello is None:
             self.pending.append((owner, frame))
             return
-        key = (id(owner), frame.id if frame.id is not None else -1)
-        if key in self.failed_writes:
+        client_id = frame.id if frame.id is not None else -1
+        if client_id in owner.failed_writes:
             if not frame.header.get("more"):
-                self.failed_writes.discard(key)
+                owner.failed_writes.discard(client_id)
             return
-        channel_id = self.by_client.get(key)
+        channel_id = owner.open_requests.get(client_id)
         if channel_id is None:
             if frame.type in NO_REPLY:
                 return  # for a process or connection that has already ended
             channel_id, self.next_id = self.next_id, self.next_id + 1
-            self.by_client[key] = channel_id
-            self.routes[channel_id] = Route(owner, frame.id if frame.id is not None else -1, frame.type)
+            owner.open_requests[client_id] = channel_id
+            self.routes[channel_id] = Route(owner, client_id, frame.type)
         self.send(protocol.encode({**frame.header, "id": channel_id}, frame.body))
 
-    def fail_all(self, reason: str) -> None:
-        """The VM stopped: every open request gets its error."""
+    def fail_all(self, reason: str, prefix: str = "the VM stopped: ") -> None:
+        """Every open request gets its error: the VM stopped, or the agent restarted."""
         for route_id, route in list(self.routes.items()):
-            route.owner.send(protocol.error(route.client_id, f"the VM stopped: {reason}"))
+            route.owner.send(protocol.error(route.client_id, prefix + reason))
+            route.owner.open_requests.pop(route.client_id, None)
             del self.routes[route_id]
         for owner, frame in self.pending:
-            owner.send(protocol.error(frame.id, f"the VM stopped: {reason}"))
+            owner.send(protocol.error(frame.id, prefix + reason))
         self.pending.clear()
 
-    def drop(self, owner: Requester) -> None:
-        """``owner`` has gone: its processes are killed, its replies have nowhere to go."""
+    def drop(self, owner: Reader) -> None:
+        """``owner`` has gone: its processes are killed, its reads cancelled, its replies have
+        nowhere to go."""
         for channel_id, route in list(self.routes.items()):
             if route.owner is owner:
                 if route.op in ("exec", "console"):
                     self.send(protocol.encode({"type": "signal", "id": channel_id, "signal": signal.SIGKILL}))
+                elif route.op == "read":
+                    self.send(protocol.encode({"type": "cancel", "id": channel_id}))
                 del self.routes[channel_id]
-                self.by_client.pop((id(owner), route.client_id), None)
+        owner.open_requests.clear()
         self.pending = [(o, f) for o, f in self.pending if o is not owner]

@@ -8,30 +8,66 @@ answers its own: ``ready``, ``wait``, ``status``, ``logs``, ``attach``, ``detach
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
-from mvm.runtime.supervisor.vm_process import STOP_TIMEOUT_S
+from mvm.runtime.backends.base import peer_uid
+from mvm.runtime.supervisor.vm_process import MAX_STOP_TIMEOUT_S, STOP_TIMEOUT_S
 
 if TYPE_CHECKING:
     from mvm.runtime.supervisor.supervisor import Supervisor
 
 AGENT_OPS = frozenset({"exec", "console", "stdin", "signal", "resize", "read", "write", "list", "stat",
-                       "remove", "mkdir", "rename", "telemetry", "ping"})
-
-
-class Client:
-    """One connection to ctl.sock (compared by identity: clients are kept in sets)."""
+                       "remove", "mkdir", "rename", "telemetry", "ping", "cancel"})
+WRITE_BUFFER_HIGH = 4 << 20  # queued bytes toward one reader before whoever feeds it waits
+SLOW_READER_S = 60.0  # a reader that takes in nothing for this long is cut off, so it stalls nobody for ever
+class Reader:
+    """Someone the supervisor writes to (a ctl.sock client, or a forwarded TCP connection),
+    with the agent requests it has open. Per connection, never keyed by ``id()``, which
+    CPython reuses once an object is gone."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
-        self.attached = False  # receives the console and the final exit
-        self.attach_id: int | None = None
-        self.follow_id: int | None = None  # a `logs --follow` request
+        self.open_requests: dict[int, int] = {}  # its request id -> agent channel id
+        self.failed_writes: set[int] = set()  # uploads the agent refused: drop their other chunks
+        writer.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
             self.writer.write(data)
+
+    @property
+    def slow(self) -> bool:
+        return self.writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH
+
+    async def catch_up(self) -> None:
+        """Wait until it has read what is queued for it; cut it off if it stops reading."""
+        try:
+            await asyncio.wait_for(self.writer.drain(), SLOW_READER_S)
+        except (TimeoutError, ConnectionError):
+            print(f"mvm-supervisor: cut off a reader that took nothing in for {SLOW_READER_S:.0f} s",
+                  file=sys.stderr, flush=True)
+            self.writer.transport.abort()
+
+
+class Client(Reader):
+    """One connection to ctl.sock (compared by identity: clients are kept in sets)."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        super().__init__(writer)
+        self.attached = False  # receives the console and the final exit
+        self.attach_id: int | None = None
+        self.follow_id: int | None = None  # a `logs --follow` request
+        self.follow_backlog: bytearray | None = None  # its live output while the log files are sent
+
+    def follow(self, data: bytes) -> None:
+        """Console output for a `logs --follow` request."""
+        if self.follow_backlog is None:
+            self.send(protocol.encode({"type": "data", "id": self.follow_id}, data))
+        else:
+            self.follow_backlog += data
 
 
 class ClientServer:
@@ -41,6 +77,13 @@ class ClientServer:
         self.waiters: list[tuple[Client, int, str]] = []  # (client, id, "ready"|"wait")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer)
+        if uid not in (0, os.getuid()):
+            # ctl.sock is 0600 in a 0700 directory; this is the check that does not depend on that.
+            print(f"mvm-supervisor: refused a client of uid {uid} on ctl.sock", file=sys.stderr, flush=True)
+            writer.write(protocol.error(None, f"uid {uid} may not drive this VM (only its owner and root)"))
+            writer.close()
+            return
         client = Client(writer)
         self.clients.add(client)
         decoder = protocol.Decoder()
@@ -50,7 +93,11 @@ class ClientServer:
                 for err in errors:
                     client.send(protocol.error(None, str(err)))
                 for frame in frames:
-                    self.on_frame(client, frame)
+                    try:
+                        self.on_frame(client, frame)
+                    except (ValueError, TypeError, OverflowError, protocol.ProtocolError) as err:
+                        client.send(protocol.error(frame.id, f"bad {frame.type!r} request: {err}"))
+                await self.sup.agent.drain()  # an agent that is not keeping up slows its clients down
         except ConnectionError:
             pass
         finally:
@@ -80,11 +127,7 @@ class ClientServer:
         elif kind == "status":
             client.send(protocol.encode({"type": "result", "id": frame.id, "record": sup.status()}))
         elif kind == "logs":
-            client.send(protocol.encode({"type": "data", "id": frame.id}, sup.paths.console_log.read_bytes()))
-            if frame.header.get("follow") and not sup.stopped.is_set():
-                client.follow_id = frame.id
-            else:
-                client.send(protocol.encode({"type": "done", "id": frame.id}))
+            asyncio.get_running_loop().create_task(self.send_logs(client, frame.id, bool(frame.header.get("follow"))))
         elif kind == "attach":
             client.attached, client.attach_id = True, frame.id
             if frame.header.get("replay"):
@@ -107,11 +150,48 @@ class ClientServer:
             asyncio.get_running_loop().create_task(sup.set_paused(client, frame.id, kind == "pause"))
         elif kind == "stop":
             self.waiters.append((client, frame.id or 0, "wait"))
-            sup.watch.request_stop(str(frame.header.get("reason") or "stopped on request"),
+            timeout = float(frame.header.get("timeout") or STOP_TIMEOUT_S)
+            sup.watch.request_stop(str(frame.header.get("reason") or "stopped on request")[:500],
                                    force=bool(frame.header.get("force")),
-                                   timeout=float(frame.header.get("timeout") or STOP_TIMEOUT_S))
+                                   timeout=timeout if 0 <= timeout <= MAX_STOP_TIMEOUT_S else STOP_TIMEOUT_S)
         else:
             client.send(protocol.error(frame.id, f"unknown request type {kind!r}"))
+
+    async def send_logs(self, client: Client, request_id: int | None, follow: bool) -> None:
+        """The console log as it is on disk, in frames, then (``follow``) what arrives next.
+        What arrives while the files are sent waits in the client's backlog, so nothing is
+        lost or sent twice, and the order holds."""
+        sup = self.sup
+        sup.console.log.flush()
+        files = []
+        for path in (sup.paths.console_log_previous, sup.paths.console_log):
+            try:
+                f = path.open("rb")
+            except FileNotFoundError:
+                continue
+            files.append((f, os.fstat(f.fileno()).st_size))
+        following = follow and not sup.stopped.is_set()
+        if following:  # (no await since the sizes were taken: nothing slipped in between)
+            client.follow_id, client.follow_backlog = request_id, bytearray()
+        try:
+            for f, end in files:
+                while f.tell() < end and (chunk := f.read(min(protocol.CHUNK, end - f.tell()))):
+                    client.send(protocol.encode({"type": "data", "id": request_id}, chunk))
+                    await client.catch_up()
+        finally:
+            for f, _ in files:
+                f.close()
+        backlog, client.follow_backlog = client.follow_backlog, None
+        if backlog:
+            client.send(protocol.encode({"type": "data", "id": request_id}, bytes(backlog)))
+        if not following or sup.stopped.is_set():
+            client.follow_id = None
+            client.send(protocol.encode({"type": "done", "id": request_id}))
+
+    async def wait_for_slow_readers(self) -> None:
+        """Backpressure for the console: the guest waits while someone it writes to catches up."""
+        for client in [c for c in self.clients if c.slow]:
+            await client.catch_up()
 
     def answer_waiters(self, kind: str, reply: dict[str, object]) -> None:
         """Answer every client waiting for ``kind`` (ready, or any waiter when ``kind`` is "*")."""

@@ -1,6 +1,10 @@
-"""The guest's console as the supervisor relays it: to console.log, to attached clients and
-`logs -f` followers, with a replay buffer for a client that attaches late; keystrokes from an
-attached client go back to it. Boot markers are taken out here and applied to the record.
+"""The guest's console and its boot markers, as the supervisor relays them.
+
+The console carries the workload's bytes and nothing the host believes: they go to
+console.log (rotated at a size cap), to attached clients and `logs -f` followers, and into a
+bounded replay buffer for a client that attaches late. Keystrokes of an attached client go
+back to it. Boot markers arrive on their own channel (runtime/boot_markers.py) and update
+the record: phases for the boot report, services, the entrypoint's exit status.
 """
 
 from __future__ import annotations
@@ -10,36 +14,52 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
-from mvm.runtime.console import BootMarker, ConsoleFilter
+from mvm.runtime.boot_markers import BootLog, BootMarker, ConsoleFilter
 
 if TYPE_CHECKING:
     from mvm.runtime.supervisor.supervisor import Supervisor
 
 REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attaches late
 STDERR_TAIL = 4096  # the end of the process's stderr, for the stop reason
+LOG_SEGMENT = 8 << 20  # console.log is rotated to console.log.1 beyond this: at most ~16 MiB on disk
+READ_SIZE = 65536
 
 
 class ConsoleRelay:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.log = sup.paths.console_log.open("ab")
-        self.filter = ConsoleFilter(sink=self.on_user_output)
+        self.boot = BootLog()
+        markers_on_console = sup.backend.markers_on_console
+        self.filter = ConsoleFilter(sink=self.on_user_output, boot_log=self.boot if markers_on_console else None)
         self.replay = bytearray()
         self.input = bytearray()  # held until an interactive entrypoint speaks
+        self.output_after_entrypoint = 0
         self.stderr_tail = bytearray()
-        self.markers_seen = 0  # markers already applied to the record
         self.agent_ready_marker: BootMarker | None = None
 
     async def pump(self, fd: int) -> None:
         reader = await _reader_for(fd)
-        while data := await reader.read(65536):
+        while data := await reader.read(READ_SIZE):
+            changes = self.boot.changes
             self.filter.feed(data)
-            self.on_markers()
+            if self.boot.changes != changes:
+                self.on_markers()
+            await self.sup.clients.wait_for_slow_readers()
 
     async def pump_stderr(self, fd: int) -> None:
         reader = await _reader_for(fd)
-        while data := await reader.read(65536):
+        while data := await reader.read(READ_SIZE):
             self.stderr_tail = (self.stderr_tail + data)[-STDERR_TAIL:]
+
+    async def serve_boot_channel(self) -> None:
+        sup = self.sup
+        if not sup.backend.markers_on_console:
+            await sup.backend.serve_boot_channel(sup.paths, self.on_boot_bytes)
+
+    def on_boot_bytes(self, data: bytes) -> None:
+        if self.boot.feed(data):
+            self.on_markers()
 
     def flush(self) -> None:
         self.filter.flush()
@@ -47,58 +67,67 @@ class ConsoleRelay:
     def close(self) -> None:
         self.log.close()
 
+    # -- the workload's bytes ------------------------------------------------------------------
+
     def on_user_output(self, data: bytes) -> None:
-        self.log.write(data)
-        self.log.flush()
+        self.write_log(data)
         self.replay += data
         if len(self.replay) > REPLAY_LIMIT:
             del self.replay[: len(self.replay) - REPLAY_LIMIT]
+        if self.boot.seen("entrypoint") is not None:
+            self.output_after_entrypoint += len(data)
         for client in self.sup.clients.clients:
             if client.attached and client.attach_id is not None:
                 client.send(protocol.encode({"type": "stdout", "id": client.attach_id}, data))
             if client.follow_id is not None:
-                client.send(protocol.encode({"type": "data", "id": client.follow_id}, data))
+                client.follow(data)
         self.flush_input()
 
+    def write_log(self, data: bytes) -> None:
+        if self.log.tell() + len(data) > LOG_SEGMENT and self.log.tell() > 0:
+            self.log.close()
+            os.replace(self.sup.paths.console_log, self.sup.paths.console_log_previous)
+            self.log = self.sup.paths.console_log.open("ab")
+        self.log.write(data)
+        self.log.flush()
+
     def type_in(self, data: bytes) -> None:
-        """An attached client's keystrokes, for the guest's console."""
+        """An attached client's keystrokes, for the guest's console (bounded: a console that
+        never reads its input does not grow the supervisor)."""
         self.input += data
+        del self.input[:-REPLAY_LIMIT]
         self.flush_input()
 
     def flush_input(self) -> None:
-        if self.input and self.filter.output_after_entrypoint:
+        if self.input and self.output_after_entrypoint:
             try:
-                os.write(self.sup.watch.proc.stdin, bytes(self.input))
+                written = os.write(self.sup.watch.proc.stdin, bytes(self.input))
+            except BlockingIOError:
+                return
             except OSError:
-                pass
-            self.input.clear()
+                written = len(self.input)
+            del self.input[:written]
 
     # -- boot markers -------------------------------------------------------------------------
 
     def on_markers(self) -> None:
         record = self.sup.record
-        seen = self.markers_seen  # not len(record.markers): that also holds agent-ready
-        if len(self.filter.markers) == seen:
-            return
-        self.markers_seen = len(self.filter.markers)
-        for marker in self.filter.markers[seen:]:
-            if marker.phase in ("service-start", "service-exit") and marker.args:
-                service = record.services.setdefault(marker.args[0], {"state": "starting", "restarts": -1,
-                                                                      "last_exit": None})
-                if marker.phase == "service-start":
-                    service["state"], service["restarts"] = "running", service["restarts"] + 1
-                else:
-                    service["state"] = "exited"
-                    service["last_exit"] = int(marker.args[1]) if len(marker.args) > 1 else None
+        record.services = {name: dict(state) for name, state in self.boot.services.items()}
         self.record_markers()
         record.save(self.sup.paths)
 
     def record_markers(self) -> None:
+        """The markers with ms since the VM's process was spawned. A marker says when the guest
+        reached it (its uptime), which is not when it arrived: /init reports the initramfs's
+        start only once it has a channel. So the guest's clock is put on the host's through the
+        marker that arrived soonest after it was made, and every marker is placed by its uptime."""
         spawned = self.sup.spec.spawned
-        markers = [_marker_json(m, spawned) for m in self.filter.markers]
+        timed = [m for m in self.boot.markers if m.guest_uptime is not None]
+        kernel_start = min((m.host_time - spawned - m.guest_uptime for m in timed), default=None)  # type: ignore[operator]
+        markers = [_marker_json(m, spawned, kernel_start) for m in self.boot.markers]
         if self.agent_ready_marker is not None:
-            markers.append(_marker_json(self.agent_ready_marker, spawned))
-            markers.sort(key=lambda m: m["ms"])
+            markers.append(_marker_json(self.agent_ready_marker, spawned, None))
+        markers.sort(key=lambda m: m["ms"])
         self.sup.record.markers = markers
 
 
@@ -109,6 +138,9 @@ async def _reader_for(fd: int) -> asyncio.StreamReader:
     return reader
 
 
-def _marker_json(marker: BootMarker, spawned: float) -> dict[str, Any]:
-    return {"phase": marker.phase, "args": marker.args, "guest_uptime": marker.guest_uptime,
-            "ms": round((marker.host_time - spawned) * 1000)}
+def _marker_json(marker: BootMarker, spawned: float, kernel_start: float | None) -> dict[str, Any]:
+    if kernel_start is not None and marker.guest_uptime is not None:
+        seconds = kernel_start + marker.guest_uptime
+    else:
+        seconds = marker.host_time - spawned
+    return {"phase": marker.phase, "args": marker.args, "guest_uptime": marker.guest_uptime, "ms": round(seconds * 1000)}

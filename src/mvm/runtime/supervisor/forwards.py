@@ -5,20 +5,31 @@ port on the guest's loopback, so the guest needs no network interface (deny stay
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
+from mvm.runtime.supervisor.clients import Reader
 
 if TYPE_CHECKING:
     from mvm.runtime.supervisor.clients import Client
     from mvm.runtime.supervisor.supervisor import Supervisor
 
 
-class TunnelEnd:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class TunnelEnd(Reader):
     """The host end of one forwarded TCP connection: the agent's frames for it land here."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
+        super().__init__(writer)
         self.decoder = protocol.Decoder()
 
     def send(self, data: bytes) -> None:
@@ -36,9 +47,14 @@ class Forwards:
         self.servers: list[asyncio.AbstractServer] = []
 
     async def add(self, client: Client, request_id: int | None, header: dict[str, Any]) -> None:
-        """Listen on the host (127.0.0.1 unless told otherwise)."""
+        """Listen on the host: 127.0.0.1 unless told otherwise, and another address only when the
+        request says ``public`` (the CLI sets it when the user wrote that address)."""
         sup = self.sup
         host, host_port, guest_port = header.get("host_addr") or "127.0.0.1", header.get("host_port"), header.get("guest_port")
+        if not is_loopback(str(host)) and header.get("public") is not True:
+            client.send(protocol.error(request_id, f"forwarding from {host}, which is not loopback, must be asked for "
+                                                   "explicitly (public: true)"))
+            return
         try:
             server = await asyncio.start_server(lambda r, w: self.serve(int(guest_port), r, w),
                                                 host, int(host_port))  # type: ignore[arg-type]

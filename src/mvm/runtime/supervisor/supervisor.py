@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -45,10 +46,14 @@ class Supervisor:
         self.record.qemu_pid = self.watch.proc.pid
         self.record.save(self.paths)
         server = await asyncio.start_unix_server(self.clients.serve, path=str(self.paths.ctl_socket))
+        self.paths.ctl_socket.chmod(0o600)  # its directory is 0700 too; SO_PEERCRED is checked as well
         loop.add_reader(self.spec.commit_fd, self.on_commit_pipe)
         tasks = [asyncio.create_task(c) for c in (self.console.pump(self.spec.qemu_stdout),
                                                      self.console.pump_stderr(self.spec.qemu_stderr),
+                                                     self.console.serve_boot_channel(),
                                                      self.agent.serve(), self.watch.watch_boot())]
+        for task in tasks:
+            task.add_done_callback(self.on_task_end)
         await self.watch.watch()
         for task in tasks:
             task.cancel()
@@ -59,13 +64,24 @@ class Supervisor:
         self.release_commit()
         self.console.close()
 
+    def on_task_end(self, task: asyncio.Task) -> None:
+        """A part that died on an exception (a bug, or input it could not take) leaves a VM the
+        supervisor no longer fully serves: say why in supervisor.log and stop the VM."""
+        if task.cancelled() or task.exception() is None or self.stopped.is_set():
+            return
+        if isinstance(task.exception(), ConnectionError):
+            return  # a channel of a VM that is going away: its process's exit says why
+        err = task.exception()
+        print(f"mvm-supervisor: {task.get_coro().__qualname__} failed: {err!r}", file=sys.stderr, flush=True)
+        self.watch.request_stop(f"the supervisor failed ({type(err).__name__}: {str(err)[:200]})", force=True)
+
     def finish(self, reason: str) -> None:
         """Record the stop once, and answer everyone who waits for it."""
         if self.stopped.is_set():
             return
         record = self.record
         record.state, record.stopped_at, record.stop_reason = "stopped", time.time(), reason
-        record.exit_status = self.console.filter.exit_status()
+        record.exit_status = self.console.boot.exit_status()
         self.console.record_markers()
         record.save(self.paths)
         self.stopped.set()
@@ -75,7 +91,7 @@ class Supervisor:
             if client.attached and client.attach_id is not None:
                 client.send(protocol.encode({"type": "exit", "id": client.attach_id, "code": record.exit_status,
                                              "reason": reason}))
-            if client.follow_id is not None:
+            if client.follow_id is not None and client.follow_backlog is None:  # (else send_logs ends it)
                 client.send(protocol.encode({"type": "done", "id": client.follow_id}))
         self.agent.fail_all(reason)
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 SHUTDOWN_ID = 0  # the supervisor's own shutdown request; client requests get ids from 1
 STOP_TIMEOUT_S = 10.0
+MAX_STOP_TIMEOUT_S = 3600.0  # a graceful stop waits at most this long for the guest
 KILL_GRACE_S = 3.0
 BOOT_TIMEOUT_FACTOR = 20  # no /init marker after 20x the expected boot time: give up
 
@@ -60,6 +61,7 @@ class ProcessWatch:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
         self.proc = VmProcess(sup.spec.qemu_pid, sup.spec.qemu_stdin)
+        os.set_blocking(self.proc.stdin, False)  # console input must never block the supervisor
         self.stopping: str | None = None  # why a stop was asked for
         self.remove_on_exit = False  # `up` was abandoned: the VM's directory goes too
         self.shutdown_refused = asyncio.Event()
@@ -76,21 +78,21 @@ class ProcessWatch:
         os.close(pidfd)
         code = self.proc.wait()
         await sup.backend.after_exit(sup.record)
-        await asyncio.sleep(0.05)  # the console pipe may still hold the last marker
+        await asyncio.sleep(0.05)  # the console pipe and the boot channel may still hold the last bytes
         sup.console.flush()
         sup.finish(self.exit_reason(code))
 
     def exit_reason(self, code: int) -> str:
-        console = self.sup.console.filter
+        boot = self.sup.console.boot
         label = self.sup.backend.process_label
-        status = console.exit_status()
+        status = boot.exit_status()
         if self.stopping:
             return self.stopping
         if code < 0:
             return f"{label} was killed by signal {-code} ({signal.Signals(-code).name})"
         if status is not None:
             return f"its entrypoint exited with status {status}"
-        if console.seen("shutdown") is not None:
+        if boot.seen("shutdown") is not None:
             return "the guest shut down"
         detail = self.sup.console.stderr_tail.decode(errors="replace").strip().splitlines()
         return f"{label} exited with code {code}" + (f": {detail[-1]}" if detail else "")
@@ -133,7 +135,7 @@ class ProcessWatch:
         await asyncio.sleep(limit)
         if sup.stopped.is_set() or sup.agent.ready:
             return
-        if sup.console.filter.seen("init") is None:
+        if sup.console.boot.seen("init") is None:
             self.request_stop(f"no sign of /init after {limit:.0f} s (see {sup.paths.console_log})", force=True)
-        elif sup.console.filter.exit_status() is None:
+        elif sup.console.boot.exit_status() is None:
             self.request_stop(f"its agent did not answer within {limit:.0f} s of boot", force=True)
