@@ -387,11 +387,17 @@ def test_bad_hypervisor_suggests() -> None:
     ("path", "word"),
     [("etc/motd", "absolute"), ("/etc/../root/.ssh/keys", "'..'"), ("/", "not / itself"),
      ("/etc/", "directory"), ("/init", "written by mvm"), ("/etc/mvm/name", "written by mvm"),
-     ("/usr/lib/mvm/agent/session.py", "written by mvm")],
+     ("/usr/lib/mvm/agent/session.py", "written by mvm"), ("//init", "written by mvm"),
+     ("//etc/mvm/uids", "written by mvm"), ("///usr//lib/mvm/x", "written by mvm")],
 )  # fmt: skip
 def test_bad_extra_file_paths(path: str, word: str) -> None:
     text = 'name = "t"\n' + SHELL + f'[extra_files."{path}"]\ncontent = "x"\n'
     failure(text, f'extra_files."{path}"', word)
+
+
+def test_extra_file_paths_that_differ_only_in_slashes_are_the_same_file() -> None:
+    text = ('name = "t"\n' + SHELL + '[extra_files."/a"]\ncontent = "x"\n[extra_files."//a"]\ncontent = "y"\n')
+    failure(text, 'extra_files."//a"', "same file")
 
 
 def test_extra_file_needs_content() -> None:

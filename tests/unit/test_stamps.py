@@ -44,6 +44,8 @@ def write_artifact(store: Path, key: str, toml: str = TOML) -> ArtifactMeta:
                         data_disk_bytes=workload.data_disk_bytes, packages=[], workload=workload)
     (store / key).mkdir(parents=True)
     (store / key / ARTIFACT_FILE).write_text(meta.to_json())
+    for name in ("vmlinux", "initrd.cpio", "rootfs.ext4"):  # (their contents are not read here)
+        (store / key / name).write_bytes(b"")
     return meta
 
 
@@ -68,8 +70,17 @@ def test_boot_image_of_a_default_workload(tmp_path: Path) -> None:
     assert image.entrypoint_kind == "shell"
 
 
+def test_an_image_with_a_file_missing_is_one_clear_error(tmp_path: Path) -> None:
+    meta = write_artifact(tmp_path, "c" * 64)
+    (tmp_path / meta.key / "vmlinux").unlink()
+    with pytest.raises(UsageError, match=r"the image in .* is damaged: vmlinux missing.*mvmctl build --no-cache"):
+        BootImage.open(tmp_path / meta.key)
+
+
 def test_an_unreadable_image_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "k").mkdir()
+    for name in ("vmlinux", "initrd.cpio", "rootfs.ext4"):
+        (tmp_path / "k" / name).write_bytes(b"")
     (tmp_path / "k" / ARTIFACT_FILE).write_text('{"key": "k"}')
     with pytest.raises(UsageError, match=r"the image in .* is unreadable \(KeyError.*mvmctl build --no-cache"):
         BootImage.open(tmp_path / "k")

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage
+from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workdir import LOCK_FILE, manifest_file
 from mvm.guest import GUEST_FILES, guest_file, protocol_source
@@ -74,9 +76,12 @@ def lookup(home: MvmHome, path: str | Path) -> BootImage | None:
     except OSError:
         return None
     image_dir = home.store / key
-    if len(key) != 64 or not (image_dir / ARTIFACT_FILE).is_file():
-        return None
-    return BootImage.open(image_dir)
+    if not re.fullmatch(r"[0-9a-f]{64}", key) or not (image_dir / ARTIFACT_FILE).is_file():
+        return None  # no such image (any more), or a damaged stamp: build, which writes a new one
+    try:
+        return BootImage.open(image_dir)
+    except UsageError:
+        return None  # a damaged image: the build replaces it
 
 
 def record(home: MvmHome, path: str | Path, manifest: bytes, key: str) -> None:

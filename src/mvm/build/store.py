@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 
 from mvm.core.artifact import ARTIFACT_FILE, Artifact
+from mvm.core.bootimage import INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, write_atomic
 
@@ -30,8 +31,15 @@ class ArtifactStore:
         self.refs = home.refs
 
     def get(self, key: str) -> Artifact | None:
+        """The artifact stored under ``key``; None when there is none, or it is damaged (a file
+        missing, or artifact.json unreadable), so the build makes it again and replaces it."""
         path = self.root / key
-        return Artifact.load(path) if (path / ARTIFACT_FILE).is_file() else None
+        if not all((path / name).is_file() for name in (ARTIFACT_FILE, KERNEL_FILE, INITRD_FILE, ROOTFS_FILE)):
+            return None
+        try:
+            return Artifact.load(path)
+        except (OSError, ValueError):  # (pydantic's ValidationError is a ValueError)
+            return None
 
     def by_name(self, name: str) -> Artifact | None:
         ref = self.refs / name

@@ -14,11 +14,12 @@ from mvm.build import stamps
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
-from mvm.core.state import MvmHome, VmRecord
-from mvm.runtime import lifecycle
-from mvm.runtime import backends
+from mvm.core.state import DamagedVm, MvmHome, VmRecord
+from mvm.runtime import backends, lifecycle
+from mvm.runtime.transfer import printable
 from mvm.runtime.client import VmClient
 
+MAX_STOP_TIMEOUT_S = 3600.0
 BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
 
 
@@ -95,8 +96,13 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
               help="Seconds to wait for a graceful shutdown before killing the VM.")
 def down(name: str, force: bool, timeout: float) -> None:
     """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record)."""
+    if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:  # (also refuses inf and nan)
+        raise UsageError(f"--timeout {timeout:g}: must be 0 to {MAX_STOP_TIMEOUT_S:.0f} seconds")
     record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout)
-    click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})")
+    if isinstance(record, DamagedVm):
+        click.echo(f"VM {name} is removed (its record was damaged: {record.why})")
+    else:
+        click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})")
 
 
 @click.command(name="ls")
@@ -112,19 +118,26 @@ def ls(as_json: bool) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text  # cells as text, not markup: a record's fields may hold anything
 
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "STATE", "BACKEND", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):
         table.add_column(column)
     for record in records:
+        if isinstance(record, DamagedVm):
+            table.add_row(*map(Text, (record.name, "damaged", "-", "-", "-", "-", "-", printable(record.why))))
+            continue
         summary = _summary(record)
-        table.add_row(record.name, summary["state_detail"], f"{record.backend}/{record.accel}", record.mode,
-                      str(record.vcpus), format_size(record.memory_mib * 1024 * 1024), summary["uptime"] or "-",
-                      f"{record.artifact_name} ({record.artifact_key[:12]})")
+        table.add_row(*map(Text, (record.name, summary["state_detail"], f"{record.backend}/{record.accel}", record.mode,
+                                  str(record.vcpus), format_size(record.memory_mib * 1024 * 1024),
+                                  summary["uptime"] or "-", f"{record.artifact_name} ({record.artifact_key[:12]})")))
     Console(width=200).print(table)
 
 
-def _summary(record: VmRecord) -> dict[str, Any]:
+def _summary(record: VmRecord | DamagedVm) -> dict[str, Any]:
+    if isinstance(record, DamagedVm):
+        return {"name": record.name, "state": "damaged", "why": record.why,
+                "fix": f"mvmctl down --force {record.name}"}
     uptime = None
     if record.running:
         uptime = _duration(time.time() - record.created_at)

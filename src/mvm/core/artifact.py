@@ -30,16 +30,17 @@ class ArtifactHashes(BaseModel):
 
 
 class LockedPackage(BaseModel):
-    """One .deb pinned by exact version and sha256."""
+    """One .deb pinned by exact version and sha256. mvm.lock is read back from disk, so its
+    file name must be a plain .deb name: it becomes a path in the package cache."""
 
     model_config = ConfigDict(frozen=True)
 
-    name: str
-    version: str
-    arch: str
-    filename: str
-    sha256: str
-    size: int
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9+.-]*$")
+    version: str = Field(pattern=r"^[A-Za-z0-9.+~:-]+$")
+    arch: str = Field(pattern=r"^[a-z0-9-]+$")
+    filename: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9+.~_%-]*\.deb$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
 
 
 class ArtifactMeta(BaseModel):

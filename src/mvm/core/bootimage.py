@@ -78,6 +78,10 @@ class BootImage:
 
     @classmethod
     def open(cls, path: Path) -> BootImage:
+        missing = [name for name in (KERNEL_FILE, INITRD_FILE, ROOTFS_FILE) if not (path / name).is_file()]
+        if missing:
+            raise UsageError(f"the image in {path} is damaged: {', '.join(missing)} missing",
+                             "build it again with `mvmctl build --no-cache`")
         try:
             record = json.loads((path / ARTIFACT_FILE).read_text())
             workload = record["workload"]

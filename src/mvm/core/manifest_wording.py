@@ -132,7 +132,9 @@ class ManifestChecks:
             raise self.error(at, f"{quote(value)} is not an absolute path", fix)
         if ".." in value.split("/"):
             raise self.error(at, f"{quote(value)} contains a '..' component", fix)
-        normal = str(PurePosixPath(value))
+        # PurePosixPath keeps exactly two leading slashes (POSIX leaves "//x" to the system);
+        # the guest reads it as "/x", so must every check that compares paths.
+        normal = "/" + str(PurePosixPath(value)).lstrip("/")
         if normal == "/":
             raise self.error(at, "must name something below /, not / itself", fix)
         return normal

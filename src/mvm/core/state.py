@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mvm.core.errors import UsageError
+from mvm.core.errors import UsageError, VmError
 from mvm.core.home import CTL_SOCKET, VMS_DIR, home_dir
 from mvm.core.home import check_vm_name as check_vm_name  # callers import it from here too
 
@@ -108,11 +108,13 @@ class VmPaths:
     record = property(lambda self: self.dir / "record.json")
     mode = property(lambda self: self.dir / "mode.json")
     console_log = property(lambda self: self.dir / "console.log")
+    console_log_previous = property(lambda self: self.dir / "console.log.1")  # rotated out at its size cap
     overlay = property(lambda self: self.dir / "overlay.qcow2")
     data_disk = property(lambda self: self.dir / "data.ext4")
     ctl_socket = property(lambda self: self.dir / CTL_SOCKET)
     agent_socket = property(lambda self: self.dir / "agent.sock")
     qmp_socket = property(lambda self: self.dir / "qmp.sock")
+    boot_socket = property(lambda self: self.dir / "boot.sock")  # QEMU: the boot markers' port
     channel_dir = property(lambda self: self.dir / "chan")  # docker: bind-mounted at /.mvm
     data_dir = property(lambda self: self.dir / "data")  # docker: bind-mounted at /data
     supervisor_lock = property(lambda self: self.dir / "supervisor.lock")
@@ -178,19 +180,86 @@ class VmRecord:
 
     @classmethod
     def load(cls, paths: VmPaths) -> VmRecord:
+        """The record on disk; ValueError when it is not one (truncated, edited, garbage)."""
         data = json.loads(paths.record.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        try:
+            record = cls(**known)
+        except TypeError as err:  # a required field is missing
+            raise ValueError(str(err).removeprefix("VmRecord.__init__() ")) from None
+        record.check()
+        return record
+
+    def check(self) -> None:
+        """Each field of the type the code relies on (the file may have been edited)."""
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise ValueError(f"{name} is {type(value).__name__} {str(value)[:40]!r}")
+        if self.state not in VM_STATES:
+            raise ValueError(f"state {self.state[:40]!r} is not one of {', '.join(VM_STATES)}")
+        if self.name != check_vm_name_quietly(self.name):
+            raise ValueError(f"name {self.name[:40]!r} is not a VM name")
+        if not all(isinstance(k, str) and isinstance(v, int) for k, v in self.uids.items()):
+            raise ValueError("uids must map roles to numbers")
+        if not all(isinstance(m, dict) and isinstance(m.get("ms"), int) and isinstance(m.get("phase"), str)
+                   for m in self.markers):
+            raise ValueError("markers are not {phase, ms, ...} objects")
+
+
+VM_STATES = ("starting", "running", "paused", "stopped")
+_OPTIONAL_INT = (int, type(None))
+_OPTIONAL_NUMBER = (int, float, type(None))
+_OPTIONAL_STR = (str, type(None))
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "artifact_key": (str,), "artifact_name": (str,), "backend": (str,), "accel": (str,),
+    "mode": (str,), "vcpus": (int,), "memory_mib": (int,), "accessible": (bool,), "sealed": (bool,),
+    "uids": (dict,), "state": (str,), "created_at": (int, float), "supervisor_pid": _OPTIONAL_INT,
+    "qemu_pid": _OPTIONAL_INT, "ready_at": _OPTIONAL_NUMBER, "stopped_at": _OPTIONAL_NUMBER,
+    "stop_reason": _OPTIONAL_STR, "exit_status": _OPTIONAL_INT, "backend_id": _OPTIONAL_STR,
+    "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
+}
+
+
+def check_vm_name_quietly(name: str) -> str | None:
+    try:
+        return check_vm_name(name)
+    except UsageError:
+        return None
+
+
+@dataclass(frozen=True)
+class DamagedVm:
+    """A VM directory whose record cannot be read: listed with why, removed by `down --force`."""
+
+    name: str
+    why: str
+    state: str = "damaged"
+    running: bool = False
+
+
+class DamagedRecord(VmError):
+    """The record of a VM cannot be read."""
+
+    def __init__(self, damaged: DamagedVm) -> None:
+        super().__init__(f"the record of VM {damaged.name} is damaged ({damaged.why})",
+                         f"`mvmctl down --force {damaged.name}` removes it")
+        self.damaged = damaged
 
 
 def reconcile(paths: VmPaths) -> VmRecord | None:
-    """The record, corrected if its supervisor is gone; None when there is no VM by that name."""
+    """The record, corrected if its supervisor is gone; None when there is no VM by that name.
+    DamagedRecord when there is one but its record cannot be read."""
     try:
         record = VmRecord.load(paths)
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError) as err:
-        raise UsageError(f"the record of VM {paths.name} is damaged ({err})", f"remove it with `mvmctl down {paths.name}`") from None
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise DamagedRecord(DamagedVm(paths.name, str(err)[:200])) from None
+    if record.name != paths.name:
+        raise DamagedRecord(DamagedVm(paths.name, f"it names VM {record.name!r}"))
     if record.running and not paths.supervisor_alive():
         record.state = "stopped"
         record.stopped_at = record.stopped_at or time.time()

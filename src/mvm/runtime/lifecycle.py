@@ -10,22 +10,29 @@ failed or killed `up` leaves nothing behind.
 from __future__ import annotations
 
 import fcntl
-import io
 import os
 import shutil
 import signal
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import UsageError, VmError
-from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, reconcile, write_json_atomic
+from mvm.core.state import (
+    DamagedRecord,
+    DamagedVm,
+    MvmHome,
+    VmPaths,
+    VmRecord,
+    check_vm_name,
+    reconcile,
+    write_json_atomic,
+)
 from mvm.runtime import backends
-from mvm.runtime.client import AgentError, VmClient
+from mvm.runtime.client import VmClient
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -78,7 +85,8 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     vm_backend.prepare_image(image, progress)
     accel = vm_backend.accel(host)
     home.vms.mkdir(parents=True, exist_ok=True)
-    name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o644)
+    name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o600)
+    os.fchmod(name_lock, 0o600)  # (one made by an older mvm was 0644)
     try:
         fcntl.flock(name_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -125,10 +133,15 @@ def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
 def settle(paths: VmPaths) -> VmRecord | None:
     """``reconcile``, plus releasing what a dead VM's backend may still hold (a container)."""
     record = reconcile(paths)
-    if record is not None and record.state == "stopped" and not record.backend_released:
-        if backends.get(record.backend).release(paths, record):
-            record.backend_released = True
-            record.save(paths)
+    if record is None:
+        return None
+    try:
+        backend = backends.get(record.backend)
+    except UsageError:
+        raise DamagedRecord(DamagedVm(paths.name, f"its backend {record.backend[:40]!r} is not one mvm knows")) from None
+    if record.state == "stopped" and not record.backend_released and backend.release(paths, record):
+        record.backend_released = True
+        record.save(paths)
     return record
 
 
@@ -137,7 +150,7 @@ def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: 
     from mvm.runtime import launcher
 
     # The supervisor lock is taken here and inherited, so the VM is never without a live owner.
-    lock = os.open(staged.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = os.open(staged.supervisor_lock, os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)
     commit_read, commit_write = os.pipe()
     try:
@@ -174,7 +187,10 @@ def _tail(path: Path) -> str:
 
 
 def add_forward(client: VmClient, forward: PortForward) -> None:
-    client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port)
+    """The address was written by the user (or defaults to loopback): a non-loopback one is
+    what they asked for, which the supervisor wants said explicitly."""
+    client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port,
+                public=True)
 
 
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
@@ -218,24 +234,56 @@ def connect(home: MvmHome, name: str) -> VmClient:
     return VmClient.connect(paths)
 
 
-def list_vms(home: MvmHome) -> list[VmRecord]:
+def list_vms(home: MvmHome) -> list[VmRecord | DamagedVm]:
+    """Every VM, reconciled with reality; one whose record cannot be read is listed as damaged
+    (with why) and hides none of the others."""
     if not home.vms.is_dir():
         return []
-    records = []
+    records: list[VmRecord | DamagedVm] = []
     for entry in sorted(home.vms.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
-            record = settle(VmPaths(entry))
+        if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith("."):
+            try:
+                record = settle(VmPaths(entry))
+            except DamagedRecord as err:
+                records.append(err.damaged)
+                continue
             if record is not None:
                 records.append(record)
     return records
 
 
-def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord:
-    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk."""
-    paths, record = require_vm(home, name)
+def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord | DamagedVm:
+    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk. With
+    ``force`` a VM whose record is damaged goes too."""
+    paths = home.vm(check_vm_name(name))
+    try:
+        _, record = require_vm(home, name)
+    except DamagedRecord as err:
+        if not force:
+            raise
+        _stop_unknown_supervisor(paths)
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        return err.damaged
     record = _until_stopped(paths, record, "stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
     shutil.rmtree(paths.dir, ignore_errors=True)
     return record
+
+
+def _stop_unknown_supervisor(paths: VmPaths) -> None:
+    """A damaged record names no pids: ask whatever supervisor holds the VM's lock to stop."""
+    if not paths.supervisor_alive():
+        return
+    try:
+        with VmClient.connect(paths) as client:
+            client.call("stop", force=True, reason="stopped by `mvmctl down --force` (its record was damaged)")
+    except VmError:
+        pass
+    deadline = time.monotonic() + SUPERVISOR_EXIT_S
+    while paths.supervisor_alive():
+        if time.monotonic() > deadline:
+            raise VmError(f"the supervisor of VM {paths.name} still runs and does not answer",
+                          f"find it with `fuser {paths.supervisor_lock}` and stop it")
+        time.sleep(0.02)
 
 
 def _until_stopped(paths: VmPaths, record: VmRecord, request: str, **fields: object) -> VmRecord:
@@ -293,78 +341,10 @@ def logs(home: MvmHome, name: str, sink: Callable[[bytes], None], *, follow: boo
                 return
         except VmError:
             pass  # stopped meanwhile: the file has everything
-    try:
-        sink(paths.console_log.read_bytes())
-    except FileNotFoundError:
-        pass
-
-
-# -- copying -----------------------------------------------------------------------------------
-
-
-def split_vm_path(spec: str) -> tuple[str | None, str]:
-    """``NAME:/path`` -> (NAME, /path); a host path -> (None, path)."""
-    head, sep, tail = spec.partition(":")
-    if sep and "/" not in head and head:
-        if not tail.startswith("/"):
-            raise UsageError(f"{spec}: the guest path must be absolute", f"write {head}:/{tail}")
-        return check_vm_name(head), tail
-    return None, spec
-
-
-def copy_in(client: VmClient, source: Path, dest: str) -> None:
-    """Host file or directory -> guest path; modes are kept."""
-    if source.is_dir():
-        with tempfile.TemporaryFile() as archive:
-            with tarfile.open(fileobj=archive, mode="w") as tar:
-                tar.add(source, arcname=".")
-            archive.seek(0)
-            client.call("mkdir", path=dest, parents=True)
-            result = client.exec(["tar", "-x", "-p", "-f", "-", "-C", dest], stdin=archive.read())
-        if result.exit_status != 0:
-            raise VmError(f"unpacking into {dest} failed: {result.stderr.decode(errors='replace').strip()}")
-        return
-    if not source.is_file():
-        raise UsageError(f"{source}: no such file or directory on the host")
-    try:
-        if _guest_type(client, dest) == "dir":
-            dest = str(PurePosixPath(dest) / source.name)
-    except AgentError:
-        pass
-    with source.open("rb") as f:
-        client.write_file(dest, f, mode=source.stat().st_mode & 0o7777)
-
-
-def copy_out(client: VmClient, source: str, dest: Path) -> None:
-    """Guest file or directory -> host path; modes are kept."""
-    if _guest_type(client, source) == "dir":
-        target = dest / PurePosixPath(source).name if dest.is_dir() else dest
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile() as archive:
-            result = client.exec(["tar", "-c", "-f", "-", "-C", source, "."], stdout=archive.write)
-            if result.exit_status != 0:
-                raise VmError(f"packing {source} failed: {result.stderr.decode(errors='replace').strip()}")
-            archive.seek(0)
-            with tarfile.open(fileobj=archive, mode="r") as tar:
-                tar.extractall(target, filter="tar")
-        return
-    target = dest / PurePosixPath(source).name if dest.is_dir() else dest
-    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
+    for path in (paths.console_log_previous, paths.console_log):  # (the log is rotated at a size cap)
         try:
-            info = client.read_file(source, tmp.write)
-            tmp.flush()
-            os.chmod(tmp.name, int(info.get("mode", 0o644)))
-            os.replace(tmp.name, target)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-
-
-def _guest_type(client: VmClient, path: str) -> str:
-    return str(client.call("stat", path=path)["stat"]["type"])
-
-
-def read_text(client: VmClient, path: str) -> str:
-    buffer = io.BytesIO()
-    client.read_file(path, buffer.write)
-    return buffer.getvalue().decode(errors="replace")
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    sink(chunk)
+        except FileNotFoundError:
+            pass
