@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import stat
 import sys
 from pathlib import Path
 
@@ -12,9 +11,9 @@ import click
 
 from mvm.cli.exec_run import run_exec
 from mvm.cli.terminal import interactive, write_stdout
-from mvm.core.errors import UsageError
+from mvm.core.errors import UsageError, VmError
 from mvm.core.state import MvmHome
-from mvm.runtime import lifecycle
+from mvm.runtime import lifecycle, transfer
 
 
 @click.command(name="exec", context_settings={"ignore_unknown_options": True})
@@ -66,21 +65,23 @@ def cp(source: str, dest: str) -> None:
       mvmctl cp web:/var/log/app.log .     guest -> host
     """
     home = MvmHome.default()
-    src_vm, src_path = lifecycle.split_vm_path(source)
-    dst_vm, dst_path = lifecycle.split_vm_path(dest)
+    src_vm, src_path = transfer.split_vm_path(source)
+    dst_vm, dst_path = transfer.split_vm_path(dest)
     if (src_vm is None) == (dst_vm is None):
         raise UsageError("cp copies between the host and a VM: exactly one side must be NAME:/path",
                          "e.g. `mvmctl cp file.txt web:/tmp/` or `mvmctl cp web:/etc/hostname .`")
     if dst_vm is not None:
         with lifecycle.connect(home, dst_vm) as client:
-            lifecycle.copy_in(client, Path(src_path), dst_path)
+            transfer.copy_in(client, Path(src_path), dst_path)
     else:
         assert src_vm is not None
         target = Path(dst_path)
         if not target.parent.is_dir():
             raise UsageError(f"{dst_path}: the host directory {target.parent} does not exist")
         with lifecycle.connect(home, src_vm) as client:
-            lifecycle.copy_out(client, src_path, target)
+            skipped = transfer.copy_out(client, src_path, target)
+        for line in transfer.describe_skipped(skipped):
+            click.echo(f"mvmctl: {line}", err=True)
 
 
 @click.command()
@@ -101,20 +102,24 @@ def fs(name: str, action: str, path: str, recursive: bool, as_json: bool) -> Non
         elif action == "mkdir":
             client.call("mkdir", path=path, parents=True)
         elif action == "stat":
-            info = client.call("stat", path=path)["stat"]
+            info = client.call("stat", path=path).get("stat")
+            if not isinstance(info, dict):
+                raise VmError(f"VM {name} answered stat of {path} with no stat")
             click.echo(json.dumps(info, indent=2) if as_json else
-                       f"{info['name']}: {info['type']}, {info['size']} bytes, mode {stat.filemode(_st_type(info) | info['mode'])}, uid {info.get('uid')}")
+                       f"{transfer.printable(str(info.get('name')))}: {transfer.printable(str(info.get('type')))}, "
+                       f"{info.get('size')} bytes, mode {transfer.file_mode_text(info.get('mode'), info.get('type'))}, "
+                       f"uid {info.get('uid')}")
         else:
-            entries = client.call("list", path=path)["entries"]
+            entries = client.call("list", path=path).get("entries")
+            if not isinstance(entries, list):
+                raise VmError(f"VM {name} answered ls of {path} with no list")
             if as_json:
                 click.echo(json.dumps(entries, indent=2))
-            for entry in [] if as_json else entries:
-                click.echo(f"{stat.filemode(_st_type(entry) | entry['mode'])} {entry['size']:>10} "
-                           f"{shlex.quote(entry['name'])}{'/' if entry['type'] == 'dir' else ''}")
-
-
-def _st_type(entry: dict) -> int:
-    return {"dir": stat.S_IFDIR, "link": stat.S_IFLNK, "file": stat.S_IFREG}.get(entry["type"], 0)
+            for entry in [] if as_json else [e for e in entries if isinstance(e, dict)]:
+                name_text = transfer.printable(shlex.quote(str(entry.get("name"))))
+                size = entry.get("size") if isinstance(entry.get("size"), int) else "?"
+                click.echo(f"{transfer.file_mode_text(entry.get('mode'), entry.get('type'))} {size:>10} "
+                           f"{name_text}{'/' if entry.get('type') == 'dir' else ''}")
 
 
 COMMANDS = [exec_, console, cp, fs]

@@ -1,0 +1,112 @@
+"""Property-based fuzzing of what a hostile guest or a damaged file hands the host: the tar
+stream `cp` unpacks, `cp`'s path arguments, and mvm.toml. (The wire decoder has its own in
+test_protocol.py, and the agent's frame loop in test_agent.py.)"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from pathlib import Path
+
+import tomli_w
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mvm.core.errors import MvmError, UsageError
+from mvm.core.manifest import parse_manifest
+from mvm.runtime.transfer import extract_safely, printable, split_vm_path
+
+PARTS = st.sampled_from(["a", "b", "..", ".", "", "evil", "x" * 10, "sub", "\x1b[31m", "ü"])
+NAMES = st.lists(PARTS, min_size=1, max_size=5).map("/".join).map(lambda n: st.sampled_from(["", "/", "./"]).map(
+    lambda prefix: prefix + n))
+KINDS = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE,
+                         tarfile.CHRTYPE])
+
+
+@st.composite
+def hostile_archives(draw: st.DrawFn) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for _ in range(draw(st.integers(1, 12))):
+            info = tarfile.TarInfo(draw(draw(NAMES)))
+            info.type = draw(KINDS)
+            info.mode = draw(st.integers(0, 0o7777))
+            info.uid = info.gid = draw(st.sampled_from([0, 1000, 65534]))
+            data = b""
+            if info.type in (tarfile.SYMTYPE, tarfile.LNKTYPE):
+                info.linkname = draw(draw(NAMES))
+            elif info.type == tarfile.REGTYPE:
+                data = draw(st.binary(max_size=64))
+                info.size = len(data)
+            elif info.type == tarfile.CHRTYPE:
+                info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return out.getvalue()
+
+
+def everything_under(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          print_blob=True)
+@given(archive=hostile_archives())
+def test_a_hostile_archive_stays_inside_its_destination(tmp_path_factory, archive: bytes) -> None:
+    parent = tmp_path_factory.mktemp("cp")
+    (parent / "outside.txt").write_text("keep")
+    target = parent / "dest"
+    target.mkdir()
+    try:
+        extract_safely(io.BytesIO(archive), target)
+    except (tarfile.TarError, OSError):
+        pass  # refusing the whole archive is fine; what it left must still obey the rules
+    assert everything_under(parent) - {"outside.txt", "dest"} == {f"dest/{p}" for p in everything_under(target)}
+    assert (parent / "outside.txt").read_text() == "keep"
+    real_target = os.path.realpath(target)
+    for path in target.rglob("*"):
+        mode = path.lstat().st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID | stat.S_ISVTX), path
+        assert stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode), path  # no devices, no FIFOs
+        if stat.S_ISLNK(mode):
+            resolved = os.path.realpath(path)
+            assert resolved == real_target or resolved.startswith(real_target + os.sep), (path, os.readlink(path))
+
+
+@given(st.text(max_size=80))
+def test_cp_paths_split_or_fail_with_one_usage_error(spec: str) -> None:
+    try:
+        vm, path = split_vm_path(spec)
+    except UsageError as err:
+        assert "\n" not in str(err)
+        return
+    assert (vm is None and path == spec) or (vm is not None and path.startswith("/"))
+
+
+@given(st.text(max_size=60))
+def test_printable_names_hold_no_control_characters(name: str) -> None:
+    shown = printable(name)
+    assert all(ch.isprintable() for ch in shown)
+
+
+SCALARS = st.one_of(st.text(max_size=12), st.integers(-2**40, 2**40), st.booleans(), st.floats(allow_nan=False))
+KEYS = st.sampled_from(["name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "entrypoint", "command",
+                        "shell", "services", "uids", "agent", "extra_files", "/etc/motd", "//init", "content", "mode",
+                        "network", "allow", "forward", "volumes", "host", "guest", "dev", "hypervisor", "flake",
+                        "restart", "zzz"])
+TOML = st.recursive(SCALARS | st.lists(SCALARS, max_size=3),
+                    lambda inner: st.dictionaries(KEYS, inner, max_size=5) | st.lists(inner, max_size=3), max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(KEYS, TOML, max_size=8))
+def test_any_manifest_parses_or_fails_with_one_line(tmp_path_factory, document: dict) -> None:
+    try:
+        text = tomli_w.dumps(document)
+    except (TypeError, ValueError):
+        return  # not TOML at all (a list at the top of an array of mixed kinds...)
+    try:
+        parse_manifest(text, base_dir=tmp_path_factory.getbasetemp())
+    except MvmError as err:
+        assert "\n" not in str(err)
