@@ -17,6 +17,8 @@ from pathlib import Path
 
 from mvm.core.errors import BuildError
 
+TOOL_TIMEOUT_S = 600  # mkfs, debugfs, e2fsck, cpio: minutes at most, even for a big root
+
 BLOCK = 4096
 MIB = 1024 * 1024
 
@@ -54,7 +56,11 @@ def make_ext4(tree: Path, out: Path, *, uuid: str, epoch: int, headroom_mib: int
           "-N", str(inodes), "-L", "mvm-root", str(out)],
          env, "mkfs.ext4")
     _fix_inodes(out, epoch, owners, env)
-    fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True, env=env)
+    try:
+        fsck = subprocess.run(["e2fsck", "-fn", str(out)], capture_output=True, text=True, env=env,
+                              timeout=TOOL_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BuildError("image", f"e2fsck did not finish within {TOOL_TIMEOUT_S} s") from None
     if fsck.returncode != 0:
         raise BuildError("image", f"the new root filesystem does not check clean: {fsck.stdout.strip()[-200:]}")
 
@@ -106,18 +112,24 @@ def make_initramfs(tree: Path, out: Path, epoch: int) -> None:
         for name in dirs + files
     )
     with out.open("wb") as f:
-        proc = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
-                              input="\n".join(names) + "\n", cwd=tree, stdout=f, stderr=subprocess.PIPE,
-                              text=True)
+        try:
+            proc = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0", "--reproducible"],
+                                  input="\n".join(names) + "\n", cwd=tree, stdout=f, stderr=subprocess.PIPE,
+                                  text=True, timeout=TOOL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise BuildError("image", f"cpio did not finish within {TOOL_TIMEOUT_S} s") from None
     if proc.returncode != 0:
         raise BuildError("image", f"cpio: {proc.stderr.strip()}", "run `mvmctl bootstrap` to install cpio")
 
 
 def _run(argv: list[str], env: dict[str, str], what: str) -> str:
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL,
+                              timeout=TOOL_TIMEOUT_S)
     except FileNotFoundError:
         raise BuildError("image", f"{argv[0]} is not installed", "run `mvmctl bootstrap`") from None
+    except subprocess.TimeoutExpired:
+        raise BuildError("image", f"{what} did not finish within {TOOL_TIMEOUT_S} s") from None
     if proc.returncode != 0:
         reason = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
         message = f"{what}: {reason[-1] if reason else 'failed'}"

@@ -101,7 +101,10 @@ def _write_vmlinux(bzimage: bytes, out: Path) -> None:
     start = bzimage.find(LZ4_LEGACY_MAGIC)
     if start < 0:
         raise BuildError("assemble", "the kernel image has no LZ4 payload", "use Debian's cloud kernel")
-    proc = subprocess.run(["lz4", "-d", "-c"], input=bzimage[start:], capture_output=True)
+    try:
+        proc = subprocess.run(["lz4", "-d", "-c"], input=bzimage[start:], capture_output=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise BuildError("assemble", "decompressing the kernel did not finish within 120 s") from None
     # lz4 complains about the bytes after the stream (the bzImage trailer) but has written it all.
     if not proc.stdout.startswith(ELF_MAGIC):
         raise BuildError("assemble", f"decompressing the kernel failed: {proc.stderr.decode().strip()}",

@@ -38,6 +38,9 @@ LOCK_VERSION = 1
 _URI_LINE = re.compile(r"^'(?P<uri>[^']+)' (?P<file>\S+\.deb) (?P<size>\d+)(?: \S+)?\s*$")
 
 
+APT_TIMEOUT_S = 600  # resolving; every host command has a bound, so a wedged apt is an error, not a hang
+DOWNLOAD_TIMEOUT_S = 1800
+
 class PackageLock(BaseModel):
     """mvm.lock: what one set of requested packages resolved to."""
 
@@ -89,8 +92,13 @@ def _run_apt(args: list[str], step: str, cwd: str | None = None) -> str:
     if shutil.which(args[0]) is None:
         raise BuildError(step, f"{args[0]} is not available; the built-in builder needs a Debian or Ubuntu host",
                          "run `mvmctl bootstrap` on a Debian/Ubuntu machine")
-    proc = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
-                          env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=cwd,
+                              env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+                              timeout=APT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BuildError(step, f"{args[0]} did not finish within {APT_TIMEOUT_S} s",
+                         "check the package sources (`apt-get update`) and the network") from None
     if proc.returncode != 0:
         raise BuildError(step, _apt_reason(proc.stderr or proc.stdout), _apt_fix(proc.stderr or proc.stdout))
     return proc.stdout
@@ -207,10 +215,15 @@ class DebCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=self.directory) as tmp:
             specs = [f"{d.name}:{d.arch}={d.version}" if d.arch != "all" else f"{d.name}={d.version}" for d in todo]
-            proc = subprocess.run(
-                ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", *specs],
-                cwd=tmp, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"})
+            try:
+                proc = subprocess.run(
+                    ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", *specs],
+                    cwd=tmp, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
+                    timeout=DOWNLOAD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise BuildError("download", f"apt-get download did not finish within {DOWNLOAD_TIMEOUT_S} s",
+                                 "check the network, then build again (finished downloads are kept)") from None
             if proc.returncode != 0:
                 raise BuildError("download", _apt_reason(proc.stderr), _apt_fix(proc.stderr))
             for deb in todo:

@@ -24,6 +24,8 @@ from mvm.core.errors import BuildError
 from mvm.core.workload import EntrypointKind, Workload
 from mvm.guest import AGENT_FILES, guest_file, protocol_source
 
+UNPACK_TIMEOUT_S = 600  # one package unpacked (and a third of the bytecode compile)
+
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "usr/share/bug", "usr/share/bash-completion", "usr/share/common-licenses")
 SETPRIV_FILES = ("./usr/bin/setpriv", "./lib/x86_64-linux-gnu/libcap-ng.so.0", "./lib/x86_64-linux-gnu/libcap-ng.so.0.0.0",
@@ -55,13 +57,15 @@ def run_group(argv: list[str]) -> subprocess.CompletedProcess:
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        out, err = proc.communicate()
-    except BaseException:
+        out, err = proc.communicate(timeout=UNPACK_TIMEOUT_S)
+    except BaseException as err:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass  # it had already finished
         proc.wait()
+        if isinstance(err, subprocess.TimeoutExpired):
+            raise BuildError("assemble", f"{argv[0]} did not finish within {UNPACK_TIMEOUT_S} s") from None
         raise
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
@@ -246,7 +250,10 @@ def compile_python(tree: Path) -> int:
             "-S", "-s", "-B", "-P", "-c", _COMPILE_DRIVER]
     try:
         proc = subprocess.run(argv, input=json.dumps(jobs), capture_output=True, text=True, env=env,
-                              cwd=tree, umask=0o022, check=False)
+                              cwd=tree, umask=0o022, check=False, timeout=UNPACK_TIMEOUT_S * 3)
+    except subprocess.TimeoutExpired:
+        raise BuildError("assemble", f"compiling the guest's Python did not finish within {UNPACK_TIMEOUT_S * 3} s") \
+            from None
     except OSError as err:
         raise BuildError("assemble", f"cannot run the guest's python{version} to compile its bytecode: {err}") from None
     if proc.returncode != 0:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from mvm.cli.terminal import interactive, write_stderr, write_stdout
 from mvm.core.errors import MvmError, UsageError
 from mvm.core.home import ctl_socket_path
+from mvm.core.protocol import MAX_TIMEOUT_S
 from mvm.runtime.client import VmClient
 
 
@@ -43,15 +44,16 @@ def run_exec(name: str, argv: Sequence[str], env_pairs: Sequence[str] = (), cwd:
     """Run ``argv`` in VM ``name`` with this process's stdout/stderr (and stdin, or terminal);
     returns the exit status mvmctl should end with. Raises MvmError for what the user can fix."""
     env = env_from_pairs(env_pairs)
-    if timeout is not None and timeout <= 0:
-        raise UsageError(f"--timeout {timeout}: must be more than 0 seconds")
+    if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # (also refuses inf and nan)
+        raise UsageError(f"--timeout {timeout:g}: must be more than 0 and at most {MAX_TIMEOUT_S} s (7 days)")
     with connect(name) as client:
         if tty:
             result = interactive(client, list(argv), kind="exec", env=env or None, cwd=cwd, timeout=timeout)
         else:
             result = client.exec(list(argv), env=env or None, cwd=cwd, timeout=timeout,
                                  stdin=sys.stdin.fileno() if stdin else None, stdout=write_stdout, stderr=write_stderr)
-    if result.timed_out:
+    if result.timed_out:  # its process group was killed: 137, whatever its leader managed to exit with
         sys.stderr.write(f"mvmctl: {argv[0]} was killed after its {timeout:g} s timeout\n")
         sys.stderr.flush()
+        return 128 + 9
     return result.exit_status

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from mvm.core.state import VmPaths
 
 Sink = Callable[[bytes], None]
+CONNECT_TIMEOUT_S = 10.0
 
 
 class AgentError(VmError):
@@ -87,8 +88,14 @@ class VmClient:
         """Connect to VM ``name`` by its control socket's path, without its VmPaths (which cost
         `mvmctl exec` the import of core/state.py)."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(CONNECT_TIMEOUT_S)  # a supervisor too busy to accept is an error, not a hang
         try:
             sock.connect(ctl_socket)
+            sock.settimeout(None)
+        except TimeoutError:
+            sock.close()
+            raise VmError(f"the supervisor of VM {name} did not accept a connection within {CONNECT_TIMEOUT_S:.0f} s",
+                          f"`mvmctl status {name}`, or `mvmctl down --force {name}`") from None
         except (FileNotFoundError, ConnectionRefusedError):
             sock.close()
             raise VmError(f"VM {name} is not running", "`mvmctl ls` shows its state; `mvmctl up` starts it") from None
