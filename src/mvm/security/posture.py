@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import asdict
 
 import psutil
 from pydantic import BaseModel, computed_field
@@ -18,7 +17,7 @@ from pydantic import BaseModel, computed_field
 from mvm.core.errors import MvmError
 from mvm.core.state import MvmHome
 from mvm.runtime import backends
-from mvm.runtime.backends.base import HostFacts
+from mvm.runtime.backends.base import BackendReport, HostFacts
 from mvm.runtime.hosttools import ToolStatus, host_tools, os_release
 from mvm.runtime.kvm import probe_kvm
 
@@ -48,25 +47,10 @@ class KvmState(BaseModel):
     boot_ms: int | None = None
 
 
-class BackendStatus(BaseModel):
-    name: str
-    supported: bool
-    available: bool
-    tested_here: bool
-    reason: str
-    accel: str | None = None
-
-    @computed_field  # type: ignore[prop-decorator]
-    @property
-    def capabilities(self) -> dict[str, bool | str]:
-        """What mvm can do with a VM on it (see runtime/backends/)."""
-        return backends.get(self.name).capabilities.as_dict()
-
-
 class Posture(BaseModel):
     host: HostInfo
     kvm: KvmState
-    backends: list[BackendStatus]
+    backends: list[BackendReport]
     tools: list[ToolStatus]
 
     @computed_field  # type: ignore[prop-decorator]
@@ -81,7 +65,7 @@ class Posture(BaseModel):
         """Every tool the builder runs is present and usable."""
         return all(t.ok for t in self.tools if "builder" in t.needed_by)
 
-    def backend(self, name: str) -> BackendStatus:
+    def backend(self, name: str) -> BackendReport:
         for b in self.backends:
             if b.name == name:
                 return b
@@ -136,7 +120,7 @@ def host_posture(home: MvmHome, *, probe: bool = True) -> Posture:
     kvm = kvm_state(home, probe=probe)
     facts = HostFacts(kvm_usable=kvm.usable, kvm_reason=kvm.reason, kvm_boot_ms=kvm.boot_ms, pvm_hint=kvm.pvm_hint,
                       tools={t.name: t for t in tools})
-    reports = [BackendStatus(**asdict(backends.get(name).doctor(facts))) for name in DOCTOR_ORDER]
+    reports = [backends.get(name).doctor(facts) for name in DOCTOR_ORDER]
     return Posture(host=host_info(), kvm=kvm, backends=reports, tools=tools)
 
 

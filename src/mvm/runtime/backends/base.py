@@ -108,14 +108,16 @@ class HostFacts:
 
 @dataclass(frozen=True)
 class BackendReport:
-    """One row of `mvmctl doctor`: can it run here, was it really run, and why."""
+    """One row of `mvmctl doctor` (and of `doctor --json`): can it run here, was it really
+    run, why, and what mvm can do with a VM on it. Made by :meth:`VmBackend.report`."""
 
     name: str
     supported: bool
     available: bool
     tested_here: bool
     reason: str
-    accel: str | None = None
+    accel: str | None
+    capabilities: dict[str, bool | str]
 
 
 @dataclass
@@ -249,6 +251,10 @@ class VmBackend:
     def doctor(self, facts: HostFacts) -> BackendReport:
         """This backend's row in `mvmctl doctor`, from checks made now."""
         raise NotImplementedError
+
+    def report(self, available: bool, tested_here: bool, reason: str, accel: str | None = None) -> BackendReport:
+        return BackendReport(self.name, self.supported, available, tested_here, reason, accel,
+                             self.capabilities.as_dict())
 
     # -- optional: a backend overrides what it can do ------------------------------------------
 

@@ -41,8 +41,8 @@ from mvm.runtime.backends.base import (
 from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
-    from mvm.runtime.backends.base import AgentHandler
     from mvm.core.bootimage import BootImage
+    from mvm.runtime.backends.base import AgentHandler
 
 CAP_ADD = ("CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")  # what /init needs, no more
 CHANNEL_MOUNT = "/.mvm"
@@ -319,7 +319,7 @@ class DockerBackend(VmBackend):
     def doctor(self, facts: HostFacts) -> BackendReport:
         cli = shutil.which("docker")
         ok, why = daemon_status()
-        return BackendReport(self.name, True, ok, cli is not None, join_reasons(
+        return self.report(ok, cli is not None, join_reasons(
             REDUCED_ISOLATION, f"docker CLI at {cli}" if cli else "", f"daemon socket {_daemon_socket()}: {why}"))
 
     @staticmethod

@@ -9,7 +9,15 @@ import ctypes.util
 import platform
 import shutil
 
-from mvm.runtime.backends.base import NOT_EXERCISED, BackendReport, Capabilities, Host, HostFacts, VmBackend, join_reasons
+from mvm.runtime.backends.base import (
+    NOT_EXERCISED,
+    BackendReport,
+    Capabilities,
+    Host,
+    HostFacts,
+    VmBackend,
+    join_reasons,
+)
 
 UNSUPPORTED = "not supported by this mvm version yet"
 
@@ -35,7 +43,7 @@ class UnsupportedBackend(VmBackend):
         return []
 
     def doctor(self, facts: HostFacts) -> BackendReport:
-        return BackendReport(self.name, False, False, False,
+        return self.report(False, False,
                              join_reasons(self.needs, *self.found(facts), UNSUPPORTED, NOT_EXERCISED))
 
 

@@ -52,8 +52,8 @@ from mvm.runtime.backends.base import (
 from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
-    from mvm.runtime.backends.base import AgentHandler
     from mvm.core.state import VmPaths, VmRecord
+    from mvm.runtime.backends.base import AgentHandler
     from mvm.runtime.backends.firecracker_api import ImageLike
 
 FIRECRACKER_BINARY = "firecracker"
@@ -356,4 +356,4 @@ class FirecrackerBackend(VmBackend):
         if binary is None:
             missing.append(f"needs a `{FIRECRACKER_BINARY}` binary on PATH (none found)")
         found = f"firecracker at {binary}" if binary and not missing else ""
-        return BackendReport(self.name, True, not missing, False, join_reasons(*missing, found, NOT_EXERCISED))
+        return self.report(not missing, False, join_reasons(*missing, found, NOT_EXERCISED))

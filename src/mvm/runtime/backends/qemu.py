@@ -34,8 +34,8 @@ from mvm.runtime.backends.base import (
 from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
-    from mvm.runtime.backends.base import AgentHandler
     from mvm.core.state import VmPaths, VmRecord
+    from mvm.runtime.backends.base import AgentHandler
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.mvm.agent"
@@ -245,7 +245,7 @@ class QemuBackend(VmBackend):
         ran = system.ok  # the version check executes the binary, so a found-and-ok tool has run here
         broken = [f"{t.name}: {t.problem}" for t in (system, img) if not t.ok]
         if broken:
-            return BackendReport(self.name, True, False, ran,
+            return self.report(False, ran,
                                  join_reasons(*broken, "" if ran else NOT_EXERCISED))
         if facts.kvm_usable:
             accel = "kvm"
@@ -255,6 +255,6 @@ class QemuBackend(VmBackend):
             accel = "tcg"
             why = (f"accel tcg (software emulation, slower) because {facts.kvm_phrase()}; "
                    "doctor boots no guest under TCG")
-        return BackendReport(self.name, True, True, True, join_reasons(
+        return self.report(True, True, join_reasons(
             f"{QEMU_BINARY} {system.version or '(version unknown)'} and qemu-img run (version check)", why),
             accel=accel)
