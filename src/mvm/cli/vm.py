@@ -16,10 +16,11 @@ from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import DamagedVm, MvmHome, VmRecord
 from mvm.runtime import backends, lifecycle
-from mvm.runtime.transfer import printable
 from mvm.runtime.client import VmClient
+from mvm.runtime.transfer import printable
 
 MAX_STOP_TIMEOUT_S = 3600.0
+TELEMETRY_WAIT_S = 5.0  # status waits this long for a busy guest's agent, then reports without it
 BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
 
 
@@ -172,7 +173,7 @@ def status(name: str, as_json: bool) -> None:
     if record.state == "running":
         try:
             with VmClient.connect(paths) as client:
-                report["guest"] = guest = client.call("telemetry")
+                report["guest"] = guest = client.call("telemetry", wait_s=TELEMETRY_WAIT_S)
             report["uid_check"] = _uid_check(record, guest)
         except Exception as err:  # noqa: BLE001 - a VM stopping mid-status is still a status
             report["guest_error"] = str(err)

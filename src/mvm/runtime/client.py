@@ -160,10 +160,19 @@ class VmClient:
             if frame.type in ("exit", "done", "result", "pong"):
                 return
 
-    def call(self, kind: str, body: bytes = b"", **fields: Any) -> dict[str, Any]:
-        """One request, one reply: returns the reply's header."""
+    def call(self, kind: str, body: bytes = b"", *, wait_s: float | None = None, **fields: Any) -> dict[str, Any]:
+        """One request, one reply: returns the reply's header. ``wait_s`` bounds the wait (a
+        guest too busy to answer is then a VmError, not a hang)."""
         request_id = self.send({"type": kind, **fields}, body)
-        *_, last = self.replies(request_id)
+        assert self.sock is not None
+        self.sock.settimeout(wait_s)
+        try:
+            *_, last = self.replies(request_id)
+        except TimeoutError:
+            raise VmError(f"VM {self.name} did not answer {kind!r} within {wait_s:g} s") from None
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(None)
         return last.header
 
     # -- processes -------------------------------------------------------------------------------
