@@ -3,8 +3,10 @@ session so Debian packages and the kernel are downloaded once."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -49,18 +51,55 @@ class Mvmctl:
         return proc
 
 
-@pytest.fixture(scope="session")
-def mvm_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mvm-home")
+def default_signals() -> None:
+    """preexec_fn for a child a test will signal: a background job (`scripts/test.sh &`)
+    inherits SIGINT and SIGQUIT as ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
+_HOME_KEY = pytest.StashKey[Path]()
+_DOCKER_KEY = pytest.StashKey[str]()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sweep_leaked_vms(request: pytest.FixtureRequest):
+    """After each module, VMs its tests left running are reported and removed, so one test's
+    leak cannot fail another module's tests (or hold their names)."""
+    yield
+    stash = request.session.config.stash
+    root = stash.get(_HOME_KEY, None)
+    if root is None or not (root / "vms").is_dir():
+        return
+    ctl = Mvmctl(root, stash.get(_DOCKER_KEY, None))
+    listing = ctl("ls", "--json")
+    try:
+        vms = json.loads(listing.stdout) if listing.returncode == 0 else []
+    except ValueError:
+        vms = []
+    leaked = [vm["name"] for vm in vms if vm.get("state") in ("starting", "running", "paused")]
+    for name in leaked:
+        ctl("down", name, "--force", timeout=120)
+    if leaked:
+        print(f"\n{request.module.__name__} left VMs running: {', '.join(leaked)} (removed)", file=sys.stderr)
 
 
 @pytest.fixture(scope="session")
-def dockerd(tmp_path_factory: pytest.TempPathFactory):
+def mvm_home(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    home = tmp_path_factory.mktemp("mvm-home")
+    request.session.config.stash[_HOME_KEY] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def dockerd(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest):
     """The host's dockerd if one answers, else our own, started once per session."""
     from tests.dockerd import start_dockerd
 
     root = Path("/tmp") / f"mvm-test-dockerd-{os.getpid()}"  # short: the socket path has a length limit
     daemon = start_dockerd(root)
+    if daemon is not None:
+        request.session.config.stash[_DOCKER_KEY] = daemon.host
     yield daemon
     if daemon is not None and daemon.proc is not None:
         daemon.stop()

@@ -96,7 +96,7 @@ def test_docker_backend_errors_are_one_line(docker_mvmctl: Mvmctl, workload_dir)
 def test_a_docker_import_failure_is_one_clear_error(docker_mvmctl: Mvmctl, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from mvm.core.errors import VmError
-    from mvm.runtime import docker
+    from mvm.runtime.backends import docker
 
     monkeypatch.setenv("DOCKER_HOST", docker_mvmctl.docker_host or "")
     broken = tmp_path / "rootfs.ext4"

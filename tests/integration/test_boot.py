@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import EXAMPLES, Mvmctl
+from tests.conftest import EXAMPLES, Mvmctl, default_signals
 
 pytestmark = pytest.mark.vm
 
@@ -114,7 +113,7 @@ def start_forever_vm(mvmctl: Mvmctl, workload_dir, name: str) -> subprocess.Pope
     """)
     mvmctl("build", str(directory), check=True)
     proc = subprocess.Popen(mvmctl.argv("run", str(directory)), env=mvmctl.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+                            stderr=subprocess.DEVNULL, text=True, preexec_fn=default_signals)
     assert proc.stdout is not None
     for line in proc.stdout:  # pytest-timeout bounds this if the guest never speaks
         if line.strip() == "up":
@@ -125,11 +124,12 @@ def start_forever_vm(mvmctl: Mvmctl, workload_dir, name: str) -> subprocess.Pope
 
 def test_ctrl_c_stops_the_vm_and_leaves_no_qemu(mvmctl: Mvmctl, mvm_home: Path, workload_dir) -> None:
     proc = start_forever_vm(mvmctl, workload_dir, "forever")
+    qemus = qemu_of_vm(mvmctl.home, "forever")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     assert proc.returncode == 130
-    time.sleep(0.2)
-    assert qemu_processes_using(mvm_home) == []
+    _, alive = psutil.wait_procs(qemus, timeout=20)  # run returns once its supervisor is gone
+    assert alive == [] and qemu_processes_using(mvm_home) == []
 
 
 def test_kill_9_of_mvmctl_takes_qemu_down(mvmctl: Mvmctl, workload_dir) -> None:

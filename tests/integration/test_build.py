@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES, Mvmctl
+from tests.conftest import EXAMPLES, Mvmctl, default_signals
 
 pytestmark = pytest.mark.vm
 
@@ -173,12 +173,13 @@ def test_interrupted_build_leaves_no_partial_files(mvmctl: Mvmctl, mvm_home: Pat
     ref = (mvm_home / "store" / "refs" / "interrupted").read_text()
     keys_before = sorted(p.name for p in (mvm_home / "store").iterdir())
     proc = subprocess.Popen(mvmctl.argv("build", str(directory), "--no-cache"), env=mvmctl.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     deadline = time.monotonic() + 60
-    while not staging_left(mvm_home) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert staging_left(mvm_home), "the build never started staging"
-    time.sleep(0.5)
+    while not staging_left(mvm_home) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    # Staging exists only while the build runs (it is removed or renamed at its end), and the
+    # process has not exited: the signal lands in a build that is provably still going.
+    assert staging_left(mvm_home) and proc.poll() is None, "the build never started staging"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

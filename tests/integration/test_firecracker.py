@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.conftest import Mvmctl
@@ -52,9 +53,11 @@ def test_up_exec_down_on_firecracker(mvmctl: Mvmctl, workload_dir) -> None:
         assert proc.stdout.splitlines()[0] == "hello-from-firecracker"
         proc = mvmctl("exec", "fc-sleeper", "--", "/bin/sh", "-c", "exit 7")
         assert proc.returncode == 7
+        firecracker = psutil.Process(record["qemu_pid"])
     finally:
         down = mvmctl("down", "fc-sleeper", timeout=60)
     assert down.returncode == 0, down.stderr
-    record = json.loads((mvmctl.home / "vms" / "fc-sleeper" / "record.json").read_text()) \
-        if (mvmctl.home / "vms" / "fc-sleeper" / "record.json").exists() else {"state": "stopped"}
-    assert record["state"] == "stopped"
+    assert "VM fc-sleeper is down" in down.stdout
+    assert not (mvmctl.home / "vms" / "fc-sleeper").exists()  # down removes what the VM kept
+    _, alive = psutil.wait_procs([firecracker], timeout=20)  # and its Firecracker is gone
+    assert alive == []

@@ -103,7 +103,7 @@ def test_exec_passes_output_and_exit_status(ctl: Mvmctl, sandbox: str) -> None:
     proc = ctl("exec", sandbox, "--env", "GREETING=hi there", "--cwd", "/etc", "--",
                   "/bin/sh", "-c", 'echo "$GREETING from $(pwd) as $(id -u)"; echo oops >&2; exit 7')
     assert proc.returncode == 7
-    assert proc.stdout == "hi there from /etc as 990\n"
+    assert proc.stdout == "hi there from /etc as 1000\n"  # the exec uid: the entrypoint's, not the agent's
     assert proc.stderr == "oops\n"
 
 
@@ -143,7 +143,7 @@ def test_exec_of_a_missing_program_is_one_line(ctl: Mvmctl, sandbox: str) -> Non
 
 
 def test_exec_as_another_uid_is_refused(ctl: Mvmctl, sandbox: str) -> None:
-    with connect(MvmHome(ctl.home), sandbox) as client, pytest.raises(AgentError, match="990"):
+    with connect(MvmHome(ctl.home), sandbox) as client, pytest.raises(AgentError, match="uid 1000 only"):
         client.call("exec", argv=["id"], uid=0)
 
 
@@ -210,7 +210,7 @@ def test_fs_verbs(ctl: Mvmctl, sandbox: str) -> None:
     assert {(e["name"], e["type"]) for e in listing} == {("deeper", "dir"), ("file", "file")}
     assert ctl("fs", sandbox, "cat", "/tmp/fsdir/file", check=True).stdout == "content\n"
     info = json.loads(ctl("fs", sandbox, "stat", "/tmp/fsdir/file", "--json", check=True).stdout)
-    assert info["size"] == 8 and info["uid"] == 990
+    assert info["size"] == 8 and info["uid"] == 1000  # written as the exec uid
     ctl("fs", sandbox, "rm", "-r", "/tmp/fsdir", check=True)
     missing = ctl("fs", sandbox, "cat", "/tmp/fsdir/file")
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and "/tmp/fsdir/file" in missing.stderr
@@ -247,7 +247,7 @@ def test_console_on_an_accessible_image(ctl: Mvmctl, workload_dir) -> None:
     try:
         proc = ctl("console", "devbox", "--command", "id -u; tty; exit 4")
         assert proc.returncode == 4, proc.stderr
-        assert "990" in proc.stdout and "/dev/pts/" in proc.stdout
+        assert proc.stdout.split()[0] == "0" and "/dev/pts/" in proc.stdout  # a dev image: as root
         shell = ctl("console", "devbox", input="echo shell-$((6*7)); exit 5\n")  # no --command: a login shell
         assert shell.returncode == 5, shell.stderr
         assert "shell-42" in shell.stdout
@@ -391,13 +391,30 @@ def test_a_verb_the_backend_cannot_serve_is_refused_before_anything(ctl: Mvmctl,
     assert ctl("exec", sandbox, "--", "true").returncode == 0
 
 
-def test_pause_and_resume(ctl: Mvmctl, sandbox: str) -> None:
+def ticks(ctl: Mvmctl, name: str) -> int:
+    text = ctl("fs", name, "cat", "/tmp/ticks", check=True).stdout.strip()
+    return int(text or 0)
+
+
+def test_pause_freezes_the_guest_and_resume_thaws_it(ctl: Mvmctl, sandbox: str) -> None:
+    """A counter in the guest ticks every 0.1 s: it must not move while the VM is paused."""
+    ctl("exec", sandbox, "--", "/bin/sh", "-c", "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/ticks.new; "
+        "mv /tmp/ticks.new /tmp/ticks; sleep 0.1; done' </dev/null >/dev/null 2>&1 &", check=True)
+    deadline = time.monotonic() + 60
+    while ctl("fs", sandbox, "stat", "/tmp/ticks").returncode != 0 or ticks(ctl, sandbox) < 5:
+        assert time.monotonic() < deadline, "the counter never started"
+    before = ticks(ctl, sandbox)
     assert "is paused" in ctl("pause", sandbox, check=True).stdout
     assert record(ctl, sandbox)["state"] == "paused"
     refused = ctl("exec", sandbox, "--", "true")
     assert refused.returncode == 1 and "paused" in refused.stderr
+    time.sleep(5)  # frozen for 5 s: a running counter would gain ~50
     assert "is running" in ctl("resume", sandbox, check=True).stdout
-    assert ctl("exec", sandbox, "--", "echo", "thawed", check=True).stdout == "thawed\n"
+    thawed = ticks(ctl, sandbox)
+    assert thawed - before < 20, (before, thawed)
+    while ticks(ctl, sandbox) < thawed + 5:  # and it counts again
+        assert time.monotonic() < deadline + 60, "the counter did not resume"
+    ctl("exec", sandbox, "--", "pkill", "-f", "ticks.new")
 
 
 def free_port() -> int:
