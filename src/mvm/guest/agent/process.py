@@ -1,14 +1,14 @@
 """exec and console: each process in its own session, its output pumped to the host by a
 thread of its own, so a chatty or stuck process never holds up the reading loop.
 
-Commands run as the exec uid (the entrypoint's), never as the agent's own: util-linux's
-setpriv sets the uid, clears groups and every capability the agent holds, and (for a
-non-root uid) no_new_privs, so nothing a command runs can signal, trace or impersonate the
-agent."""
+Commands run as the exec uid (the entrypoint's), never as the agent's own: the child sets
+its uid and gid and clears its groups between fork and exec (subprocess does it in C). The
+agent's capabilities are not ambient any more by then, so nothing exec'd inherits them; on a
+sealed image the agent has no_new_privs, which every command inherits. So nothing a command
+runs can signal, trace or impersonate the agent."""
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import pwd
@@ -27,7 +27,7 @@ from mvm.core import protocol
 
 from .channel import write_all
 from .dispatch import MISSING, Refused, arg, handles, int_arg, quietly
-from .system import exec_uid, sealed
+from .system import drop_ambient_capabilities, exec_uid, sealed
 
 if TYPE_CHECKING:
     from .session import Session
@@ -37,7 +37,6 @@ CONSOLE_ARGV = ["/bin/sh", "-l"]
 READ_SIZE = 64 * 1024  # one read of a process's output (a pipe holds 64 KiB)
 LINGER_S = 1.0  # after a process exits, how long a background child may keep its output open
 STDIN_LIMIT = 16 << 20  # input queued for a process that does not read it: beyond this, its stdin is closed
-SETPRIV = "/usr/bin/setpriv"
 
 
 @dataclass
@@ -149,8 +148,12 @@ class Exec:
         return proc
 
     def popen(self, **kwargs: Any) -> subprocess.Popen:
-        return subprocess.Popen(as_exec_uid(self.spec.argv, self.spec.env["PATH"]), env=self.spec.env,
-                                cwd=self.spec.cwd, start_new_session=True, **kwargs)
+        uid = exec_uid()
+        if uid != os.getuid():  # (tests run the agent as the exec uid)
+            drop_ambient_capabilities()
+            kwargs.update(user=uid, group=uid, extra_groups=[])  # set in the child, in C, before exec
+        return subprocess.Popen(self.spec.argv, env=self.spec.env, cwd=self.spec.cwd, start_new_session=True,
+                                **kwargs)
 
     # stdin: a thread per process, so a child that does not read cannot stall the agent
     def start_stdin(self, fd: int, eof: bytes | None) -> None:
@@ -270,33 +273,6 @@ class Exec:
             if self.tty_fd is not None:
                 os.close(self.tty_fd)
                 self.tty_fd = None
-
-
-def find_program(name: str, path: str) -> None:
-    """Raise what exec would (ENOENT, EACCES) for a program that cannot start, so that it is an
-    error reply, as before setpriv stood in between, not a process that exits 126 or 127."""
-    candidates = [name] if "/" in name else [os.path.join(d or ".", name) for d in path.split(":")]
-    denied = None
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            if os.access(candidate, os.X_OK):
-                return
-            denied = candidate
-    if denied is not None:
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), denied)
-    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
-
-
-def as_exec_uid(argv: list[str], path: str) -> list[str]:
-    """``argv`` wrapped to run as the exec uid, with none of the agent's capabilities."""
-    uid = exec_uid()
-    if uid == os.getuid() and uid != 0:
-        return argv  # (tests run the agent as the exec uid, holding nothing to drop)
-    find_program(argv[0], path)
-    drop = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all"]
-    if uid != 0:  # root (a dev image's entrypoint uid) is root: nothing more to hold back
-        drop.append("--no-new-privs")
-    return [*drop, "--", *argv]
 
 
 @handles("exec")

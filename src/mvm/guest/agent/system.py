@@ -42,6 +42,25 @@ def _set_fs_identity(uid: int, gid: int) -> None:
         raise PermissionError(errno.EPERM, f"cannot act as uid {uid}")
 
 
+PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
+_ambient_dropped: list[bool] = []
+
+
+def drop_ambient_capabilities() -> None:
+    """/init gives the agent CAP_SETUID/SETGID/KILL as ambient capabilities (the only way a
+    non-root process keeps them across exec). Ambient ones would pass on to every command it
+    starts, so they go before the first; the agent keeps them as permitted and effective."""
+    if _ambient_dropped:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise PermissionError(err, f"cannot clear the agent's ambient capabilities: {os.strerror(err)}")
+    _ambient_dropped.append(True)
+
+
 @contextmanager
 def acting_as_exec_uid() -> Iterator[None]:
     """This thread touches files as the exec uid meanwhile (its group: the same number, as
