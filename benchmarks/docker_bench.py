@@ -13,7 +13,7 @@ from common import Bench, agent_hello, alternate_ups, banner, compare_to_hello, 
 from lifecycle_bench import trace_up
 
 
-def plain_run_argv(bench: Bench) -> tuple[list[str], Path, str]:
+def plain_run_argv(bench: Bench) -> tuple[list[str], Path, str, int]:
     """mvm's own `docker run` argv (runtime/backends/docker.run_argv) for a VM directory of ours."""
     from mvm.build.store import ArtifactStore
     from mvm.core.state import MvmHome, VmPaths, VmRecord
@@ -26,9 +26,13 @@ def plain_run_argv(bench: Bench) -> tuple[list[str], Path, str]:
     record = VmRecord(name="plainrun", artifact_key=meta.key, artifact_name=meta.name, backend="docker",
                       accel="container", mode="detached", vcpus=meta.vcpus, memory_mib=meta.memory_mib,
                       accessible=meta.accessible, sealed=meta.sealed, uids={})
-    docker.prepare_dirs(paths, False)
+    docker.prepare_dirs(paths, False, meta.uids.agent)
+    # /init writes its boot markers to this FIFO and blocks until someone has it open: as mvm's
+    # supervisor does, the caller holds it open (read-write: it never sees EOF) while it runs.
+    fifo = os.open(docker.boot_fifo_path(paths), os.O_RDWR | os.O_NONBLOCK)
     tag = docker.image_tag(meta.name, meta.key)
-    return docker.run_argv(paths, record, tag, False), paths.channel_dir / "agent.sock", docker.container_name(paths)
+    return (docker.run_argv(paths, record, tag, False), docker.agent_socket_path(paths), docker.container_name(paths),
+            fifo)
 
 
 def plain_run_to_hello(argv: list[str], sock_path: Path, container: str, env: dict[str, str]) -> float:
@@ -64,9 +68,12 @@ def bench_docker_up(bench: Bench) -> None:
     bench.mvm("up", str(bench.forever), "--name", "dkwarm", "--hypervisor", "docker")
     row("first up, incl. docker import of the rootfs", f"{time.perf_counter() - started:7.2f} s (not compared)")
     bench.mvm("down", "--force", "dkwarm")
-    argv, sock_path, container = plain_run_argv(bench)
-    mvm_times, container_part, plain_times = alternate_ups(
-        bench, "dkbench", "docker", lambda: plain_run_to_hello(argv, sock_path, container, bench.env))
+    argv, sock_path, container, boot_fifo = plain_run_argv(bench)
+    try:
+        mvm_times, container_part, plain_times = alternate_ups(
+            bench, "dkbench", "docker", lambda: plain_run_to_hello(argv, sock_path, container, bench.env))
+    finally:
+        os.close(boot_fifo)
     compare_to_hello(bench, mvm_label="mvmctl up --hypervisor docker", mvm_times=mvm_times,
                      part_label="  of which `docker run` spawn -> agent-ready (record)", part=container_part,
                      other="docker run", other_label="plain docker run, same argv (exec -> agent hello)",

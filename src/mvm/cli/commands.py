@@ -16,7 +16,6 @@ from mvm import __version__
 from mvm.cli.failure import report_failure
 from mvm.core.errors import MvmError
 
-
 # verb -> module that defines it. Modules load only when their verb runs (or for --help), so
 # `mvmctl run` does not pay for importing what `doctor` needs, and vice versa.
 VERBS = {
@@ -64,6 +63,7 @@ class MvmGroup(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):  # type: ignore[override]
         """As click's, but a usage mistake is one line too (exit 2), like every other error."""
+        extra.pop("standalone_mode", None)  # (always ours: errors end here, as one line)
         try:
             status = super().main(args, prog_name, standalone_mode=False, **extra)
         except click.UsageError as err:
