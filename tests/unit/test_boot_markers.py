@@ -76,3 +76,17 @@ def test_any_bytes_never_raise_and_stay_bounded(data: bytes) -> None:
     assert len(boot.markers) <= 9 and len(boot._partial) <= 1
     status = boot.exit_status()
     assert status is None or 0 <= status <= 255
+
+
+def test_the_kernels_power_down_line_is_held_then_dropped_only_after_the_end() -> None:
+    import re
+
+    line = re.compile(rb"\[ *\d+\.\d+\] reboot: Power down\r?\n").fullmatch
+    for ended, more, expected in ((True, b"", b"bye\n"), (False, b"", b"bye\n[    3.16] reboot: Power down\n"),
+                                  (True, b"later\n", b"bye\n[    3.16] reboot: Power down\nlater\n")):
+        out = bytearray()
+        console = ConsoleFilter(sink=out.extend, hold_line=line, drop_held=lambda ended=ended: ended)
+        console.feed(b"bye\r\n[    3.16] reboot: Power down\r\n")
+        console.feed(more)
+        console.flush()
+        assert bytes(out) == expected

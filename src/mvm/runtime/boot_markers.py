@@ -140,6 +140,11 @@ class ConsoleFilter:
     sink: Callable[[bytes], None]
     boot_log: BootLog | None = None
     crlf_to_lf: bool = True
+    # A whole line this matches is held back until more output follows (then it is passed on)
+    # or the stream ends (then ``drop_held`` decides): for the kernel's last words at power-off.
+    hold_line: Callable[[bytes], bool] | None = None
+    drop_held: Callable[[], bool] | None = None
+    _held: bytes = b""
     _pending: bytes = b""
     _mid_line: bool = False
 
@@ -160,8 +165,12 @@ class ConsoleFilter:
                 line, self._pending = line[:-1], b"\r"  # half of a CRLF split across two reads
             if markers_here and line.startswith(MARKER) and self.boot_log is not None:
                 self.boot_log.add_line(line)
+            elif at_line_start and end >= 0 and self.hold_line is not None and self.hold_line(line):
+                out += self._held
+                self._held = line
             else:
-                out += line
+                out += self._held + line
+                self._held = b""
             self._mid_line = end < 0 and not self._pending
             if end < 0:
                 break
@@ -170,6 +179,9 @@ class ConsoleFilter:
             self.sink(bytes(out).replace(b"\r\n", b"\n") if self.crlf_to_lf else bytes(out))
 
     def flush(self) -> None:
+        held, self._held = self._held, b""
+        if held and not (self.drop_held is not None and self.drop_held()):
+            self.sink(held.replace(b"\r\n", b"\n") if self.crlf_to_lf else held)
         if self._pending:
             pending, self._pending = self._pending, b""
             if pending.startswith(MARKER) and self.boot_log is not None:

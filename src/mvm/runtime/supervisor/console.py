@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
@@ -23,6 +24,7 @@ REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attache
 STDERR_TAIL = 4096  # the end of the process's stderr, for the stop reason
 LOG_SEGMENT = 8 << 20  # console.log is rotated to console.log.1 beyond this: at most ~16 MiB on disk
 READ_SIZE = 65536
+POWER_DOWN = re.compile(rb"\[ *\d+\.\d+\] reboot: Power down\r?\n")
 
 
 class ConsoleRelay:
@@ -31,7 +33,8 @@ class ConsoleRelay:
         self.log = sup.paths.console_log.open("ab")
         self.boot = BootLog()
         markers_on_console = sup.backend.markers_on_console
-        self.filter = ConsoleFilter(sink=self.on_user_output, boot_log=self.boot if markers_on_console else None)
+        self.filter = ConsoleFilter(sink=self.on_user_output, boot_log=self.boot if markers_on_console else None,
+                                    hold_line=POWER_DOWN.fullmatch, drop_held=self.ended)
         self.replay = bytearray()
         self.input = bytearray()  # held until an interactive entrypoint speaks
         self.output_after_entrypoint = 0
@@ -68,6 +71,11 @@ class ConsoleRelay:
         self.log.close()
 
     # -- the workload's bytes ------------------------------------------------------------------
+
+    def ended(self) -> bool:
+        """PID 1 reported the end: then a held "[ 3.16] reboot: Power down" (the kernel's last
+        word, printed at emergency level whatever the loglevel) is not the workload's output."""
+        return self.boot.exit_status() is not None or self.boot.seen("shutdown") is not None
 
     def on_user_output(self, data: bytes) -> None:
         self.write_log(data)
