@@ -30,7 +30,7 @@ def qemu_processes_using(home: Path) -> list[psutil.Process]:
 
 
 def test_hello_demo_prints_greeting_and_kernel(mvmctl: Mvmctl) -> None:
-    proc = mvmctl("run", str(EXAMPLES / "hello"), "--attached")
+    proc = mvmctl("run", "--attached", str(EXAMPLES / "hello"))
     assert proc.returncode == 0, proc.stderr
     assert "Hello from hello, a microVM running Linux 6.1.0-" in proc.stdout
     assert "cloud-amd64 as uid 1000" in proc.stdout
@@ -38,13 +38,13 @@ def test_hello_demo_prints_greeting_and_kernel(mvmctl: Mvmctl) -> None:
 
 
 def test_python_example_runs_python_in_the_guest(mvmctl: Mvmctl) -> None:
-    proc = mvmctl("run", str(EXAMPLES / "python"))
+    proc = mvmctl("run", "--attached", str(EXAMPLES / "python"))
     assert proc.returncode == 0, proc.stderr
     assert "python 3.11" in proc.stdout and "sum(range(10)) = 45" in proc.stdout
 
 
 def test_shell_example_is_an_interactive_console(mvmctl: Mvmctl) -> None:
-    proc = mvmctl("run", str(EXAMPLES / "shell"), input="echo shell-$((6*7)); id -u; cat /etc/motd; exit 3\n")
+    proc = mvmctl("run", "--attached", str(EXAMPLES / "shell"), input="echo shell-$((6*7)); id -u; cat /etc/motd; exit 3\n")
     assert proc.returncode == 3, proc.stderr
     assert "shell-42" in proc.stdout
     assert "Welcome to an mvm shell image" in proc.stdout
@@ -57,7 +57,7 @@ def test_entrypoint_exit_status_becomes_mvmctls(mvmctl: Mvmctl, workload_dir) ->
         [entrypoint]
         command = ["/bin/sh", "-c", "echo about-to-fail >&2; exit 7"]
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 7
     assert "about-to-fail" in proc.stdout  # the guest's stderr reaches the console too
 
@@ -75,7 +75,7 @@ def test_uids_and_privileges_as_seen_in_the_guest(mvmctl: Mvmctl, workload_dir) 
         [entrypoint]
         command = ["/bin/sh", "-c", '''{script}''']
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "Uid:\t1000\t1000\t1000\t1000" in out
@@ -97,7 +97,7 @@ def test_services_are_supervised_with_restart_policy(mvmctl: Mvmctl, workload_di
         command = ["/bin/echo", "once-ran"]
         restart = "never"
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 0, proc.stderr
     assert "flaky-run-1" in proc.stdout and "flaky-run-3" in proc.stdout
     assert "flaky-run-4" not in proc.stdout
@@ -112,7 +112,7 @@ def start_forever_vm(mvmctl: Mvmctl, workload_dir, name: str) -> subprocess.Pope
         command = ["/bin/sh", "-c", "echo up; while :; do sleep 1; done"]
     """)
     mvmctl("build", str(directory), check=True)
-    proc = subprocess.Popen(mvmctl.argv("run", str(directory)), env=mvmctl.env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(mvmctl.argv("run", "--attached", str(directory)), env=mvmctl.env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, preexec_fn=default_signals)
     assert proc.stdout is not None
     for line in proc.stdout:  # pytest-timeout bounds this if the guest never speaks
@@ -152,20 +152,20 @@ def test_run_with_resources_and_data_disk(mvmctl: Mvmctl, workload_dir) -> None:
         [entrypoint]
         command = ["/bin/sh", "-c", "nproc; grep MemTotal /proc/meminfo; df -m /data | tail -1; touch /data/x && echo data-writable"]
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].strip() == "2"
     mem_kib = int(lines[1].split()[1])
     assert 300 * 1024 < mem_kib <= 384 * 1024
     assert "/data" in lines[2] and "data-writable" in proc.stdout
-    override = mvmctl("run", str(directory), "--cpus", "1", "--memory", "256M")
+    override = mvmctl("run", "--attached", str(directory), "--cpus", "1", "--memory", "256M")
     assert override.returncode == 0
     assert override.stdout.splitlines()[0].strip() == "1"
 
 
 def test_bad_run_flags_are_one_line_errors(mvmctl: Mvmctl) -> None:
-    proc = mvmctl("run", str(EXAMPLES / "hello"), "--memory", "12Q")
+    proc = mvmctl("run", "--attached", str(EXAMPLES / "hello"), "--memory", "12Q")
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "--memory" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -177,7 +177,7 @@ def test_unsupported_hypervisor_is_refused_before_boot(mvmctl: Mvmctl, mvm_home:
         [entrypoint]
         command = ["/bin/true"]
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "firecracker" in proc.stderr and "doctor" in proc.stderr
     assert qemu_processes_using(mvm_home) == []
@@ -190,7 +190,7 @@ def test_boot_report_and_agent_channel(mvmctl: Mvmctl, workload_dir) -> None:
         [entrypoint]
         command = ["/bin/sh", "-c", "sleep 3; echo finished"]
     """)
-    proc = mvmctl("run", str(directory), "--boot-report")
+    proc = mvmctl("run", "--attached", str(directory), "--boot-report")
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout
     report = proc.stderr

@@ -105,7 +105,7 @@ def test_guest_python_loads_precompiled_bytecode(mvmctl: Mvmctl, workload_dir) -
         [extra_files."/opt/check_pyc.py"]
         content = '''{CHECK_PYC}'''
     """)
-    proc = mvmctl("run", str(directory))
+    proc = mvmctl("run", "--attached", str(directory))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     # Magic of the guest's own interpreter, flags 0b01 (hash-based, source not checked), guest paths.

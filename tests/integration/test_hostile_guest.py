@@ -98,7 +98,7 @@ def test_markers_printed_by_the_workload_are_only_output(ctl: Mvmctl, workload_d
     lines = "; ".join(f"echo 'mvm-boot: {phase} 1.0'" for phase in PHASES)
     directory = workload_dir(FOREVER.format(name="forger", extra="", script=f"{lines}; echo after-forgery; exit 3"),
                              name="forger")
-    proc = ctl("run", str(directory))
+    proc = ctl("run", "--attached", str(directory))
     assert proc.returncode == 3, proc.stderr  # the status PID 1 saw, not the "exit 0" it printed
     for phase in PHASES:
         assert f"mvm-boot: {phase} 1.0\n" in proc.stdout  # passed through as what it is: output

@@ -289,7 +289,7 @@ def test_down_is_graceful_then_leaves_nothing(ctl: Mvmctl, workload_dir) -> None
 def test_detach_lets_an_attached_run_go(ctl: Mvmctl, workload_dir) -> None:
     directory = make_sandbox(workload_dir, "attach")
     ctl("build", str(directory), check=True)
-    run = subprocess.Popen(ctl.argv("run", str(directory)), env=ctl.env, stdout=subprocess.PIPE,
+    run = subprocess.Popen(ctl.argv("run", "--attached", str(directory)), env=ctl.env, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     assert run.stdout is not None
     assert run.stdout.readline().strip() == "sandbox-started"
@@ -300,6 +300,27 @@ def test_detach_lets_an_attached_run_go(ctl: Mvmctl, workload_dir) -> None:
     assert json.loads(ctl("status", "attach", "--json", check=True).stdout)["mode"] == "detached"
     assert ctl("exec", "attach", "--", "true").returncode == 0
     ctl("down", "attach", check=True)
+
+
+def test_run_with_argv_runs_it_instead_of_the_entrypoint(ctl: Mvmctl, workload_dir) -> None:
+    directory = make_sandbox(workload_dir, "argvrun")
+    proc = ctl("run", "--attached", str(directory), "--", "/bin/sh", "-c", "echo \"two words\" $0; id -u; exit 6",
+               "it's $HOME")  # quotes, spaces and a dollar reach the guest as they are
+    assert proc.returncode == 6, proc.stderr
+    assert proc.stdout.splitlines()[-2:] == ["two words it's $HOME", "1000"]  # as the image's entrypoint uid
+    assert "sandbox-started" not in proc.stdout
+    assert record(ctl, "argvrun")["argv"][0] == "/bin/sh"
+
+
+def test_run_is_detached_by_default_and_says_how_to_follow(ctl: Mvmctl, workload_dir) -> None:
+    directory = make_sandbox(workload_dir, "detachedrun")
+    proc = ctl("run", str(directory))
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert "detached" in proc.stdout and "mvmctl logs -f detachedrun" in proc.stdout
+        assert record(ctl, "detachedrun")["mode"] == "detached" and record(ctl, "detachedrun")["state"] == "running"
+    finally:
+        ctl("down", "detachedrun", "--force")
 
 
 # -- names and races -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import click
 
 from mvm.build import stamps
 from mvm.build.builder import Builder, BuildResult
+from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage
 from mvm.core.manifest import ManifestOverrides, load_manifest
 from mvm.core.state import MvmHome
@@ -77,7 +78,8 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 
 
 @click.command()
-@click.argument("directory", default=".", type=click.Path())
+@click.argument("directory", required=False, type=click.Path())
+@FLAKE_OPTION
 @click.option("--vcpus", type=int, help="vCPUs the image boots with by default (overrides mvm.toml).")
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
@@ -85,8 +87,8 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
               help="Also prepare the image for this backend (docker: import it) and check it can run here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
-def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str | None, no_cache: bool,
-          hypervisor: str | None, as_json: bool) -> None:
+def build(directory: str | None, flake: str | None, vcpus: int | None, memory: str | None, data_disk: str | None,
+          no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
     Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
@@ -95,6 +97,7 @@ def build(directory: str, vcpus: int | None, memory: str | None, data_disk: str 
     again is a cache hit; a failed build leaves the previous image in place.
     """
     started = time.monotonic()
+    directory = project_dir(directory, flake)
     overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk)
     workload, result = build_workload(directory, overrides, no_cache=no_cache)
     meta = result.artifact.meta

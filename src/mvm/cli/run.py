@@ -1,7 +1,10 @@
-"""``mvmctl run``: build if needed, boot, stream the console, exit with the entrypoint's status."""
+"""``mvmctl run``: build if needed and boot; detached by default, or attached (stream the
+console, exit with the entrypoint's status); ``-- ARGV`` instead of the entrypoint;
+``--dry-run`` for the plan."""
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import sys
@@ -9,8 +12,10 @@ from contextlib import nullcontext
 
 import click
 
+from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
+from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
 from mvm.runtime.client import VmClient
@@ -18,41 +23,86 @@ from mvm.runtime.client import VmClient
 DETACH_KEY = b"\x1d"  # Ctrl-]: leave the console, which stops an attached VM
 
 
-@click.command()
-@click.argument("directory", default=".", type=click.Path())
-@click.option("--attached/--detached", default=True, show_default=True,
-              help="Attached: the VM lives as long as this command and its console is your terminal. "
-                   "Detached: like `mvmctl up`.")
+class RunCommand(click.Command):
+    """`run`'s words up to ``--`` are its own; what follows is the command to run in the guest
+    (click alone cannot tell ``run -- python3 x.py`` from ``run python3 x.py``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["guest_argv"] = args[cut + 1:]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+@click.command(cls=RunCommand)
+@click.argument("directory", required=False, type=click.Path())
+@FLAKE_OPTION
+@click.option("--attached/--detached", " /-d", default=False,
+              help="Attached: stream the console; the VM lives as long as this command (Ctrl-C stops it) and "
+                   "its exit status is the command's. Detached (the default): return once it has booted.")
+@click.option("--detach", "detach", is_flag=True, help="The same as --detached.")
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
 @HYPERVISOR_OPTION
-@click.option("--boot-report", is_flag=True, help="After the VM stops, print when each boot phase was reached (stderr).")
-def run(directory: str, attached: bool, name: str | None, cpus: int | None, memory: str | None,
-        hypervisor: str | None, boot_report: bool) -> None:
-    """Boot the guest in DIRECTORY (building it first if needed) and stream its console.
+@click.option("--boot-report", is_flag=True, help="Print when each boot phase was reached (stderr).")
+@click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
+@click.pass_context
+def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
+        cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
+        as_json: bool) -> None:
+    """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
+    its entrypoint (as the same uid).
 
-    The entrypoint's exit status becomes mvmctl's. Ctrl-C, or this command going away for
-    any reason, stops the VM; `mvmctl detach NAME` from another terminal lets it live on.
-    On an accessible image with a shell entrypoint your terminal is the guest's console:
-    Ctrl-] leaves it and stops the VM.
+    \b
+      mvmctl run                      detached (the default): returns once it has booted
+      mvmctl run --attached           streams the console, exits with the entrypoint's status
+      mvmctl run --attached -- python3 task.py
+      mvmctl run --dry-run --json -- python3 task.py    the plan; nothing starts
+
+    Attached, Ctrl-C or this command going away for any reason stops the VM; `mvmctl detach
+    NAME` from another terminal lets it live on. On an accessible image with a shell
+    entrypoint your terminal is the guest's console: Ctrl-] leaves it and stops the VM.
     """
+    if attached and detach:
+        raise UsageError("--attached and --detach contradict each other", "give one of them")
+    if as_json and not dry_run:
+        raise UsageError("--json goes with --dry-run", "`mvmctl status NAME --json` describes a running VM")
+    argv = ctx.meta.get("guest_argv")
+    if argv is not None and not argv:
+        raise UsageError("nothing follows --", "e.g. `mvmctl run -- python3 -V`")
+    lifecycle.check_argv(argv)  # before any build: a command that cannot travel fails at once
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
-    image = boot_image(directory, home)
+    image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
+    if dry_run:
+        from mvm.runtime.plan import make_plan
+
+        plan = make_plan(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                         argv=argv)
+        click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+        return
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note)
-        click.echo(f"VM {vm_name} is {record.state}; `mvmctl exec {vm_name} -- CMD` works in it, "
-                   f"`mvmctl down {vm_name}` stops it")
+                              hypervisor=hypervisor, progress=note, argv=argv)
+        if record.state == "stopped":
+            click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
+                       f"(`mvmctl logs {vm_name}` shows its output)")
+        else:
+            click.echo(f"VM {vm_name} is {record.state} (detached). Follow it: `mvmctl logs -f {vm_name}`; "
+                       f"its exit status: `mvmctl wait {vm_name}`; stop it: `mvmctl down {vm_name}`")
+        if boot_report:
+            print_boot_report(record)
         return
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
-                                hypervisor=hypervisor, progress=note)
+                                hypervisor=hypervisor, progress=note, argv=argv)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
         launch.commit()
-        interactive = image.accessible and image.entrypoint_kind == "shell"
+        interactive = image.accessible and image.entrypoint_kind == "shell" and argv is None
         try:
             code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)
         except KeyboardInterrupt:

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from mvm.build import stamps
+from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
@@ -55,7 +56,9 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 
 
 @click.command()
-@click.argument("directory", default=".", type=click.Path())
+@click.argument("directory", required=False, type=click.Path())
+@FLAKE_OPTION
+@click.option("-d", "--detach", is_flag=True, help="Accepted for symmetry with run: up always returns once the VM is up.")
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
@@ -63,8 +66,8 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
-def up(directory: str, name: str | None, cpus: int | None, memory: str | None, hypervisor: str | None,
-       publish: tuple[str, ...], as_json: bool) -> None:
+def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
+       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
@@ -73,7 +76,7 @@ def up(directory: str, name: str | None, cpus: int | None, memory: str | None, h
     vcpus, memory_mib = resources(cpus, memory)
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
-    image = boot_image(directory, home)
+    image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
     record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=note, forwards=forwards)
@@ -221,8 +224,13 @@ def _uid_check(record: VmRecord, guest: dict[str, Any]) -> list[str]:
 @click.command()
 @click.argument("name")
 def wait(name: str) -> None:
-    """Wait for VM NAME to stop; exit with its entrypoint's status."""
-    record = lifecycle.wait_vm(MvmHome.default(), name)
+    """Wait for VM NAME to stop; exit with its entrypoint's status (any VM: attached or not)."""
+    home = MvmHome.default()
+    _, current = lifecycle.require_vm(home, name)
+    if current.running and current.mode == "detached":
+        click.echo(f"mvmctl: VM {name} is detached: waiting anyway until it stops (`mvmctl down {name}` stops it)",
+                   err=True)
+    record = lifecycle.wait_vm(home, name)
     if record.exit_status is None:
         click.echo(f"VM {name} stopped without an entrypoint status: {record.stop_reason}", err=True)
         sys.exit(1)
@@ -233,7 +241,12 @@ def wait(name: str) -> None:
 @click.argument("name")
 def detach(name: str) -> None:
     """Let VM NAME outlive the `mvmctl run` attached to it."""
-    lifecycle.detach(MvmHome.default(), name)
+    home = MvmHome.default()
+    _, record = lifecycle.require_vm(home, name)
+    if record.running and record.mode == "detached":
+        click.echo(f"VM {name} is already detached: it keeps running; `mvmctl down {name}` stops it")
+        return
+    lifecycle.detach(home, name)
     click.echo(f"VM {name} is detached: it keeps running; `mvmctl down {name}` stops it")
 
 
@@ -334,20 +347,29 @@ def snapshot(name: str) -> None:
 
 @click.command()
 @click.argument("name")
-@click.argument("spec", metavar="[ADDR:]HOST:GUEST")
-def forward(name: str, spec: str) -> None:
+@click.argument("spec", metavar="[ADDR:]HOST:GUEST", required=False)
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as SPEC.")
+def forward(name: str, spec: str | None, publish: tuple[str, ...]) -> None:
     """Forward a host TCP port to VM NAME's loopback port, while it runs.
+
+    \b
+      mvmctl forward web 8080:80
+      mvmctl forward web -p 8080:80 -p 127.0.0.1:8443:443
 
     Binds 127.0.0.1 unless ADDR says otherwise. The connection is carried by the guest's
     agent, so the guest needs no network interface (the default-deny network stays).
     """
-    port_forward = PortForward.parse(spec)
+    specs = [*([spec] if spec else []), *publish]
+    if not specs:
+        raise UsageError("forward needs a port: [ADDR:]HOST:GUEST", f"e.g. `mvmctl forward {name} -p 8080:80`")
+    port_forwards = [PortForward.parse(s) for s in specs]
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
     backends.get(record.backend).require("port_forwarding", name)
     with lifecycle.connect(home, name) as client:
-        lifecycle.add_forward(client, port_forward)
-    click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
+        for port_forward in port_forwards:
+            lifecycle.add_forward(client, port_forward)
+            click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
 
 
 COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, snapshot, forward]

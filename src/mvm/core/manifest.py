@@ -57,6 +57,11 @@ def load_manifest(path: Path | str, *, overrides: ManifestOverrides | None = Non
     file = manifest_file(given)
     shown = str(file)
     if not file.exists():
+        if given.is_dir() and (given / "flake.nix").exists():
+            raise ManifestError(
+                shown, None, "no such file: this project has a flake.nix, and Nix builds are not available in "
+                "this version of mvm", f"write a {MANIFEST_FILE} beside it for mvm's built-in Debian builder",
+            )  # fmt: skip
         raise ManifestError(
             shown,
             None,

@@ -170,6 +170,7 @@ class VmRecord:
     markers: list[dict[str, Any]] = field(default_factory=list)  # {phase, args, guest_uptime, ms}
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {state, restarts, last_exit}
     forwards: list[dict[str, Any]] = field(default_factory=list)  # {host_addr, host_port, guest_port}
+    argv: list[str] | None = None  # `run -- ARGV`: what runs instead of the image's entrypoint
 
     @property
     def running(self) -> bool:
@@ -220,6 +221,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "qemu_pid": _OPTIONAL_INT, "ready_at": _OPTIONAL_NUMBER, "stopped_at": _OPTIONAL_NUMBER,
     "stop_reason": _OPTIONAL_STR, "exit_status": _OPTIONAL_INT, "backend_id": _OPTIONAL_STR,
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
+    "argv": (list, type(None)),
 }
 
 

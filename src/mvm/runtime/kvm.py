@@ -107,12 +107,13 @@ def _probe_boot(image: BootImage, pvm: bool, hint: str) -> KvmProbe:
         proc.wait()
 
 
-def select_accel(home: MvmHome) -> tuple[str, str]:
-    """("kvm" | "tcg", why). ``MVM_ACCEL`` forces one, for benchmarks and tests."""
+def select_accel(home: MvmHome, *, may_probe: bool = True) -> tuple[str, str]:
+    """("kvm" | "tcg", why). ``MVM_ACCEL`` forces one, for benchmarks and tests. Without
+    ``may_probe`` only a cached verdict counts (no probe boot)."""
     forced = os.environ.get("MVM_ACCEL")
     if forced in ("kvm", "tcg"):
         return forced, f"MVM_ACCEL={forced}"
-    probe = probe_kvm(home)
+    probe = probe_kvm(home, run_if_needed=may_probe)
     if probe.usable:
         return "kvm", probe.reason
     return "tcg", f"KVM not usable: {probe.reason}"

@@ -10,6 +10,7 @@ failed or killed `up` leaves nothing behind.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -73,11 +74,25 @@ def choose_backend(home: MvmHome, image: BootImage, requested: str | None,
     return backends.select_backend(wanted, lambda backend: backend.availability(host))
 
 
+def check_argv(argv: list[str] | None) -> None:
+    """`run -- ARGV` travels on the kernel command line: refuse what cannot, before booting."""
+    if argv is None:
+        return
+    if not argv or not all(isinstance(a, str) and a and "\0" not in a for a in argv):
+        raise UsageError("the command after -- must be one or more non-empty words", "e.g. `mvmctl run -- python3 -V`")
+    size = len(json.dumps(argv)) * 4 // 3
+    if size > backends.base.ARGV_LIMIT:
+        raise UsageError(f"the command after -- is {size} bytes encoded, over the {backends.base.ARGV_LIMIT}-byte "
+                         "limit of the kernel command line", "put a script in the image and run that")
+
+
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
-             progress: Callable[[str], None] | None = None) -> Launch:
-    """Register ``name`` and boot ``image`` under a new supervisor."""
+             progress: Callable[[str], None] | None = None, argv: list[str] | None = None) -> Launch:
+    """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
+    its entrypoint when given)."""
     check_vm_name(name)
+    check_argv(argv)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
@@ -109,7 +124,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         record = VmRecord(name=name, artifact_key=image.key, artifact_name=image.name, backend=vm_backend.name,
                           accel=accel, mode=mode, vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib,
                           accessible=image.accessible, sealed=image.sealed,
-                          uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid})
+                          uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv)
         try:
             vm_backend.prepare(image, record, staged)
             write_json_atomic(staged.mode, {"mode": mode})
@@ -195,14 +210,14 @@ def add_forward(client: VmClient, forward: PortForward) -> None:
 
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
-       forwards: tuple[PortForward, ...] = ()) -> VmRecord:
+       forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
     that cannot listen fails the whole `up`, leaving nothing.
     """
     launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
-                      hypervisor=hypervisor, progress=progress)
+                      hypervisor=hypervisor, progress=progress, argv=argv)
     try:
         reply = launch.client.call("ready")
         if reply.get("state") == "running":

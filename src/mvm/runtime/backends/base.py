@@ -65,10 +65,12 @@ class Capabilities:
 
 
 class Host:
-    """What choosing a backend may ask of this host; the KVM probe boot runs at most once."""
+    """What choosing a backend may ask of this host; the KVM probe boot runs at most once, and
+    never when ``may_probe`` is False (a dry run): then only a cached verdict counts."""
 
-    def __init__(self, home: MvmHome) -> None:
+    def __init__(self, home: MvmHome, *, may_probe: bool = True) -> None:
         self.home = home
+        self.may_probe = may_probe
         self._kvm_usable: bool | None = None
         self._probed = False
 
@@ -77,7 +79,8 @@ class Host:
         if not self._probed:
             from mvm.runtime.kvm import probe_kvm
 
-            self._kvm_usable, self._probed = probe_kvm(self.home).usable, True
+            self._kvm_usable = probe_kvm(self.home, run_if_needed=self.may_probe).usable
+            self._probed = True
         return self._kvm_usable
 
 
@@ -165,6 +168,20 @@ def peer_uid(writer: Any) -> int | None:
         return None
     _, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
     return uid
+
+
+ARGV_LIMIT = 1536  # bytes of base64: the kernel command line holds 2048 in all
+
+
+def encoded_argv(record: VmRecord) -> str | None:
+    """`run -- ARGV` for /init: base64 of its JSON (no spaces, no quoting to get wrong), passed
+    as ``mvm.argv=`` on the kernel command line or ``MVM_ARGV`` in a container's environment."""
+    if record.argv is None:
+        return None
+    import base64
+    import json
+
+    return base64.b64encode(json.dumps(record.argv).encode()).decode()
 
 
 def join_reasons(*parts: str) -> str:

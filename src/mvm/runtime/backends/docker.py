@@ -34,6 +34,7 @@ from mvm.runtime.backends.base import (
     Progress,
     Spawned,
     VmBackend,
+    encoded_argv,
     in_thread,
     join_reasons,
     peer_uid,
@@ -143,6 +144,9 @@ def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> lis
             "--volume", f"{paths.channel_dir}:{CHANNEL_MOUNT}"]
     if data_disk:
         argv += ["--volume", f"{paths.data_dir}:/data"]
+    entrypoint = encoded_argv(record)
+    if entrypoint is not None:
+        argv += ["--env", f"MVM_ARGV={entrypoint}"]
     return [*argv, tag, "/init"]
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import VmError
+from mvm.runtime.backends.base import encoded_argv
 from mvm.runtime.backends.firecracker import ROOT_DISK_FILE, root_disk_path
 
 if TYPE_CHECKING:
@@ -290,9 +291,11 @@ def plan_boot(artifact_like: BootImage | ImageLike, paths: VmPaths, record: VmRe
     files = boot_files(image, paths, jailed=jailed)
     vcpus = (record.vcpus if record is not None else 0) or image.vcpus
     memory = (record.memory_mib if record is not None else 0) or image.memory_mib
+    entrypoint = encoded_argv(record) if record is not None else None
+    boot_args = BOOT_ARGS + (f" mvm.argv={entrypoint}" if entrypoint else "")
     plan = [
         machine_config_request(vcpus, memory),
-        boot_source_request(files.kernel, files.initrd, BOOT_ARGS),
+        boot_source_request(files.kernel, files.initrd, boot_args),
         drive_request("root", files.root_disk, root=True, read_only=False),
     ]
     if files.data_disk is not None:

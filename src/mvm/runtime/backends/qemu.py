@@ -29,6 +29,7 @@ from mvm.runtime.backends.base import (
     Spawned,
     VmBackend,
     dial_until_open,
+    encoded_argv,
     join_reasons,
 )
 from mvm.runtime.process import spawn_tied
@@ -181,7 +182,7 @@ class QemuBackend(VmBackend):
     def accel(self, host: Host) -> str:
         from mvm.runtime.kvm import select_accel
 
-        return select_accel(host.home)[0]
+        return select_accel(host.home, may_probe=host.may_probe)[0]
 
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
         create_overlay(image.rootfs, staged.overlay)
@@ -192,6 +193,9 @@ class QemuBackend(VmBackend):
         spec = image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus, memory_mib=record.memory_mib)
         spec.agent_socket = paths.agent_socket
         spec.boot_socket = paths.boot_socket
+        argv = encoded_argv(record)
+        if argv is not None:
+            spec.boot_args = f"mvm.argv={argv}"
         spec.qmp_socket = paths.qmp_socket
         if image.data_disk_bytes:
             spec.data_disk = paths.data_disk
