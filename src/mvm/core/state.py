@@ -171,6 +171,9 @@ class VmRecord:
     services: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {state, restarts, last_exit}
     forwards: list[dict[str, Any]] = field(default_factory=list)  # {host_addr, host_port, guest_port}
     argv: list[str] | None = None  # `run -- ARGV`: what runs instead of the image's entrypoint
+    deadline: float | None = None  # time.time() at which its supervisor stops it (an SDK sandbox's lifetime)
+    ephemeral: bool = False  # removed as soon as it stops (an SDK sandbox), instead of kept as "stopped"
+    workload_id: str | None = None  # the SDK caller's label for it
 
     @property
     def running(self) -> bool:
@@ -221,7 +224,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "qemu_pid": _OPTIONAL_INT, "ready_at": _OPTIONAL_NUMBER, "stopped_at": _OPTIONAL_NUMBER,
     "stop_reason": _OPTIONAL_STR, "exit_status": _OPTIONAL_INT, "backend_id": _OPTIONAL_STR,
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
-    "argv": (list, type(None)),
+    "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
+    "workload_id": _OPTIONAL_STR,
 }
 
 

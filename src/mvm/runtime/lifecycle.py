@@ -88,9 +88,11 @@ def check_argv(argv: list[str] | None) -> None:
 
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
-             progress: Callable[[str], None] | None = None, argv: list[str] | None = None) -> Launch:
+             progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
+             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
-    its entrypoint when given)."""
+    its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
+    ``ephemeral``: nothing of it is kept once it stops."""
     check_vm_name(name)
     check_argv(argv)
     paths = home.vm(name)
@@ -124,7 +126,9 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         record = VmRecord(name=name, artifact_key=image.key, artifact_name=image.name, backend=vm_backend.name,
                           accel=accel, mode=mode, vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib,
                           accessible=image.accessible, sealed=image.sealed,
-                          uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv)
+                          uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv,
+                          deadline=None if lifetime_s is None else time.time() + lifetime_s, ephemeral=ephemeral,
+                          workload_id=workload_id)
         try:
             vm_backend.prepare(image, record, staged)
             write_json_atomic(staged.mode, {"mode": mode})
@@ -210,14 +214,16 @@ def add_forward(client: VmClient, forward: PortForward) -> None:
 
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
-       forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None) -> VmRecord:
+       forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
+       ephemeral: bool = False, workload_id: str | None = None) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
     that cannot listen fails the whole `up`, leaving nothing.
     """
     launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
-                      hypervisor=hypervisor, progress=progress, argv=argv)
+                      hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
+                      ephemeral=ephemeral, workload_id=workload_id)
     try:
         reply = launch.client.call("ready")
         if reply.get("state") == "running":
@@ -227,7 +233,10 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
     finally:
         launch.abandon()
         launch.client.close()
-    record = VmRecord.load(launch.paths)
+    try:
+        record = VmRecord.load(launch.paths)
+    except FileNotFoundError:  # an ephemeral VM that ended at once: its supervisor removed it
+        raise VmError(f"VM {name} stopped before it was ready", "run its image with `mvmctl run --attached`") from None
     if reply.get("state") == "stopped" and record.exit_status is None:
         raise VmError(f"VM {name} stopped before it was ready: {record.stop_reason}",
                       f"`mvmctl logs {name}` shows its console")

@@ -38,5 +38,5 @@ def run_supervisor(spec: LaunchSpec) -> None:
         await supervisors[0].main()
 
     asyncio.run(body())
-    if supervisors and supervisors[0].watch.remove_on_exit:
+    if supervisors and (supervisors[0].watch.remove_on_exit or supervisors[0].record.ephemeral):
         shutil.rmtree(spec.vm_dir, ignore_errors=True)

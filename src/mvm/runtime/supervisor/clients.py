@@ -142,6 +142,12 @@ class ClientServer:
                     other.send(protocol.encode({"type": "detached", "id": other.attach_id}))
                     other.attached = False
             client.send(protocol.encode({"type": "result", "id": frame.id, "mode": "detached"}))
+        elif kind == "set_deadline":
+            deadline = frame.header.get("deadline")
+            if isinstance(deadline, bool) or not isinstance(deadline, (int, float, type(None))):
+                raise ValueError("'deadline' must be a time in seconds since the epoch, or null")
+            sup.set_deadline(None if deadline is None else float(deadline))
+            client.send(protocol.encode({"type": "result", "id": frame.id, "deadline": sup.record.deadline}))
         elif kind == "forward":
             asyncio.get_running_loop().create_task(sup.forwards.add(client, frame.id, frame.header))
         elif kind == "snapshot":

@@ -51,7 +51,8 @@ class Supervisor:
         tasks = [asyncio.create_task(c) for c in (self.console.pump(self.spec.qemu_stdout),
                                                      self.console.pump_stderr(self.spec.qemu_stderr),
                                                      self.console.serve_boot_channel(),
-                                                     self.agent.serve(), self.watch.watch_boot())]
+                                                     self.agent.serve(), self.watch.watch_boot(),
+                                                     self.watch.watch_deadline())]
         for task in tasks:
             task.add_done_callback(self.on_task_end)
         await self.watch.watch()
@@ -144,6 +145,11 @@ class Supervisor:
             client.send(protocol.error(request_id, f"snapshot failed: {err}"))
             return
         client.send(protocol.encode({"type": "result", "id": request_id, **saved}))
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self.record.deadline = deadline
+        self.record.save(self.paths)
+        self.watch.deadline_changed.set()
 
     def set_mode(self, mode: str) -> None:
         self.record.mode = mode

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
@@ -65,6 +66,7 @@ class ProcessWatch:
         self.stopping: str | None = None  # why a stop was asked for
         self.remove_on_exit = False  # `up` was abandoned: the VM's directory goes too
         self.shutdown_refused = asyncio.Event()
+        self.deadline_changed = asyncio.Event()
 
     async def watch(self) -> None:
         """Returns once the process has exited and the stop is recorded."""
@@ -127,6 +129,22 @@ class ProcessWatch:
             return True
         except TimeoutError:
             return False
+
+    async def watch_deadline(self) -> None:
+        """Stop the VM when its lifetime (record.deadline) is over, however long its owner
+        lives: a program that dies leaves no sandbox running for ever."""
+        sup = self.sup
+        while not sup.stopped.is_set():
+            deadline = sup.record.deadline
+            left = None if deadline is None else deadline - time.time()
+            if left is not None and left <= 0:
+                self.request_stop("its lifetime ended (the deadline it was started with, or set later)")
+                return
+            self.deadline_changed.clear()
+            try:
+                await asyncio.wait_for(self.deadline_changed.wait(), left)
+            except TimeoutError:
+                pass
 
     async def watch_boot(self) -> None:
         """Give up on a guest that shows no sign of life long after it should have."""
