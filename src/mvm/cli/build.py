@@ -8,13 +8,13 @@ import time
 
 import click
 
-from mvm.build import stamps
-from mvm.build.builder import Builder, BuildResult
+from mvm.build.builder import BuildResult
+from mvm.build.project import build_project
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage
-from mvm.core.manifest import ManifestOverrides, load_manifest
+from mvm.core.manifest import ManifestOverrides
 from mvm.core.state import MvmHome
-from mvm.core.workdir import manifest_dir, manifest_file
+from mvm.core.workdir import manifest_dir
 from mvm.core.workload import Workload
 from mvm.runtime.backends import ALL_BACKENDS
 
@@ -52,29 +52,16 @@ class PhaseProgress:
 
 def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_cache: bool = False,
                    home: MvmHome | None = None) -> tuple[Workload, BuildResult]:
-    """Load, then build with progress on stderr. Shared by `build`, `up` and `run`.
-
-    A build from the directory alone (no overrides) leaves a stamp, so the next `up` or
-    `run` of the unchanged directory finds the image without coming here (build/stamps.py).
-    """
-    home = home or MvmHome.default()
-    manifest = None
-    if overrides is None or overrides == ManifestOverrides():
-        try:
-            manifest = manifest_file(path).read_bytes()
-        except OSError:
-            pass  # missing or unreadable: load_manifest says so in one line
-    workload = load_manifest(path, overrides=overrides)
+    """build/project.py's build, with progress drawn on a terminal. Shared by `build`, `up`
+    and `run`."""
     progress = PhaseProgress()
     try:
-        result = Builder(home, progress).build(workload, manifest_dir(path), no_cache=no_cache)
+        built = build_project(path, overrides, home=home or MvmHome.default(), progress=progress, no_cache=no_cache)
     finally:
         if progress.status is not None:
             progress.status.stop()
     progress.finish_phase()
-    if manifest is not None:
-        stamps.record(home, path, manifest, result.artifact.meta.key)
-    return workload, result
+    return built
 
 
 @click.command()
