@@ -40,6 +40,7 @@ VERBS = {
     "resume": "mvm.cli.vm",
     "snapshot": "mvm.cli.vm",
     "forward": "mvm.cli.vm",
+    "mcp": "mvm.cli.mcp",
 }
 
 

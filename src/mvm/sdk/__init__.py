@@ -1,0 +1,6 @@
+"""The runtime SDK: :class:`Sandbox` and :class:`AsyncSandbox` (see sandbox.py)."""
+
+from mvm.sdk.aio import AsyncSandbox
+from mvm.sdk.sandbox import CommandResult, Sandbox, SandboxInfo
+
+__all__ = ["AsyncSandbox", "CommandResult", "Sandbox", "SandboxInfo"]

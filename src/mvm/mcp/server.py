@@ -1,0 +1,240 @@
+"""``mvmctl mcp``: an MCP server on stdio (the official ``mcp`` SDK, 1.x) whose tools give a
+model client throwaway sandboxes, through the same SDK a program uses.
+
+Bounded from the start, each limit from the environment with a default, a bad value refused
+in one line before serving: at most MVM_MCP_MAX_INFLIGHT tool calls at once (another is a busy
+error at once, not a wait), MVM_MCP_MEM_CEILING_MIB of guest memory across its sandboxes (a
+call that would pass it is refused before anything starts), a session idle for
+MVM_MCP_SESSION_IDLE seconds is destroyed, and no sandbox lives past MVM_MCP_SESSION_MAX
+seconds: that is each sandbox's lifetime, kept by its supervisor, so even a SIGKILL of this
+server leaves nothing running for longer. Only sandboxes this server made are reachable, and
+all of them are destroyed when the client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from mcp.server.fastmcp import FastMCP
+from mcp.server.fastmcp.exceptions import ToolError
+
+from mvm.core.errors import MvmError, UsageError
+from mvm.sdk.sandbox import Sandbox
+
+OUTPUT_CAP = 64 * 1024  # bytes of stdout (and of stderr) a tool result carries
+ENVS = {"shell": "base", "python": "python"}
+DEFAULT_MEMORY_MIB = 256  # what the built-in templates ask for
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_inflight: int = 4
+    mem_ceiling_mib: int = 4096
+    session_idle_s: int = 300
+    session_max_s: int = 3600
+
+    @classmethod
+    def from_environment(cls) -> Limits:
+        values = {}
+        for name, env in (("max_inflight", "MVM_MCP_MAX_INFLIGHT"), ("mem_ceiling_mib", "MVM_MCP_MEM_CEILING_MIB"),
+                          ("session_idle_s", "MVM_MCP_SESSION_IDLE"), ("session_max_s", "MVM_MCP_SESSION_MAX")):
+            text = os.environ.get(env)
+            if text is None:
+                continue
+            if not text.isdigit() or int(text) < 1:
+                raise UsageError(f"{env}={text!r} is not a whole number of at least 1", f"unset it, or e.g. {env}=4")
+            values[name] = int(text)
+        return cls(**values)
+
+
+@dataclass
+class Session:
+    sandbox: Sandbox
+    memory_mib: int
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SandboxPool:
+    """The sandboxes this server made: named sessions, and the limits across them."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.inflight = 0
+
+    def enter_call(self) -> None:
+        with self.lock:
+            if self.inflight >= self.limits.max_inflight:
+                raise ToolError(f"busy: {self.inflight} calls are running (MVM_MCP_MAX_INFLIGHT="
+                                f"{self.limits.max_inflight}); try again when one has finished")
+            self.inflight += 1
+
+    def leave_call(self) -> None:
+        with self.lock:
+            self.inflight -= 1
+
+    def create(self, template: str, memory_mib: int | None = None) -> Session:
+        memory = memory_mib or DEFAULT_MEMORY_MIB
+        with self.lock:
+            used = sum(s.memory_mib for s in self.sessions.values())
+            if used + memory > self.limits.mem_ceiling_mib:
+                raise ToolError(f"refused: a {memory} MiB sandbox would bring this server's sandboxes to "
+                                f"{used + memory} MiB, over MVM_MCP_MEM_CEILING_MIB={self.limits.mem_ceiling_mib}; "
+                                "destroy one first")
+            placeholder = Session(sandbox=None, memory_mib=memory)  # type: ignore[arg-type]
+            self.sessions[f".reserving-{id(placeholder)}"] = placeholder  # counts while it boots
+        try:
+            sandbox = Sandbox.create(template, memory=memory_mib, timeout=self.limits.session_max_s)
+        finally:
+            with self.lock:
+                self.sessions.pop(f".reserving-{id(placeholder)}", None)
+        session = Session(sandbox, memory)
+        with self.lock:
+            self.sessions[sandbox.name] = session
+        return session
+
+    def get(self, name: str) -> Session:
+        with self.lock:
+            session = self.sessions.get(name)
+        if session is None or name.startswith("."):
+            raise ToolError(f"no sandbox {name!r} of this server (sandbox_list shows them)")
+        session.last_used = time.monotonic()
+        return session
+
+    def destroy(self, name: str) -> None:
+        with self.lock:
+            session = self.sessions.pop(name, None)
+        if session is not None:
+            session.sandbox.kill()
+
+    def destroy_idle(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            idle = [n for n, s in self.sessions.items()
+                    if not n.startswith(".") and now - s.last_used > self.limits.session_idle_s]
+        for name in idle:
+            self.destroy(name)
+
+    def destroy_all(self) -> None:
+        for name in [n for n in self.sessions if not n.startswith(".")]:
+            self.destroy(name)
+
+
+def _capped(data: str) -> str:
+    raw = data.encode()
+    if len(raw) <= OUTPUT_CAP:
+        return data
+    return raw[:OUTPUT_CAP].decode(errors="ignore") + f"\n[... {len(raw) - OUTPUT_CAP} more bytes truncated]"
+
+
+def build_server(limits: Limits) -> FastMCP:
+    pool = SandboxPool(limits)
+
+    @asynccontextmanager
+    async def lifespan(_: FastMCP) -> AsyncIterator[None]:
+        async def reap() -> None:
+            while True:
+                await asyncio.sleep(min(5.0, limits.session_idle_s / 2))
+                await asyncio.to_thread(pool.destroy_idle)
+
+        reaper = asyncio.create_task(reap())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            await asyncio.to_thread(pool.destroy_all)  # the client went away: nothing of ours stays
+
+    server = FastMCP("mvm", instructions="Run code in throwaway local microVM sandboxes (no network).",
+                     lifespan=lifespan)
+
+    async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        pool.enter_call()
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except MvmError as err:
+            raise ToolError(str(err)) from None
+        finally:
+            pool.leave_call()
+
+    def exec_in(session: Session, command: str | list[str], timeout_secs: float) -> dict[str, Any]:
+        from mvm.errors import CommandTimeout
+
+        timeout = min(max(timeout_secs, 1), 600)
+        try:
+            result = session.sandbox.commands.run(command, timeout=timeout)
+        except CommandTimeout as err:
+            return {"exit_code": 137, "timed_out": True, "stdout": _capped(err.stdout.decode(errors="replace")),
+                    "stderr": _capped(err.stderr.decode(errors="replace")), "sandbox": session.sandbox.name}
+        return {"exit_code": result.exit_code, "timed_out": False, "stdout": _capped(result.stdout),
+                "stderr": _capped(result.stderr), "sandbox": session.sandbox.name}
+
+    @server.tool()
+    async def run(code: str, env: str = "shell", session: str | None = None, close: bool = False,
+                  timeout_secs: float = 60) -> dict[str, Any]:
+        """Run code in a sandbox: env "shell" (/bin/sh -c) or "python" (python3 -c), or a
+        template directory (run as shell). The result names its `session`: pass it again to
+        reuse that warm sandbox; `close` destroys it after this call (an unused one is destroyed
+        after MVM_MCP_SESSION_IDLE seconds). stdout and stderr are capped at 64 KiB each;
+        timeout_secs is clamped to 1-600."""
+        def work() -> dict[str, Any]:
+            current = pool.get(session) if session is not None else pool.create(ENVS.get(env, env))
+            try:
+                command: str | list[str] = ["python3", "-c", code] if env == "python" else code
+                result = exec_in(current, command, timeout_secs)
+            finally:
+                if close:
+                    pool.destroy(current.sandbox.name)
+            result["session"] = None if close else current.sandbox.name
+            return result
+        return await call(work)
+
+    @server.tool()
+    async def sandbox_create(template: str = "base", memory_mib: int | None = None) -> dict[str, Any]:
+        """Start a sandbox ("base", "python", or a template directory); returns its name."""
+        session = await call(pool.create, template, memory_mib)
+        return {"sandbox": session.sandbox.name}
+
+    @server.tool()
+    async def sandbox_exec(sandbox: str, command: str, timeout_secs: float = 60) -> dict[str, Any]:
+        """Run a shell command in a sandbox of this server."""
+        return await call(lambda: exec_in(pool.get(sandbox), command, timeout_secs))
+
+    @server.tool()
+    async def sandbox_read_file(sandbox: str, path: str) -> str:
+        """A file's text (capped at 64 KiB)."""
+        return await call(lambda: _capped(str(pool.get(sandbox).sandbox.files.read(path))))
+
+    @server.tool()
+    async def sandbox_write_file(sandbox: str, path: str, content: str) -> dict[str, Any]:
+        """Write a text file (created or replaced whole)."""
+        size = await call(lambda: pool.get(sandbox).sandbox.files.write(path, content))
+        return {"path": path, "size": size}
+
+    @server.tool()
+    async def sandbox_list_files(sandbox: str, path: str = "/") -> list[dict[str, Any]]:
+        """A directory's entries: name, type, size, mode, mtime."""
+        return await call(lambda: pool.get(sandbox).sandbox.files.list(path))
+
+    @server.tool()
+    async def sandbox_list() -> list[dict[str, Any]]:
+        """This server's sandboxes."""
+        with pool.lock:
+            names = [n for n in pool.sessions if not n.startswith(".")]
+        return [{"sandbox": n} for n in names]
+
+    @server.tool()
+    async def sandbox_destroy(sandbox: str) -> dict[str, Any]:
+        """Destroy a sandbox of this server."""
+        await call(lambda: (pool.get(sandbox), pool.destroy(sandbox)))
+        return {"destroyed": sandbox}
+
+    return server
+

@@ -1,0 +1,105 @@
+"""`mvmctl mcp` spoken to by the official MCP SDK's own stdio client, with real sandboxes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+pytestmark = pytest.mark.vm
+
+
+def server(home: Path, **limits: str) -> StdioServerParameters:
+    env = {**os.environ, "MVM_HOME": str(home), **limits}
+    return StdioServerParameters(command=sys.executable, args=["-m", "mvm.cli.main", "mcp"], env=env)
+
+
+async def tool(client: ClientSession, name: str, **arguments: Any) -> tuple[bool, Any]:
+    """(is_error, the structured result or the error's text)."""
+    result = await client.call_tool(name, arguments)
+    if result.isError:
+        return True, " ".join(getattr(c, "text", "") for c in result.content)
+    if result.structuredContent is not None:
+        content = result.structuredContent
+        return False, content.get("result", content) if set(content) == {"result"} else content
+    return False, json.loads(result.content[0].text)
+
+
+def vms(home: Path) -> set[str]:
+    out = subprocess.run([sys.executable, "-m", "mvm.cli.main", "ls", "--json"], capture_output=True, text=True,
+                         env={**os.environ, "MVM_HOME": str(home)}, check=True).stdout
+    return {vm["name"] for vm in json.loads(out) if vm["state"] != "stopped"}
+
+
+def run_client(home: Path, body, **limits: str) -> Any:
+    async def main() -> Any:
+        async with stdio_client(server(home, **limits)) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            return await body(client)
+    return asyncio.run(main())
+
+
+def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -> None:
+    async def body(client: ClientSession) -> str:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert {"run", "sandbox_create", "sandbox_exec", "sandbox_read_file", "sandbox_write_file",
+                "sandbox_list_files", "sandbox_list", "sandbox_destroy"} <= names
+        error, first = await tool(client, "run", code="echo hi; echo err >&2; exit 3")
+        assert not error and (first["exit_code"], first["stdout"], first["stderr"]) == (3, "hi\n", "err\n")
+        session = first["session"]
+        await tool(client, "run", code="echo kept > /tmp/state", session=session)
+        error, again = await tool(client, "run", code="cat /tmp/state", session=session)
+        assert again["stdout"] == "kept\n" and again["session"] == session
+        error, big = await tool(client, "run", code="head -c 100000 /dev/zero | tr '\\000' a", session=session)
+        assert big["stdout"].startswith("a" * 1000) and "34464 more bytes truncated" in big["stdout"]
+        error, wrote = await tool(client, "sandbox_write_file", sandbox=session, path="/tmp/f.txt", content="x")
+        assert not error and wrote["size"] == 1
+        assert (await tool(client, "sandbox_read_file", sandbox=session, path="/tmp/f.txt"))[1] == "x"
+        error, entries = await tool(client, "sandbox_list_files", sandbox=session, path="/tmp")
+        assert "f.txt" in {e["name"] for e in entries}
+        error, nope = await tool(client, "sandbox_exec", sandbox="not-ours", command="true")
+        assert error and "no sandbox 'not-ours' of this server" in nope
+        assert session in vms(mvm_home)
+        return session
+
+    session = run_client(mvm_home, body)
+    deadline = time.monotonic() + 30
+    while session in vms(mvm_home) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session not in vms(mvm_home)  # the client went away: its sandboxes went too
+
+
+def test_limits_busy_memory_and_idle(mvm_home: Path) -> None:
+    async def body(client: ClientSession) -> None:
+        slow = tool(client, "run", code="sleep 3; echo done", close=True)
+        fast = tool(client, "run", code="true", close=True)
+        results = await asyncio.gather(slow, fast)
+        assert sum(1 for error, text in results if error and "busy" in text) == 1
+        error, made = await tool(client, "sandbox_create")
+        assert not error
+        error, refused = await tool(client, "sandbox_create")
+        assert error and "MVM_MCP_MEM_CEILING_MIB=400" in refused
+        deadline = time.monotonic() + 60
+        while (await tool(client, "sandbox_list"))[1] and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+        assert (await tool(client, "sandbox_list"))[1] == []  # idle past MVM_MCP_SESSION_IDLE: destroyed
+        assert made["sandbox"] not in vms(mvm_home)
+
+    run_client(mvm_home, body, MVM_MCP_MAX_INFLIGHT="1", MVM_MCP_MEM_CEILING_MIB="400", MVM_MCP_SESSION_IDLE="4")
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5"])
+def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
+                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_MAX_INFLIGHT": bad},
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_MAX_INFLIGHT" in proc.stderr

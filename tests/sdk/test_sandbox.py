@@ -1,0 +1,129 @@
+"""The runtime SDK against real VMs (qemu under TCG): what a program does with mvm.Sandbox and
+mvm.AsyncSandbox, and that sandboxes never outlive what they should."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import mvm
+from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported
+from tests.conftest import default_signals
+
+pytestmark = pytest.mark.vm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def home(mvm_home: Path) -> None:
+    """The session's MVM_HOME (warm package cache) for this process's SDK calls."""
+    os.environ["MVM_HOME"] = str(mvm_home)
+    os.environ["MVM_ACCEL"] = os.environ.get("MVM_ACCEL", "tcg")
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    with mvm.Sandbox.create("base", timeout=900, env={"GREETING": "hi"}, workload_id="sdk-tests") as sbx:
+        yield sbx
+
+
+def gone(name: str, within: float = 60) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if name not in {info.name for info in mvm.Sandbox.list()}:
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def test_commands_run_strings_and_argv_with_env_cwd_and_stdin(sandbox: mvm.Sandbox) -> None:
+    result = sandbox.commands.run('echo "$GREETING from $(pwd) as $(id -u)"; echo oops >&2; exit 3', cwd="/tmp")
+    assert (result.stdout, result.stderr, result.exit_code) == ("hi from /tmp as 1000\n", "oops\n", 3)
+    assert result.duration > 0
+    assert sandbox.commands.run(["wc", "-c"], stdin=b"x" * 1000).stdout.strip() == "1000"
+    seen: list[str] = []
+    sandbox.commands.run("echo streamed", on_stdout=seen.append)
+    assert "".join(seen) == "streamed\n"
+
+
+def test_a_failing_or_endless_command(sandbox: mvm.Sandbox) -> None:
+    with pytest.raises(CommandFailed) as failed:
+        sandbox.commands.run("exit 4", check=True)
+    assert failed.value.result.exit_code == 4
+    with pytest.raises(CommandTimeout) as timeout:
+        sandbox.commands.run("echo before; sleep 30", timeout=2)
+    assert timeout.value.stdout == b"before\n"
+
+
+def test_files(sandbox: mvm.Sandbox, tmp_path: Path) -> None:
+    files = sandbox.files
+    files.make_dir("/tmp/sdk")
+    assert files.write("/tmp/sdk/a.txt", "hello") == 5
+    files.write_many({"/tmp/sdk/b.bin": b"\x00\xff", "/tmp/sdk/c.txt": "c"})
+    assert files.read("/tmp/sdk/a.txt") == "hello" and files.read("/tmp/sdk/b.bin", format="bytes") == b"\x00\xff"
+    assert sorted(e["name"] for e in files.list("/tmp/sdk")) == ["a.txt", "b.bin", "c.txt"]
+    assert files.info("/tmp/sdk/a.txt")["uid"] == 1000  # the user commands run as
+    assert sandbox.commands.run("cat /tmp/sdk/a.txt >> /tmp/sdk/c.txt && cat /tmp/sdk/c.txt").stdout == "chello"
+    files.rename("/tmp/sdk/c.txt", "/tmp/sdk/d.txt")
+    files.remove("/tmp/sdk/a.txt")
+    assert not files.exists("/tmp/sdk/a.txt") and files.exists("/tmp/sdk/d.txt")
+    assert files.copy_out("/tmp/sdk", tmp_path / "out") == []
+    assert (tmp_path / "out" / "b.bin").read_bytes() == b"\x00\xff"
+
+
+def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -> None:
+    info = sandbox.info()
+    assert info.state == "running" and info.isolation == "microvm" and info.workload_id == "sdk-tests"
+    assert info.deadline is not None and info.deadline > time.time()
+    assert mvm.Sandbox.connect(sandbox.name).commands.run("true").exit_code == 0
+    assert sandbox.name in {i.name for i in mvm.Sandbox.list()}
+    with pytest.raises(Unsupported, match="network device"):
+        mvm.Sandbox.create(network="open")
+    with pytest.raises(Unsupported):
+        sandbox.snapshot("t")
+    with pytest.raises(SandboxNotFound):
+        mvm.Sandbox.connect("no-such-sandbox")
+
+
+def test_leaving_the_block_on_an_exception_removes_the_sandbox() -> None:
+    with pytest.raises(RuntimeError), mvm.Sandbox.create() as sbx:
+        name = sbx.name
+        raise RuntimeError("boom")
+    assert gone(name, within=5)
+
+
+def test_its_lifetime_ends_it_even_if_the_program_is_killed(tmp_path: Path) -> None:
+    program = textwrap.dedent("""
+        import mvm, sys, time
+        sbx = mvm.Sandbox.create(timeout=600)
+        sbx.set_timeout(5)
+        print(sbx.name, flush=True)
+        time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), preexec_fn=default_signals)
+    assert proc.stdout is not None
+    name = proc.stdout.readline().strip()
+    assert name.startswith("sbx-")
+    os.kill(proc.pid, signal.SIGKILL)  # no __exit__, no atexit: only its supervisor's deadline is left
+    proc.wait()
+    assert gone(name, within=90), f"sandbox {name} outlived its lifetime"
+
+
+def test_the_async_twin_runs_four_sandboxes_at_once() -> None:
+    async def one(i: int) -> str:
+        async with await mvm.AsyncSandbox.create(timeout=600) as sbx:
+            await sbx.files.write("/tmp/n", str(i))
+            return (await sbx.commands.run("cat /tmp/n")).stdout
+
+    async def main() -> list[str]:
+        return await asyncio.gather(*(one(i) for i in range(4)))
+
+    assert asyncio.run(main()) == ["0", "1", "2", "3"]
