@@ -93,7 +93,7 @@ LINES = [
     Line("building", "mvmctl detach my-app", ".", ok("already detached")),
     Line("building", "mvmctl wait my-app", ".", ok()),
     Line("building", "mvmctl run --attached", "my-app", ok("my-app-started", "my-app-done")),
-    Line("architecture", "mvmctl doctor", ".", ok("qemu", "firecracker", "docker", "not exercised on this host")),
+    Line("architecture", "mvmctl doctor", ".", ok("qemu", "firecracker", "docker", "can run a VM: yes")),
     Line("architecture", "mvmctl up --flake . --hypervisor apple-container", "flakeapp",
          refused("apple-container is not available here", "macOS")),
     Line("architecture", "mvmctl up --flake . --hypervisor firecracker", "flakeapp",

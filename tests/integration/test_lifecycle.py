@@ -236,7 +236,7 @@ def test_boot_report_phases_are_in_order(ctl: Mvmctl, sandbox: str) -> None:
         assert phases["kernel"] is None and phases["initramfs"] is None
     else:
         assert 0 <= phases["kernel"] < phases["initramfs"] < phases["init"]
-    assert phases["init"] < phases["entrypoint"]
+    assert phases["init"] <= phases["entrypoint"]  # (markers carry the guest's uptime, to 10 ms)
     assert phases["init"] < phases["agent-ready"]
     assert phases["exit"] is None
 
