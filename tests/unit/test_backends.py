@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from mvm.core.errors import BackendUnavailable, UsageError
-from mvm.core.state import VmPaths, VmRecord
+from mvm.core.state import MvmHome, VmPaths, VmRecord
 from mvm.core.workload import Hypervisor
 from mvm.runtime import backends
 from mvm.runtime.backends.base import VmBackend
@@ -169,3 +169,23 @@ def test_backend_modules_keep_their_signatures_in_step_with_the_base() -> None:
                 continue
             assert list(inspect.signature(mine).parameters) == list(inspect.signature(base_fn).parameters), \
                 f"{name}.{method}"
+
+
+def test_settings_this_version_would_not_carry_out_are_refused_before_anything_starts(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mvm.core.bootimage import BootImage
+    from mvm.runtime import lifecycle
+
+    image = BootImage(path=tmp_path, key="k" * 64, name="w", vcpus=1, memory_mib=128, data_disk_bytes=None,
+                      expected_boot_ms=2000, kernel_release="6.1", accessible=False, sealed=True,
+                      entrypoint_kind="command", agent_uid=990, entrypoint_uid=1000, hypervisor="auto", forwards=())
+    lifecycle.refuse_unenforced_settings(image)
+    for changed, words in ((replace(image, network_mode="open"), "mode = 'open'"),
+                           (replace(image, network_mode="allow-list"), "no network device"),
+                           (replace(image, volumes=2), "2 [[volumes]]")):
+        with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            lifecycle.refuse_unenforced_settings(changed)
+        with pytest.raises(UsageError):  # and `up` says so before it takes the name or touches a backend
+            lifecycle.start_vm(MvmHome(tmp_path / "home"), changed, name="w")
+    assert not (tmp_path / "home").exists()

@@ -58,6 +58,8 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
     if workload.extra_files:
         rows.append(("files", ", ".join(f.path for f in workload.extra_files)))
     network = workload.network.mode.value
+    if network != "deny":
+        network += " (not enforced by this version: up and run refuse it)"
     if workload.network.forward:
         forwards = (
             f"{f.host_addr}:{f.host_port}->{f.guest_port}" for f in workload.network.forward
@@ -66,7 +68,8 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
     rows.append(("network", network))
     for volume in workload.volumes:
         access = "ro" if volume.readonly else "rw"
-        rows.append(("volume", f"{volume.host} -> {volume.guest} ({access})"))
+        rows.append(("volume", f"{volume.host} -> {volume.guest} ({access}; not mounted by this version: "
+                               "up and run refuse it)"))
     if workload.hypervisor != "auto":
         rows.append(("hypervisor", workload.hypervisor))
     return rows

@@ -63,6 +63,8 @@ class BootImage:
     entrypoint_uid: int
     hypervisor: str  # what mvm.toml asked for; "auto" when it did not
     forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
+    network_mode: str = "deny"  # mvm.toml's [network] mode
+    volumes: int = 0  # how many [[volumes]] mvm.toml declares
 
     @property
     def vmlinux(self) -> Path:
@@ -94,6 +96,7 @@ class BootImage:
                 hypervisor=workload.get("hypervisor") or "auto",
                 forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
                                for f in workload["network"]["forward"]),
+                network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",

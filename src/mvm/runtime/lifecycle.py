@@ -86,6 +86,18 @@ def check_argv(argv: list[str] | None) -> None:
                          "limit of the kernel command line", "put a script in the image and run that")
 
 
+def refuse_unenforced_settings(image: BootImage) -> None:
+    """A setting mvm.toml holds that this version would not carry out is refused, not ignored:
+    the guest would otherwise run without what its author asked for."""
+    if image.network_mode != "deny":
+        raise UsageError(f"image {image.name} asks for [network] mode = {image.network_mode!r}, which this version "
+                         "does not enforce: its guests get no network device at all",
+                         'use mode = "deny" (port forwards work without a network device)')
+    if image.volumes:
+        raise UsageError(f"image {image.name} declares {image.volumes} [[volumes]], which this version does not mount",
+                         "take them out, and copy files in with `mvmctl cp` instead")
+
+
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
@@ -95,6 +107,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     ``ephemeral``: nothing of it is kept once it stops."""
     check_vm_name(name)
     check_argv(argv)
+    refuse_unenforced_settings(image)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend

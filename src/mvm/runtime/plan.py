@@ -2,8 +2,7 @@
 
 The plan names the artifact, the backend and its isolation, the resources, what runs and as
 whom, the network and the mounts. It is made without booting anything (not even the KVM
-probe: a cached verdict or "not probed yet") and says plainly where a setting written in
-mvm.toml is not enforced by this version.
+probe: a cached verdict or "not probed yet"), and refuses what `up` would refuse.
 """
 
 from __future__ import annotations
@@ -43,9 +42,8 @@ class Plan:
             + (f", data disk {self.resources['data_disk_bytes']} bytes" if self.resources["data_disk_bytes"] else ""),
             f"  runs        {shlex.join(self.entrypoint['argv']) or self.entrypoint['kind']} as uid "
             f"{self.entrypoint['uid']}" + (" (instead of the image's entrypoint)" if self.entrypoint["override"] else ""),
-            f"  network     {net['effective']}" + (f" ({net['note']})" if net.get("note") else ""),
+            f"  network     {net['effective']}",
             *[f"  forward     {f['host_addr']}:{f['host_port']} -> guest port {f['guest_port']}" for f in net["forwards"]],
-            *[f"  mount       {m['host']} -> {m['guest']} ({m['note']})" for m in self.mounts],
         ]
 
 
@@ -57,16 +55,13 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
+    lifecycle.refuse_unenforced_settings(image)  # as `up` would
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
     workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
     entry = workload["entrypoint"]
     network = workload["network"]
     all_forwards = [*image.forwards, *forwards]
-    note = ""
-    if network["mode"] != "deny":
-        note = (f"mvm.toml asks for {network['mode']!r}, which this version does not enforce: the guest gets "
-                "no network device at all")
     return Plan(
         name=name,
         artifact={"key": image.key, "name": image.name, "path": str(image.path), "sealed": image.sealed,
@@ -79,8 +74,7 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
                     "argv": list(argv or entry.get("command") or ([entry["shell"]] if entry.get("shell") else [])),
                     "services": [s.get("name") for s in entry.get("services") or []],
                     "uid": image.entrypoint_uid, "agent_uid": image.agent_uid},
-        network={"mode": network["mode"], "allow": network.get("allow", []), "effective": "deny: no network device",
-                 "note": note, "forwards": [asdict(f) for f in all_forwards]},
-        mounts=[{"host": v.get("host"), "guest": v.get("guest"), "readonly": v.get("readonly"),
-                 "note": "not mounted by this version"} for v in workload.get("volumes", [])],
+        network={"mode": network["mode"], "effective": "deny: no network device",
+                 "forwards": [asdict(f) for f in all_forwards]},
+        mounts=[],  # (an image that declares volumes is refused above: this version mounts none)
     )
