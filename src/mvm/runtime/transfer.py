@@ -29,7 +29,8 @@ def split_vm_path(spec: str) -> tuple[str | None, str]:
     head, sep, tail = spec.partition(":")
     if sep and "/" not in head and head:
         if not tail.startswith("/"):
-            raise UsageError(f"{spec}: the guest path must be absolute", f"write {head}:/{tail}")
+            raise UsageError(f"{printable(spec)}: the guest path must be absolute",
+                             f"write {printable(head)}:/{printable(tail)}")
         return check_vm_name(head), tail
     return None, spec
 
