@@ -69,6 +69,19 @@ class MvmHome:
     def vms(self) -> Path:
         return self.root / VMS_DIR
 
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def tmp(self) -> Path:
+        """Scratch space of mvm's own processes (not the system /tmp), so leftovers are findable."""
+        return self.root / "tmp"
+
     def vm(self, name: str) -> VmPaths:
         return VmPaths(self.vms / name)
 
