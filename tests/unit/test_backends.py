@@ -105,7 +105,7 @@ def _record(backend: str) -> VmRecord:
 def test_optional_hooks_refuse_with_the_capability_they_lack(name: str, tmp_path: Path) -> None:
     backend = backends.get(name)
     paths, record = VmPaths(tmp_path / "t"), _record(name)
-    hooks = {"snapshots": backend.snapshot(paths, record)}
+    hooks = {"snapshots": backend.snapshot(paths, record, tmp_path)}
     if not backend.capabilities.pause_resume:
         hooks["pause/resume"] = backend.pause(paths, record)
     for capability, call in hooks.items():
@@ -120,8 +120,9 @@ def test_optional_hooks_refuse_with_the_capability_they_lack(name: str, tmp_path
 
 
 def test_require_refuses_a_missing_capability_before_anything_is_done() -> None:
-    with pytest.raises(UsageError, match="VM web runs on qemu, which has no snapshots capability"):
-        backends.get("qemu").require("snapshots", "web")
+    with pytest.raises(UsageError, match="VM web runs on docker, which has no snapshots capability"):
+        backends.get("docker").require("snapshots", "web")
+    backends.get("qemu").require("snapshots", "web")
     backends.get("qemu").require("pause_resume", "web")
 
 

@@ -38,7 +38,9 @@ VERBS = {
     "down": "mvm.cli.vm",
     "pause": "mvm.cli.vm",
     "resume": "mvm.cli.vm",
-    "snapshot": "mvm.cli.vm",
+    "snapshot": "mvm.cli.snapshots",
+    "fork": "mvm.cli.snapshots",
+    "template": "mvm.cli.snapshots",
     "forward": "mvm.cli.vm",
     "mcp": "mvm.cli.mcp",
 }

@@ -65,21 +65,46 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
+@click.option("--snapshot", "snapshot_tag", metavar="TAG",
+              help="Start a clone of snapshot TAG instead of booting (needs --name; no DIRECTORY).")
+@click.option("--cold", is_flag=True, help="Boot even when a template of this image exists (`mvmctl template build`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
-       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool) -> None:
+       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], snapshot_tag: str | None,
+       cold: bool, as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
-    keeps running until `mvmctl down NAME` (or until its entrypoint ends).
+    keeps running until `mvmctl down NAME` (or until its entrypoint ends). When a template
+    of the image exists (`mvmctl template build`), the VM is a clone of it rather than a
+    fresh boot, unless --cold.
     """
     vcpus, memory_mib = resources(cpus, memory)
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
-    image = boot_image(project_dir(directory, flake), home)
-    vm_name = name or image.name
-    record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                          hypervisor=hypervisor, progress=note, forwards=forwards)
+    if snapshot_tag is not None:
+        if directory is not None or flake is not None:
+            raise UsageError("--snapshot starts from a saved VM, not from a workload directory",
+                             "leave DIRECTORY out, or leave --snapshot out")
+        if name is None:
+            raise UsageError("--snapshot needs --name for the new VM", f"e.g. `mvmctl up --snapshot {snapshot_tag} "
+                                                                        "--name copy1`")
+        from mvm.runtime import cloning
+
+        record = cloning.clone(home, cloning.CloneRequest(snapshot_tag, name, vcpus, memory_mib, hypervisor,
+                                                          forwards=forwards), progress=note)
+    else:
+        image = boot_image(project_dir(directory, flake), home)
+        name = name or image.name
+        template = None if cold else _template_for(home, image, hypervisor, vcpus, memory_mib)
+        if template is not None:
+            from mvm.runtime import cloning
+
+            record = cloning.clone(home, cloning.CloneRequest(template, name, forwards=forwards), progress=note)
+        else:
+            record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
+                                  hypervisor=hypervisor, progress=note, forwards=forwards)
+    vm_name = record.name
     if as_json:
         click.echo(json.dumps(asdict(record), indent=2))
     elif record.state == "stopped":
@@ -87,10 +112,28 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
                    f"(`mvmctl logs {vm_name}` shows its output)")
     else:
         ready = _marker_ms(record, "agent-ready")
+        origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
-                   f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started)")
+                   f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in record.forwards:
             click.echo(f"  {forward['host_addr']}:{forward['host_port']} -> guest port {forward['guest_port']}")
+
+
+def _template_for(home: MvmHome, image: BootImage, hypervisor: str | None, vcpus: int | None,
+                  memory_mib: int | None) -> str | None:
+    """A template of exactly this image to clone, when one exists and nothing asked differs."""
+    if not home.snapshots.is_dir() or not any(p for p in home.snapshots.iterdir() if not p.name.startswith(".")):
+        return None  # the common case, without touching backends or keys
+    from mvm.runtime import cloning
+
+    host = backends.Host(home)
+    backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
+    if not backend.capabilities.snapshots:
+        return None
+    found = cloning.find_template(home, image, backend.name, backend.accel(host))
+    if found is None or vcpus not in (None, found.manifest.vcpus) or memory_mib not in (None, found.manifest.memory_mib):
+        return None
+    return found.tag
 
 
 @click.command()
@@ -331,22 +374,6 @@ def _set_paused(name: str, paused: bool) -> None:
 
 @click.command()
 @click.argument("name")
-def snapshot(name: str) -> None:
-    """Save VM NAME's full state (memory and devices) next to its record.
-
-    Needs a backend with snapshots (Firecracker here); others are refused before anything
-    is touched. The files hold guest memory and are private to you (0600).
-    """
-    home = MvmHome.default()
-    _, record = lifecycle.require_vm(home, name)
-    backends.get(record.backend).require("snapshots", name)
-    with lifecycle.connect(home, name) as client:
-        reply = client.call("snapshot")
-    click.echo(f"VM {name}: state {reply['state']}, memory {reply['memory']}")
-
-
-@click.command()
-@click.argument("name")
 @click.argument("spec", metavar="[ADDR:]HOST:GUEST", required=False)
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as SPEC.")
 def forward(name: str, spec: str | None, publish: tuple[str, ...]) -> None:
@@ -372,4 +399,4 @@ def forward(name: str, spec: str | None, publish: tuple[str, ...]) -> None:
             click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
 
 
-COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, snapshot, forward]
+COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, forward]

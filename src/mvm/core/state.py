@@ -187,6 +187,8 @@ class VmRecord:
     deadline: float | None = None  # time.time() at which its supervisor stops it (an SDK sandbox's lifetime)
     ephemeral: bool = False  # removed as soon as it stops (an SDK sandbox), instead of kept as "stopped"
     workload_id: str | None = None  # the SDK caller's label for it
+    snapshot: str | None = None  # the tag of the snapshot it was cloned from
+    restore_from: str | None = None  # that snapshot's directory: it starts from there, not by booting
 
     @property
     def running(self) -> bool:
@@ -238,7 +240,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "stop_reason": _OPTIONAL_STR, "exit_status": _OPTIONAL_INT, "backend_id": _OPTIONAL_STR,
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
     "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
-    "workload_id": _OPTIONAL_STR,
+    "workload_id": _OPTIONAL_STR, "snapshot": _OPTIONAL_STR, "restore_from": _OPTIONAL_STR,
 }
 
 

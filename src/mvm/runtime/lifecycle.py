@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import UsageError, VmError
@@ -34,6 +35,9 @@ from mvm.core.state import (
 )
 from mvm.runtime import backends
 from mvm.runtime.client import VmClient
+
+if TYPE_CHECKING:
+    from mvm.runtime.snapshot import Snapshot
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
 SUPERVISOR_EXIT_S = 5.0
@@ -101,10 +105,12 @@ def refuse_unenforced_settings(image: BootImage) -> None:
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
-             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None) -> Launch:
+             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
+             snapshot: Snapshot | None = None) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
-    ``ephemeral``: nothing of it is kept once it stops."""
+    ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
+    booting (runtime/cloning.py has checked it fits)."""
     check_vm_name(name)
     check_argv(argv)
     refuse_unenforced_settings(image)
@@ -142,6 +148,9 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                           uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv,
                           deadline=None if lifetime_s is None else time.time() + lifetime_s, ephemeral=ephemeral,
                           workload_id=workload_id)
+        if snapshot is not None:
+            record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
+            record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib
         try:
             vm_backend.prepare(image, record, staged)
             write_json_atomic(staged.mode, {"mode": mode})
@@ -228,7 +237,7 @@ def add_forward(client: VmClient, forward: PortForward) -> None:
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
-       ephemeral: bool = False, workload_id: str | None = None) -> VmRecord:
+       ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -236,7 +245,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
     """
     launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                       hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
-                      ephemeral=ephemeral, workload_id=workload_id)
+                      ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot)
     try:
         reply = launch.client.call("ready")
         if reply.get("state") == "running":

@@ -11,7 +11,7 @@ from typing import Any
 from mvm.core import protocol
 
 # Importing a concern's module registers its handlers in HANDLERS.
-from . import files, process, system, tunnels
+from . import files, identity, process, system, tunnels
 from .channel import Channel
 from .dispatch import HANDLERS, Refused, handles
 
@@ -32,6 +32,7 @@ class Session:
         try:
             if handler is None:
                 raise Refused(f"unknown request type {frame.type!r}")
+            identity.check_frozen(frame.type)
             handler(self, frame)
         except (Refused, ValueError) as err:  # ValueError: e.g. a NUL byte in a path or argv
             self.channel.error(frame.id, str(err))

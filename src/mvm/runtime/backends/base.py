@@ -275,10 +275,13 @@ class VmBackend:
 
     # -- optional: a backend overrides what it can do ------------------------------------------
 
-    async def snapshot(self, paths: VmPaths, record: VmRecord) -> dict[str, str]:
+    async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
+        """Stop the VM and write its state into the directory ``dest``; returns the manifest's
+        ``kind`` and ``hypervisor_version``. The VM stays stopped until :meth:`resume`."""
         raise self.refuse("snapshots", record.name)
 
-    async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path) -> None:
+    async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path, hypervisor_version: str) -> None:
+        """Load the VM just spawned (waiting for it) from ``snapshot`` and run it."""
         raise self.refuse("snapshots", record.name)
 
     async def attach_volume(self, paths: VmPaths, record: VmRecord, host: Path, guest: str, readonly: bool) -> None:

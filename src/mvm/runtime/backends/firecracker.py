@@ -325,21 +325,16 @@ class FirecrackerBackend(VmBackend):
     async def resume(self, paths: VmPaths, record: VmRecord) -> None:
         await in_thread(self._api(paths).resume)
 
-    async def snapshot(self, paths: VmPaths, record: VmRecord) -> dict[str, str]:
-        """Pause, write guest memory and device state (0600: it holds guest memory), resume.
-        The agent reseeds a clone's RNG and clock when it is restored."""
+    async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
+        """Pause and write guest memory and device state into ``dest`` (0600: guest memory).
+        The VM stays paused: the supervisor resumes it (or stops it)."""
         api = self._api(paths)
-        target = paths.dir / "snapshot"
-        target.mkdir(mode=0o700, exist_ok=True)
-        state, memory = target / "vmstate", target / "memory"
+        state, memory = dest / "state", dest / "ram"
         await in_thread(api.pause)
-        try:
-            await in_thread(api.snapshot_create, str(state), str(memory))
-        finally:
-            await in_thread(api.resume)
+        await in_thread(api.snapshot_create, str(state), str(memory))
         for path in (state, memory):
             path.chmod(0o600)
-        return {"state": str(state), "memory": str(memory)}
+        return {"kind": "ram-file", "hypervisor_version": "firecracker"}
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
         return [*super().runtime_files(paths), api_socket_path(paths), root_disk_path(paths)]

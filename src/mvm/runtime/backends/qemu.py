@@ -9,6 +9,8 @@ kernel finds virtio-mmio devices only through it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mvm.core.bootimage import BootImage
-from mvm.core.errors import HostToolMissing, VmError
+from mvm.core.errors import HostToolMissing, UsageError, VmError
 from mvm.runtime.backends.base import (
     NOT_EXERCISED,
     BackendReport,
@@ -97,12 +99,24 @@ class QemuSpec:
     qmp_socket: Path | None = None
     console: str = "stdio"  # a QEMU chardev backend for the serial console
     boot_args: str = ""  # appended to the kernel command line
+    # Guest RAM in a file rather than anonymous memory: shared (a VM that may be snapshotted:
+    # the snapshot is then a copy of this file plus a little device state), or private (a
+    # clone: a copy-on-write mapping of a snapshot's file, which stays untouched).
+    ram_file: Path | None = None
+    ram_shared: bool = True
+    incoming: bool = False  # -incoming defer: wait for a migration stream (a restore) over QMP
     extra_args: list[str] = field(default_factory=list)
 
     def argv(self) -> list[str]:
+        machine = "microvm,isa-serial=on"
+        memory: list[str] = []
+        if self.ram_file is not None:
+            machine += ",memory-backend=ram0"
+            memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,mem-path={self.ram_file},"
+                                 f"share={'on' if self.ram_shared else 'off'}"]
         argv = [
             qemu_binary(),
-            "-M", "microvm,isa-serial=on", "-accel", self.accel,
+            "-M", machine, *memory, "-accel", self.accel,
             "-m", str(self.memory_mib), "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -129,16 +143,19 @@ class QemuSpec:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]  # under TCG the default model is fastest (-cpu max is slower)
+        if self.incoming:
+            argv += ["-incoming", "defer"]
         return argv + self.extra_args
 
 
-def create_overlay(base: Path, overlay: Path) -> None:
-    """A qcow2 whose writes stay in the VM's directory; the artifact is never written."""
+def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
+    """A qcow2 whose writes stay in the VM's directory; the artifact (or the snapshot's frozen
+    disk) is never written."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise HostToolMissing("qemu-img", "qemu-utils")
     try:
-        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw",
+        proc = subprocess.run([qemu_img, "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", base_format,
                                str(overlay)], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         raise VmError(f"qemu-img did not create {overlay} within {TOOL_TIMEOUT_S:.0f} s") from None
@@ -159,6 +176,31 @@ def create_data_disk(path: Path, size: int) -> None:
         raise VmError(f"cannot format the data disk {path}: {proc.stderr.strip()}")
 
 
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def ram_path(paths: VmPaths) -> Path:
+    """Where a VM keeps its guest RAM as a shared file (so a snapshot is a copy of it): in
+    tmpfs, since a file on disk would be written back as the guest dirties its memory. Named
+    after the VM's directory, so a crashed supervisor's file is found again and removed."""
+    digest = hashlib.sha256(str(paths.dir.resolve()).encode()).hexdigest()[:16]
+    return SHARED_MEMORY / f"mvm-ram-{digest}"
+
+
+def create_ram_file(path: Path, memory_mib: int) -> bool:
+    """A fresh, private RAM file (QEMU would make it 0644, and reuse old bytes); False when
+    there is no tmpfs to put it in (the VM then gets anonymous memory)."""
+    if not SHARED_MEMORY.is_dir() or not os.access(SHARED_MEMORY, os.W_OK):
+        return False
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, memory_mib << 20)
+    finally:
+        os.close(fd)
+    return True
+
+
 def image_spec(image: BootImage, overlay: Path, accel: str, *, vcpus: int | None = None,
                memory_mib: int | None = None) -> QemuSpec:
     return QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=overlay, accel=accel,
@@ -170,7 +212,7 @@ class QemuBackend(VmBackend):
 
     name = "qemu"
     process_label = "QEMU"
-    capabilities = Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
+    capabilities = Capabilities(snapshots=True, pause_resume=True, vsock=False, tap_networking=False,
                                 port_forwarding=True, detach=True, console=True, isolation="microvm")
 
     def availability(self, host: Host) -> tuple[bool, str]:
@@ -185,6 +227,9 @@ class QemuBackend(VmBackend):
         return select_accel(host.home, may_probe=host.may_probe)[0]
 
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
+        if record.restore_from is not None:  # a clone: its writes go over the snapshot's frozen disk
+            create_overlay(Path(record.restore_from) / "disk.qcow2", staged.overlay, "qcow2")
+            return
         create_overlay(image.rootfs, staged.overlay)
         if image.data_disk_bytes:
             create_data_disk(staged.data_disk, image.data_disk_bytes)
@@ -197,12 +242,47 @@ class QemuBackend(VmBackend):
         if argv is not None:
             spec.boot_args = f"mvm.argv={argv}"
         spec.qmp_socket = paths.qmp_socket
-        if image.data_disk_bytes:
+        if image.data_disk_bytes and record.restore_from is None:
             spec.data_disk = paths.data_disk
+        self._memory(spec, record, paths)
         argv = spec.argv()
         spawned = time.monotonic()
         return Spawned(spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
                        spawned)
+
+    @staticmethod
+    def _memory(spec: QemuSpec, record: VmRecord, paths: VmPaths) -> None:
+        """A cold VM and a clone of a stream snapshot keep RAM in a shared file of their own;
+        a clone of a RAM-file snapshot maps the snapshot's file privately."""
+        if record.restore_from is not None:
+            spec.incoming = True
+            saved = Path(record.restore_from) / "ram"
+            if saved.exists():
+                spec.ram_file, spec.ram_shared = saved, False
+                return
+        if create_ram_file(ram_path(paths), spec.memory_mib):
+            spec.ram_file = ram_path(paths)
+
+    async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path, hypervisor_version: str) -> None:
+        from mvm.runtime.backends import qemu_migration  # (asyncio: not before QEMU has started)
+
+        async with qemu_migration.qmp_session(paths.qmp_socket, record.name) as qmp:
+            await qemu_migration.load(qmp, snapshot / "state", ram_file_kind=(snapshot / "ram").exists(),
+                                      expected_version=hypervisor_version)
+
+    async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
+        """Stop the VM and save it into ``dest``; it stays stopped until :meth:`resume`."""
+        if paths.data_disk.exists():
+            raise UsageError(f"VM {record.name} has a data disk, which its snapshot's clones would have to share",
+                             "snapshot a VM started without --data-disk")
+        shared = ram_path(paths) if record.restore_from is None or not (Path(record.restore_from) / "ram").exists() \
+            else None
+        if shared is not None and not shared.exists():
+            shared = None
+        from mvm.runtime.backends import qemu_migration
+
+        async with qemu_migration.qmp_session(paths.qmp_socket, record.name) as qmp:
+            return await qemu_migration.save(qmp, dest, ram_file=shared, disk=paths.overlay)
 
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [paths.agent_socket, paths.boot_socket, paths.qmp_socket]
@@ -242,7 +322,12 @@ class QemuBackend(VmBackend):
             await qmp.disconnect()
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
-        return [*super().runtime_files(paths), paths.boot_socket, paths.qmp_socket, paths.overlay]
+        return [*super().runtime_files(paths), paths.boot_socket, paths.qmp_socket, paths.overlay, ram_path(paths)]
+
+    def release(self, paths: VmPaths, record: VmRecord) -> bool:
+        """A supervisor killed with SIGKILL left its RAM file in tmpfs: guest memory."""
+        ram_path(paths).unlink(missing_ok=True)
+        return True
 
     def doctor(self, facts: HostFacts) -> BackendReport:
         system, img = facts.tools[QEMU_BINARY], facts.tools["qemu-img"]

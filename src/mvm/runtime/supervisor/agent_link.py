@@ -12,13 +12,16 @@ instead of an ever-growing buffer).
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
+from mvm.core.errors import VmError
 from mvm.runtime.boot_markers import BootMarker
 from mvm.runtime.supervisor.clients import Reader
 from mvm.runtime.supervisor.vm_process import SHUTDOWN_ID
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 TERMINAL = frozenset({"exit", "done", "result", "error", "pong"})  # replies that end a request
 NO_REPLY = frozenset({"stdin", "signal", "resize", "send", "cancel"})  # only for a request still open
 AGENT_BUFFER_HIGH = 4 << 20  # queued bytes toward the agent before clients wait for it
+OWN_REQUEST_TIMEOUT_S = 15.0  # identity: /init starts a Python to apply it (under TCG, ~0.2 s)
 
 
 @dataclass
@@ -49,6 +53,7 @@ class AgentLink:
         self.next_id = 1
         self.pending: list[tuple[Reader, protocol.Frame]] = []  # requests before the agent is ready
         self.connections = 0  # agent connections offered this boot: only the first is served
+        self.own: dict[int, asyncio.Future[protocol.Frame]] = {}  # the supervisor's own requests
 
     @property
     def ready(self) -> bool:
@@ -106,7 +111,9 @@ class AgentLink:
                                        f"v{protocol.PROTOCOL_VERSION} (rebuild the image with this mvm: "
                                        "`mvmctl build --no-cache`)", force=True)
                 return None
-            if self.hello is None:
+            if self.hello is None and self.sup.record.restore_from is not None:
+                asyncio.get_running_loop().create_task(self.give_identity(frame.header))
+            elif self.hello is None:
                 self.hello = frame.header
                 self.on_ready(frame.header)
             else:  # the agent was restarted in the guest: what the old one had open is gone
@@ -114,6 +121,11 @@ class AgentLink:
             return None
         if frame.id == SHUTDOWN_ID and frame.type == "error":
             sup.watch.shutdown_refused.set()
+            return None
+        if frame.id in self.own and frame.type in TERMINAL:
+            future = self.own.pop(frame.id)
+            if not future.done():
+                future.set_result(frame)
             return None
         route = self.routes.get(frame.id) if frame.id is not None else None
         if route is None:
@@ -129,6 +141,35 @@ class AgentLink:
             if route.op == "write" and frame.type == "error":
                 route.owner.failed_writes.add(route.client_id)
         return route.owner
+
+    async def ask(self, header: dict[str, Any], timeout: float = OWN_REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """A request of the supervisor's own (freeze, thaw, identity); its result's header, or
+        VmError with the agent's error message."""
+        channel_id, self.next_id = self.next_id, self.next_id + 1
+        future: asyncio.Future[protocol.Frame] = asyncio.get_running_loop().create_future()
+        self.own[channel_id] = future
+        self.send(protocol.encode({**header, "id": channel_id}))
+        try:
+            frame = await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            raise VmError(f"the agent did not answer {header['type']!r} within {timeout:.0f} s") from None
+        finally:
+            self.own.pop(channel_id, None)
+        if frame.type == "error":
+            raise VmError(f"the agent refused {header['type']!r}: {str(frame.header.get('message'))[:300]}")
+        return frame.header
+
+    async def give_identity(self, hello: dict[str, Any]) -> None:
+        """A clone's agent wakes up frozen: give it fresh entropy, the time and its own names
+        before any client's request reaches it (they wait in ``pending`` meanwhile)."""
+        try:
+            await self.ask({"type": "identity", "entropy": os.urandom(64).hex(), "time": time.time(),
+                            "hostname": self.sup.record.name, "machine_id": uuid.uuid4().hex})
+        except VmError as err:
+            self.sup.watch.request_stop(f"the clone could not be given its own identity: {err}", force=True)
+            return
+        self.hello = hello
+        self.on_ready(hello)
 
     def on_ready(self, hello: dict[str, Any]) -> None:
         console = self.sup.console
@@ -171,6 +212,10 @@ class AgentLink:
         for owner, frame in self.pending:
             owner.send(protocol.error(frame.id, prefix + reason))
         self.pending.clear()
+        for future in self.own.values():
+            if not future.done():
+                future.set_exception(VmError(prefix + reason))
+        self.own.clear()
 
     def drop(self, owner: Reader) -> None:
         """``owner`` has gone: its processes are killed, its reads cancelled, its replies have

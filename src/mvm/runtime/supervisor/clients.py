@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
@@ -151,7 +152,12 @@ class ClientServer:
         elif kind == "forward":
             asyncio.get_running_loop().create_task(sup.forwards.add(client, frame.id, frame.header))
         elif kind == "snapshot":
-            asyncio.get_running_loop().create_task(sup.snapshot(client, frame.id))
+            dest = frame.header.get("dir")
+            if not isinstance(dest, str) or not os.path.isabs(dest) or not os.path.isdir(dest):
+                client.send(protocol.error(frame.id, "snapshot: 'dir' must be an existing absolute directory"))
+            else:
+                asyncio.get_running_loop().create_task(sup.snapshot(client, frame.id, Path(dest),
+                                                                    frame.header.get("stop") is True))
         elif kind in ("pause", "resume"):
             asyncio.get_running_loop().create_task(sup.set_paused(client, frame.id, kind == "pause"))
         elif kind == "stop":

@@ -5,6 +5,7 @@ none of them alone (the record, the stop, the `up` hand-off, pause and snapshot)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -32,6 +33,7 @@ class Supervisor:
         self.backend = backends.get(self.record.backend)
         self.stopped = asyncio.Event()
         self.committed = False
+        self.snapshotting = False
         self.watch = ProcessWatch(self)
         self.console = ConsoleRelay(self)
         self.agent = AgentLink(self)
@@ -53,6 +55,8 @@ class Supervisor:
                                                      self.console.serve_boot_channel(),
                                                      self.agent.serve(), self.watch.watch_boot(),
                                                      self.watch.watch_deadline())]
+        if self.record.restore_from is not None:
+            tasks.append(asyncio.create_task(self.restore()))
         for task in tasks:
             task.add_done_callback(self.on_task_end)
         await self.watch.watch()
@@ -138,13 +142,63 @@ class Supervisor:
         self.record.save(self.paths)
         client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
 
-    async def snapshot(self, client: Client, request_id: int | None) -> None:
+    async def snapshot(self, client: Client, request_id: int | None, dest: Path, stop: bool) -> None:
+        """Save the VM into ``dest`` (a directory the client made), then carry on or stop.
+
+        The agent is told first (``freeze``), so every copy made from these files wakes up
+        refusing work until it has been given an identity of its own; this VM is thawed
+        again once it runs on."""
+        record = self.record
+        if record.state != "running" or not self.agent.answering:
+            client.send(protocol.error(request_id, f"VM {record.name} is {record.state}: only a running VM whose "
+                                                   "agent answers can be snapshotted"))
+            return
+        if self.snapshotting:
+            client.send(protocol.error(request_id, f"VM {record.name} is being snapshotted already"))
+            return
+        self.snapshotting = True
         try:
-            saved = await self.backend.snapshot(self.paths, self.record)
+            await self.agent.ask({"type": "freeze"})
+            try:
+                saved = await self.backend.snapshot(self.paths, record, dest)
+            except BaseException:
+                await self._carry_on()
+                raise
+            if stop:
+                self.watch.request_stop("stopped after its snapshot was taken", force=True)
+            else:
+                await self._carry_on()
         except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
             client.send(protocol.error(request_id, f"snapshot failed: {err}"))
             return
-        client.send(protocol.encode({"type": "result", "id": request_id, **saved}))
+        finally:
+            self.snapshotting = False
+        client.send(protocol.encode({"type": "result", "id": request_id, **saved, **self._saved_facts()}))
+
+    async def _carry_on(self) -> None:
+        await self.backend.resume(self.paths, self.record)
+        await self.agent.ask({"type": "thaw"})
+
+    def _saved_facts(self) -> dict[str, Any]:
+        record = self.record
+        return {"artifact_key": record.artifact_key, "artifact_name": record.artifact_name, "backend": record.backend,
+                "accel": record.accel, "vcpus": record.vcpus, "memory_mib": record.memory_mib, "uids": record.uids,
+                "sealed": record.sealed, "accessible": record.accessible, "argv": record.argv}
+
+    async def restore(self) -> None:
+        """A clone: load the snapshot into the QEMU just started. The agent channel is served
+        meanwhile; the agent answers once the guest runs, and gets its identity then."""
+        record = self.record
+        assert record.restore_from is not None
+        try:
+            manifest = json.loads((Path(record.restore_from) / "manifest.json").read_text())["manifest"]
+            await self.backend.restore(self.paths, record, Path(record.restore_from),
+                                       str(manifest["hypervisor_version"]))
+        except Exception as err:  # noqa: BLE001 - any failure is the clone's stop reason
+            await asyncio.sleep(0.1)  # when QEMU exited over it, its own last words say more
+            detail = self.console.stderr_tail.decode(errors="replace").strip().splitlines()
+            reason = detail[-1][:300] if detail else (str(err) or repr(err))
+            self.watch.request_stop(f"could not restore snapshot {record.snapshot}: {reason}", force=True)
 
     def set_deadline(self, deadline: float | None) -> None:
         self.record.deadline = deadline

@@ -153,7 +153,9 @@ class ProcessWatch:
         await asyncio.sleep(limit)
         if sup.stopped.is_set() or sup.agent.ready:
             return
-        if sup.console.boot.seen("init") is None:
+        if sup.record.restore_from is not None:
+            self.request_stop(f"the clone's agent did not answer within {limit:.0f} s of its restore", force=True)
+        elif sup.console.boot.seen("init") is None:
             self.request_stop(f"no sign of /init after {limit:.0f} s (see {sup.paths.console_log})", force=True)
         elif sup.console.boot.exit_status() is None:
             self.request_stop(f"its agent did not answer within {limit:.0f} s of boot", force=True)

@@ -1,0 +1,159 @@
+"""QEMU snapshots through QMP: save a stopped VM to files, and start a new QEMU from them.
+
+Measured here (DESIGN.md, "This machine"): with guest RAM in a shared file-backed memory
+backend and the ``x-ignore-shared`` capability on both sides, the migration stream is only
+device state (~60 KB) and a restore maps the saved RAM file privately (copy-on-write), so
+any number of clones share one file's page cache and the file is never written. A VM whose
+RAM is not such a file (a clone: its RAM is a private mapping) is saved the plain way, RAM
+inside the stream. QEMU runs with ``-sandbox on,spawn=deny``, so the stream goes through a
+file descriptor handed over QMP (``getfd``), never an ``exec:`` URI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from mvm.core.errors import VmError
+
+QMP_TIMEOUT_S = 10.0
+MIGRATION_TIMEOUT_S = 120.0  # a stream with a whole guest's RAM in it, written to disk
+POLL_S = 0.002
+
+
+@asynccontextmanager
+async def qmp_session(socket: Path, name: str) -> AsyncIterator[Any]:
+    from qemu.qmp import QMPClient
+
+    qmp = QMPClient(name)
+    try:
+        await asyncio.wait_for(qmp.connect(str(socket)), QMP_TIMEOUT_S)
+        yield qmp
+    except TimeoutError:
+        raise VmError(f"QEMU did not answer on QMP within {QMP_TIMEOUT_S:.0f} s") from None
+    finally:
+        await qmp.disconnect()
+
+
+async def execute(qmp: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    from qemu.qmp import ExecuteError
+
+    try:
+        return await asyncio.wait_for(qmp.execute(command, arguments), QMP_TIMEOUT_S)
+    except TimeoutError:
+        raise VmError(f"QEMU did not answer QMP {command!r} within {QMP_TIMEOUT_S:.0f} s") from None
+    except ExecuteError as err:
+        raise VmError(f"QEMU refused {command}: {err.error.desc}") from None
+
+
+async def hand_over_fd(qmp: Any, fd: int, name: str) -> None:
+    qmp.send_fd_scm(fd)
+    await execute(qmp, "getfd", {"fdname": name})
+
+
+async def wait_migration(qmp: Any) -> None:
+    """Until the migration (out or in) has completed; its error if it failed."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MIGRATION_TIMEOUT_S
+    while True:
+        info = await execute(qmp, "query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise VmError(f"the migration {status}: {str(info.get('error-desc', 'no reason given'))[:300]}")
+        if loop.time() > deadline:
+            raise VmError(f"the migration did not finish within {MIGRATION_TIMEOUT_S:.0f} s (status {status})")
+        await asyncio.sleep(POLL_S)
+
+
+async def set_ignore_shared(qmp: Any, state: bool) -> None:
+    """Set either way, always: a clone's QEMU had it on for its own restore, and a stream
+    saved with it on carries block addresses that a loader with it off cannot parse."""
+    await execute(qmp, "migrate-set-capabilities",
+                  {"capabilities": [{"capability": "x-ignore-shared", "state": state}]})
+
+
+async def save(qmp: Any, dest: Path, *, ram_file: Path | None, disk: Path) -> dict[str, str]:
+    """Stop the VM and write its state into ``dest``. The VM is left stopped (post-migrate):
+    the caller continues it (``cont``) or ends it."""
+    await set_ignore_shared(qmp, ram_file is not None)
+    version = await execute(qmp, "query-version")
+    await execute(qmp, "stop")
+    fd = os.open(dest / "state", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        await hand_over_fd(qmp, fd, "mvm-snapshot")
+        await execute(qmp, "migrate", {"uri": "fd:mvm-snapshot"})
+        await wait_migration(qmp)
+    finally:
+        os.close(fd)
+    # The migration has flushed the disk and left it inactive: the overlay is now whole.
+    await asyncio.to_thread(_copy_files, ram_file, dest, disk)
+    return {"kind": "ram-file" if ram_file is not None else "stream", "hypervisor_version": version_text(version)}
+
+
+def _copy_files(ram_file: Path | None, dest: Path, disk: Path) -> None:
+    if ram_file is not None:
+        copy_sparse(ram_file, dest / "ram")
+    copy_sparse(disk, dest / "disk.qcow2")
+
+
+async def load(qmp: Any, state: Path, *, ram_file_kind: bool, expected_version: str) -> None:
+    """Feed ``state`` to a QEMU started with ``-incoming defer``, then run the guest."""
+    version = version_text(await execute(qmp, "query-version"))
+    if version != expected_version:
+        raise VmError(f"the snapshot was made by QEMU {expected_version}; this host runs QEMU {version}",
+                      "take a new snapshot with this QEMU")
+    await set_ignore_shared(qmp, ram_file_kind)
+    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await hand_over_fd(qmp, fd, "mvm-restore")
+        await execute(qmp, "migrate-incoming", {"uri": "fd:mvm-restore"})
+        await wait_migration(qmp)
+    finally:
+        os.close(fd)
+    status = await execute(qmp, "query-status")
+    if status.get("status") != "running":
+        await execute(qmp, "cont")
+
+
+def version_text(reply: dict[str, Any]) -> str:
+    q = reply.get("qemu", {})
+    return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{reply.get('package', '')}".strip()
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy ``src`` keeping its holes: untouched guest RAM and unwritten disk stay unallocated."""
+    with open(src, "rb") as fin:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fin.fileno()).st_size
+            os.ftruncate(fd, size)
+            offset = 0
+            while offset < size:
+                try:
+                    data = os.lseek(fin.fileno(), offset, os.SEEK_DATA)
+                except OSError:  # ENXIO: only a hole is left
+                    break
+                hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
+                _copy_range(fin.fileno(), fd, data, hole)
+                offset = hole
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    position = start
+    while position < end:
+        try:
+            copied = os.copy_file_range(src, dst, end - position, position, position)
+        except OSError:  # EXDEV: tmpfs to disk on kernels that refuse copies across filesystems
+            copied = os.pwrite(dst, os.pread(src, min(end - position, 1 << 20), position), position)
+        if copied == 0:
+            raise VmError(f"a snapshot file was cut short at byte {position}")
+        position += copied

@@ -1,0 +1,206 @@
+"""Snapshots of running VMs, clones started from them, and forks: the functions the CLI, the
+SDK and MCP share (runtime/snapshot.py keeps the files; the backend saves and loads).
+
+A clone starts from the snapshot's saved memory instead of booting: its own writable disk
+over the snapshot's frozen one, its own agent channel, and — before its agent takes any
+work — its own entropy, clock, hostname and machine-id (see guest/agent/identity.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mvm.build.store import ArtifactStore
+from mvm.core.bootimage import BootImage, PortForward
+from mvm.core.errors import MvmError, UsageError, VmError
+from mvm.core.state import MvmHome, VmRecord, check_vm_name
+from mvm.runtime import backends, lifecycle
+from mvm.runtime.client import VmClient
+from mvm.runtime.snapshot import Snapshot, SnapshotError, SnapshotManifest, SnapshotStore, check_tag
+
+SNAPSHOT_WAIT_S = 300.0  # a stream snapshot writes the guest's whole RAM to disk
+
+
+def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpose: str = "snapshot") -> Snapshot:
+    """Save running VM ``name`` as snapshot ``tag``; it runs on afterwards unless ``stop``."""
+    check_tag(tag)
+    paths, record = lifecycle.require_vm(home, name)
+    backends.get(record.backend).require("snapshots", name)
+    if not record.running:
+        raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
+    store = SnapshotStore(home)
+    with store.locked(tag):
+        if store.dir(tag).exists():
+            raise UsageError(f"snapshot {tag} already exists", f"`mvmctl snapshot rm {tag}` first, or pick another tag")
+        staged = store.stage(tag)
+        try:
+            with VmClient.connect(paths) as client:
+                reply = client.call("snapshot", dir=str(staged), stop=stop, wait_s=SNAPSHOT_WAIT_S)
+            manifest = SnapshotManifest(
+                tag=tag, kind=reply["kind"], purpose=purpose, created_at=time.time(), source_vm=name,
+                artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"], backend=reply["backend"],
+                accel=reply["accel"], hypervisor_version=reply["hypervisor_version"], vcpus=reply["vcpus"],
+                memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
+                accessible=reply["accessible"], argv=reply["argv"])
+            return store.commit(staged, manifest)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+
+
+def clone_image(home: MvmHome, snapshot: Snapshot) -> BootImage:
+    """The image the snapshot was taken of, which must still be in the store: its kernel and
+    its root filesystem (the frozen disk's backing file) are part of the snapshot."""
+    artifact = ArtifactStore(home).get(snapshot.manifest.artifact_key)
+    if artifact is None:
+        raise SnapshotError(f"snapshot {snapshot.tag} was taken of image {snapshot.manifest.artifact_name} "
+                            f"({snapshot.manifest.artifact_key[:12]}), which is no longer in the store",
+                            f"rebuild that image, or `mvmctl snapshot rm {snapshot.tag}`")
+    return BootImage.open(artifact.path)
+
+
+@dataclass
+class CloneRequest:
+    """What `up --snapshot` may say: a clone is the snapshot's machine, so sizes can only match."""
+
+    tag: str
+    name: str
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    hypervisor: str | None = None
+    lifetime_s: float | None = None
+    ephemeral: bool = False
+    workload_id: str | None = None
+    forwards: tuple[PortForward, ...] = ()
+
+
+def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] | None = None) -> VmRecord:
+    """Start VM ``request.name`` from snapshot ``request.tag``; returns once its agent answers
+    with its own identity. Fails before anything starts if the snapshot cannot be used."""
+    check_vm_name(request.name)
+    snapshot = SnapshotStore(home).load(request.tag)
+    manifest = snapshot.manifest
+    for what, asked, saved in (("--cpus", request.vcpus, manifest.vcpus),
+                               ("--memory", request.memory_mib, manifest.memory_mib)):
+        if asked is not None and asked != saved:
+            raise UsageError(f"{what} {asked} differs from snapshot {request.tag}'s {saved}: a clone is the same machine",
+                             f"leave {what} out, or boot cold")
+    if request.hypervisor not in (None, "auto", manifest.backend):
+        raise UsageError(f"snapshot {request.tag} was taken on {manifest.backend}; it cannot start on {request.hypervisor}",
+                         "leave --hypervisor out")
+    image = clone_image(home, snapshot)
+    backend = backends.get(manifest.backend)
+    host = backends.Host(home)
+    ok, why = backend.availability(host)
+    if not ok:
+        raise UsageError(f"snapshot {request.tag} needs {manifest.backend}, which is not available here: {why}")
+    accel = backend.accel(host)
+    if accel != manifest.accel:
+        raise SnapshotError(f"snapshot {request.tag} was taken under {manifest.accel}; this host runs {manifest.backend} "
+                            f"under {accel}", "take a new snapshot on this host")
+    return lifecycle.up(home, image, name=request.name, hypervisor=manifest.backend, progress=progress,
+                        forwards=request.forwards, argv=manifest.argv, lifetime_s=request.lifetime_s, ephemeral=request.ephemeral,
+                        workload_id=request.workload_id, snapshot=snapshot)
+
+
+def snapshot_users(home: MvmHome, tag: str) -> list[str]:
+    """Running VMs cloned from ``tag``: they read its files as long as they run."""
+    return [r.name for r in lifecycle.list_vms(home) if isinstance(r, VmRecord) and r.running and r.snapshot == tag]
+
+
+def remove_snapshot(home: MvmHome, tag: str) -> None:
+    store = SnapshotStore(home)
+    if not store.dir(tag).exists() and not store.dir(tag).is_symlink():
+        raise SnapshotError(f"there is no snapshot {tag}", "`mvmctl snapshot ls` lists them")
+    with store.locked(tag):
+        users = snapshot_users(home, tag)
+        if users:
+            raise UsageError(f"snapshot {tag} is in use by running clone{'s' if len(users) > 1 else ''} "
+                             f"{', '.join(users)}", f"`mvmctl down {users[0]}` first")
+        store.remove(tag)
+
+
+def sweep_fork_snapshots(home: MvmHome) -> list[str]:
+    """Remove the snapshots earlier forks made that no running copy uses any more."""
+    removed = []
+    for saved in SnapshotStore(home).list():
+        if isinstance(saved, Snapshot) and saved.manifest.purpose == "fork":
+            try:
+                remove_snapshot(home, saved.tag)
+                removed.append(saved.tag)
+            except UsageError:
+                pass  # still in use
+    return removed
+
+
+@dataclass
+class ForkResult:
+    name: str
+    record: VmRecord | None = None
+    error: str | None = None
+
+
+def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
+            progress: Callable[[str], None] | None = None) -> tuple[Snapshot, list[ForkResult]]:
+    """``count`` live copies of running VM ``name``, through a snapshot kept as long as any of
+    them runs (`mvmctl snapshot rm` refuses it until then). Each copy succeeds or fails alone."""
+    if not 1 <= count <= 64:
+        raise UsageError(f"--count {count} is out of range", "fork 1 to 64 copies at a time")
+    prefix = prefix or f"{name}-fork"
+    names = [f"{prefix}-{i}" for i in range(1, count + 1)]
+    for vm_name in names:
+        check_vm_name(vm_name)
+    sweep_fork_snapshots(home)
+    tag = check_tag(f"fork-{name}-{time.time_ns() // 1_000_000:x}")
+    snapshot = snapshot_vm(home, name, tag, purpose="fork")
+    results: list[ForkResult] = []
+    for vm_name in names:
+        try:
+            results.append(ForkResult(vm_name, clone(home, CloneRequest(tag=tag, name=vm_name), progress)))
+        except MvmError as err:
+            results.append(ForkResult(vm_name, error=str(err)))
+    return snapshot, results
+
+
+def build_template(home: MvmHome, image: BootImage, tag: str, *, hypervisor: str | None = None,
+                   progress: Callable[[str], None] | None = None) -> Snapshot:
+    """Boot ``image`` until its agent answers, save it as template ``tag`` and stop it. An
+    older template of that tag is replaced (unless a clone still runs from it)."""
+    check_tag(tag)
+    store = SnapshotStore(home)
+    if store.dir(tag).exists():
+        try:
+            old = store.load(tag, check_files=False)
+        except SnapshotError:
+            old = None
+        if old is None or old.manifest.purpose != "template":
+            raise UsageError(f"snapshot {tag} exists and is not a template", "pick another --tag")
+        remove_snapshot(home, tag)
+    name = f"template-{os.getpid()}"
+    lifecycle.up(home, image, name=name, hypervisor=hypervisor, progress=progress, ephemeral=True)
+    try:
+        return snapshot_vm(home, name, tag, stop=True, purpose="template")
+    finally:
+        try:
+            lifecycle.down(home, name, force=True)
+        except MvmError:
+            pass  # ephemeral: already gone once stopped
+
+
+def find_template(home: MvmHome, image: BootImage, backend: str, accel: str) -> Snapshot | None:
+    """The newest template of exactly this image on this backend, if its files still check out."""
+    candidates = [s for s in SnapshotStore(home).list()
+                  if isinstance(s, Snapshot) and s.manifest.purpose == "template"
+                  and s.manifest.artifact_key == image.key and s.manifest.backend == backend
+                  and s.manifest.accel == accel]
+    for candidate in sorted(candidates, key=lambda s: s.manifest.created_at, reverse=True):
+        try:
+            SnapshotStore(home).check_files(candidate)
+        except SnapshotError:
+            continue
+        return candidate
+    return None
