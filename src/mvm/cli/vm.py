@@ -188,14 +188,17 @@ def _summary(record: VmRecord | DamagedVm) -> dict[str, Any]:
     uptime = None
     if record.running:
         uptime = _duration(time.time() - record.created_at)
-    if record.state == "stopped":
+    if record.state == "stopped" and record.suspended:
+        detail = "suspended (on disk)"
+    elif record.state == "stopped":
         detail = "stopped" + (f" (exit {record.exit_status})" if record.exit_status is not None else "")
     else:
         detail = record.state
     return {"name": record.name, "state": record.state, "state_detail": detail, "backend": record.backend,
             "accel": record.accel, "mode": record.mode, "vcpus": record.vcpus, "memory_mib": record.memory_mib,
             "uptime": uptime, "exit_status": record.exit_status, "stop_reason": record.stop_reason,
-            "image": record.artifact_name, "artifact": record.artifact_key}
+            "image": record.artifact_name, "artifact": record.artifact_key, "suspended": record.suspended,
+            "snapshot": record.snapshot}
 
 
 def _duration(seconds: float) -> str:
@@ -351,15 +354,37 @@ def _marker_ms(record: VmRecord, phase: str) -> int | None:
 
 @click.command()
 @click.argument("name")
-def pause(name: str) -> None:
-    """Freeze VM NAME (its vCPUs, or its container's processes); `mvmctl resume` thaws it."""
+@click.option("--to-disk", is_flag=True,
+              help="Save the VM to disk and stop it, freeing its memory; `mvmctl resume` brings it back.")
+def pause(name: str, to_disk: bool) -> None:
+    """Freeze VM NAME (its vCPUs, or its container's processes); `mvmctl resume` thaws it.
+
+    With --to-disk the VM is saved (memory, devices, disk) and stopped: it takes no host
+    memory, and comes back with its processes by `mvmctl resume`, even after the host has
+    rebooted. The saved files hold the guest's memory (0600, under $MVM_HOME/snapshots/).
+    """
+    if to_disk:
+        from mvm.runtime import cloning
+
+        saved = cloning.suspend_vm(MvmHome.default(), name)
+        click.echo(f"VM {name} is suspended to disk ({format_size(saved.size)}); `mvmctl resume {name}` "
+                   "brings it back")
+        return
     _set_paused(name, True)
 
 
 @click.command()
 @click.argument("name")
 def resume(name: str) -> None:
-    """Thaw VM NAME after `mvmctl pause`."""
+    """Thaw VM NAME after `mvmctl pause`, or start it again after `mvmctl pause --to-disk`."""
+    home = MvmHome.default()
+    _, record = lifecycle.require_vm(home, name)
+    if record.suspended and not record.running:
+        from mvm.runtime import cloning
+
+        record = cloning.resume_suspended(home, name)
+        click.echo(f"VM {name} is {record.state} again (resumed from disk)")
+        return
     _set_paused(name, False)
 
 

@@ -189,6 +189,7 @@ class VmRecord:
     workload_id: str | None = None  # the SDK caller's label for it
     snapshot: str | None = None  # the tag of the snapshot it was cloned from
     restore_from: str | None = None  # that snapshot's directory: it starts from there, not by booting
+    suspended: str | None = None  # stopped by `pause --to-disk`: the snapshot `resume` starts it from
 
     @property
     def running(self) -> bool:
@@ -241,6 +242,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
     "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
     "workload_id": _OPTIONAL_STR, "snapshot": _OPTIONAL_STR, "restore_from": _OPTIONAL_STR,
+    "suspended": _OPTIONAL_STR,
 }
 
 

@@ -76,6 +76,7 @@ class CloneRequest:
     ephemeral: bool = False
     workload_id: str | None = None
     forwards: tuple[PortForward, ...] = ()
+    replace_suspended: bool = False  # resume: the name is that of the suspended VM itself
 
 
 def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] | None = None) -> VmRecord:
@@ -83,6 +84,8 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
     with its own identity. Fails before anything starts if the snapshot cannot be used."""
     check_vm_name(request.name)
     snapshot = SnapshotStore(home).load(request.tag)
+    if not request.replace_suspended:
+        _refuse_suspended_name(home, request.name)
     manifest = snapshot.manifest
     for what, asked, saved in (("--cpus", request.vcpus, manifest.vcpus),
                                ("--memory", request.memory_mib, manifest.memory_mib)):
@@ -124,17 +127,52 @@ def remove_snapshot(home: MvmHome, tag: str) -> None:
         store.remove(tag)
 
 
-def sweep_fork_snapshots(home: MvmHome) -> list[str]:
-    """Remove the snapshots earlier forks made that no running copy uses any more."""
+def _refuse_suspended_name(home: MvmHome, name: str) -> None:
+    record = lifecycle.settle(home.vm(name))
+    if record is not None and record.suspended and not record.running:
+        raise UsageError(f"VM {name} is suspended to disk", f"`mvmctl resume {name}`, or `mvmctl down {name}` first")
+
+
+def sweep_unused_snapshots(home: MvmHome) -> list[str]:
+    """Remove the snapshots that forks and suspends made, once nothing needs them: no running
+    VM was started from one, and no suspended VM is waiting to be resumed from it."""
+    records = [r for r in lifecycle.list_vms(home) if isinstance(r, VmRecord)]
+    needed = {r.snapshot for r in records if r.running} | {r.suspended for r in records if r.suspended}
     removed = []
     for saved in SnapshotStore(home).list():
-        if isinstance(saved, Snapshot) and saved.manifest.purpose == "fork":
+        if isinstance(saved, Snapshot) and saved.manifest.purpose in ("fork", "suspend") and saved.tag not in needed:
             try:
                 remove_snapshot(home, saved.tag)
                 removed.append(saved.tag)
-            except UsageError:
-                pass  # still in use
+            except MvmError:
+                pass  # started being used meanwhile, or already gone
     return removed
+
+
+def suspend_vm(home: MvmHome, name: str) -> Snapshot:
+    """Save running VM ``name`` to disk and stop it (its memory is freed); ``resume_suspended``
+    brings it back with its processes, from a new supervisor, even after a reboot."""
+    paths, record = lifecycle.require_vm(home, name)
+    if record.ephemeral:
+        raise UsageError(f"VM {name} is removed as soon as it stops (an SDK sandbox), so it cannot be suspended",
+                         "pause it without --to-disk")
+    sweep_unused_snapshots(home)
+    saved = snapshot_vm(home, name, f"suspend-{name}-{time.time_ns() // 1_000_000:x}", stop=True, purpose="suspend")
+    lifecycle.wait_supervisor_gone(paths)
+    record = VmRecord.load(paths)
+    record.suspended = saved.tag
+    record.stop_reason = f"suspended to disk (`mvmctl resume {name}`)"
+    record.save(paths)
+    return saved
+
+
+def resume_suspended(home: MvmHome, name: str) -> VmRecord:
+    _, record = lifecycle.require_vm(home, name)
+    if not record.suspended or record.running:
+        raise UsageError(f"VM {name} is not suspended to disk", "`mvmctl resume` thaws a paused VM")
+    resumed = clone(home, CloneRequest(tag=record.suspended, name=name, replace_suspended=True,
+                                       ephemeral=record.ephemeral, workload_id=record.workload_id))
+    return resumed
 
 
 @dataclass
@@ -154,7 +192,7 @@ def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
     names = [f"{prefix}-{i}" for i in range(1, count + 1)]
     for vm_name in names:
         check_vm_name(vm_name)
-    sweep_fork_snapshots(home)
+    sweep_unused_snapshots(home)
     tag = check_tag(f"fork-{name}-{time.time_ns() // 1_000_000:x}")
     snapshot = snapshot_vm(home, name, tag, purpose="fork")
     results: list[ForkResult] = []

@@ -312,6 +312,13 @@ def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0
         return err.damaged
     record = _until_stopped(paths, record, "stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
     shutil.rmtree(paths.dir, ignore_errors=True)
+    if record.suspended:  # what `pause --to-disk` saved goes with it
+        from mvm.runtime.snapshot import SnapshotError, SnapshotStore
+
+        try:
+            SnapshotStore(home).remove(record.suspended)
+        except SnapshotError:
+            pass
     return record
 
 

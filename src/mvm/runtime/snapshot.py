@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 TAG = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 KINDS = ("ram-file", "stream")  # RAM saved as a file of its own, or inside the state stream
-PURPOSES = ("snapshot", "template", "fork")
+PURPOSES = ("snapshot", "template", "fork", "suspend")
 MANIFEST_MAX = 1 << 20
 
 
@@ -66,7 +66,7 @@ class SnapshotManifest:
 
     tag: str
     kind: str  # ram-file | stream
-    purpose: str  # snapshot | template | fork
+    purpose: str  # snapshot | template | fork | suspend
     created_at: float
     source_vm: str
     artifact_key: str

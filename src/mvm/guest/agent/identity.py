@@ -77,8 +77,8 @@ def do_identity(session: Session, frame: protocol.Frame) -> None:
         raise Refused("identity: entropy must be 32-512 bytes of hex")
     if not HOSTNAME.fullmatch(hostname):
         raise Refused("identity: hostname is not a plain name")
-    if not (HEX.fullmatch(machine_id) and len(machine_id) == 32):
-        raise Refused("identity: machine_id must be 32 hex digits")
+    if machine_id != "-" and not (HEX.fullmatch(machine_id) and len(machine_id) == 32):
+        raise Refused("identity: machine_id must be 32 hex digits (or '-': keep it)")
     if not 1e9 < host_time < 1e11:
         raise Refused("identity: time is not a plausible Unix time")
     _write_line(REQUEST_FIFO, f"identity {host_time:.6f} {hostname} {machine_id} {entropy}")

@@ -10,6 +10,7 @@ kernel finds virtio-mmio devices only through it.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ from mvm.runtime.backends.base import (
     VmBackend,
     dial_until_open,
     encoded_argv,
+    in_thread,
     join_reasons,
 )
 from mvm.runtime.process import spawn_tied
@@ -163,6 +165,25 @@ def create_overlay(base: Path, overlay: Path, base_format: str = "raw") -> None:
         raise VmError(f"cannot create the disk overlay {overlay}: {proc.stderr.strip()}")
 
 
+def rebase_onto_base(disk: Path) -> None:
+    """Make ``disk`` hold everything between it and the bottom of its backing chain (the
+    image's read-only rootfs), so a snapshot of a clone never needs the snapshot the clone
+    came from. `qemu-img rebase` in safe mode copies just the clusters that differ."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise HostToolMissing("qemu-img", "qemu-utils")
+    try:
+        info = subprocess.run([qemu_img, "info", "--backing-chain", "--output=json", "-U", str(disk)],
+                              capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=True)
+        base = json.loads(info.stdout)[-1]["filename"]
+        subprocess.run([qemu_img, "rebase", "-q", "-f", "qcow2", "-b", base, "-F", "raw", str(disk)],
+                       capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=True)
+    except subprocess.CalledProcessError as err:
+        raise VmError(f"cannot make the snapshot's disk stand alone: {(err.stderr or '').strip()[:300]}") from None
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError) as err:
+        raise VmError(f"cannot make the snapshot's disk stand alone: {err}") from None
+
+
 def create_data_disk(path: Path, size: int) -> None:
     """A sparse ext4 file the guest mounts at /data."""
     with path.open("wb") as f:
@@ -282,7 +303,10 @@ class QemuBackend(VmBackend):
         from mvm.runtime.backends import qemu_migration
 
         async with qemu_migration.qmp_session(paths.qmp_socket, record.name) as qmp:
-            return await qemu_migration.save(qmp, dest, ram_file=shared, disk=paths.overlay)
+            saved = await qemu_migration.save(qmp, dest, ram_file=shared, disk=paths.overlay)
+        if record.restore_from is not None:  # a clone's disk sits on its snapshot's: stand alone
+            await in_thread(rebase_onto_base, dest / "disk.qcow2")
+        return saved
 
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [paths.agent_socket, paths.boot_socket, paths.qmp_socket]

@@ -164,7 +164,8 @@ class AgentLink:
         before any client's request reaches it (they wait in ``pending`` meanwhile)."""
         try:
             await self.ask({"type": "identity", "entropy": os.urandom(64).hex(), "time": time.time(),
-                            "hostname": self.sup.record.name, "machine_id": uuid.uuid4().hex})
+                            "hostname": self.sup.record.name,
+                            "machine_id": "-" if self.sup.resumed_from_disk else uuid.uuid4().hex})
         except VmError as err:
             self.sup.watch.request_stop(f"the clone could not be given its own identity: {err}", force=True)
             return

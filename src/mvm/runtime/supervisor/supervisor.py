@@ -34,6 +34,7 @@ class Supervisor:
         self.stopped = asyncio.Event()
         self.committed = False
         self.snapshotting = False
+        self.resumed_from_disk = False  # the same machine again (`pause --to-disk`), not a clone
         self.watch = ProcessWatch(self)
         self.console = ConsoleRelay(self)
         self.agent = AgentLink(self)
@@ -192,6 +193,7 @@ class Supervisor:
         assert record.restore_from is not None
         try:
             manifest = json.loads((Path(record.restore_from) / "manifest.json").read_text())["manifest"]
+            self.resumed_from_disk = manifest.get("purpose") == "suspend"
             await self.backend.restore(self.paths, record, Path(record.restore_from),
                                        str(manifest["hypervisor_version"]))
         except Exception as err:  # noqa: BLE001 - any failure is the clone's stop reason
