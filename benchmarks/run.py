@@ -1,6 +1,6 @@
 """Build, boot, exec, client, memory and docker-backend benchmarks, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker]
+    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore]
 
 Prints, for the same artifacts on the same host in the same run (compared runs alternate
 A,B,A,B...; medians; ratios):
@@ -89,7 +89,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     return spec.argv()
 
 
-SECTIONS = ("build", "boot", "exec", "client", "memory", "docker")
+SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore")
 
 
 def main() -> int:
@@ -176,6 +176,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         bench.mvm("down", "--force", name, check=False)
     if "docker" in only and docker_ok:
         docker_bench.bench_docker_up(bench)
+    if "restore" in only:
+        import restore_bench
+
+        restore_bench.bench_restore(bench)
 
 
 def bench_run_boot(bench: common.Bench) -> None:

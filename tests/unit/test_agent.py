@@ -173,7 +173,9 @@ class Guest:
         return {"PATH": os.environ["PATH"],
                 "MVM_AGENT_ARTIFACT_JSON": str(self.root / "artifact.json"),
                 "MVM_AGENT_ENTRYPOINT_PID": str(self.root / "entrypoint.pid"),
-                "MVM_AGENT_CONTROL": str(self.root / "control")}
+                "MVM_AGENT_CONTROL": str(self.root / "control"),
+                "MVM_AGENT_IDENTITY_STATUS": str(self.root / "identity"),
+                "MVM_AGENT_IDENTITY_REQUEST": str(self.root / "identity-request")}
 
 
 def agent_argv(*where: str) -> list[str]:
@@ -606,6 +608,71 @@ def test_shutdown_asks_the_control_fifo(agent: Client, guest: Guest) -> None:
         assert os.read(listener, 100) == b"poweroff\n"
     finally:
         os.close(listener)
+
+
+def _play_init(guest: Guest, lines: list[str], answer) -> threading.Thread:
+    """/init's side of a snapshot: the control fifo's "freeze NONCE" starts the helper, which
+    says it is ready, then takes one line on the identity fifo and answers it."""
+    for fifo in ("control", "identity-request"):
+        os.mkfifo(guest.root / fifo, 0o600)
+    status = guest.root / "identity"
+
+    def run() -> None:
+        control = os.open(guest.root / "control", os.O_RDWR)
+        request = os.open(guest.root / "identity-request", os.O_RDWR)
+        line = os.read(control, 4096).decode()
+        lines.append(line)
+        status.write_text(f"ready {line.split()[1]}\n")
+        while True:
+            line = os.read(request, 8192).decode()
+            lines.append(line)
+            status.write_text(answer(line.split()) + "\n")
+            if line.split()[0] != "identity" or answer(line.split()).endswith(" ok"):
+                break
+        os.close(control)
+        os.close(request)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_frozen_agent_refuses_work_until_it_has_an_identity(agent: Client, guest: Guest) -> None:
+    lines: list[str] = []
+    entropy = os.urandom(64).hex()
+
+    def answer(words: list[str]) -> str:
+        return f"{words[4][:32]} ok" if words[4] == entropy else f"{words[4][:32]} failed bad entropy"
+
+    helper = _play_init(guest, lines, answer)
+    assert agent.call("freeze").type == "result"
+    assert lines[0].startswith("freeze ") and len(lines[0].split()[1]) == 32
+    for kind, fields in (("exec", {"argv": ["true"]}), ("telemetry", {}), ("read", {"path": "/etc/hostname"})):
+        reply = agent.call(kind, **fields)
+        assert reply.type == "error" and "has not been given its own identity" in reply.header["message"], kind
+    agent.ping()  # the host may still see it is there
+    fields = {"time": time.time(), "hostname": "clone-1", "machine_id": os.urandom(16).hex()}
+    for bad in ({"entropy": "zz" * 32}, {"entropy": "ab"}, {"hostname": "Bad Name"}, {"machine_id": "x"},
+                {"time": 5}):
+        reply = agent.call("identity", **{"entropy": entropy, **fields, **bad})
+        assert reply.type == "error" and reply.header["message"].startswith("identity: "), bad
+    failed = agent.call("identity", entropy=os.urandom(64).hex(), **fields)
+    assert failed.type == "error" and "could not apply it: bad entropy" in failed.header["message"]
+    assert agent.call("identity", entropy=entropy, **fields).type == "result"
+    helper.join(WAIT)
+    assert lines[-1] == f"identity {fields['time']:.6f} clone-1 {fields['machine_id']} {entropy}\n"
+    assert agent.run(["true"]).exit["code"] == 0
+
+
+def test_thaw_lets_the_snapshotted_vm_carry_on(agent: Client, guest: Guest) -> None:
+    lines: list[str] = []
+    helper = _play_init(guest, lines, lambda words: "thawed")
+    assert agent.call("freeze").type == "result"
+    assert agent.call("telemetry").type == "error"
+    assert agent.call("thaw").type == "result"
+    helper.join(WAIT)
+    assert lines[-1] == "thaw\n"
+    assert agent.call("telemetry").type == "result"
 
 
 # -- bad frames, reconnects -------------------------------------------------------------------

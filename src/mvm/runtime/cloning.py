@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mvm.build.store import ArtifactStore
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import MvmHome, VmRecord, check_vm_name
@@ -55,12 +54,12 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
 def clone_image(home: MvmHome, snapshot: Snapshot) -> BootImage:
     """The image the snapshot was taken of, which must still be in the store: its kernel and
     its root filesystem (the frozen disk's backing file) are part of the snapshot."""
-    artifact = ArtifactStore(home).get(snapshot.manifest.artifact_key)
-    if artifact is None:
+    path = home.store / snapshot.manifest.artifact_key  # (a checked key: 64 hex digits)
+    if not path.is_dir():
         raise SnapshotError(f"snapshot {snapshot.tag} was taken of image {snapshot.manifest.artifact_name} "
                             f"({snapshot.manifest.artifact_key[:12]}), which is no longer in the store",
                             f"rebuild that image, or `mvmctl snapshot rm {snapshot.tag}`")
-    return BootImage.open(artifact.path)
+    return BootImage.open(path)
 
 
 @dataclass
@@ -183,7 +182,8 @@ class ForkResult:
 
 
 def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
-            progress: Callable[[str], None] | None = None) -> tuple[Snapshot, list[ForkResult]]:
+            progress: Callable[[str], None] | None = None, lifetime_s: float | None = None,
+            ephemeral: bool = False) -> tuple[Snapshot, list[ForkResult]]:
     """``count`` live copies of running VM ``name``, through a snapshot kept as long as any of
     them runs (`mvmctl snapshot rm` refuses it until then). Each copy succeeds or fails alone."""
     if not 1 <= count <= 64:
@@ -198,7 +198,8 @@ def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
     results: list[ForkResult] = []
     for vm_name in names:
         try:
-            results.append(ForkResult(vm_name, clone(home, CloneRequest(tag=tag, name=vm_name), progress)))
+            request = CloneRequest(tag=tag, name=vm_name, lifetime_s=lifetime_s, ephemeral=ephemeral)
+            results.append(ForkResult(vm_name, clone(home, request, progress)))
         except MvmError as err:
             results.append(ForkResult(vm_name, error=str(err)))
     return snapshot, results

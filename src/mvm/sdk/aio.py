@@ -50,6 +50,10 @@ class AsyncSandbox(_InThreads):
     async def list() -> list[SandboxInfo]:
         return await asyncio.to_thread(Sandbox.list)
 
+    async def fork(self, count: int = 1) -> list[AsyncSandbox]:
+        copies = await asyncio.to_thread(self._target.fork, count)  # type: ignore[attr-defined]
+        return [AsyncSandbox(copy) for copy in copies]
+
     async def __aenter__(self) -> AsyncSandbox:
         return self
 

@@ -35,9 +35,10 @@ from mvm.errors import (
     UsageError,
     VmError,
 )
-from mvm.runtime import backends, lifecycle, transfer
+from mvm.runtime import backends, cloning, lifecycle, transfer
 from mvm.runtime.client import AgentError, VmClient
-from mvm.sdk.templates import template_dir
+from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
+from mvm.sdk.templates import BUILT_IN, template_dir
 
 OutputSink = Callable[[str], None]
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
@@ -186,14 +187,18 @@ class Sandbox:
     @classmethod
     def create(cls, template: str = "base", *, name: str | None = None, cpus: int | None = None,
                memory: int | None = None, network: str | None = None, env: dict[str, str] | None = None,
-               timeout: float = 300, backend: str | None = None, workload_id: str | None = None) -> Sandbox:
-        """Boot a sandbox and return once its agent answers.
+               timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
+               cold: bool = False) -> Sandbox:
+        """Start a sandbox and return once its agent answers.
 
         ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
-        its standard library), or a directory holding an mvm.toml. ``memory`` is in MiB.
-        ``timeout``: its lifetime in seconds, enforced by its supervisor even if this program
-        dies. ``network``: only "deny" (no network device) in this version. ``workload_id``:
-        your label for it, kept in its record and shown by ``info()``.
+        its standard library), a directory holding an mvm.toml, or the tag of a snapshot (then
+        the sandbox is a clone of it). A built-in is built on first use and saved as a template
+        snapshot, so later sandboxes start from memory instead of booting (``cold=True``
+        boots anyway). ``memory`` is in MiB. ``timeout``: its lifetime in seconds, enforced by
+        its supervisor even if this program dies. ``network``: only "deny" (no network device)
+        in this version. ``workload_id``: your label for it, kept in its record and shown by
+        ``info()``.
         """
         if network not in (None, "deny"):
             raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",
@@ -201,11 +206,15 @@ class Sandbox:
         if not 0 < timeout <= 7 * 24 * 3600:
             raise UsageError(f"timeout={timeout!r}: a sandbox's lifetime must be more than 0 and at most 7 days")
         home = MvmHome.default()
-        directory = template_dir(home, template)
-        image = image_for(directory, home, _stderr_progress)
         vm_name = check_vm_name(name or f"sbx-{secrets.token_hex(4)}")
-        lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
-                     lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
+        tag = None if cold else _template_snapshot(home, template, backend, cpus, memory)
+        if tag is not None:
+            cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
+                                                     ephemeral=True, workload_id=workload_id))
+        else:
+            image = image_for(template_dir(home, template), home, _stderr_progress)
+            lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
+                         lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
         sandbox = cls(vm_name, home, env)
         _LIVE[vm_name] = sandbox
         return sandbox
@@ -270,13 +279,28 @@ class Sandbox:
     def resume(self) -> None:
         self._pause_resume("resume")
 
-    def snapshot(self, tag: str) -> None:
-        raise Unsupported(f"snapshot({tag!r}): sandboxes on {self.info().backend} cannot be snapshotted in this version",
-                          "start a fresh sandbox from the template instead")
+    def snapshot(self, tag: str) -> str:
+        """Save it (memory, processes, files) as snapshot ``tag``; it runs on. ``create(tag)``
+        then starts clones of it. The files hold the guest's memory (0600)."""
+        self._record(running=True)
+        return cloning.snapshot_vm(self._home, self.name, tag).tag
 
-    def fork(self, count: int) -> None:
-        raise Unsupported("fork(): needs snapshots, which this version does not make on this backend",
-                          "start more sandboxes from the template instead")
+    def fork(self, count: int = 1) -> list[Sandbox]:
+        """``count`` live copies of it, each with its own identity, ending when it would. A copy
+        that fails to start raises; those started before it are killed."""
+        record = self._record(running=True)
+        lifetime = None if record.deadline is None else max(1.0, record.deadline - time.time())
+        _, results = cloning.fork_vm(self._home, self.name, count, prefix=f"{self.name}-fork",
+                                     lifetime_s=lifetime, ephemeral=True)
+        copies = [Sandbox(r.name, self._home, self.env) for r in results if r.error is None]
+        failed = [r for r in results if r.error is not None]
+        if failed:
+            for copy in copies:
+                copy.kill()
+            raise SandboxStopped(f"fork(): copy {failed[0].name} did not start: {failed[0].error}")
+        for copy in copies:
+            _LIVE[copy.name] = copy
+        return copies
 
     def __enter__(self) -> Sandbox:
         return self
@@ -316,6 +340,28 @@ class Sandbox:
             raise
         except VmError as err:
             raise SandboxStopped(str(err)) from None
+
+
+def _template_snapshot(home: MvmHome, template: str, backend: str | None, cpus: int | None,
+                       memory: int | None) -> str | None:
+    """The snapshot to clone for ``template``: the tag itself, or a built-in's template
+    (made on first use where the backend can snapshot). None: boot instead."""
+    if template not in BUILT_IN and not Path(template).is_dir():
+        return template if (home.snapshots / template).is_dir() and SNAPSHOT_TAG.fullmatch(template) else None
+    if template not in BUILT_IN:
+        return None
+    image = image_for(template_dir(home, template), home, _stderr_progress)
+    host = backends.Host(home)
+    chosen = lifecycle.choose_backend(home, image, backend, host).backend
+    if not chosen.capabilities.snapshots:
+        return None
+    found = cloning.find_template(home, image, chosen.name, chosen.accel(host))
+    if found is None:
+        _stderr_progress("template", f"saving {template!r} as a template (once): later sandboxes start from it")
+        found = cloning.build_template(home, image, f"sdk-{template}-{image.key[:12]}", hypervisor=chosen.name)
+    if cpus not in (None, found.manifest.vcpus) or memory not in (None, found.manifest.memory_mib):
+        return None
+    return found.tag
 
 
 def _info(record: VmRecord) -> SandboxInfo:
