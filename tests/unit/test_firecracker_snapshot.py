@@ -388,6 +388,19 @@ def test_jailed_snapshot_and_restore(tmp_path: Path, firecracker) -> None:
     assert (clone_jail / "root.ext4").read_bytes() == disk
 
 
+def test_leftover_jail_copies_of_guest_memory_are_removed(tmp_path: Path) -> None:
+    """A supervisor killed between copying a snapshot into the jail and the load: what it
+    left (guest memory) goes when the VM's files are cleaned up or its backend released."""
+    paths = vm(tmp_path)
+    jail = _jail(paths)
+    for name in ("snapshot.state", "snapshot.ram"):
+        (jail / name).write_bytes(b"guest memory")
+    assert set(BACKEND.runtime_files(paths)) >= {jail / "snapshot.state", jail / "snapshot.ram"}
+    assert BACKEND.release(paths, record("t1", 1, 256)) is True
+    assert not (jail / "snapshot.state").exists() and not (jail / "snapshot.ram").exists()
+    assert fc.jail_snapshot_copies(vm(tmp_path, "unjailed")) == []
+
+
 def test_a_jail_link_pointing_elsewhere_is_refused(tmp_path: Path) -> None:
     paths = vm(tmp_path)
     (paths.dir / "fc.sock").symlink_to(tmp_path / "elsewhere" / "fc.sock")

@@ -66,6 +66,7 @@ JAIL_DIR = "jail"
 API_SOCKET_WAIT_S = 5.0
 API_SOCKET_FILE = "fc.sock"
 ROOT_DISK_FILE = "root.ext4"
+JAIL_STATE, JAIL_RAM = "snapshot.state", "snapshot.ram"  # a snapshot's files as a jailed Firecracker sees them
 
 
 def api_socket_path(paths: VmPaths) -> Path:
@@ -159,6 +160,13 @@ def jail_root_of(paths: VmPaths) -> Path | None:
     if not root.is_relative_to(paths.dir / JAIL_DIR) or ".." in root.parts:
         raise VmError(f"{sock} points outside the VM's jail directory", "stop the VM and start it again")
     return root
+
+
+def jail_snapshot_copies(paths: VmPaths) -> list[Path]:
+    """The private copies of a snapshot's state and memory a jailed restore makes (removed after
+    the load; these names find them if the supervisor died first). They hold guest memory."""
+    jails = paths.dir / JAIL_DIR
+    return [p for name in (JAIL_STATE, JAIL_RAM) for p in jails.glob(f"*/*/root/{name}")] if jails.is_dir() else []
 
 
 def _prepare_disks(image: ImageLike, paths: VmPaths, root_disk: Path, data_disk: Path | None) -> None:
@@ -382,7 +390,14 @@ class FirecrackerBackend(VmBackend):
             _mark_exercised(paths, binary)
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
-        return [*super().runtime_files(paths), api_socket_path(paths), root_disk_path(paths)]
+        return [*super().runtime_files(paths), api_socket_path(paths), root_disk_path(paths),
+                *jail_snapshot_copies(paths)]
+
+    def release(self, paths: VmPaths, record: VmRecord) -> bool:
+        """A supervisor killed in the middle of a jailed restore left guest memory in the jail."""
+        for copy in jail_snapshot_copies(paths):
+            copy.unlink(missing_ok=True)
+        return True
 
     def doctor(self, facts: HostFacts) -> BackendReport:
         missing: list[str] = []

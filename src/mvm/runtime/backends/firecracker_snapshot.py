@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 
 from mvm.core.errors import UsageError, VmError
 from mvm.runtime.backends.firecracker import (
+    JAIL_RAM,
+    JAIL_STATE,
     ROOT_DISK_FILE,
     jail_ids,
     jail_root_of,
@@ -51,7 +53,6 @@ if TYPE_CHECKING:
     from mvm.core.state import VmPaths, VmRecord
 
 STATE, RAM, DISK = "state", "ram", "disk.raw"  # the files of a Firecracker snapshot's directory
-JAIL_STATE, JAIL_RAM = "snapshot.state", "snapshot.ram"  # their copies inside a jail
 ROOT_DRIVE_ID = "root"
 COPY_TIMEOUT_S = 300.0  # a guest's whole RAM, when no reflink is possible
 
