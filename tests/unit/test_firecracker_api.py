@@ -171,9 +171,11 @@ def test_boot_plan_is_mvms_vm(tmp_path: Path, data_disk, vcpus, memory) -> None:
         assert arg in args
     assert not any(a.startswith(("tsc_early_khz", "panic=-1", "nomodule")) for a in args)
     root = by_path["/drives/root"]
-    assert root == {"drive_id": "root", "path_on_host": str(paths.dir / "root.ext4"), "is_root_device": True,
-                    "is_read_only": False}
-    assert Path(root["path_on_host"]) != img.rootfs  # the artifact's base image is never written
+    # Relative to Firecracker's working directory, the VM's own (Launch.cwd): a snapshot records
+    # it as given, so each clone's Firecracker opens its own copy (see firecracker_snapshot.py).
+    assert root == {"drive_id": "root", "path_on_host": "root.ext4", "is_root_device": True, "is_read_only": False}
+    assert fc.launch_argv(paths, "/usr/bin/firecracker", None).cwd == paths.dir
+    assert paths.dir / root["path_on_host"] != img.rootfs  # the artifact's base image is never written
     if data_disk:
         assert by_path["/drives/data"]["path_on_host"] == str(paths.data_disk)
         assert [r.path for r in plan].index("/drives/root") < [r.path for r in plan].index("/drives/data")
@@ -542,6 +544,7 @@ def test_jailer_command_line(tmp_path: Path) -> None:
     direct = fc.launch_argv(paths, "/usr/local/bin/firecracker", None)
     assert direct.argv[:3] == ["/usr/local/bin/firecracker", "--api-sock", str(paths.dir / "fc.sock")]
     assert direct.jail_root is None
+    assert direct.cwd == paths.dir and launch.cwd is None  # the jailer chroots: paths start at its root
 
 
 def test_module_stays_lean() -> None:

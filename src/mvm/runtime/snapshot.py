@@ -112,7 +112,7 @@ class SnapshotManifest:
             raise ValueError("argv must be a list of strings")
         files: dict[str, SnapshotFile] = {}
         for name, entry in data["files"].items():
-            if name not in ("state", "ram", "disk.qcow2"):
+            if name not in ("state", "ram", "disk.qcow2", "disk.raw"):  # disk.raw: Firecracker's (no qcow2)
                 raise ValueError(f"file {name[:40]!r} is not one a snapshot has")
             if (not isinstance(entry, dict) or not isinstance(entry.get("size"), int)
                     or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))

@@ -11,6 +11,9 @@ Shape of a VM (everything in ``vms/<name>/``):
 - ``fc.sock``   Firecracker's API socket (HTTP/1.1 over AF_UNIX; PUT/PATCH with JSON bodies)
 - ``root.ext4`` the VM's writable root disk: Firecracker has no qcow2, so it is a sparse
   (and, where the filesystem can, reflinked) copy of the artifact's read-only rootfs.ext4
+  (or, for a clone, of its snapshot's ``disk.raw``). Firecracker is told it as the relative
+  path ``root.ext4`` and runs in this directory, so a snapshot's clones each open their own
+  (firecracker_snapshot.py says why)
 - ``data.ext4`` the optional data disk, as under QEMU
 - ``agent.sock`` the vsock device's unix socket. The host connects to it and sends
   ``CONNECT 1024\\n``; Firecracker answers ``OK <host port>\\n`` once the guest agent (``python3 -m
@@ -63,6 +66,7 @@ JAIL_DIR = "jail"
 API_SOCKET_WAIT_S = 5.0
 API_SOCKET_FILE = "fc.sock"
 ROOT_DISK_FILE = "root.ext4"
+JAIL_STATE, JAIL_RAM = "snapshot.state", "snapshot.ram"  # a snapshot's files as a jailed Firecracker sees them
 
 
 def api_socket_path(paths: VmPaths) -> Path:
@@ -71,6 +75,12 @@ def api_socket_path(paths: VmPaths) -> Path:
 
 def root_disk_path(paths: VmPaths) -> Path:
     return paths.dir / ROOT_DISK_FILE
+
+
+def root_drive_path(*, jailed: bool) -> str:
+    """The root disk as Firecracker is told it: relative to its working directory (the VM's
+    directory) when not jailed, so a snapshot's clones each open their own copy at load."""
+    return f"/{ROOT_DISK_FILE}" if jailed else ROOT_DISK_FILE
 
 
 # -- the process --------------------------------------------------------------------------
@@ -112,6 +122,7 @@ class Launch:
     api_socket: Path  # where the host reaches the API (a symlink into the jail when jailed)
     jail_root: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    cwd: Path | None = None  # Firecracker's working directory: relative drive paths resolve there
 
 
 def _cgroup_version() -> str:
@@ -123,9 +134,8 @@ def launch_argv(paths: VmPaths, binary: str, jailer: str | None) -> Launch:
     if jailer is None:
         sock = api_socket_path(paths)
         return Launch([binary, "--api-sock", str(sock), "--id", jail_id(paths.name), "--log-path", str(log),
-                       "--level", "Warning"], sock)
-    uid = os.environ.get("MVM_FIRECRACKER_UID", "65534")
-    gid = os.environ.get("MVM_FIRECRACKER_GID", "65534")
+                       "--level", "Warning"], sock, cwd=paths.dir)
+    uid, gid = (str(n) for n in jail_ids())
     base = paths.dir / JAIL_DIR
     vm_id = jail_id(paths.name)
     jail_root = base / Path(binary).name / vm_id / "root"
@@ -133,6 +143,30 @@ def launch_argv(paths: VmPaths, binary: str, jailer: str | None) -> Launch:
             "--chroot-base-dir", str(base), "--cgroup-version", _cgroup_version(),
             "--", "--api-sock", f"/{API_SOCKET_FILE}", "--log-path", f"/{LOG_FILE}", "--level", "Warning"]
     return Launch(argv, api_socket_path(paths), jail_root)
+
+
+def jail_ids() -> tuple[int, int]:
+    """The uid and gid the jailer runs Firecracker as."""
+    return (int(os.environ.get("MVM_FIRECRACKER_UID", "65534")), int(os.environ.get("MVM_FIRECRACKER_GID", "65534")))
+
+
+def jail_root_of(paths: VmPaths) -> Path | None:
+    """The chroot of this VM's jailed Firecracker (None: not jailed), found through the fc.sock
+    symlink spawn made into it, so the supervisor needs no second opinion on use_jailer()."""
+    sock = api_socket_path(paths)
+    if not sock.is_symlink():
+        return None
+    root = Path(os.readlink(sock)).parent
+    if not root.is_relative_to(paths.dir / JAIL_DIR) or ".." in root.parts:
+        raise VmError(f"{sock} points outside the VM's jail directory", "stop the VM and start it again")
+    return root
+
+
+def jail_snapshot_copies(paths: VmPaths) -> list[Path]:
+    """The private copies of a snapshot's state and memory a jailed restore makes (removed after
+    the load; these names find them if the supervisor died first). They hold guest memory."""
+    jails = paths.dir / JAIL_DIR
+    return [p for name in (JAIL_STATE, JAIL_RAM) for p in jails.glob(f"*/*/root/{name}")] if jails.is_dir() else []
 
 
 def _prepare_disks(image: ImageLike, paths: VmPaths, root_disk: Path, data_disk: Path | None) -> None:
@@ -147,21 +181,22 @@ def _prepare_disks(image: ImageLike, paths: VmPaths, root_disk: Path, data_disk:
         create_data_disk(data_disk, image.data_disk_bytes)
 
 
-def _stage_jail(launch: Launch, image: ImageLike, paths: VmPaths) -> None:
+def _stage_jail(launch: Launch, image: ImageLike, paths: VmPaths, *, boot: bool = True) -> None:
     """Put what the jailed Firecracker opens inside its chroot, owned by its uid, and point the
-    VM directory's fc.sock / agent.sock at the sockets it will create there."""
+    VM directory's fc.sock / agent.sock at the sockets it will create there. Not ``boot`` (a
+    restore): no kernel and no disks; the restore copies the snapshot's disk in."""
     assert launch.jail_root is not None
     root = launch.jail_root
     root.mkdir(parents=True, exist_ok=True)
-    uid = int(os.environ.get("MVM_FIRECRACKER_UID", "65534"))
-    gid = int(os.environ.get("MVM_FIRECRACKER_GID", "65534"))
-    for source, name in ((image.kernel, "vmlinux"), (image.initrd, "initrd.cpio")):
-        target = root / name
-        try:
-            os.link(source, target)
-        except OSError:  # another filesystem: copy (the store's files are read-only to the VM anyway)
-            shutil.copyfile(source, target)
-    _prepare_disks(image, paths, root / ROOT_DISK_FILE, root / "data.ext4" if image.data_disk_bytes else None)
+    uid, gid = jail_ids()
+    if boot:
+        for source, name in ((image.kernel, "vmlinux"), (image.initrd, "initrd.cpio")):
+            target = root / name
+            try:
+                os.link(source, target)
+            except OSError:  # another filesystem: copy (the store's files are read-only to the VM anyway)
+                shutil.copyfile(source, target)
+        _prepare_disks(image, paths, root / ROOT_DISK_FILE, root / "data.ext4" if image.data_disk_bytes else None)
     for name in (ROOT_DISK_FILE, "data.ext4"):
         if (root / name).exists():
             os.chown(root / name, uid, gid)
@@ -190,7 +225,11 @@ def _wait_for_api(proc: subprocess.Popen, sock_path: Path, deadline: float) -> N
 def refuse_unsuitable_kernel(artifact: BootImage | ImageLike, binary: str | None = None) -> None:
     """Raise VmError, before anything starts, if the artifact cannot boot under Firecracker."""
     from mvm.runtime.backends.firecracker_api import image_of
-    from mvm.runtime.backends.firecracker_kernel import artifact_kernel_config, check_kernel, initramfs_modules
+    from mvm.runtime.backends.firecracker_kernel import (
+        artifact_kernel_config,
+        check_kernel,
+        initramfs_modules,
+    )
 
     image = image_of(artifact)
     config = artifact_kernel_config(artifact) if isinstance(artifact, BootImage) else None
@@ -206,11 +245,16 @@ def spawn(paths: VmPaths, artifact: BootImage | ImageLike, record: VmRecord | No
 
     stdin/stdout/stderr are pipes: stdout is the guest's serial console. The process dies with
     ours (PDEATHSIG) when not jailed; the jailer changes credentials, which clears PDEATHSIG.
+    A clone (``record.restore_from``) gets a bare Firecracker, its API socket and nothing else:
+    a snapshot loads only into a process nothing was configured on; the supervisor's
+    ``restore`` does the rest.
     """
     from mvm.runtime.backends.firecracker_api import FirecrackerApi, image_of, plan_boot
 
+    restoring = record is not None and record.restore_from is not None
     binary = firecracker_binary()
-    refuse_unsuitable_kernel(artifact, binary)
+    if not restoring:  # a clone runs the kernel its snapshot's source already ran here
+        refuse_unsuitable_kernel(artifact, binary)
     image = image_of(artifact)
     jailer = use_jailer()
     launch = launch_argv(paths, binary, jailer)
@@ -219,13 +263,17 @@ def spawn(paths: VmPaths, artifact: BootImage | ImageLike, record: VmRecord | No
     if launch.jail_root is not None:
         if launch.jail_root.parent.exists():
             shutil.rmtree(launch.jail_root.parent)  # a jail left by an earlier run of this VM
-        _stage_jail(launch, image, paths)
+        _stage_jail(launch, image, paths, boot=not restoring)
     else:
-        _prepare_disks(image, paths, root_disk_path(paths), paths.data_disk if image.data_disk_bytes else None)
+        if not restoring:
+            _prepare_disks(image, paths, root_disk_path(paths), paths.data_disk if image.data_disk_bytes else None)
         (paths.dir / LOG_FILE).touch()
-    proc = spawn_tied(launch.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = spawn_tied(launch.argv, cwd=launch.cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE)
     try:
         _wait_for_api(proc, launch.api_socket, time.monotonic() + API_SOCKET_WAIT_S)
+        if restoring:
+            return proc
         api = FirecrackerApi(launch.api_socket)
         for request in plan_boot(image, paths, record, jailed=launch.jail_root is not None):
             api.send(request)
@@ -326,18 +374,30 @@ class FirecrackerBackend(VmBackend):
         await in_thread(self._api(paths).resume)
 
     async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
-        """Pause and write guest memory and device state into ``dest`` (0600: guest memory).
-        The VM stays paused: the supervisor resumes it (or stops it)."""
-        api = self._api(paths)
-        state, memory = dest / "state", dest / "ram"
-        await in_thread(api.pause)
-        await in_thread(api.snapshot_create, str(state), str(memory))
-        for path in (state, memory):
-            path.chmod(0o600)
-        return {"kind": "ram-file", "hypervisor_version": "firecracker"}
+        """Pause and write guest memory, device state and the root disk into ``dest`` (0600:
+        guest memory). The VM stays paused: the supervisor resumes it (or stops it)."""
+        from mvm.runtime.backends import firecracker_snapshot
+
+        return await in_thread(firecracker_snapshot.save, self._api(paths), paths, record, dest)
+
+    async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path, hypervisor_version: str) -> None:
+        """Load ``snapshot`` into the bare Firecracker spawn started, on a copy of its disk."""
+        from mvm.runtime.backends import firecracker_snapshot
+
+        await in_thread(firecracker_snapshot.load, self._api(paths), paths, snapshot, hypervisor_version)
+        binary = shutil.which(FIRECRACKER_BINARY)
+        if binary is not None:
+            _mark_exercised(paths, binary)
 
     def runtime_files(self, paths: VmPaths) -> list[Path]:
-        return [*super().runtime_files(paths), api_socket_path(paths), root_disk_path(paths)]
+        return [*super().runtime_files(paths), api_socket_path(paths), root_disk_path(paths),
+                *jail_snapshot_copies(paths)]
+
+    def release(self, paths: VmPaths, record: VmRecord) -> bool:
+        """A supervisor killed in the middle of a jailed restore left guest memory in the jail."""
+        for copy in jail_snapshot_copies(paths):
+            copy.unlink(missing_ok=True)
+        return True
 
     def doctor(self, facts: HostFacts) -> BackendReport:
         missing: list[str] = []
@@ -351,4 +411,6 @@ class FirecrackerBackend(VmBackend):
         if binary is None:
             missing.append(f"needs a `{FIRECRACKER_BINARY}` binary on PATH (none found)")
         found = f"firecracker at {binary}" if binary and not missing else ""
-        return self.report(not missing, False, join_reasons(*missing, found, NOT_EXERCISED))
+        return self.report(not missing, False, join_reasons(
+            *missing, found, "snapshots (PUT /snapshot/create, /snapshot/load) written against the API spec only",
+            NOT_EXERCISED))

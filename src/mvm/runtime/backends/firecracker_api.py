@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import VmError
 from mvm.runtime.backends.base import encoded_argv
-from mvm.runtime.backends.firecracker import ROOT_DISK_FILE, root_disk_path
+from mvm.runtime.backends.firecracker import root_drive_path
 
 if TYPE_CHECKING:
     import asyncio
@@ -81,6 +81,13 @@ def drive_request(drive_id: str, path: str | Path, root: bool, read_only: bool) 
                                                    "is_root_device": root, "is_read_only": read_only})
 
 
+def drive_update_request(drive_id: str, path: str | Path) -> Request:
+    """PATCH a drive's backing file: after a snapshot load (the VM built, still paused), so a
+    clone's root drive is its own file, whatever path the snapshot recorded."""
+    _check_id("drive id", drive_id)
+    return Request("PATCH", f"/drives/{drive_id}", {"drive_id": drive_id, "path_on_host": str(path)})
+
+
 def network_interface_request(iface_id: str, tap: str, guest_mac: str | None = None) -> Request:
     """A virtio-net device backed by the host TAP ``tap``. Not part of a default boot (default deny)."""
     _check_id("interface id", iface_id)
@@ -107,6 +114,10 @@ def action_request(action: str) -> Request:
 
 def vm_state_request(state: str) -> Request:
     return Request("PATCH", "/vm", {"state": state})
+
+
+def version_request() -> Request:
+    return Request("GET", "/version")
 
 
 def snapshot_create_request(snapshot_path: str | Path, mem_file_path: str | Path) -> Request:
@@ -164,7 +175,8 @@ class FirecrackerApi:
             response = conn.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as err:
-            raise VmError(f"Firecracker's API at {self.socket_path} failed on {request.describe()}: {err}") from err
+            raise VmError(f"Firecracker's API at {self.socket_path} failed on {request.describe()}: "
+                          f"{' '.join(str(err).split())[:200]}") from err
         finally:
             conn.close()
         if 200 <= response.status < 300:
@@ -203,6 +215,20 @@ class FirecrackerApi:
     def resume(self) -> None:
         self.send(vm_state_request("Resumed"))
 
+    def update_drive(self, drive_id: str, path: str | Path) -> None:
+        self.send(drive_update_request(drive_id, path))
+
+    def version(self) -> str:
+        """Firecracker's build version (``GET /version``), as a snapshot's manifest records it."""
+        data = self.send(version_request())
+        try:
+            version = json.loads(data)["firecracker_version"]
+        except (ValueError, TypeError, KeyError):
+            version = None
+        if not isinstance(version, str) or not re.fullmatch(r"[0-9A-Za-z.+_-]{1,64}", version):
+            raise VmError(f"Firecracker's GET /version answered no usable version: {data[:80]!r}")
+        return version
+
     def snapshot_create(self, snapshot_path: str | Path, mem_file_path: str | Path) -> None:
         """A full snapshot of a paused VM. Disks are not in it: freeze or copy them yourself."""
         self.send(snapshot_create_request(snapshot_path, mem_file_path))
@@ -217,7 +243,8 @@ def _fault(data: bytes) -> str:
         message = json.loads(data).get("fault_message")
     except (ValueError, AttributeError):
         message = None
-    return str(message) if message else (data.decode(errors="replace").strip() or "no fault_message")
+    text = str(message) if message else data.decode(errors="replace")
+    return " ".join(text.split())[:300] or "no fault_message"  # one line, whatever Firecracker said
 
 
 # -- the boot plan ------------------------------------------------------------------------
@@ -262,7 +289,10 @@ def image_of(image: BootImage | ImageLike) -> ImageLike:
 
 @dataclass(frozen=True)
 class BootFiles:
-    """Paths as Firecracker sees them: host paths, or paths inside the jailer's chroot."""
+    """Paths as Firecracker sees them: host paths, or paths inside the jailer's chroot. The
+    root disk is relative to Firecracker's working directory (the VM's own directory, or the
+    jail's root): a snapshot records it as given, and a clone's Firecracker, started in the
+    clone's directory, then opens the clone's own disk at load (see firecracker_snapshot.py)."""
 
     kernel: str
     initrd: str
@@ -274,9 +304,9 @@ class BootFiles:
 def boot_files(image: ImageLike, paths: VmPaths, *, jailed: bool = False) -> BootFiles:
     data = image.data_disk_bytes
     if jailed:  # spawn links/copies everything into the chroot under these names
-        return BootFiles("/vmlinux", "/initrd.cpio", f"/{ROOT_DISK_FILE}", "/data.ext4" if data else None,
+        return BootFiles("/vmlinux", "/initrd.cpio", root_drive_path(jailed=True), "/data.ext4" if data else None,
                          "/agent.sock")
-    return BootFiles(str(image.kernel), str(image.initrd), str(root_disk_path(paths)),
+    return BootFiles(str(image.kernel), str(image.initrd), root_drive_path(jailed=False),
                      str(paths.data_disk) if data else None, str(paths.agent_socket))
 
 
