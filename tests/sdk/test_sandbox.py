@@ -86,10 +86,43 @@ def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -
     assert sandbox.name in {i.name for i in mvm.Sandbox.list()}
     with pytest.raises(Unsupported, match="network device"):
         mvm.Sandbox.create(network="open")
-    with pytest.raises(Unsupported):
-        sandbox.snapshot("t")
     with pytest.raises(SandboxNotFound):
         mvm.Sandbox.connect("no-such-sandbox")
+
+
+def test_a_builtin_is_saved_as_a_template_and_later_sandboxes_clone_it(sandbox: mvm.Sandbox) -> None:
+    """The module's sandbox made the template (or cloned one an earlier run made)."""
+    with mvm.Sandbox.create("base", timeout=600) as clone:
+        assert clone.info().snapshot is not None and clone.info().snapshot.startswith("sdk-base-")
+        assert clone.commands.run("hostname").stdout.strip() == clone.name
+    with mvm.Sandbox.create("base", timeout=600, cold=True) as booted:
+        assert booted.info().snapshot is None
+
+
+def test_snapshot_create_from_it_and_fork(sandbox: mvm.Sandbox) -> None:
+    from mvm.core.state import MvmHome
+    from mvm.runtime.cloning import remove_snapshot
+
+    sandbox.files.write("/tmp/saved", "before the snapshot")
+    assert sandbox.snapshot("sdk-test-snap") == "sdk-test-snap"
+    try:
+        with mvm.Sandbox.create("sdk-test-snap", timeout=600) as clone:
+            assert clone.files.read("/tmp/saved") == "before the snapshot"
+            assert clone.info().snapshot == "sdk-test-snap"
+            clone.files.write("/tmp/saved", "changed in the clone")
+        assert sandbox.files.read("/tmp/saved") == "before the snapshot"
+        copies = sandbox.fork(2)
+        try:
+            assert len(copies) == 2
+            names = {c.commands.run("hostname").stdout.strip() for c in copies}
+            assert names == {c.name for c in copies}
+            assert all(c.files.read("/tmp/saved") == "before the snapshot" for c in copies)
+            assert all(c.info().deadline is not None for c in copies)  # they end when it would
+        finally:
+            for copy in copies:
+                copy.kill()
+    finally:
+        remove_snapshot(MvmHome.default(), "sdk-test-snap")
 
 
 def test_leaving_the_block_on_an_exception_removes_the_sandbox() -> None:
@@ -127,3 +160,17 @@ def test_the_async_twin_runs_four_sandboxes_at_once() -> None:
         return await asyncio.gather(*(one(i) for i in range(4)))
 
     assert asyncio.run(main()) == ["0", "1", "2", "3"]
+
+
+def test_the_async_twin_forks() -> None:
+    async def main() -> list[str]:
+        async with await mvm.AsyncSandbox.create(timeout=600) as sbx:
+            await sbx.files.write("/tmp/n", "parent")
+            copies = await sbx.fork(2)
+            try:
+                return [(await c.files.read("/tmp/n")) for c in copies]
+            finally:
+                for copy in copies:
+                    await copy.kill()
+
+    assert asyncio.run(main()) == ["parent", "parent"]

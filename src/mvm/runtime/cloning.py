@@ -8,7 +8,7 @@ work — its own entropy, clock, hostname and machine-id (see guest/agent/identi
 
 from __future__ import annotations
 
-import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -219,7 +219,7 @@ def build_template(home: MvmHome, image: BootImage, tag: str, *, hypervisor: str
         if old is None or old.manifest.purpose != "template":
             raise UsageError(f"snapshot {tag} exists and is not a template", "pick another --tag")
         remove_snapshot(home, tag)
-    name = f"template-{os.getpid()}"
+    name = f"template-{secrets.token_hex(4)}"
     lifecycle.up(home, image, name=name, hypervisor=hypervisor, progress=progress, ephemeral=True)
     try:
         return snapshot_vm(home, name, tag, stop=True, purpose="template")
@@ -243,3 +243,19 @@ def find_template(home: MvmHome, image: BootImage, backend: str, accel: str) -> 
             continue
         return candidate
     return None
+
+
+def template_for(home: MvmHome, image: BootImage, tag: str, backend: str, accel: str,
+                 announce: Callable[[], None] | None = None) -> Snapshot:
+    """A template of ``image``: the newest that exists, else made now as ``tag``. Many
+    threads or processes asking at once make it once."""
+    found = find_template(home, image, backend, accel)
+    if found is not None:
+        return found
+    with SnapshotStore(home).locked(tag, what="building-"):
+        found = find_template(home, image, backend, accel)  # another made it while we waited
+        if found is None:
+            if announce is not None:
+                announce()
+            found = build_template(home, image, tag, hypervisor=backend)
+    return found

@@ -169,10 +169,11 @@ class SnapshotStore:
         return self.root / check_tag(tag)
 
     @contextmanager
-    def locked(self, tag: str) -> Iterator[None]:
-        """One create, remove or use-check of ``tag`` at a time."""
+    def locked(self, tag: str, what: str = "") -> Iterator[None]:
+        """One create, remove or use-check of ``tag`` at a time (``what``: another lock for
+        the same tag, e.g. building it as a template, which itself creates and removes)."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.root / f".{check_tag(tag)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.root / f".{what}{check_tag(tag)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

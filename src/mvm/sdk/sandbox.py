@@ -68,6 +68,7 @@ class SandboxInfo:
     sealed: bool
     deadline: float | None  # time.time() when its lifetime ends
     workload_id: str | None
+    snapshot: str | None = None  # the snapshot it was cloned from (None: it booted)
 
 
 class Commands:
@@ -355,10 +356,9 @@ def _template_snapshot(home: MvmHome, template: str, backend: str | None, cpus: 
     chosen = lifecycle.choose_backend(home, image, backend, host).backend
     if not chosen.capabilities.snapshots:
         return None
-    found = cloning.find_template(home, image, chosen.name, chosen.accel(host))
-    if found is None:
-        _stderr_progress("template", f"saving {template!r} as a template (once): later sandboxes start from it")
-        found = cloning.build_template(home, image, f"sdk-{template}-{image.key[:12]}", hypervisor=chosen.name)
+    found = cloning.template_for(home, image, f"sdk-{template}-{image.key[:12]}", chosen.name, chosen.accel(host),
+                                 lambda: _stderr_progress("template", f"saving {template!r} as a template (once): "
+                                                                      "later sandboxes start from it"))
     if cpus not in (None, found.manifest.vcpus) or memory not in (None, found.manifest.memory_mib):
         return None
     return found.tag
@@ -368,7 +368,7 @@ def _info(record: VmRecord) -> SandboxInfo:
     return SandboxInfo(name=record.name, state=record.state, backend=record.backend,
                        isolation=backends.get(record.backend).capabilities.isolation, cpus=record.vcpus,
                        memory_mib=record.memory_mib, uids=dict(record.uids), sealed=record.sealed,
-                       deadline=record.deadline, workload_id=record.workload_id)
+                       deadline=record.deadline, workload_id=record.workload_id, snapshot=record.snapshot)
 
 
 def _kill_leftovers() -> None:

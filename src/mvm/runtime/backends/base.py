@@ -189,6 +189,7 @@ def join_reasons(*parts: str) -> str:
 
 
 class VmBackend:
+    why_not: ClassVar[dict[str, str]] = {}  # capability -> why this backend cannot have it
     """The base every backend extends: required methods raise, optional hooks refuse."""
 
     name: ClassVar[str]
@@ -293,8 +294,10 @@ class VmBackend:
                          "`mvmctl doctor` shows what each backend can do")
 
     def refuse(self, capability: str, vm: str) -> UsageError:
+        why = self.why_not.get(capability)
         return UsageError(f"VM {vm} runs on {self.name}, which has no {capability.replace('_', '/')} "
-                          "capability in this mvm version", "`mvmctl doctor` shows what each backend can do")
+                          f"capability in this mvm version{f' ({why})' if why else ''}",
+                          "`mvmctl doctor` shows what each backend can do")
 
     def require(self, capability: str, vm: str) -> None:
         """Refuse, before doing anything, a verb this backend cannot serve."""

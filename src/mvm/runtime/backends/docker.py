@@ -204,6 +204,8 @@ class DockerBackend(VmBackend):
     name = "docker"
     process_label = "the docker CLI"
     boots_kernel = False
+    why_not = {"snapshots": "a container has no memory state to save; `docker checkpoint` needs CRIU, "
+                            "which is not used here"}
     capabilities = Capabilities(snapshots=False, pause_resume=True, vsock=False, tap_networking=False,
                                 port_forwarding=True, detach=True, console=True, isolation="container")
 
