@@ -17,7 +17,8 @@ pytestmark = pytest.mark.vm
 
 def qemu_of_vm(home: Path, name: str) -> list[psutil.Process]:
     """QEMU processes booting VM ``name`` (their overlay lives in its directory)."""
-    return [p for p in qemu_processes_using(home) if f"/vms/{name}/" in " ".join(p.cmdline())]
+    # (the command line read when the processes were listed: one may exit meanwhile)
+    return [p for p in qemu_processes_using(home) if f"/vms/{name}/" in " ".join(p.info["cmdline"] or [])]
 
 
 def qemu_processes_using(home: Path) -> list[psutil.Process]:
