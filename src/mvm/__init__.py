@@ -17,14 +17,14 @@ from __future__ import annotations
 TYPE_CHECKING = False  # (typing itself would cost `mvmctl exec` an import)
 
 __version__ = "0.1.0"
-__all__ = ["AsyncSandbox", "CommandResult", "Sandbox", "SandboxInfo", "__version__"]
+__all__ = ["AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo", "__version__"]
 
 if TYPE_CHECKING:
-    from mvm.sdk import AsyncSandbox, CommandResult, Sandbox, SandboxInfo
+    from mvm.sdk import AsyncSandbox, CommandHandle, CommandResult, Sandbox, SandboxInfo
 
 
 def __getattr__(name: str) -> object:
-    if name in ("AsyncSandbox", "CommandResult", "Sandbox", "SandboxInfo"):
+    if name in ("AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo"):
         import mvm.sdk
 
         return getattr(mvm.sdk, name)

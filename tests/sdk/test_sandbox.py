@@ -90,6 +90,33 @@ def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -
         mvm.Sandbox.connect("no-such-sandbox")
 
 
+def test_a_started_command_streams_takes_stdin_and_can_be_killed(sandbox: mvm.Sandbox) -> None:
+    seen: list[str] = []
+    with sandbox.commands.start("read line; echo got:$line; echo oops >&2; exit 3", on_stdout=seen.append) as handle:
+        assert handle.pid > 1 and handle.exit_code is None
+        handle.send_stdin("hello\n")
+        handle.close_stdin()
+        result = handle.wait()
+    assert (result.stdout, result.stderr, result.exit_code) == ("got:hello\n", "oops\n", 3)
+    assert "".join(seen) == "got:hello\n"
+
+    ticker = sandbox.commands.start(["/bin/sh", "-c", "i=0; while :; do i=$((i+1)); echo tick$i; sleep 0.1; done"])
+    chunks = []
+    for stream, text in ticker:  # output as it arrives, while the command still runs
+        chunks.append((stream, text))
+        if "tick3" in "".join(t for _, t in chunks):
+            ticker.kill()
+    assert ticker.wait().exit_code != 0 and ticker.exit_code is not None
+    assert sandbox.commands.run(f"kill -0 {ticker.pid} 2>/dev/null || echo gone").stdout == "gone\n"
+
+    orphan = sandbox.commands.start("sleep 600")
+    pid = orphan.pid
+    orphan.close()  # letting go of the handle kills what it started
+    deadline = time.monotonic() + 30
+    while sandbox.commands.run(f"kill -0 {pid} 2>/dev/null && echo alive").stdout:
+        assert time.monotonic() < deadline, "a closed handle's command lives on"
+
+
 def test_a_builtin_is_saved_as_a_template_and_later_sandboxes_clone_it(sandbox: mvm.Sandbox) -> None:
     """The module's sandbox made the template (or cloned one an earlier run made)."""
     with mvm.Sandbox.create("base", timeout=600) as clone:

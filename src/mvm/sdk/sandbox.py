@@ -38,6 +38,7 @@ from mvm.errors import (
 from mvm.runtime import backends, cloning, lifecycle, transfer
 from mvm.runtime.client import AgentError, VmClient
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
+from mvm.sdk.handles import CommandHandle
 from mvm.sdk.templates import BUILT_IN, template_dir
 
 OutputSink = Callable[[str], None]
@@ -108,6 +109,18 @@ class Commands:
         if check and done.exit_code != 0:
             raise CommandFailed(f"{argv[0]} exited {done.exit_code} in sandbox {self._sandbox.name}", done)
         return done
+
+    def start(self, cmd: str | list[str], *, timeout: float | None = None, env: dict[str, str] | None = None,
+              cwd: str | None = None, on_stdout: OutputSink | None = None,
+              on_stderr: OutputSink | None = None) -> CommandHandle:
+        """Start ``cmd`` and return at once with a handle: ``pid``, ``send_stdin()``,
+        ``close_stdin()``, ``kill()``, ``wait()``, and ``for stream, text in handle`` over its
+        output as it arrives. It runs until it ends, ``timeout`` passes, or the handle is
+        closed (then it is killed)."""
+        argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        return CommandHandle.start(self._sandbox._client(), argv, self._sandbox.name,
+                                   env={**self._sandbox.env, **(env or {})} or None, cwd=cwd, timeout=timeout,
+                                   on_stdout=on_stdout, on_stderr=on_stderr)
 
 
 class Files:
