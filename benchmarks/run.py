@@ -1,6 +1,6 @@
 """Build, boot, exec, client, memory and docker-backend benchmarks, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore]
+    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore,sdk]
 
 Prints, for the same artifacts on the same host in the same run (compared runs alternate
 A,B,A,B...; medians; ratios):
@@ -89,7 +89,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     return spec.argv()
 
 
-SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore")
+SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk")
 
 
 def main() -> int:
@@ -180,6 +180,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         import restore_bench
 
         restore_bench.bench_restore(bench)
+    if "sdk" in only:
+        import sdk_bench
+
+        sdk_bench.bench_sdk(bench)
 
 
 def bench_run_boot(bench: common.Bench) -> None:
