@@ -10,7 +10,7 @@ from __future__ import annotations
 from mvm.core.errors import BackendUnavailable, BuildError, ManifestError, MvmError, UsageError, VmError
 
 __all__ = ["MvmError", "UsageError", "ManifestError", "BuildError", "BackendUnavailable", "VmError",
-           "SandboxNotFound", "SandboxStopped", "CommandTimeout", "CommandFailed", "Unsupported"]
+           "SandboxNotFound", "SandboxStopped", "CommandTimeout", "CommandFailed", "Unsupported", "ModeError"]
 
 
 class SandboxNotFound(UsageError):
@@ -24,6 +24,10 @@ class SandboxStopped(VmError):
 
 class Unsupported(UsageError):
     """Not possible in this version or on this backend; the message says why."""
+
+
+class ModeError(UsageError):
+    """A call that record mode cannot make (it needs a live guest), or a mode that is not one."""
 
 
 class CommandTimeout(VmError):

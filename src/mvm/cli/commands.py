@@ -42,6 +42,7 @@ VERBS = {
     "fork": "mvm.cli.snapshots",
     "template": "mvm.cli.snapshots",
     "forward": "mvm.cli.vm",
+    "plan": "mvm.cli.plan",
     "mcp": "mvm.cli.mcp",
 }
 

@@ -49,10 +49,13 @@ class RunCommand(click.Command):
 @click.option("--boot-report", is_flag=True, help="Print when each boot phase was reached (stderr).")
 @click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
+@click.option("--mode", type=click.Choice(["live", "plan"]), default="live", show_default=True,
+              help="plan: the argument is a Python script; run it with its sandboxes in record mode and print "
+                   "the plan they would carry out (as `mvmctl plan record`).")
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool) -> None:
+        as_json: bool, mode: str) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid).
 
@@ -66,6 +69,13 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     NAME` from another terminal lets it live on. On an accessible image with a shell
     entrypoint your terminal is the guest's console: Ctrl-] leaves it and stops the VM.
     """
+    if mode == "plan":
+        from mvm.cli.plan import record_script
+
+        if directory is None or not directory.endswith(".py"):
+            raise UsageError("--mode plan records a Python script", "e.g. `mvmctl run --mode plan job.py`")
+        click.echo(record_script(directory, tuple(ctx.meta.get("guest_argv") or ())), nl=False)
+        return
     if attached and detach:
         raise UsageError("--attached and --detach contradict each other", "give one of them")
     if as_json and not dry_run:

@@ -38,6 +38,7 @@ from mvm.errors import (
 from mvm.runtime import backends, cloning, lifecycle, transfer
 from mvm.runtime.client import AgentError, VmClient
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
+from mvm.sdk import record
 from mvm.sdk.handles import CommandHandle
 from mvm.sdk.templates import BUILT_IN, template_dir
 
@@ -118,6 +119,9 @@ class Commands:
         output as it arrives. It runs until it ends, ``timeout`` passes, or the handle is
         closed (then it is killed)."""
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
+        if self._sandbox._recording:
+            index = record.plan().add("start", self._sandbox.name, argv=argv, env=env, cwd=cwd, timeout=timeout)
+            return record.RecordedCommand(index, argv, self._sandbox.name)  # type: ignore[return-value]
         return CommandHandle.start(self._sandbox._client(), argv, self._sandbox.name,
                                    env={**self._sandbox.env, **(env or {})} or None, cwd=cwd, timeout=timeout,
                                    on_stdout=on_stdout, on_stderr=on_stderr)
@@ -138,6 +142,10 @@ class Files:
     def write(self, path: str, data: str | bytes | BinaryIO, *, mode: int = 0o644) -> int:
         """Write a file (a temporary file renamed into place: never seen half written); returns its size."""
         source = data.encode() if isinstance(data, str) else data
+        if self._sandbox._recording:
+            raw = source if isinstance(source, bytes) else source.read()
+            record.plan().add("write", self._sandbox.name, path=path, mode=mode, **record.file_fields(raw))
+            return len(raw)
         with self._sandbox._client() as client:
             return client.write_file(path, source, mode=mode)
 
@@ -164,6 +172,9 @@ class Files:
         return True
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
+        if self._sandbox._recording:
+            record.plan().add("remove", self._sandbox.name, path=path, recursive=recursive)
+            return
         with self._sandbox._client() as client:
             client.call("remove", path=path, recursive=recursive)
 
@@ -172,6 +183,9 @@ class Files:
             client.call("rename", src=src, dst=dst)
 
     def make_dir(self, path: str) -> None:
+        if self._sandbox._recording:
+            record.plan().add("make_dir", self._sandbox.name, path=path)
+            return
         with self._sandbox._client() as client:
             client.call("mkdir", path=path, parents=True)
 
@@ -193,6 +207,7 @@ class Sandbox:
         self.name = name
         self.env = dict(env or {})
         self._home = home
+        self._recording = False  # record mode: calls go into the plan (sdk/record.py)
         self.commands = Commands(self)
         self.files = Files(self)
 
@@ -202,7 +217,7 @@ class Sandbox:
     def create(cls, template: str = "base", *, name: str | None = None, cpus: int | None = None,
                memory: int | None = None, network: str | None = None, env: dict[str, str] | None = None,
                timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
-               cold: bool = False) -> Sandbox:
+               cold: bool = False, mode: str | None = None) -> Sandbox:
         """Start a sandbox and return once its agent answers.
 
         ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
@@ -212,7 +227,8 @@ class Sandbox:
         boots anyway). ``memory`` is in MiB. ``timeout``: its lifetime in seconds, enforced by
         its supervisor even if this program dies. ``network``: only "deny" (no network device)
         in this version. ``workload_id``: your label for it, kept in its record and shown by
-        ``info()``.
+        ``info()``. ``mode="record"`` (or ``MVM_SDK_MODE=record``) boots nothing: this and the
+        calls that change the guest are written into a plan (sdk/record.py).
         """
         if network not in (None, "deny"):
             raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",
@@ -221,6 +237,12 @@ class Sandbox:
             raise UsageError(f"timeout={timeout!r}: a sandbox's lifetime must be more than 0 and at most 7 days")
         home = MvmHome.default()
         vm_name = check_vm_name(name or f"sbx-{secrets.token_hex(4)}")
+        if record.resolve_mode(mode) == "record":
+            record.plan().add("create", vm_name, template=template, cpus=cpus, memory=memory, network=network,
+                              env=env, timeout=timeout, backend=backend, workload_id=workload_id, cold=cold or None)
+            recorded = cls(vm_name, home, env)
+            recorded._recording = True
+            return recorded
         tag = None if cold else _template_snapshot(home, template, backend, cpus, memory)
         if tag is not None:
             cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
@@ -266,6 +288,9 @@ class Sandbox:
 
     def kill(self) -> None:
         """Stop it now and remove what it kept (no error if it is already gone)."""
+        if self._recording:
+            record.plan().add("kill", self.name)
+            return
         _LIVE.pop(self.name, None)
         try:
             lifecycle.down(self._home, self.name, force=True)
@@ -302,8 +327,8 @@ class Sandbox:
     def fork(self, count: int = 1) -> list[Sandbox]:
         """``count`` live copies of it, each with its own identity, ending when it would. A copy
         that fails to start raises; those started before it are killed."""
-        record = self._record(running=True)
-        lifetime = None if record.deadline is None else max(1.0, record.deadline - time.time())
+        mine = self._record(running=True)
+        lifetime = None if mine.deadline is None else max(1.0, mine.deadline - time.time())
         _, results = cloning.fork_vm(self._home, self.name, count, prefix=f"{self.name}-fork",
                                      lifetime_s=lifetime, ephemeral=True)
         copies = [Sandbox(r.name, self._home, self.env) for r in results if r.error is None]
@@ -328,23 +353,27 @@ class Sandbox:
     # -- under the hood ---------------------------------------------------------------------
 
     def _pause_resume(self, kind: str) -> None:
-        record = self._record(running=True)
-        backends.get(record.backend).require("pause_resume", self.name)
+        mine = self._record(running=True)
+        backends.get(mine.backend).require("pause_resume", self.name)
         with self._client() as client:
             client.call(kind)
 
     def _record(self, *, running: bool = False) -> VmRecord:
+        if self._recording:
+            raise record.needs_live(self.name, "this call")
         try:
-            _, record = lifecycle.require_vm(self._home, self.name)
+            _, found = lifecycle.require_vm(self._home, self.name)
         except DamagedRecord:
             raise
         except UsageError:
             raise SandboxNotFound(f"there is no sandbox named {self.name}", "Sandbox.list() shows them") from None
-        if running and not record.running:
-            raise SandboxStopped(f"sandbox {self.name} is stopped: {record.stop_reason}", "create a new one")
-        return record
+        if running and not found.running:
+            raise SandboxStopped(f"sandbox {self.name} is stopped: {found.stop_reason}", "create a new one")
+        return found
 
     def _client(self) -> VmClient:
+        if self._recording:
+            raise record.needs_live(self.name, "this call")
         try:
             return lifecycle.connect(self._home, self.name)
         except UsageError:

@@ -1,0 +1,145 @@
+"""``mvmctl plan run PLAN.json``: carry out a plan that record mode wrote (sdk/record.py).
+
+A plan is read as hostile input: every call is checked for its fields and their types
+before anything starts, a write's bytes must match its recorded size and sha256, and a call
+naming a sandbox the plan did not create is refused. Then each call is made live, in order:
+a started command runs to its end (its output and exit code are reported), and sandboxes
+the plan did not kill are killed when it ends, as a live script's would be at its exit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mvm.errors import ModeError
+from mvm.sdk.record import PLAN_FORMAT
+
+PLAN_MAX = 64 << 20
+_OPTIONAL = (type(None),)
+FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
+    "create": {"template": (str,), "cpus": (int, *_OPTIONAL), "memory": (int, *_OPTIONAL),
+               "network": (str, *_OPTIONAL), "env": (dict, *_OPTIONAL), "timeout": (int, float),
+               "backend": (str, *_OPTIONAL), "workload_id": (str, *_OPTIONAL), "cold": (bool, *_OPTIONAL)},
+    "start": {"argv": (list,), "env": (dict, *_OPTIONAL), "cwd": (str, *_OPTIONAL),
+              "timeout": (int, float, *_OPTIONAL)},
+    "write": {"path": (str,), "mode": (int,), "size": (int,), "sha256": (str,), "data": (str,)},
+    "make_dir": {"path": (str,)},
+    "remove": {"path": (str,), "recursive": (bool, *_OPTIONAL)},
+    "kill": {},
+}
+REQUIRED = {"create": {"template", "timeout"}, "start": {"argv"}, "write": set(FIELDS["write"]),
+            "make_dir": {"path"}, "remove": {"path"}, "kill": set()}
+
+
+@dataclass
+class Step:
+    index: int
+    op: str
+    sandbox: str
+    ok: bool
+    detail: str
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+
+
+def load_plan(text: str | bytes) -> list[dict[str, Any]]:
+    """The plan's calls, every one checked; ModeError naming the first bad one."""
+    if len(text) > PLAN_MAX:
+        raise ModeError(f"the plan is {len(text)} bytes, over the {PLAN_MAX >> 20} MiB limit")
+    try:
+        plan = json.loads(text)
+    except ValueError as err:
+        raise ModeError(f"the plan is not JSON ({err})", "pass the file a record-mode run wrote") from None
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or not isinstance(plan.get("calls"), list):
+        raise ModeError(f"the plan is not a format-{PLAN_FORMAT} plan with a list of calls")
+    created: set[str] = set()
+    for index, call in enumerate(plan["calls"]):
+        _check_call(index, call, created)
+    return plan["calls"]
+
+
+def _check_call(index: int, call: Any, created: set[str]) -> None:
+    where = f"plan call #{index}"
+    if not isinstance(call, dict) or call.get("op") not in FIELDS or not isinstance(call.get("sandbox"), str):
+        raise ModeError(f"{where} is not an op of {', '.join(FIELDS)} on a named sandbox")
+    op, fields = call["op"], FIELDS[call["op"]]
+    extra = set(call) - set(fields) - {"op", "sandbox"}
+    missing = REQUIRED[op] - set(call)
+    if extra or missing:
+        raise ModeError(f"{where} ({op}) has {'unknown fields ' + ', '.join(sorted(extra)) if extra else ''}"
+                        f"{'missing fields ' + ', '.join(sorted(missing)) if missing else ''}")
+    for key, kinds in fields.items():
+        value = call.get(key)
+        if key in call and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+            raise ModeError(f"{where} ({op}): {key} is {type(value).__name__}, not {'/'.join(k.__name__ for k in kinds)}")
+    if op == "create":
+        if call["sandbox"] in created:
+            raise ModeError(f"{where} creates sandbox {call['sandbox']} a second time")
+        created.add(call["sandbox"])
+    elif call["sandbox"] not in created:
+        raise ModeError(f"{where} ({op}) names sandbox {call['sandbox']!r}, which the plan did not create before")
+    if op == "start" and not (call["argv"] and all(isinstance(a, str) for a in call["argv"])):
+        raise ModeError(f"{where} (start): argv must be a non-empty list of strings")
+    for key in ("env",):
+        env = call.get(key)
+        if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ModeError(f"{where} ({op}): env must map strings to strings")
+    if op == "write":
+        try:
+            data = base64.b64decode(call["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ModeError(f"{where} (write {call['path']}): its data is not base64") from None
+        if len(data) != call["size"] or hashlib.sha256(data).hexdigest() != call["sha256"]:
+            raise ModeError(f"{where} (write {call['path']}): its bytes do not match the recorded size and sha256")
+
+
+def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[Step]:
+    """Make each (checked) call live, in order; stops at the first that fails."""
+    from mvm.core.errors import MvmError
+    from mvm.sdk.sandbox import Sandbox
+
+    live: dict[str, Sandbox] = {}
+    steps: list[Step] = []
+    try:
+        for index, call in enumerate(calls):
+            op, name = call["op"], call["sandbox"]
+            args = {k: v for k, v in call.items() if k not in ("op", "sandbox")}
+            step = Step(index, op, name, True, "")
+            try:
+                if op == "create":
+                    live[name] = Sandbox.create(args.pop("template"), mode="live", **args)
+                    step.detail = f"created as {live[name].name}"
+                elif op == "start":
+                    result = live[name].commands.run(args["argv"], env=args.get("env"), cwd=args.get("cwd"),
+                                                     timeout=args.get("timeout"))
+                    step.exit_code, step.stdout, step.stderr = result.exit_code, result.stdout, result.stderr
+                    step.detail = f"{args['argv'][0]} exited {result.exit_code}"
+                elif op == "write":
+                    size = live[name].files.write(args["path"], base64.b64decode(args["data"]), mode=args["mode"])
+                    step.detail = f"wrote {args['path']} ({size} bytes)"
+                elif op == "make_dir":
+                    live[name].files.make_dir(args["path"])
+                    step.detail = f"made {args['path']}"
+                elif op == "remove":
+                    live[name].files.remove(args["path"], recursive=bool(args.get("recursive")))
+                    step.detail = f"removed {args['path']}"
+                elif op == "kill":
+                    live.pop(name).kill()
+                    step.detail = "killed"
+            except (MvmError, KeyError) as err:
+                step.ok, step.detail = False, str(err) if isinstance(err, MvmError) else f"sandbox {name} is gone"
+            steps.append(step)
+            report(step)
+            if not step.ok:
+                break
+    finally:
+        for sandbox in live.values():
+            sandbox.kill()
+    return steps

@@ -1,0 +1,126 @@
+"""Record mode and plans: a script's sandbox calls become a plan and nothing boots; a plan is
+checked as hostile input; `mvmctl plan run` carries a reviewed plan out on a real VM."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mvm.errors import ModeError
+from mvm.sdk.replay import load_plan
+from tests.conftest import Mvmctl
+from tests.integration.test_boot import qemu_processes_using
+
+SCRIPT = textwrap.dedent("""
+    import mvm
+    from mvm.errors import ModeError
+    with mvm.Sandbox.create("base", timeout=120, env={"A": "1"}) as sbx:
+        sbx.files.make_dir("/tmp/job")
+        sbx.files.write("/tmp/job/input.txt", b"forty-two\\n")
+        sbx.commands.start(["cat", "/tmp/job/input.txt"])
+        sbx.commands.start("echo done >&2; exit 3")
+        for call in (lambda: sbx.commands.run("true"), lambda: sbx.files.read("/etc/hostname"), sbx.info,
+                     lambda: sbx.commands.start("true").wait()):
+            try:
+                call()
+            except ModeError as err:
+                print("refused:", err)
+            else:
+                raise SystemExit("a live call was allowed in record mode")
+""")
+
+
+def record(tmp_path: Path, home: Path, script: str = SCRIPT) -> subprocess.CompletedProcess:
+    (tmp_path / "job.py").write_text(script)
+    return subprocess.run([sys.executable, "-m", "mvm.cli.main", "plan", "record", str(tmp_path / "job.py")],
+                          env={**os.environ, "MVM_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+
+
+def test_record_mode_writes_the_plan_and_boots_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proc = record(tmp_path, home)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("refused:") == 4 and "needs a live guest" in proc.stderr
+    plan = json.loads(proc.stdout)
+    ops = [c["op"] for c in plan["calls"]]
+    assert ops == ["create", "make_dir", "write", "start", "start", "start", "kill"]
+    create, write = plan["calls"][0], plan["calls"][2]
+    assert create["template"] == "base" and create["timeout"] == 120 and create["env"] == {"A": "1"}
+    assert write["size"] == 10 and write["sha256"] == hashlib.sha256(b"forty-two\n").hexdigest()
+    assert base64.b64decode(write["data"]) == b"forty-two\n"
+    assert not home.exists() or not (home / "vms").exists()  # nothing was registered, built or booted
+    assert not qemu_processes_using(home)
+    assert load_plan(proc.stdout) == plan["calls"]
+    via_run = subprocess.run([sys.executable, "-m", "mvm.cli.main", "run", "--mode", "plan", str(tmp_path / "job.py")],
+                             env={**os.environ, "MVM_HOME": str(home)}, capture_output=True, text=True, timeout=120)
+    assert via_run.returncode == 0 and json.loads(via_run.stdout)["calls"][0]["op"] == "create"
+
+
+def test_a_bad_mode_is_one_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", "import mvm; mvm.Sandbox.create()"], capture_output=True, text=True,
+                          env={**os.environ, "MVM_SDK_MODE": "dream", "MVM_HOME": str(tmp_path)}, timeout=60)
+    assert proc.returncode != 0 and "MVM_SDK_MODE='dream' is not a mode" in proc.stderr
+
+
+def _plan(*calls: dict) -> str:
+    return json.dumps({"format": 1, "calls": list(calls)})
+
+
+CREATE = {"op": "create", "sandbox": "s", "template": "base", "timeout": 60}
+
+
+@pytest.mark.parametrize("plan, message", [
+    ("{", "not JSON"),
+    (json.dumps({"format": 2, "calls": []}), "format-1 plan"),
+    (_plan({"op": "format_disk", "sandbox": "s"}), "is not an op"),
+    (_plan({"op": "start", "sandbox": "s", "argv": ["ls"]}), "which the plan did not create before"),
+    (_plan(CREATE, CREATE), "a second time"),
+    (_plan({**CREATE, "shell": "rm -rf /"}), "unknown fields shell"),
+    (_plan({**CREATE, "timeout": "60"}), "timeout is str"),
+    (_plan(CREATE, {"op": "start", "sandbox": "s", "argv": []}), "non-empty list of strings"),
+    (_plan(CREATE, {"op": "start", "sandbox": "s", "argv": ["ls"], "env": {"A": 1}}), "env must map strings"),
+    (_plan(CREATE, {"op": "write", "sandbox": "s", "path": "/x", "mode": 420, "size": 1,
+                    "sha256": hashlib.sha256(b"a").hexdigest(), "data": base64.b64encode(b"b").decode()}),
+     "do not match the recorded size and sha256"),
+    (_plan(CREATE, {"op": "write", "sandbox": "s", "path": "/x", "mode": 420, "size": 1, "sha256": "0", "data": "!"}),
+     "not base64"),
+])
+def test_a_bad_plan_is_refused_before_anything_runs(plan: str, message: str) -> None:
+    with pytest.raises(ModeError, match=message):
+        load_plan(plan)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+                    max_leaves=25))
+def test_hostile_plans_raise_mode_error_only(calls) -> None:
+    try:
+        load_plan(json.dumps({"format": 1, "calls": calls}))
+    except ModeError:
+        pass
+
+
+@pytest.mark.vm
+def test_plan_run_carries_a_recorded_plan_out_live(tmp_path: Path, mvmctl: Mvmctl) -> None:
+    proc = record(tmp_path, mvmctl.home, SCRIPT.split("        for call in")[0])
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "plan.json").write_text(proc.stdout)
+    ran = mvmctl("plan", "run", str(tmp_path / "plan.json"), "--json", timeout=600)
+    steps = json.loads(ran.stdout)
+    assert ran.returncode == 0, ran.stderr  # a command exiting 3 is a result, not a failed step
+    assert [s["op"] for s in steps] == ["create", "make_dir", "write", "start", "start", "kill"]
+    assert all(s["ok"] for s in steps), steps
+    assert steps[3]["stdout"] == "forty-two\n" and steps[3]["exit_code"] == 0
+    assert steps[4]["stderr"] == "done\n" and steps[4]["exit_code"] == 3
+    assert not [vm for vm in json.loads(mvmctl("ls", "--json").stdout) if vm["state"] == "running"]
