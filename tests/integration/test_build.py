@@ -42,7 +42,7 @@ def test_build_hello_writes_artifact_with_metadata(mvmctl: Mvmctl, mvm_home: Pat
     assert record["agentBinary"] == "real"
     assert record["expectedBootMs"] > 0
     assert (path / "vmlinux").read_bytes()[:4] == b"\x7fELF"
-    from mvm.build.packages import sha256_file
+    from mvm.core.digest import sha256_file
     assert record["hashes"]["rootfs"] == sha256_file(path / "rootfs.ext4")
     assert record["hashes"]["vmlinux"] == sha256_file(path / "vmlinux")
 

@@ -113,7 +113,7 @@ def test_hostile_plans_raise_mode_error_only(calls) -> None:
 
 @pytest.mark.vm
 def test_plan_run_carries_a_recorded_plan_out_live(tmp_path: Path, mvmctl: Mvmctl) -> None:
-    proc = record(tmp_path, mvmctl.home, SCRIPT.split("        for call in")[0])
+    proc = record(tmp_path, mvmctl.home, SCRIPT.split("    for call in")[0])
     assert proc.returncode == 0, proc.stderr
     (tmp_path / "plan.json").write_text(proc.stdout)
     ran = mvmctl("plan", "run", str(tmp_path / "plan.json"), "--json", timeout=600)

@@ -24,6 +24,7 @@ from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
 from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids
 from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
+from mvm.core.digest import sha256_file
 from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workdir import LOCK_FILE
@@ -104,9 +105,9 @@ class Builder:
                                 epoch=IMAGE_EPOCH, headroom_mib=ROOT_HEADROOM_MIB, owners=owners)
                 image.make_initramfs(scratch / "initramfs", out / INITRD_FILE, IMAGE_EPOCH)
                 _link_or_copy(guest_kernel.vmlinux, out / KERNEL_FILE)
-                meta.hashes = ArtifactHashes(vmlinux=packages.sha256_file(out / KERNEL_FILE),
-                                             initrd=packages.sha256_file(out / INITRD_FILE),
-                                             rootfs=packages.sha256_file(out / ROOTFS_FILE))
+                meta.hashes = ArtifactHashes(vmlinux=sha256_file(out / KERNEL_FILE),
+                                             initrd=sha256_file(out / INITRD_FILE),
+                                             rootfs=sha256_file(out / ROOTFS_FILE))
                 (out / ARTIFACT_FILE).write_text(meta.to_json())
                 artifact = self.store.commit(out, key)
 

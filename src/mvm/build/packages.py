@@ -9,7 +9,6 @@ any whose hash differs.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -23,6 +22,7 @@ import tomllib
 from pydantic import BaseModel, ValidationError
 
 from mvm.core.artifact import LockedPackage
+from mvm.core.digest import sha256_file
 from mvm.core.errors import BuildError
 
 # Every image carries these: busybox for /init, Python for the agent (json and friends
@@ -176,14 +176,6 @@ def _kernel_package_name() -> str:
             return line.split(":", 1)[1].strip()
     raise BuildError("resolve", f"{KERNEL_METAPACKAGE} names no kernel package",
                      "run `apt-get update` on a Debian host with the main archive configured")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class DebCache:

@@ -17,7 +17,6 @@ is root, who can read the key anyway. Any other file is hashed in full.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvm.core.digest import sha256_file
 from mvm.core.errors import MvmError, UsageError
 from mvm.core.state import MvmHome
 from mvm.security.host_key import HostKey, canonical_json, verify
@@ -150,14 +150,6 @@ class DamagedSnapshot:
 def _stat_key(path: Path) -> list[int]:
     info = path.stat()
     return [info.st_ino, info.st_mtime_ns, info.st_ctime_ns]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class SnapshotStore:

@@ -50,9 +50,16 @@ async def execute(qmp: Any, command: str, arguments: dict[str, Any] | None = Non
         raise VmError(f"QEMU refused {command}: {err.error.desc}") from None
 
 
-async def hand_over_fd(qmp: Any, fd: int, name: str) -> None:
-    qmp.send_fd_scm(fd)
-    await execute(qmp, "getfd", {"fdname": name})
+async def migrate_through(qmp: Any, fd: int, command: str) -> None:
+    """``migrate`` (out) or ``migrate-incoming`` through ``fd``, handed to QEMU over QMP; ``fd``
+    is closed once the migration has completed (or failed)."""
+    try:
+        qmp.send_fd_scm(fd)
+        await execute(qmp, "getfd", {"fdname": "mvm-migration"})
+        await execute(qmp, command, {"uri": "fd:mvm-migration"})
+        await wait_migration(qmp)
+    finally:
+        os.close(fd)
 
 
 async def wait_migration(qmp: Any) -> None:
@@ -85,12 +92,7 @@ async def save(qmp: Any, dest: Path, *, ram_file: Path | None, disk: Path) -> di
     version = await execute(qmp, "query-version")
     await execute(qmp, "stop")
     fd = os.open(dest / "state", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        await hand_over_fd(qmp, fd, "mvm-snapshot")
-        await execute(qmp, "migrate", {"uri": "fd:mvm-snapshot"})
-        await wait_migration(qmp)
-    finally:
-        os.close(fd)
+    await migrate_through(qmp, fd, "migrate")
     # The migration has flushed the disk and left it inactive: the overlay is now whole.
     await asyncio.to_thread(_copy_files, ram_file, dest, disk)
     return {"kind": "ram-file" if ram_file is not None else "stream", "hypervisor_version": version_text(version)}
@@ -109,13 +111,7 @@ async def load(qmp: Any, state: Path, *, ram_file_kind: bool, expected_version: 
         raise VmError(f"the snapshot was made by QEMU {expected_version}; this host runs QEMU {version}",
                       "take a new snapshot with this QEMU")
     await set_ignore_shared(qmp, ram_file_kind)
-    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        await hand_over_fd(qmp, fd, "mvm-restore")
-        await execute(qmp, "migrate-incoming", {"uri": "fd:mvm-restore"})
-        await wait_migration(qmp)
-    finally:
-        os.close(fd)
+    await migrate_through(qmp, os.open(state, os.O_RDONLY | os.O_CLOEXEC), "migrate-incoming")
     status = await execute(qmp, "query-status")
     if status.get("status") != "running":
         await execute(qmp, "cont")
