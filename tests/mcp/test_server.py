@@ -69,6 +69,11 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
         error, nope = await tool(client, "sandbox_exec", sandbox="not-ours", command="true")
         assert error and "no sandbox 'not-ours' of this server" in nope
         assert session in vms(mvm_home)
+        listed = {str(r.uri): r for r in (await client.list_resources()).resources}
+        assert f"sandbox://{session}" in listed and listed[f"sandbox://{session}"].mimeType == "application/json"
+        read = await client.read_resource(f"sandbox://{session}")
+        info = json.loads(read.contents[0].text)
+        assert info["name"] == session and info["state"] == "running" and info["isolation"] == "microvm"
         return session
 
     session = run_client(mvm_home, body)

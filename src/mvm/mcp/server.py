@@ -14,6 +14,8 @@ all of them are destroyed when the client goes away.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import threading
 import time
@@ -24,6 +26,7 @@ from typing import Any
 
 from mcp.server.fastmcp import FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
+from mcp.types import Resource as MCPResource
 
 from mvm.core.errors import MvmError, UsageError
 from mvm.sdk.sandbox import Sandbox
@@ -135,6 +138,20 @@ def _capped(data: str) -> str:
     return raw[:OUTPUT_CAP].decode(errors="ignore") + f"\n[... {len(raw) - OUTPUT_CAP} more bytes truncated]"
 
 
+class SandboxServer(FastMCP):
+    """FastMCP, with this server's running sandboxes listed as resources (``sandbox://NAME``)."""
+
+    pool: SandboxPool
+
+    async def list_resources(self) -> list[MCPResource]:
+        with self.pool.lock:
+            names = sorted(n for n in self.pool.sessions if not n.startswith("."))
+        return [*await super().list_resources(),
+                *(MCPResource(uri=f"sandbox://{name}", name=name, mimeType="application/json",
+                              description=f"sandbox {name}: its state, backend, resources and lifetime")
+                  for name in names)]
+
+
 def build_server(limits: Limits) -> FastMCP:
     pool = SandboxPool(limits)
 
@@ -152,8 +169,17 @@ def build_server(limits: Limits) -> FastMCP:
             reaper.cancel()
             await asyncio.to_thread(pool.destroy_all)  # the client went away: nothing of ours stays
 
-    server = FastMCP("mvm", instructions="Run code in throwaway local microVM sandboxes (no network).",
-                     lifespan=lifespan)
+    server = SandboxServer("mvm", instructions="Run code in throwaway local microVM sandboxes (no network).",
+                           lifespan=lifespan)
+    server.pool = pool
+
+    @server.resource("sandbox://{name}", mime_type="application/json")
+    async def sandbox_resource(name: str) -> str:
+        """One of this server's sandboxes: its state, backend, resources and lifetime."""
+        def describe() -> str:
+            info = pool.get(name).sandbox.info()
+            return json.dumps(dataclasses.asdict(info))
+        return await call(describe)
 
     async def call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         pool.enter_call()
