@@ -14,7 +14,7 @@ from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage
 from mvm.core.manifest import ManifestOverrides
 from mvm.core.state import MvmHome
-from mvm.core.workdir import manifest_dir
+from mvm.core.workdir import lock_file
 from mvm.core.workload import Workload
 from mvm.runtime.backends import ALL_BACKENDS
 
@@ -103,7 +103,7 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
     assert meta.hashes is not None
     click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")
     if result.lock_written:
-        click.echo(f"  wrote {manifest_dir(directory) / 'mvm.lock'} ({len(meta.packages)} packages pinned)")
+        click.echo(f"  wrote {lock_file(directory)} ({len(meta.packages)} packages pinned)")
     if backend:
         click.echo(f"  runs on {backend}")
 
