@@ -78,6 +78,9 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
           no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
+    DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file whose `@mvm.app(...)`
+    declaration is read without running it; its lock is APP.mvm.lock (APP.NAME.mvm.lock).
+
     Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
     into a shared cache, and writes a kernel, an initramfs and a read-only ext4 root into the
     content-addressed store (~/.mvm/store, or $MVM_HOME/store). Building the same inputs

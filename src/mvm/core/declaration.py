@@ -353,7 +353,7 @@ class _Reader:
             helper = self.helper(node.func)
             if helper in HELPER_PARAMS or helper == "app":
                 return f"mvm.{helper}() does not belong here"
-            return f"calls {_shown(node.func)}(), which is not an mvm declaration helper; {_WHY}"
+            return f"calls `{_shown(node.func, tick='')}()`, which is not an mvm declaration helper; {_WHY}"
         if isinstance(node, (ast.BinOp, ast.BoolOp, ast.UnaryOp, ast.Compare, ast.IfExp)):
             return f"is an expression ({shown}); {_WHY}, so it is never computed"
         if isinstance(node, ast.Constant):
@@ -365,11 +365,11 @@ class _Reader:
         return ManifestError(f"{self.file}:{getattr(node, 'lineno', self.decl.line)}", where, message, fix)
 
 
-def _shown(node: ast.AST, limit: int = 48) -> str:
+def _shown(node: ast.AST, limit: int = 48, tick: str = "`") -> str:
     """Source text of ``node`` on one short line, for a message."""
     try:
         text = ast.unparse(node)
     except (ValueError, RecursionError):  # pragma: no cover - unparse of a parsed tree
         text = type(node).__name__
     text = " ".join(text.split())
-    return f"`{text}`" if len(text) <= limit else f"`{text[: limit - 3]}...`"
+    return f"{tick}{text}{tick}" if len(text) <= limit else f"{tick}{text[: limit - 3]}...{tick}"
