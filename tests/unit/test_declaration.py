@@ -162,6 +162,8 @@ def test_shell_services_uids_shorthand_and_the_function_name(tmp_path: Path) -> 
     aliased = load_manifest(write(tmp_path / "c", "import mvm as m\n@m.app(entrypoint=m.shell('/bin/ash'), resources=None)\n"
                                                   "async def g(): ...\n"))
     assert aliased.entrypoint.shell == "/bin/ash" and aliased.name == "g"
+    here = load_declaration(write(tmp_path / "d", decl("source=mvm.local_path(), entrypoint=mvm.shell()")))
+    assert here.declaration.source == "."
 
 
 # -- never run ------------------------------------------------------------------------------------

@@ -189,7 +189,7 @@ class _Reader:
 
     def _source(self, key: str, value: ast.expr) -> None:
         _, args = self.call(key, value)
-        path = self.literal(args["path"], ("source",)) if "path" in args else None
+        path = self.literal(args["path"], ("source",)) if "path" in args else "."  # local_path()'s default
         if not isinstance(path, str) or not path:
             raise self.reject(value, "source", "needs a path", 'write source=mvm.local_path(".")')
         self.decl.source = path

@@ -27,11 +27,10 @@ import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
-from mvm.core.declaration import Declaration, extract
 from mvm.core.errors import BuildError, ManifestError, UsageError
 from mvm.core.manifest_guest import GuestSections
 from mvm.core.manifest_host import MAX_VCPUS, MIN_MEMORY_MIB, HostSections
@@ -39,6 +38,9 @@ from mvm.core.manifest_wording import field_name, quote
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
 from mvm.core.workdir import MANIFEST_FILE, declaration, manifest_file
 from mvm.core.workload import Hypervisor, Workload, validate_name
+
+if TYPE_CHECKING:
+    from mvm.core.declaration import Declaration
 
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
@@ -128,6 +130,8 @@ def load_declaration(path: Path | str, *, overrides: ManifestOverrides | None = 
     if len(source) > MAX_DECLARATION_BYTES:
         raise ManifestError(shown, None, f"is larger than {MAX_DECLARATION_BYTES // MIB} MiB",
                             "keep the declaration in a small file")
+    from mvm.core.declaration import extract  # only declarations pay for it
+
     decl = extract(source, shown, app)
     base = file.absolute().parent
     if decl.source is not None:
