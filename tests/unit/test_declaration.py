@@ -259,6 +259,19 @@ def test_which_app(tmp_path: Path) -> None:
     assert load_manifest(f"{app}:g").name == "other" and load_manifest(f"{app}:f").name == "f"
 
 
+def test_what_is_not_a_small_regular_file_is_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.py"
+    os.mkfifo(fifo)  # nobody ever writes to it: a blocking read would hang here
+    with pytest.raises(ManifestError, match="fifo.py: is not a regular file"):
+        load_manifest(fifo)
+    with pytest.raises(ManifestError, match="missing.py: cannot be read: No such file"):
+        load_manifest(tmp_path / "missing.py")
+    big = tmp_path / "big.py"
+    big.write_text("#" * (5 * 1024 * 1024))
+    with pytest.raises(ManifestError, match="big.py: is larger than 4 MiB"):
+        load_manifest(big)
+
+
 def test_unreadable_python_is_one_line() -> None:
     refused("import mvm\n\n@mvm.app(name=\n", 3, "not valid Python")
     with pytest.raises(ManifestError, match="app.py:1: is not valid Python .*null bytes"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,11 @@ def load_declaration(path: Path | str, *, overrides: ManifestOverrides | None = 
         raise UsageError(f"{path} is not a Python file", "give the path of a .py file (app.py or app.py:NAME)")
     file, app = declared
     shown = str(file)
-    try:
-        with file.open("rb") as stream:
+    try:  # non-blocking open: a FIFO or a device named app.py must not hang the command
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ManifestError(shown, None, "is not a regular file", "give the path of a .py file")
             source = stream.read(MAX_DECLARATION_BYTES + 1)
     except OSError as err:
         raise ManifestError(shown, None, f"cannot be read: {err.strerror or err}",
