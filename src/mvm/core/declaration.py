@@ -191,7 +191,8 @@ class _Reader:
         _, args = self.call(key, value)
         path = self.literal(args["path"], ("source",)) if "path" in args else "."  # local_path()'s default
         if not isinstance(path, str) or not path:
-            raise self.reject(value, "source", "needs a path", 'write source=mvm.local_path(".")')
+            raise self.reject(value, "source", "mvm.local_path() takes a directory as a non-empty string",
+                              'write source=mvm.local_path(".")')
         self.decl.source = path
 
     def _image(self, key: str, value: ast.expr) -> None:
