@@ -8,8 +8,13 @@ QEMU, and work in it: ``mvmctl --help``, or from Python::
     with mvm.Sandbox.create("python") as sbx:
         print(sbx.commands.run("python3 -c 'print(6 * 7)'").stdout)
 
-``mvm.Sandbox``, ``mvm.AsyncSandbox`` and ``mvm.CommandResult`` load on first use (``mvmctl
-exec`` imports this package and must stay light); errors are in ``mvm.errors``.
+A workload can also be declared in code, ``@mvm.app(...)`` with ``mvm.packages``,
+``mvm.command`` and the other helpers of ``mvm.declare``, and checked with ``mvmctl validate
+app.py`` without running the file.
+
+``mvm.Sandbox``, ``mvm.AsyncSandbox``, ``mvm.CommandResult`` and the declaration names load on
+first use (``mvmctl exec`` imports this package and must stay light); errors are in
+``mvm.errors``.
 """
 
 from __future__ import annotations
@@ -17,9 +22,22 @@ from __future__ import annotations
 TYPE_CHECKING = False  # (typing itself would cost `mvmctl exec` an import)
 
 __version__ = "0.1.0"
-__all__ = ["AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo", "__version__"]
+_DECLARE = ("app", "command", "local_path", "network", "nix_packages", "packages", "resources", "services", "shell")
+__all__ = ["AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo", "__version__", "app",
+           "command", "local_path", "network", "nix_packages", "packages", "resources", "services", "shell"]
 
 if TYPE_CHECKING:
+    from mvm.declare import (
+        app,
+        command,
+        local_path,
+        network,
+        nix_packages,
+        packages,
+        resources,
+        services,
+        shell,
+    )
     from mvm.sdk import AsyncSandbox, CommandHandle, CommandResult, Sandbox, SandboxInfo
 
 
@@ -28,4 +46,8 @@ def __getattr__(name: str) -> object:
         import mvm.sdk
 
         return getattr(mvm.sdk, name)
+    if name in _DECLARE:
+        import mvm.declare
+
+        return getattr(mvm.declare, name)
     raise AttributeError(f"module 'mvm' has no attribute {name!r}")

@@ -70,10 +70,13 @@ class Builder:
         self.debs = DebCache(home.debs)
         self.progress = progress
 
-    def build(self, workload: Workload, manifest_dir: Path, *, no_cache: bool = False) -> BuildResult:
+    def build(self, workload: Workload, manifest_dir: Path, *, no_cache: bool = False,
+              lock_path: Path | None = None) -> BuildResult:
+        """``lock_path``: the workload's package lock (core.workdir.lock_file); by default
+        mvm.lock in ``manifest_dir``."""
         seconds: dict[str, float] = {}
         with self._phase("resolve", "reading mvm.lock", seconds):
-            lock_path = manifest_dir / LOCK_FILE
+            lock_path = lock_path or manifest_dir / LOCK_FILE
             lock, lock_is_new = self._lock_for(workload, lock_path)
             key = store_key(workload, lock)
             existing = self.store.get(key)

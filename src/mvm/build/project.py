@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from mvm.build import stamps
 from mvm.core.bootimage import BootImage
 from mvm.core.state import MvmHome
-from mvm.core.workdir import manifest_dir, manifest_file
+from mvm.core.workdir import lock_file, manifest_dir, manifest_file
 
 if TYPE_CHECKING:
     from mvm.build.builder import BuildResult
@@ -22,7 +22,8 @@ Progress = Callable[[str, str], None]  # (phase, detail)
 
 def build_project(path: str | Path, overrides: ManifestOverrides | None = None, *, home: MvmHome,
                   progress: Progress | None = None, no_cache: bool = False) -> tuple[Workload, BuildResult]:
-    """Load mvm.toml and build. A build from the directory alone (no overrides) leaves a stamp."""
+    """Load mvm.toml (or a Python declaration: ``app.py``, ``app.py:NAME``) and build. A build
+    from the workload alone (no overrides) leaves a stamp."""
     from mvm.build.builder import Builder
     from mvm.core.manifest import ManifestOverrides, load_manifest
 
@@ -34,7 +35,7 @@ def build_project(path: str | Path, overrides: ManifestOverrides | None = None, 
             pass  # missing or unreadable: load_manifest says so in one line
     workload = load_manifest(path, overrides=overrides)
     builder = Builder(home, progress) if progress is not None else Builder(home)
-    result = builder.build(workload, manifest_dir(path), no_cache=no_cache)
+    result = builder.build(workload, manifest_dir(path), no_cache=no_cache, lock_path=lock_file(path))
     if manifest is not None:
         stamps.record(home, path, manifest, result.artifact.meta.key)
     return workload, result

@@ -3,7 +3,8 @@
 Every store key (builder.store_key) covers the builder's version, the guest's sources, the
 workload and the package lock. A *stamp* goes one step earlier: it hashes the raw inputs of a
 workload (the bytes of mvm.toml and mvm.lock, and mvm.toml's real path, since relative
-paths in it resolve against its directory, and the builder's version and guest sources) and
+paths in it resolve against its directory, and the builder's version and guest sources; for a
+Python declaration, the .py file's bytes, its lock and the chosen ``:NAME``) and
 remembers the key they built, in ``store/stamps/<digest>``.
 
 `up` and `run` of an unchanged directory are the common case. With a stamp they find the
@@ -25,7 +26,7 @@ from pathlib import Path
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, write_atomic
-from mvm.core.workdir import LOCK_FILE, manifest_file
+from mvm.core.workdir import declaration, lock_file, manifest_file
 from mvm.guest import GUEST_FILES, guest_file, protocol_source
 
 # 2: precompiled guest Python (unchecked-hash pycs); 3: vsock modules in the initramfs
@@ -53,12 +54,14 @@ def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
     try:
         if manifest is None:
             manifest = file.read_bytes()
-        lock = (file.parent / LOCK_FILE).read_bytes()
+        lock = lock_file(path).read_bytes()
     except OSError:
         return None
     digest = hashlib.sha256()
+    declared = declaration(path)
+    app = (declared[1] or "").encode() if declared else b""  # app.py:web and app.py:db differ
     for part in (b"stamp-1", BUILDER_VERSION.encode(), guest_sources_digest().encode(),
-                 os.path.realpath(file).encode(), manifest, lock):
+                 os.path.realpath(file).encode(), manifest, lock, *((app,) if app else ())):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 

@@ -14,7 +14,7 @@ from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage
 from mvm.core.manifest import ManifestOverrides
 from mvm.core.state import MvmHome
-from mvm.core.workdir import manifest_dir
+from mvm.core.workdir import lock_file
 from mvm.core.workload import Workload
 from mvm.runtime.backends import ALL_BACKENDS
 
@@ -78,6 +78,9 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
           no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
+    DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file whose `@mvm.app(...)`
+    declaration is read without running it; its lock is APP.mvm.lock (APP.NAME.mvm.lock).
+
     Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
     into a shared cache, and writes a kernel, an initramfs and a read-only ext4 root into the
     content-addressed store (~/.mvm/store, or $MVM_HOME/store). Building the same inputs
@@ -103,7 +106,7 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
     assert meta.hashes is not None
     click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")
     if result.lock_written:
-        click.echo(f"  wrote {manifest_dir(directory) / 'mvm.lock'} ({len(meta.packages)} packages pinned)")
+        click.echo(f"  wrote {lock_file(directory)} ({len(meta.packages)} packages pinned)")
     if backend:
         click.echo(f"  runs on {backend}")
 

@@ -1,5 +1,7 @@
 """Which project directory a command means: DIRECTORY, or ``--flake DIR`` (the
-documentation's spelling of the same thing), else the current directory."""
+documentation's spelling of the same thing), else the current directory. DIRECTORY may also
+be a Python declaration, ``app.py`` or ``app.py:NAME`` (core.workdir says which file and lock
+that means; core.declaration reads it without running it)."""
 
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
         as_json: bool, mode: str) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
-    its entrypoint (as the same uid).
+    its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
     \b
       mvmctl run                      detached (the default): returns once it has booted

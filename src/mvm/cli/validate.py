@@ -1,4 +1,4 @@
-"""``mvmctl validate``: check an mvm.toml without building anything.
+"""``mvmctl validate``: check an mvm.toml (or a Python declaration) without building anything.
 
 It runs the same loader as ``build`` so a manifest that validates is one the builder will
 accept; mistakes surface as ManifestError, which the CLI shell prints as one line (exit 2).
@@ -12,18 +12,22 @@ from pathlib import Path
 
 import click
 
-from mvm.core.manifest import load_manifest
+from mvm.core.manifest import load_declaration, load_manifest
 from mvm.core.sizes import MIB, format_size
+from mvm.core.workdir import declaration
 from mvm.core.workload import EntrypointKind, Workload
 
 
 @click.command()
-@click.argument("directory", default=".", type=click.Path(path_type=Path), metavar="[DIR]")
+@click.argument("directory", default=".", type=click.Path(path_type=Path), metavar="[DIR | APP.py[:NAME]]")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole validated workload as JSON.")
 def validate(directory: Path, as_json: bool) -> None:
     """Check DIR/mvm.toml (default: the current directory) and summarise it.
 
-    DIR may also be the path of the manifest file itself. On success this prints the
+    DIR may also be the path of the manifest file itself, or a Python file with an
+    `@mvm.app(...)` declaration (APP.py:NAME picks the function NAME when it has several):
+    the file is parsed, never imported or run, and only literal arguments are taken.
+    `mvm.nix_packages` passes here but `build` refuses it. On success this prints the
     workload's name, entrypoint, whether the image is sealed or accessible, uids,
     vCPUs, memory and packages; with --json it prints the full workload (the IR the
     builder consumes). On a mistake it prints one line naming the field and the fix,
@@ -34,11 +38,24 @@ def validate(directory: Path, as_json: bool) -> None:
       mvmctl validate examples/hello
       mvmctl validate --json . | jq .entrypoint
     """
-    workload = load_manifest(directory)
+    nix = None
+    if declaration(directory) is not None:
+        declared = load_declaration(directory)
+        workload, nix = declared.workload, declared.nix_packages
+    else:
+        workload = load_manifest(directory)
     if as_json:
-        click.echo(json.dumps(workload.model_dump(mode="json"), indent=2))
+        record = workload.model_dump(mode="json")
+        if nix is not None:
+            record["nix_packages"] = list(nix)
+        click.echo(json.dumps(record, indent=2))
         return
-    for label, value in summary(workload):
+    rows = summary(workload)
+    if nix is not None:
+        rows = [(label, value) for label, value in rows if label != "packages"]
+        refused = "(no Nix builder in this version: build refuses it)"
+        rows.append(("packages", f"nix: {', '.join(nix) or '(none)'} {refused}"))
+    for label, value in rows:
         click.echo(f"{label:<11} {value}")
 
 

@@ -74,6 +74,9 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
        cold: bool, as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
+    DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
+    declaration, read without running it.
+
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
     keeps running until `mvmctl down NAME` (or until its entrypoint ends). When a template
     of the image exists (`mvmctl template build`), the VM is a clone of it rather than a

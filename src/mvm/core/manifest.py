@@ -11,28 +11,37 @@ The top-level keys and the overrides are read here; the sections in core.manifes
 (entrypoint, uids, packages, extra_files) and core.manifest_host (sizes, network, volumes),
 and the wording of every mistake in core.manifest_wording.
 
+A Python declaration (``app.py``, ``app.py:NAME``) becomes the same document through
+core.declaration and goes through the same readers (:func:`load_declaration`), so it compiles
+to the same Workload with the same rules; only its messages say ``app.py:LINE``.
+
 This module is pure: it reads one file and never runs a program (the ``nix`` check is a PATH
-lookup only).
+lookup only; a declaration is parsed, never imported).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import stat
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
-from mvm.core.errors import ManifestError, UsageError
+from mvm.core.errors import BuildError, ManifestError, UsageError
 from mvm.core.manifest_guest import GuestSections
 from mvm.core.manifest_host import MAX_VCPUS, MIN_MEMORY_MIB, HostSections
 from mvm.core.manifest_wording import field_name, quote
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
-from mvm.core.workdir import MANIFEST_FILE, manifest_file
+from mvm.core.workdir import MANIFEST_FILE, declaration, manifest_file
 from mvm.core.workload import Hypervisor, Workload, validate_name
+
+if TYPE_CHECKING:
+    from mvm.core.declaration import Declaration
 
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
@@ -40,6 +49,7 @@ _TOP_KEYS = (
 )  # fmt: skip
 
 _NIX_FIX = "remove flake/profile to use mvm's built-in Debian builder"
+MAX_DECLARATION_BYTES = 4 * 1024 * 1024  # a declaration is a short file; this bounds a hostile one
 
 
 @dataclass(frozen=True)
@@ -51,8 +61,30 @@ class ManifestOverrides:
     data_disk: str | None = None
 
 
+@dataclass(frozen=True)
+class DeclaredWorkload:
+    """A Python declaration's Workload, and what of it the builder cannot make yet."""
+
+    workload: Workload
+    declaration: Declaration
+
+    @property
+    def nix_packages(self) -> tuple[str, ...] | None:
+        return self.declaration.nix_packages
+
+
 def load_manifest(path: Path | str, *, overrides: ManifestOverrides | None = None) -> Workload:
-    """Read ``path`` (a directory holding mvm.toml, or the file itself) into a Workload."""
+    """Read ``path`` (a directory holding mvm.toml, the file itself, or a Python declaration)
+    into the Workload a build makes: a declaration of ``mvm.nix_packages`` is refused here."""
+    if declaration(path) is not None:
+        declared = load_declaration(path, overrides=overrides)
+        if declared.nix_packages is not None:
+            decl = declared.declaration
+            raise BuildError(
+                "resolve", f"{decl.file}:{decl.line_of(('image',))}: image is mvm.nix_packages(...), and this "
+                "version of mvm has no Nix builder", "use mvm.packages([...]) with Debian package names",
+            )  # fmt: skip
+        return declared.workload
     given = Path(path)
     file = manifest_file(given)
     shown = str(file)
@@ -81,6 +113,45 @@ def load_manifest(path: Path | str, *, overrides: ManifestOverrides | None = Non
             "check that it is a readable file",
         ) from None  # fmt: skip
     return parse_manifest(text, shown, base_dir=file.absolute().parent, overrides=overrides)
+
+
+def load_declaration(path: Path | str, *, overrides: ManifestOverrides | None = None) -> DeclaredWorkload:
+    """Read the ``@mvm.app`` of ``app.py`` (or ``app.py:NAME``) without running the file."""
+    declared = declaration(path)
+    if declared is None:
+        raise UsageError(f"{path} is not a Python file", "give the path of a .py file (app.py or app.py:NAME)")
+    file, app = declared
+    shown = str(file)
+    try:  # non-blocking open: a FIFO or a device named app.py must not hang the command
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ManifestError(shown, None, "is not a regular file", "give the path of a .py file")
+            source = stream.read(MAX_DECLARATION_BYTES + 1)
+    except OSError as err:
+        raise ManifestError(shown, None, f"cannot be read: {err.strerror or err}",
+                            "check that the file exists and is readable") from None
+    if len(source) > MAX_DECLARATION_BYTES:
+        raise ManifestError(shown, None, f"is larger than {MAX_DECLARATION_BYTES // MIB} MiB",
+                            "keep the declaration in a small file")
+    from mvm.core.declaration import extract  # only declarations pay for it
+
+    decl = extract(source, shown, app)
+    base = file.absolute().parent
+    if decl.source is not None:
+        base = Path(os.path.normpath(base / os.path.expanduser(decl.source)))
+        if not base.is_dir():
+            raise ManifestError(f"{shown}:{decl.line_of(('source',))}", "source",
+                                f"{quote(decl.source)} is not a directory (from {file.absolute().parent})",
+                                "give a directory relative to the file, e.g. mvm.local_path(\".\")")
+    try:
+        workload = _Parser(shown, base, decl.locate).workload(decl.data, overrides or ManifestOverrides())
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = tuple(p for p in first["loc"] if isinstance(p, (str, int)))
+        where, name = decl.locate(loc)
+        raise ManifestError(where, name, first["msg"], "correct this value") from None
+    return DeclaredWorkload(workload, decl)
 
 
 def parse_manifest(

@@ -11,12 +11,16 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mvm.core.errors import ManifestError
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+Locate = Callable[[tuple[str | int, ...]], tuple[str, str | None]]
+"""A field's ``(where, field name)`` for messages, when the document did not come from TOML."""
 
 
 def field_name(*parts: str | int) -> str:
@@ -61,11 +65,15 @@ def closest(word: str, choices: tuple[str, ...], n: int = 1) -> str | None:
 class ManifestChecks:
     """Checks of one TOML value's shape; every check raises one ManifestError for ``self.path``."""
 
-    def __init__(self, path: str, base_dir: Path) -> None:
+    def __init__(self, path: str, base_dir: Path, locate: Locate | None = None) -> None:
         self.path = path
         self.base_dir = base_dir
+        self.locate = locate
 
     def error(self, field: tuple[str | int, ...], message: str, fix: str) -> ManifestError:
+        if self.locate is not None:  # a Python declaration: its file:line and its own spelling
+            where, name = self.locate(field)
+            return ManifestError(where, name, message, fix)
         return ManifestError(self.path, field_name(*field) or None, message, fix)
 
     # -- generic shape checks --------------------------------------------------------------
