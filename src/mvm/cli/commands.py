@@ -41,6 +41,8 @@ VERBS = {
     "snapshot": "mvm.cli.vm",
     "forward": "mvm.cli.vm",
     "mcp": "mvm.cli.mcp",
+    "audit": "mvm.cli.audit",
+    "receipt": "mvm.cli.audit",
 }
 
 

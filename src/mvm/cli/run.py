@@ -8,6 +8,7 @@ import json
 import os
 import selectors
 import sys
+import time
 from contextlib import nullcontext
 
 import click
@@ -49,10 +50,11 @@ class RunCommand(click.Command):
 @click.option("--boot-report", is_flag=True, help="Print when each boot phase was reached (stderr).")
 @click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
+@click.option("--receipt", is_flag=True, help="Print the id of the start's audit record on stderr.")
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool) -> None:
+        as_json: bool, receipt: bool) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid).
 
@@ -85,9 +87,13 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
                          argv=argv)
         click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
         return
+    receipts: list[str] = []
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note, argv=argv)
+                              hypervisor=hypervisor, progress=note, argv=argv, operation="run",
+                              on_receipt=receipts.append)
+        if receipt:
+            note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
             click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                        f"(`mvmctl logs {vm_name}` shows its output)")
@@ -97,11 +103,16 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         if boot_report:
             print_boot_report(record)
         return
+    started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
                                 hypervisor=hypervisor, progress=note, argv=argv)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
+        record_id = lifecycle.audit_action(home, "run", name=vm_name, image=image, vm=launch.record, started=started,
+                                           sealed=image.sealed, argv=argv, detail={"mode": "attached"})
         launch.commit()
+        if receipt:
+            note(f"receipt {record_id or 'none (no audit record was written)'}")
         interactive = image.accessible and image.entrypoint_kind == "shell" and argv is None
         try:
             code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)

@@ -66,8 +66,10 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
+@click.option("--receipt", is_flag=True, help="Print the id of the start's audit record (stderr; with --json, a "
+                                               "'receipt' field).")
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
-       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool) -> None:
+       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool, receipt: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
@@ -78,10 +80,14 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     home = MvmHome.default()
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
+    receipts: list[str] = []
     record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                          hypervisor=hypervisor, progress=note, forwards=forwards)
+                          hypervisor=hypervisor, progress=note, forwards=forwards, on_receipt=receipts.append)
+    if receipt and not as_json:
+        note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
     if as_json:
-        click.echo(json.dumps(asdict(record), indent=2))
+        click.echo(json.dumps({**asdict(record), **({"receipt": receipts[0] if receipts else None} if receipt else {})},
+                              indent=2))
     elif record.state == "stopped":
         click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                    f"(`mvmctl logs {vm_name}` shows its output)")

@@ -26,6 +26,7 @@ from mcp.server.fastmcp import FastMCP
 from mcp.server.fastmcp.exceptions import ToolError
 
 from mvm.core.errors import MvmError, UsageError
+from mvm.runtime.client import set_surface
 from mvm.sdk.sandbox import Sandbox
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout (and of stderr) a tool result carries
@@ -136,6 +137,7 @@ def _capped(data: str) -> str:
 
 
 def build_server(limits: Limits) -> FastMCP:
+    set_surface("mcp")  # every sandbox action of this process is recorded as MCP's
     pool = SandboxPool(limits)
 
     @asynccontextmanager

@@ -36,8 +36,11 @@ from mvm.errors import (
     VmError,
 )
 from mvm.runtime import backends, lifecycle, transfer
-from mvm.runtime.client import AgentError, VmClient
+from mvm.runtime.client import AgentError, VmClient, current_surface, set_surface
 from mvm.sdk.templates import template_dir
+
+if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
+    set_surface("sdk")  # a program that imports the SDK: its audit records say so
 
 OutputSink = Callable[[str], None]
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
@@ -53,6 +56,7 @@ class CommandResult:
     stderr: str
     exit_code: int
     duration: float  # seconds, as the host saw it
+    receipt_id: str | None = None  # its audit record (`mvmctl receipt show ID`), when one was written
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,8 @@ class Commands:
         if result.timed_out:
             raise CommandTimeout(f"{argv[0]} ran past its {timeout:g} s timeout in sandbox {self._sandbox.name} "
                                  "and was killed", bytes(out), bytes(err))
-        done = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"), result.exit_status, duration)
+        done = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"), result.exit_status, duration,
+                             result.receipt)
         if check and done.exit_code != 0:
             raise CommandFailed(f"{argv[0]} exited {done.exit_code} in sandbox {self._sandbox.name}", done)
         return done

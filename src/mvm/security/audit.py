@@ -33,6 +33,7 @@ from typing import Any
 
 from mvm.core.errors import MvmError
 from mvm.core.state import MvmHome
+from mvm.runtime.client import current_surface
 from mvm.security.host_key import KEY_FILE, HostKey, canonical_json
 
 AUDIT_DIR = "audit"
@@ -42,27 +43,13 @@ LOCK = "lock"
 GENESIS = "0" * 64
 SEGMENT_BYTES = 32 << 20  # a segment is rotated once it reaches this size
 FORMAT_VERSION = 1
-SURFACES = ("cli", "sdk", "mcp")
 OFF_FOR_BENCHMARK = "MVM_AUDIT_OFF_FOR_BENCHMARK"  # benchmarks/run.py only; see docs/audit.md
 
-_surface = "cli"  # what this process is: the CLI unless the SDK (or MCP, on the SDK) says so
 _keys: dict[tuple[Path, int, int], HostKey] = {}  # one load per key file per process
 
 
 class AuditError(MvmError):
     """The audit chain could not be written or read."""
-
-
-def set_surface(surface: str) -> None:
-    """Declare which of mvm's surfaces this process is (the SDK and MCP call this)."""
-    global _surface
-    if surface not in SURFACES:
-        raise ValueError(f"surface {surface!r} is not one of {SURFACES}")
-    _surface = surface
-
-
-def current_surface() -> str:
-    return _surface
 
 
 def audit_dir(home: MvmHome) -> Path:
@@ -115,7 +102,7 @@ def process_name(pid: int) -> str:
 
 def self_actor() -> dict[str, Any]:
     """The calling process as an actor: for records written by mvmctl, the SDK or MCP."""
-    return {"uid": os.getuid(), "pid": os.getpid(), "surface": _surface, "process": process_name(os.getpid())}
+    return {"uid": os.getuid(), "pid": os.getpid(), "surface": current_surface(), "process": process_name(os.getpid())}
 
 
 def disabled_for_benchmark() -> bool:
@@ -129,7 +116,7 @@ def append(home: MvmHome, entry: dict[str, Any], *, segment_bytes: int = SEGMENT
         return _append(home, entry, segment_bytes)
     except OSError as err:
         raise AuditError(f"cannot append to the audit log in {audit_dir(home)}: {err.strerror or err}",
-                         f"check the directory's owner and free space; `mvmctl audit verify` checks the chain") from None
+                         "check the directory's owner and free space; `mvmctl audit verify` checks the chain") from None
 
 
 def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int) -> str:
@@ -268,6 +255,24 @@ def record(home: MvmHome, *, operation: str, sealed: bool = False, actor: dict[s
                              "fix the audit log; a sealed image's actions are never unrecorded") from None
         sys.stderr.write(f"mvmctl: warning: {operation} is not in the audit log: {err}\n")
         return None
+
+
+def record_action(home: MvmHome, operation: str, *, name: str, image: Any = None, vm: Any = None,
+                  started: float | None = None, error: BaseException | None = None, sealed: bool = False,
+                  **fields: Any) -> str | None:
+    """A record of a lifecycle action (up, run, down, forward, ...) done by this process:
+    ``image`` is the BootImage and ``vm`` the VmRecord, when known; ``started`` is its
+    ``time.monotonic()`` at the start; ``error`` is why it failed."""
+    described: dict[str, Any] = {"vm": name}
+    if image is not None:
+        described["artifact"] = image.key
+    if vm is not None:
+        described.update(vm_fields(vm))
+    if error is not None:
+        fields["detail"] = {**(fields.get("detail") or {}), "error": str(error)[:300]}
+    return record(home, operation=operation, sealed=sealed, **described, **fields,
+                  result="error" if error is not None else "ok",
+                  duration_ms=None if started is None else round((time.monotonic() - started) * 1000, 3))
 
 
 def vm_fields(record: Any) -> dict[str, Any]:
