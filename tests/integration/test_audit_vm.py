@@ -1,0 +1,151 @@
+"""The audit chain on a real QEMU guest: up, exec, cp both ways, fs rm, an SDK call and down
+each leave one signed record with the right actor, and `--receipt` names it; 32 concurrent
+execs and appends from other processes at the same moment leave a chain that verifies."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvm.core.state import MvmHome
+from mvm.security import audit
+from tests.conftest import Mvmctl
+
+pytestmark = pytest.mark.vm
+
+WORKLOAD = """
+    name = "aud"
+    [entrypoint]
+    command = ["/bin/sh", "-c", "while true; do sleep 1; done"]
+"""
+SECRET = "42-s3cr3t-42"  # what the command prints; its argv spells it differently
+
+
+@pytest.fixture(scope="module")
+def vm(mvmctl: Mvmctl, tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("aud")
+    (directory / "mvm.toml").write_text(WORKLOAD)
+    proc = mvmctl("up", "--hypervisor", "qemu", "--receipt", "--json", str(directory), check=True)
+    yield "aud", json.loads(proc.stdout)["receipt"]
+    mvmctl("down", "--force", "aud")
+
+
+def receipt_of(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("mvmctl: receipt ")]
+    assert len(lines) >= 1, stderr
+    return lines[-1].removeprefix("mvmctl: receipt ")
+
+
+def show(mvmctl: Mvmctl, record_id: str) -> dict:
+    proc = mvmctl("receipt", "show", "--json", record_id, check=True)
+    shown = json.loads(proc.stdout)
+    assert shown["verifies"], shown["status"]
+    return shown["record"]
+
+
+def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
+    name, receipt = vm
+    entry = show(mvmctl, receipt)
+    assert entry["operation"] == "up" and entry["vm"] == name and entry["result"] == "ok"
+    assert entry["backend"] == "qemu" and entry["isolation"] and entry["artifact"]
+    assert entry["actor"]["surface"] == "cli" and entry["actor"]["uid"] >= 0
+
+
+def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, vm) -> None:
+    name, _ = vm
+    printed = "echo $((6*7))-s3cr3t-$((6*7))"
+    proc = mvmctl("exec", "--receipt", name, "--", "/bin/sh", "-c", f"{printed}; {printed} >&2; exit 7")
+    assert proc.returncode == 7 and proc.stdout == f"{SECRET}\n"
+    entry = show(mvmctl, receipt_of(proc.stderr))
+    assert entry["operation"] == "exec" and entry["argv"][:2] == ["/bin/sh", "-c"]
+    assert entry["exit_status"] == 7 and entry["result"] == "ok"
+    assert entry["detail"]["stdout_bytes"] == len(SECRET) + 1 == entry["detail"]["stderr_bytes"]
+    assert entry["actor"]["surface"] == "cli" and entry["actor"]["process"].startswith("python")
+    assert entry["duration_ms"] > 0
+    logged = b"".join(p.read_bytes() for p in (mvmctl.home / "audit").glob("audit*.jsonl"))
+    assert SECRET.encode() not in logged and b"s3cr3t" in logged  # the argv is logged, never the output
+
+
+def test_cp_both_ways_and_rm_are_recorded_with_sizes_and_hashes(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    import hashlib
+
+    name, _ = vm
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"payload\n" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    proc = mvmctl("cp", "--receipt", str(source), f"{name}:/tmp/in.bin", check=True)
+    wrote = show(mvmctl, receipt_of(proc.stderr))
+    assert wrote["operation"] == "write" and wrote["paths"] == ["/tmp/in.bin"]
+    assert wrote["detail"] == {"write_bytes": 8000, "sha256": digest}
+    proc = mvmctl("cp", "--receipt", f"{name}:/tmp/in.bin", str(tmp_path / "out.bin"), check=True)
+    read = show(mvmctl, receipt_of(proc.stderr))
+    assert read["operation"] == "read" and read["detail"]["sha256"] == digest
+    mvmctl("fs", name, "rm", "/tmp/in.bin", check=True)
+    removed = [e for e in json.loads(mvmctl("audit", "ls", "--json", "--vm", name, check=True).stdout)
+               if e["operation"] == "remove"]
+    assert removed[-1]["paths"] == ["/tmp/in.bin"] and removed[-1]["result"] == "ok"
+
+
+def test_the_sdk_gets_a_receipt_id_and_is_named_as_the_sdk(mvmctl: Mvmctl, vm) -> None:
+    name, _ = vm
+    code = (f"import mvm; r = mvm.Sandbox.connect({name!r}).commands.run('exit 3'); "
+            "print(r.exit_code, r.receipt_id)")
+    proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    code_text, receipt = proc.stdout.split()
+    assert code_text == "3"
+    entry = show(mvmctl, receipt)
+    assert entry["actor"]["surface"] == "sdk" and entry["exit_status"] == 3
+
+
+def append_from_another_process(home: str, count: int) -> None:
+    for i in range(count):
+        audit.append(MvmHome(Path(home)), {"operation": "test-append", "actor": audit.self_actor(), "detail": {"i": i}})
+
+
+def test_32_concurrent_execs_and_other_writers_leave_a_whole_chain(mvmctl: Mvmctl, vm) -> None:
+    name, _ = vm
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=append_from_another_process, args=(str(mvmctl.home), 25)) for _ in range(3)]
+    for writer in writers:
+        writer.start()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        procs = list(pool.map(lambda i: mvmctl("exec", "--receipt", name, "--", "/bin/sh", "-c", f"echo {i}"),
+                              range(32)))
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    assert [p.returncode for p in procs] == [0] * 32
+    receipts = {receipt_of(p.stderr) for p in procs}
+    assert len(receipts) == 32
+    verified = mvmctl("audit", "verify", "--json")
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 0 and report["ok"], report
+    entries = json.loads(mvmctl("audit", "ls", "--json", check=True).stdout)
+    assert receipts <= {e["id"] for e in entries if e["operation"] == "exec"}
+    assert sum(e["operation"] == "test-append" for e in entries) == 75
+
+
+def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    name, _ = vm
+    mvmctl("down", name, check=True)
+    last = json.loads(mvmctl("audit", "ls", "--json", "--vm", name, check=True).stdout)[-1]
+    assert last["operation"] == "down" and last["result"] == "ok"
+    export = tmp_path / "export.jsonl"
+    mvmctl("audit", "export", "--out", str(export), check=True)
+    assert json.loads(export.read_text().splitlines()[0])["public_key"]
+    current = mvmctl.home / "audit" / "audit.jsonl"
+    original = current.read_bytes()
+    try:
+        current.write_bytes(original.replace(b'"operation":"down"', b'"operation":"dawn"'))
+        proc = mvmctl("audit", "verify")
+        assert proc.returncode == 3 and "edited" in proc.stderr and "audit.jsonl:" in proc.stderr
+    finally:
+        current.write_bytes(original)
+    assert mvmctl("audit", "verify").returncode == 0
