@@ -32,7 +32,7 @@ def vm(mvmctl: Mvmctl, tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("aud")
     (directory / "mvm.toml").write_text(WORKLOAD)
     proc = mvmctl("up", "--hypervisor", "qemu", "--receipt", "--json", str(directory), check=True)
-    yield "aud", json.loads(proc.stdout)["receipt"]
+    yield "aud", json.loads(proc.stdout)["receipt"], directory
     mvmctl("down", "--force", "aud")
 
 
@@ -50,7 +50,7 @@ def show(mvmctl: Mvmctl, record_id: str) -> dict:
 
 
 def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
-    name, receipt = vm
+    name, receipt, _ = vm
     entry = show(mvmctl, receipt)
     assert entry["operation"] == "up" and entry["vm"] == name and entry["result"] == "ok"
     assert entry["backend"] == "qemu" and entry["isolation"] and entry["artifact"]
@@ -58,7 +58,7 @@ def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
 
 
 def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, vm) -> None:
-    name, _ = vm
+    name, _, _ = vm
     printed = "echo $((6*7))-s3cr3t-$((6*7))"
     proc = mvmctl("exec", "--receipt", name, "--", "/bin/sh", "-c", f"{printed}; {printed} >&2; exit 7")
     assert proc.returncode == 7 and proc.stdout == f"{SECRET}\n"
@@ -75,7 +75,7 @@ def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, v
 def test_cp_both_ways_and_rm_are_recorded_with_sizes_and_hashes(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
     import hashlib
 
-    name, _ = vm
+    name, _, _ = vm
     source = tmp_path / "in.bin"
     source.write_bytes(b"payload\n" * 1000)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -93,7 +93,7 @@ def test_cp_both_ways_and_rm_are_recorded_with_sizes_and_hashes(mvmctl: Mvmctl, 
 
 
 def test_the_sdk_gets_a_receipt_id_and_is_named_as_the_sdk(mvmctl: Mvmctl, vm) -> None:
-    name, _ = vm
+    name, _, _ = vm
     code = (f"import mvm; r = mvm.Sandbox.connect({name!r}).commands.run('exit 3'); "
             "print(r.exit_code, r.receipt_id)")
     proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=120,
@@ -110,7 +110,7 @@ def append_from_another_process(home: str, count: int) -> None:
 
 
 def test_32_concurrent_execs_and_other_writers_leave_a_whole_chain(mvmctl: Mvmctl, vm) -> None:
-    name, _ = vm
+    name, _, _ = vm
     context = multiprocessing.get_context("fork")
     writers = [context.Process(target=append_from_another_process, args=(str(mvmctl.home), 25)) for _ in range(3)]
     for writer in writers:
@@ -133,7 +133,7 @@ def test_32_concurrent_execs_and_other_writers_leave_a_whole_chain(mvmctl: Mvmct
 
 
 def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
-    name, _ = vm
+    name, _, _ = vm
     mvmctl("down", name, check=True)
     last = json.loads(mvmctl("audit", "ls", "--json", "--vm", name, check=True).stdout)[-1]
     assert last["operation"] == "down" and last["result"] == "ok"
@@ -149,3 +149,25 @@ def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_pa
     finally:
         current.write_bytes(original)
     assert mvmctl("audit", "verify").returncode == 0
+
+
+def test_a_dry_run_admits_or_refuses_and_starts_nothing(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    from tests.integration.test_boot import qemu_processes_using
+
+    _, _, directory = vm
+    store = sorted(p.name for p in (mvmctl.home / "store").iterdir())
+    plan = json.loads(mvmctl("up", "--dry-run", "--json", "--name", "aud-dry", str(directory), check=True).stdout)
+    assert plan["backend"]["isolation"] and plan["artifact"]["sealed"] and plan["admission"]["admitted"]
+    assert plan["network"]["mode"] == "deny" and plan["entrypoint"]["uid"] == 1000
+    policy = tmp_path / "strict.toml"
+    policy.write_text("[resources]\nmax_memory_mib = 128\n")
+    refused = mvmctl("up", "--dry-run", "--policy", str(policy), "--name", "aud-dry", str(directory))
+    assert refused.returncode == 4
+    assert f"refused by policy rule resources.max_memory_mib ({policy}:2)" in refused.stderr
+    assert mvmctl("up", "--policy", str(policy), "--name", "aud-dry", str(directory)).returncode == 4
+    assert not (mvmctl.home / "vms" / "aud-dry").exists()
+    assert sorted(p.name for p in (mvmctl.home / "store").iterdir()) == store
+    assert not qemu_processes_using(mvmctl.home / "vms" / "aud-dry")
+    plans = [e for e in json.loads(mvmctl("audit", "ls", "--json", "--vm", "aud-dry", check=True).stdout)]
+    assert [(e["operation"], e["result"]) for e in plans] == [("plan", "admitted"), ("plan", "refused"),
+                                                              ("plan", "refused"), ("up", "error")]

@@ -4,7 +4,6 @@ console, exit with the entrypoint's status); ``-- ARGV`` instead of the entrypoi
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import sys
@@ -15,7 +14,15 @@ import click
 
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
-from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
+from mvm.cli.vm import (
+    HYPERVISOR_OPTION,
+    POLICY_OPTION,
+    boot_image,
+    boot_report_lines,
+    note,
+    print_plan,
+    resources,
+)
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
@@ -51,10 +58,11 @@ class RunCommand(click.Command):
 @click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.option("--receipt", is_flag=True, help="Print the id of the start's audit record on stderr.")
+@POLICY_OPTION
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool, receipt: bool) -> None:
+        as_json: bool, receipt: bool, policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid).
 
@@ -81,17 +89,14 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
     if dry_run:
-        from mvm.runtime.plan import make_plan
-
-        plan = make_plan(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                         argv=argv)
-        click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+        print_plan(home, image, vm_name, as_json, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                   argv=argv, policies=policies)
         return
     receipts: list[str] = []
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                               hypervisor=hypervisor, progress=note, argv=argv, operation="run",
-                              on_receipt=receipts.append)
+                              on_receipt=receipts.append, policies=policies)
         if receipt:
             note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
@@ -105,7 +110,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         return
     started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
-                                hypervisor=hypervisor, progress=note, argv=argv)
+                                hypervisor=hypervisor, progress=note, argv=argv, policies=policies)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
         record_id = lifecycle.audit_action(home, "run", name=vm_name, image=image, vm=launch.record, started=started,

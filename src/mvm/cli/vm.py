@@ -39,6 +39,22 @@ HYPERVISOR_OPTION = click.option(
     help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
 
 
+POLICY_OPTION = click.option(
+    "--policy", "policies", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+    help="An admission policy to hold the plan to, besides $MVM_HOME/policy.toml (repeatable; docs/audit.md).")
+
+
+def print_plan(home: MvmHome, image: BootImage, name: str, as_json: bool, *, policies: tuple[str, ...] = (),
+               **options: Any) -> None:
+    """--dry-run: the admitted plan (or the rule that refuses it), and nothing started or built
+    beyond what stamps already knew."""
+    from mvm.runtime.plan import admit, make_plan
+
+    plan = admit(home, make_plan(home, image, name=name, **options), policies, sealed=image.sealed, dry_run=True)
+    lifecycle.refuse_unenforced_settings(image)  # as `up` would, after admission
+    click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+
+
 def note(message: str) -> None:
     click.echo(f"mvmctl: {message}", err=True)
 
@@ -68,8 +84,11 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
 @click.option("--receipt", is_flag=True, help="Print the id of the start's audit record (stderr; with --json, a "
                                                "'receipt' field).")
+@click.option("--dry-run", is_flag=True, help="Print the admitted plan (what would run, where, how) and start nothing.")
+@POLICY_OPTION
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
-       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool, receipt: bool) -> None:
+       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool, receipt: bool,
+       dry_run: bool, policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
@@ -80,9 +99,13 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     home = MvmHome.default()
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
+    if dry_run:
+        print_plan(home, image, vm_name, as_json, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                   forwards=forwards, policies=policies)
+        return
     receipts: list[str] = []
-    record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                          hypervisor=hypervisor, progress=note, forwards=forwards, on_receipt=receipts.append)
+    record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                          progress=note, forwards=forwards, on_receipt=receipts.append, policies=policies)
     if receipt and not as_json:
         note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
     if as_json:

@@ -101,13 +101,19 @@ def refuse_unenforced_settings(image: BootImage) -> None:
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
-             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None) -> Launch:
+             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
+             policies: tuple[str | Path, ...] = (), forwards: tuple[PortForward, ...] = ()) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
-    ``ephemeral``: nothing of it is kept once it stops."""
+    ``ephemeral``: nothing of it is kept once it stops. The plan is admitted first (the home's
+    policy and ``policies``; ``forwards`` are the ones `up` will add)."""
+    from mvm.runtime import plan
+
     check_vm_name(name)
     check_argv(argv)
     refuse_unenforced_settings(image)
+    plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                                    argv=argv, forwards=forwards), policies, sealed=image.sealed)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
@@ -247,7 +253,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
        ephemeral: bool = False, workload_id: str | None = None, operation: str = "up",
-       on_receipt: Callable[[str], None] | None = None) -> VmRecord:
+       on_receipt: Callable[[str], None] | None = None, policies: tuple[str | Path, ...] = ()) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -259,7 +265,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
     try:
         launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
-                          ephemeral=ephemeral, workload_id=workload_id)
+                          ephemeral=ephemeral, workload_id=workload_id, policies=policies, forwards=forwards)
     except Exception as err:
         audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
         raise

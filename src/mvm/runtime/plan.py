@@ -1,15 +1,18 @@
-"""What `up`/`run` would do, said before doing it: `mvmctl run --dry-run [--json]`.
+"""What `up`/`run` would do, said before doing it: `mvmctl up|run --dry-run [--json]`.
 
 The plan names the artifact, the backend and its isolation, the resources, what runs and as
 whom, the network and the mounts. It is made without booting anything (not even the KVM
-probe: a cached verdict or "not probed yet"), and refuses what `up` would refuse.
+probe: a cached verdict or "not probed yet"). :func:`admit` holds it to the admission policy
+(security/admission.py) and writes the verdict to the audit chain; `up` and `run` admit the
+same plan before they start anything, so a dry run says what they would do.
 """
 
 from __future__ import annotations
 
 import json
 import shlex
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
@@ -26,6 +29,7 @@ class Plan:
     entrypoint: dict[str, Any]
     network: dict[str, Any]
     mounts: list[dict[str, Any]]
+    admission: dict[str, Any] = field(default_factory=dict)  # {policies, admitted, receipt}
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -44,18 +48,20 @@ class Plan:
             f"{self.entrypoint['uid']}" + (" (instead of the image's entrypoint)" if self.entrypoint["override"] else ""),
             f"  network     {net['effective']}",
             *[f"  forward     {f['host_addr']}:{f['host_port']} -> guest port {f['guest_port']}" for f in net["forwards"]],
+            *([f"  admitted    by {', '.join(self.admission['policies']) or 'no policy (none is set)'}"
+               + (f"; receipt {self.admission['receipt']}" if self.admission.get("receipt") else "")]
+              if self.admission else []),
         ]
 
 
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
               forwards: tuple[PortForward, ...] = ()) -> Plan:
-    """The plan for starting ``image`` as VM ``name``; raises what `up` would (a backend that
-    cannot run here, a command too long)."""
+    """The plan for starting ``image`` as VM ``name``, as its mvm.toml declares it; raises what
+    `up` would before admission (a backend that cannot run here, a command too long)."""
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
-    lifecycle.refuse_unenforced_settings(image)  # as `up` would
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
     workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
@@ -74,7 +80,29 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
                     "argv": list(argv or entry.get("command") or ([entry["shell"]] if entry.get("shell") else [])),
                     "services": [s.get("name") for s in entry.get("services") or []],
                     "uid": image.entrypoint_uid, "agent_uid": image.agent_uid},
-        network={"mode": network["mode"], "effective": "deny: no network device",
-                 "forwards": [asdict(f) for f in all_forwards]},
-        mounts=[],  # (an image that declares volumes is refused above: this version mounts none)
+        network={"mode": network["mode"], "allow": list(network.get("allow") or []),
+                 "effective": "deny: no network device", "forwards": [asdict(f) for f in all_forwards]},
+        # (declared; an image with volumes is refused after admission: this version mounts none)
+        mounts=[{"host": str(v.get("host")), "guest": str(v.get("guest")), "readonly": v.get("readonly", True) is True}
+                for v in workload.get("volumes") or []],
     )
+
+
+def admit(home: MvmHome, plan: Plan, policies: tuple[str | Path, ...] = (), *, sealed: bool = False,
+          dry_run: bool = False) -> Plan:
+    """Hold ``plan`` to the home's policy and ``policies``; the verdict, either way, is an audit
+    record. Returns the plan with its admission; raises PolicyRefused."""
+    from mvm.security import admission, audit
+
+    policy = admission.load(home.root, policies)
+    fields = {"vm": plan.name, "artifact": plan.artifact["key"], "backend": plan.backend["name"],
+              "isolation": plan.backend["isolation"], "paths": list(policy.files)}
+    try:
+        admission.check(policy, plan.as_dict())
+    except admission.PolicyRefused as err:
+        audit.record(home, operation="plan", sealed=sealed, **fields, result="refused",
+                     detail={"rule": err.rule, "where": err.where, "why": err.why[:300], "dry_run": dry_run})
+        raise
+    receipt = audit.record(home, operation="plan", sealed=sealed, **fields, result="admitted",
+                           detail={"dry_run": dry_run})
+    return replace(plan, admission={"policies": list(policy.files), "admitted": True, "receipt": receipt})
