@@ -55,6 +55,8 @@ def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
     assert entry["operation"] == "up" and entry["vm"] == name and entry["result"] == "ok"
     assert entry["backend"] == "qemu" and entry["isolation"] and entry["artifact"]
     assert entry["actor"]["surface"] == "cli" and entry["actor"]["uid"] >= 0
+    builds = [e for e in json.loads(mvmctl("audit", "ls", "--json", check=True).stdout) if e["operation"] == "build"]
+    assert builds and builds[-1]["artifact"] == entry["artifact"] and builds[-1]["result"] == "ok"
 
 
 def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, vm) -> None:

@@ -257,13 +257,13 @@ def record(home: MvmHome, *, operation: str, sealed: bool = False, actor: dict[s
         return None
 
 
-def record_action(home: MvmHome, operation: str, *, name: str, image: Any = None, vm: Any = None,
+def record_action(home: MvmHome, operation: str, *, name: str | None, image: Any = None, vm: Any = None,
                   started: float | None = None, error: BaseException | None = None, sealed: bool = False,
                   **fields: Any) -> str | None:
     """A record of a lifecycle action (up, run, down, forward, ...) done by this process:
     ``image`` is the BootImage and ``vm`` the VmRecord, when known; ``started`` is its
     ``time.monotonic()`` at the start; ``error`` is why it failed."""
-    described: dict[str, Any] = {"vm": name}
+    described: dict[str, Any] = {"vm": name} if name else {}
     if image is not None:
         described["artifact"] = image.key
     if vm is not None:
