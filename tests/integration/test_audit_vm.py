@@ -106,6 +106,21 @@ def test_the_sdk_gets_a_receipt_id_and_is_named_as_the_sdk(mvmctl: Mvmctl, vm) -
     assert entry["actor"]["surface"] == "sdk" and entry["exit_status"] == 3
 
 
+def test_doctor_shows_the_security_section_with_the_running_vms_seccomp(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    assert mvmctl("audit", "verify").returncode == 0
+    security = json.loads(mvmctl("doctor", "--no-probe", "--json").stdout)["security"]
+    assert security["isolation"]["qemu"] == "microvm" and security["isolation"]["docker"] == "container"
+    assert security["qemu_seccomp_in_argv"] is True
+    mine = next(r for r in security["qemu_seccomp_running"] if r["vm"] == name)
+    assert mine["seccomp"] is True  # the kernel says QEMU runs under a seccomp filter
+    assert security["key"]["ok"] and security["key"]["mode"] == "600"
+    assert security["audit"]["head_signed"] is True and security["audit"]["last_verify"]["ok"] is True
+    assert security["policy"] == {"files": [], "rules": []}
+    human = mvmctl("doctor", "--no-probe").stdout
+    assert "QEMU seccomp" in human and "audit chain" in human and "Security" in human
+
+
 def append_from_another_process(home: str, count: int) -> None:
     for i in range(count):
         audit.append(MvmHome(Path(home)), {"operation": "test-append", "actor": audit.self_actor(), "detail": {"i": i}})

@@ -14,6 +14,7 @@ import click
 from mvm.core.errors import MvmError, UsageError
 from mvm.core.state import MvmHome
 from mvm.runtime.transfer import printable
+from mvm.security import audit as audit_log
 from mvm.security import audit_verify
 
 
@@ -91,7 +92,10 @@ def show(record_id: str) -> None:
 def verify(as_json: bool) -> None:
     """Check every record's signature and its place in the chain; exit 0 when all is whole,
     3 naming the first bad record and why."""
-    report = audit_verify.verify(MvmHome.default())
+    home = MvmHome.default()
+    report = audit_verify.verify(home)
+    audit_log.save_last_verify(home, {"ok": report.ok, "records": report.records,
+                                  "problem": report.problem.text() if report.problem else None})
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))
     else:

@@ -284,3 +284,25 @@ def vm_fields(record: Any) -> dict[str, Any]:
     except MvmError:
         isolation = None
     return {"vm": record.name, "artifact": record.artifact_key, "backend": record.backend, "isolation": isolation}
+
+
+LAST_VERIFY = "last-verify.json"
+
+
+def save_last_verify(home: MvmHome, result: dict[str, Any]) -> None:
+    """What the last `audit verify` found, for doctor (a hint: doctor says when it was made)."""
+    try:
+        path = audit_dir(home) / LAST_VERIFY
+        tmp = path.with_name(f".{LAST_VERIFY}.{os.getpid()}")
+        tmp.write_text(json.dumps({"time": utc_time(time.time()), **result}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def last_verify(home: MvmHome) -> dict[str, Any] | None:
+    try:
+        data = json.loads((audit_dir(home) / LAST_VERIFY).read_text()[:4096])
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
