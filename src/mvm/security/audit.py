@@ -109,17 +109,18 @@ def disabled_for_benchmark() -> bool:
     return os.environ.get(OFF_FOR_BENCHMARK) == "1"
 
 
-def append(home: MvmHome, entry: dict[str, Any], *, segment_bytes: int = SEGMENT_BYTES) -> str:
+def append(home: MvmHome, entry: dict[str, Any], *, segment_bytes: int = SEGMENT_BYTES, durable: bool = True) -> str:
     """Append one record; returns its id. ``entry`` gets ``seq``, ``segment``, ``key`` (and
-    ``id``/``time`` if missing) here, under the lock. Raises AuditError when it cannot."""
+    ``id``/``time`` if missing) here, under the lock. Raises AuditError when it cannot.
+    ``durable=False`` skips the fsync: only for making test data in bulk (benchmarks)."""
     try:
-        return _append(home, entry, segment_bytes)
+        return _append(home, entry, segment_bytes, durable)
     except OSError as err:
         raise AuditError(f"cannot append to the audit log in {audit_dir(home)}: {err.strerror or err}",
                          "check the directory's owner and free space; `mvmctl audit verify` checks the chain") from None
 
 
-def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int) -> str:
+def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int, durable: bool) -> str:
     key = host_key(home)
     directory = audit_dir(home)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -138,7 +139,8 @@ def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int) -> str:
         fd = os.open(current, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             os.write(fd, line)
-            os.fdatasync(fd)
+            if durable:
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         _write_head(directory, key, {"segment": segment, "count": count + 1, "last_hash": line_hash(line),
