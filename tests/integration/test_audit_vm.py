@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import multiprocessing
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,6 +150,25 @@ def test_32_concurrent_execs_and_other_writers_leave_a_whole_chain(mvmctl: Mvmct
     assert sum(e["operation"] == "test-append" for e in entries) == 75
 
 
+def test_a_sealed_vm_refuses_what_it_cannot_record(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    name, _, directory = vm
+    log_dir = mvmctl.home / "audit"
+    kept = tmp_path / "kept-audit"
+    log_dir.rename(kept)
+    try:
+        (log_dir / "audit.jsonl").mkdir(parents=True)  # (root ignores modes: a directory cannot be appended to)
+        proc = mvmctl("exec", name, "--", "/bin/sh", "-c", "echo ran")
+        assert proc.returncode != 0 and proc.stdout == "ran\n"
+        assert "could not be written, which a sealed image does not allow" in proc.stderr
+        refused = mvmctl("up", "--name", "aud-unrecorded", str(directory))
+        assert refused.returncode != 0 and "its audit record could not be written" in refused.stderr
+        assert not (mvmctl.home / "vms" / "aud-unrecorded").exists()
+    finally:
+        shutil.rmtree(log_dir)
+        kept.rename(log_dir)
+    assert mvmctl("audit", "verify").returncode == 0
+
+
 def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
     name, _, _ = vm
     mvmctl("down", name, check=True)
@@ -176,13 +196,20 @@ def test_a_dry_run_admits_or_refuses_and_starts_nothing(mvmctl: Mvmctl, vm, tmp_
     plan = json.loads(mvmctl("up", "--dry-run", "--json", "--name", "aud-dry", str(directory), check=True).stdout)
     assert plan["backend"]["isolation"] and plan["artifact"]["sealed"] and plan["admission"]["admitted"]
     assert plan["network"]["mode"] == "deny" and plan["entrypoint"]["uid"] == 1000
+    unbuilt = tmp_path / "unbuilt"
+    unbuilt.mkdir()
+    (unbuilt / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-new"') + "\n[network]\nmode = \"deny\"\n")
+    fresh = json.loads(mvmctl("run", "--dry-run", "--json", str(unbuilt), "--", "id", "-u", check=True).stdout)
+    assert fresh["artifact"]["built"] is False and fresh["artifact"]["key"] is None
+    assert fresh["entrypoint"]["argv"] == ["id", "-u"] and fresh["admission"]["admitted"]
+    assert "not built yet" in mvmctl("up", "--dry-run", str(unbuilt), check=True).stdout
     policy = tmp_path / "strict.toml"
     policy.write_text("[resources]\nmax_memory_mib = 128\n")
     refused = mvmctl("up", "--dry-run", "--policy", str(policy), "--name", "aud-dry", str(directory))
     assert refused.returncode == 4
     assert f"refused by policy rule resources.max_memory_mib ({policy}:2)" in refused.stderr
     assert mvmctl("up", "--policy", str(policy), "--name", "aud-dry", str(directory)).returncode == 4
-    assert not (mvmctl.home / "vms" / "aud-dry").exists()
+    assert not (mvmctl.home / "vms" / "aud-dry").exists() and not (mvmctl.home / "vms" / "aud-new").exists()
     assert sorted(p.name for p in (mvmctl.home / "store").iterdir()) == store
     assert not qemu_processes_using(mvmctl.home / "vms" / "aud-dry")
     plans = [e for e in json.loads(mvmctl("audit", "ls", "--json", "--vm", "aud-dry", check=True).stdout)]

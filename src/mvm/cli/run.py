@@ -86,12 +86,12 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     lifecycle.check_argv(argv)  # before any build: a command that cannot travel fails at once
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
+    if dry_run:
+        print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
+                   hypervisor=hypervisor, argv=argv, policies=policies)
+        return
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
-    if dry_run:
-        print_plan(home, image, vm_name, as_json, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                   argv=argv, policies=policies)
-        return
     receipts: list[str] = []
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,

@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,13 +45,21 @@ POLICY_OPTION = click.option(
     help="An admission policy to hold the plan to, besides $MVM_HOME/policy.toml (repeatable; docs/audit.md).")
 
 
-def print_plan(home: MvmHome, image: BootImage, name: str, as_json: bool, *, policies: tuple[str, ...] = (),
+def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *, policies: tuple[str, ...] = (),
                **options: Any) -> None:
-    """--dry-run: the admitted plan (or the rule that refuses it), and nothing started or built
-    beyond what stamps already knew."""
-    from mvm.runtime.plan import admit, make_plan
+    """--dry-run: the admitted plan (or the rule that refuses it); nothing is started or built
+    (a workload not built yet is planned from its mvm.toml, and says so)."""
+    from mvm.runtime.plan import admit, make_plan, unbuilt_image
 
-    plan = admit(home, make_plan(home, image, name=name, **options), policies, sealed=image.sealed, dry_run=True)
+    image, workload = stamps.lookup(home, directory), None
+    if image is None:
+        from mvm.core.manifest import load_manifest
+
+        parsed = load_manifest(directory)
+        workload = json.loads(parsed.canonical_json())
+        image = unbuilt_image(Path(directory), workload)
+    plan = admit(home, make_plan(home, image, name=name or image.name, workload=workload, **options), policies,
+                 sealed=image.sealed, dry_run=True)
     lifecycle.refuse_unenforced_settings(image)  # as `up` would, after admission
     click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
 
@@ -97,12 +106,12 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     vcpus, memory_mib = resources(cpus, memory)
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
+    if dry_run:
+        print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
+                   hypervisor=hypervisor, forwards=forwards, policies=policies)
+        return
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
-    if dry_run:
-        print_plan(home, image, vm_name, as_json, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                   forwards=forwards, policies=policies)
-        return
     receipts: list[str] = []
     record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
                           progress=note, forwards=forwards, on_receipt=receipts.append, policies=policies)
@@ -151,7 +160,9 @@ def ls(as_json: bool) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text  # cells as text, not markup: a record's fields may hold anything
+    from rich.text import (
+        Text,  # cells as text, not markup: a record's fields may hold anything
+    )
 
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "STATE", "BACKEND", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):

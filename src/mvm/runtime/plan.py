@@ -38,7 +38,8 @@ class Plan:
         """The plan for a person."""
         net = self.network
         return [
-            f"VM {self.name} would run {self.artifact['name']} ({self.artifact['key'][:16]}, "
+            f"VM {self.name} would run {self.artifact['name']} "
+            f"({self.artifact['key'][:16] if self.artifact['built'] else 'not built yet: up would build it first'}, "
             f"{'sealed' if self.artifact['sealed'] else 'accessible'})",
             f"  backend     {self.backend['name']} ({self.backend['accel']}, {self.backend['isolation']}): "
             f"{self.backend['reason']}",
@@ -54,9 +55,22 @@ class Plan:
         ]
 
 
+def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
+    """What a dry run plans with when the workload is not built yet (a build would come
+    first): the image's facts as its Workload IR says, with no key or kernel yet."""
+    uids, network = workload["uids"], workload["network"]
+    return BootImage(
+        path=directory, key="", name=workload["name"], vcpus=workload["vcpus"], memory_mib=workload["memory_mib"],
+        data_disk_bytes=workload.get("data_disk_bytes"), expected_boot_ms=0, kernel_release="",
+        accessible=bool(workload["dev"]), sealed=not workload["dev"], entrypoint_kind=workload["entrypoint"]["kind"],
+        agent_uid=uids["agent"], entrypoint_uid=uids["entrypoint"], hypervisor=workload.get("hypervisor") or "auto",
+        forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"]) for f in network["forward"]),
+        network_mode=network.get("mode", "deny"), volumes=len(workload.get("volumes") or ()))
+
+
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
-              forwards: tuple[PortForward, ...] = ()) -> Plan:
+              forwards: tuple[PortForward, ...] = (), workload: dict[str, Any] | None = None) -> Plan:
     """The plan for starting ``image`` as VM ``name``, as its mvm.toml declares it; raises what
     `up` would before admission (a backend that cannot run here, a command too long)."""
     from mvm.runtime import lifecycle
@@ -64,14 +78,17 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
     lifecycle.check_argv(argv)
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
-    workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
+    built = workload is None  # (else: `unbuilt_image`, and its Workload IR as JSON)
+    if workload is None:
+        workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
     entry = workload["entrypoint"]
     network = workload["network"]
     all_forwards = [*image.forwards, *forwards]
     return Plan(
         name=name,
-        artifact={"key": image.key, "name": image.name, "path": str(image.path), "sealed": image.sealed,
-                  "accessible": image.accessible, "kernel_release": image.kernel_release},
+        artifact={"built": built, "key": image.key or None, "name": image.name,
+                  "path": str(image.path) if built else None, "sealed": image.sealed,
+                  "accessible": image.accessible, "kernel_release": image.kernel_release or None},
         backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel(host),
                  "isolation": choice.backend.capabilities.isolation},
         resources={"vcpus": vcpus or image.vcpus, "memory_mib": memory_mib or image.memory_mib,
