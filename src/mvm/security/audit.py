@@ -29,12 +29,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mvm.core.errors import MvmError
 from mvm.core.state import MvmHome
 from mvm.runtime.client import current_surface
-from mvm.security.host_key import KEY_FILE, HostKey, canonical_json
+
+if TYPE_CHECKING:
+    from mvm.security.host_key import HostKey
 
 AUDIT_DIR = "audit"
 CURRENT = "audit.jsonl"
@@ -67,7 +69,11 @@ def line_hash(line: bytes) -> str:
 
 
 def host_key(home: MvmHome) -> HostKey:
-    """The home's key, loaded once per process while its file stays the same one."""
+    """The home's key, loaded once per process while its file stays the same one. (Imported
+    here, not at the top: ``cryptography`` costs a process ~8 MiB, and a VM's supervisor
+    imports this module but pays only once it appends.)"""
+    from mvm.security.host_key import KEY_FILE, HostKey
+
     try:
         info = (home.keys / KEY_FILE).stat()
     except FileNotFoundError:
@@ -121,6 +127,8 @@ def append(home: MvmHome, entry: dict[str, Any], *, segment_bytes: int = SEGMENT
 
 
 def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int, durable: bool) -> str:
+    from mvm.security.host_key import canonical_json
+
     key = host_key(home)
     directory = audit_dir(home)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -152,6 +160,8 @@ def _append(home: MvmHome, entry: dict[str, Any], segment_bytes: int, durable: b
 
 def _write_head(directory: Path, key: HostKey, head: dict[str, Any]) -> None:
     """No fsync: the head is a hint, checked against the file's size by the next writer."""
+    from mvm.security.host_key import canonical_json
+
     data = canonical_json({**head, "signature": key.sign(canonical_json(head))})
     tmp = directory / f".{HEAD}.{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
@@ -164,7 +174,7 @@ def _write_head(directory: Path, key: HostKey, head: dict[str, Any]) -> None:
 
 def read_head(home: MvmHome, key: HostKey | None = None) -> dict[str, Any] | None:
     """The head, when it is there, well-formed and (given ``key``) signed by it; else None."""
-    from mvm.security.host_key import verify
+    from mvm.security.host_key import canonical_json, verify
 
     try:
         head = json.loads((audit_dir(home) / HEAD).read_bytes()[:4096])
