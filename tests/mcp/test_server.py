@@ -56,6 +56,11 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
         error, first = await tool(client, "run", code="echo hi; echo err >&2; exit 3")
         assert not error and (first["exit_code"], first["stdout"], first["stderr"]) == (3, "hi\n", "err\n")
         session = first["session"]
+        shown = json.loads(subprocess.run([sys.executable, "-m", "mvm.cli.main", "receipt", "show", "--json",
+                                           first["receipt"]], capture_output=True, text=True, check=True,
+                                          env={**os.environ, "MVM_HOME": str(mvm_home)}).stdout)
+        assert shown["verifies"] and shown["record"]["actor"]["surface"] == "mcp"  # its audit record says MCP
+        assert shown["record"]["exit_status"] == 3 and shown["record"]["vm"] == session
         await tool(client, "run", code="echo kept > /tmp/state", session=session)
         error, again = await tool(client, "run", code="cat /tmp/state", session=session)
         assert again["stdout"] == "kept\n" and again["session"] == session
