@@ -112,8 +112,9 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     check_vm_name(name)
     check_argv(argv)
     refuse_unenforced_settings(image)
-    plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                                    argv=argv, forwards=forwards), policies, sealed=image.sealed)
+    admitted = plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
+                                               hypervisor=hypervisor, argv=argv, forwards=forwards),
+                          policies, sealed=image.sealed, record=False)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
@@ -155,10 +156,18 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         except BaseException:
             shutil.rmtree(staged.dir, ignore_errors=True)
             raise
-        return _fork_supervisor(paths, staged, image, record, name_lock)
+        launch = _fork_supervisor(paths, staged, image, record, name_lock)
     except BaseException:
         os.close(name_lock)
         raise
+    try:  # (written while the guest boots; a sealed image's VM goes if it cannot be)
+        plan.record_admitted(home, admitted, sealed=image.sealed)
+    except BaseException:
+        launch.abandon()
+        launch.client.close()
+        _wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
+        raise
+    return launch
 
 
 def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:

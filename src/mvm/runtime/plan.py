@@ -106,20 +106,34 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
 
 
 def admit(home: MvmHome, plan: Plan, policies: tuple[str | Path, ...] = (), *, sealed: bool = False,
-          dry_run: bool = False) -> Plan:
+          dry_run: bool = False, record: bool = True) -> Plan:
     """Hold ``plan`` to the home's policy and ``policies``; the verdict, either way, is an audit
-    record. Returns the plan with its admission; raises PolicyRefused."""
+    record. Returns the plan with its admission; raises PolicyRefused. ``record=False`` leaves
+    the admitted record to :func:`record_admitted` (`up` writes it while the guest boots)."""
     from mvm.security import admission, audit
 
     policy = admission.load(home.root, policies)
-    fields = {"vm": plan.name, "artifact": plan.artifact["key"], "backend": plan.backend["name"],
-              "isolation": plan.backend["isolation"], "paths": list(policy.files)}
     try:
         admission.check(policy, plan.as_dict())
     except admission.PolicyRefused as err:
-        audit.record(home, operation="plan", sealed=sealed, **fields, result="refused",
-                     detail={"rule": err.rule, "where": err.where, "why": err.why[:300], "dry_run": dry_run})
+        audit.record(home, operation="plan", sealed=sealed, **_plan_fields(plan, list(policy.files)),
+                     result="refused", detail={"rule": err.rule, "where": err.where, "why": err.why[:300],
+                                               "dry_run": dry_run})
         raise
-    receipt = audit.record(home, operation="plan", sealed=sealed, **fields, result="admitted",
-                           detail={"dry_run": dry_run})
-    return replace(plan, admission={"policies": list(policy.files), "admitted": True, "receipt": receipt})
+    admitted = replace(plan, admission={"policies": list(policy.files), "admitted": True, "receipt": None})
+    return record_admitted(home, admitted, sealed=sealed, dry_run=dry_run) if record else admitted
+
+
+def record_admitted(home: MvmHome, plan: Plan, *, sealed: bool = False, dry_run: bool = False) -> Plan:
+    """The audit record of an admitted plan (AuditError for a sealed image when it cannot be
+    written); returns the plan with the record's id as its receipt."""
+    from mvm.security import audit
+
+    receipt = audit.record(home, operation="plan", sealed=sealed, **_plan_fields(plan, plan.admission["policies"]),
+                           result="admitted", detail={"dry_run": dry_run})
+    return replace(plan, admission={**plan.admission, "receipt": receipt})
+
+
+def _plan_fields(plan: Plan, policy_files: list[str]) -> dict[str, Any]:
+    return {"vm": plan.name, "artifact": plan.artifact["key"], "backend": plan.backend["name"],
+            "isolation": plan.backend["isolation"], "paths": policy_files}
