@@ -213,3 +213,21 @@ def test_appends_from_many_processes_at_once_keep_one_chain(home: MvmHome) -> No
     report = audit_verify.verify(home)
     assert report.ok, report.problem and report.problem.text()
     assert report.records == 241 and report.segments > 1
+
+
+def test_doctor_reports_key_permissions_chain_health_and_a_bad_policy(home: MvmHome) -> None:
+    from mvm.security.host_key import KEY_FILE
+    from mvm.security.posture import security_state
+
+    write_chain(home, 2)
+    state = security_state(home, [])
+    assert state.key["ok"] and state.key["mode"] == "600"
+    assert state.audit["records"] == 2 and state.audit["head_signed"] is True and state.audit["last_verify"] is None
+    assert state.policy == {"files": [], "rules": []}
+    (home.keys / KEY_FILE).chmod(0o644)
+    (home.root / "policy.toml").write_text("[image]\naccessible = false\n[nonsense]\n")
+    audit.save_last_verify(home, {"ok": False, "records": 1, "problem": "audit.jsonl:2: edited"})
+    state = security_state(home, [])
+    assert not state.key["ok"] and state.key["mode"] == "644"
+    assert ":3: unknown policy table [nonsense]" in state.policy["error"]
+    assert state.audit["last_verify"]["ok"] is False and state.audit["last_verify"]["time"]
