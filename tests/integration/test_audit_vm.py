@@ -122,6 +122,21 @@ def test_doctor_shows_the_security_section_with_the_running_vms_seccomp(mvmctl: 
     assert "QEMU seccomp" in human and "audit chain" in human and "Security" in human
 
 
+def test_an_sdk_sandbox_records_its_build_start_and_kill_as_the_sdk(mvmctl: Mvmctl, tmp_path: Path) -> None:
+    project = tmp_path / "sdkproj"
+    project.mkdir()
+    (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-sdk"'))
+    code = (f"import mvm; s = mvm.Sandbox.create({str(project)!r}, name='aud-sdk', timeout=300); "
+            "print(s.commands.run('true').receipt_id); s.kill()")
+    proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=600,
+                          check=True)
+    mine = [e for e in json.loads(mvmctl("audit", "ls", "--json", check=True).stdout)
+            if e.get("vm") == "aud-sdk" or str(project) in (e.get("paths") or [])]
+    assert [(e["operation"], e["actor"]["surface"]) for e in mine] == [
+        ("build", "sdk"), ("plan", "sdk"), ("up", "sdk"), ("exec", "sdk"), ("down", "sdk")]
+    assert mine[3]["id"] == proc.stdout.strip()
+
+
 def append_from_another_process(home: str, count: int) -> None:
     for i in range(count):
         audit.append(MvmHome(Path(home)), {"operation": "test-append", "actor": audit.self_actor(), "detail": {"i": i}})

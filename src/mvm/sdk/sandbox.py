@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from mvm.build import stamps
 from mvm.build.project import image_for
 from mvm.core.bootimage import PortForward
 from mvm.core.home import check_vm_name
@@ -207,7 +208,11 @@ class Sandbox:
             raise UsageError(f"timeout={timeout!r}: a sandbox's lifetime must be more than 0 and at most 7 days")
         home = MvmHome.default()
         directory = template_dir(home, template)
+        started, built = time.monotonic(), stamps.lookup(home, directory) is not None
         image = image_for(directory, home, _stderr_progress)
+        if not built:  # (it was built just now: the build is an audit record, as mvmctl's are)
+            lifecycle.audit_action(home, "build", name=None, started=started, paths=[str(directory)],
+                                   artifact=image.key, detail={"workload": image.name, "sealed": image.sealed})
         vm_name = check_vm_name(name or f"sbx-{secrets.token_hex(4)}")
         lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
                      lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
