@@ -8,6 +8,8 @@ import json
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -231,3 +233,32 @@ def test_doctor_reports_key_permissions_chain_health_and_a_bad_policy(home: MvmH
     assert not state.key["ok"] and state.key["mode"] == "644"
     assert ":3: unknown policy table [nonsense]" in state.policy["error"]
     assert state.audit["last_verify"]["ok"] is False and state.audit["last_verify"]["time"]
+
+
+def mvmctl(home: MvmHome, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mvm.cli.main", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "MVM_HOME": str(home.root)}, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_the_cli_lists_filters_shows_verifies_and_exports(home: MvmHome, tmp_path: Path) -> None:
+    ids = write_chain(home, 4)
+    listed = json.loads(mvmctl(home, "audit", "ls", "--json", "--vm", "vm1").stdout)
+    assert [e["id"] for e in listed] == [ids[1]]
+    assert len(json.loads(mvmctl(home, "audit", "ls", "--json", "--since", "1h").stdout)) == 4
+    assert json.loads(mvmctl(home, "audit", "ls", "--json", "--since", "2999-01-01").stdout) == []
+    bad = mvmctl(home, "audit", "ls", "--since", "yesterday")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--since 'yesterday'" in bad.stderr
+    assert ids[2][:12] in mvmctl(home, "audit", "ls").stdout
+    assert json.loads(mvmctl(home, "audit", "show", ids[2][:10]).stdout)["id"] == ids[2]
+    assert mvmctl(home, "audit", "show", "nope").returncode == 2
+    assert "4 records" in mvmctl(home, "audit", "verify").stdout
+    assert mvmctl(home, "audit", "export", "--out", str(tmp_path / "x.jsonl")).returncode == 0
+    rewrite(current(home), lambda ls: [ls[0], ls[2], ls[1], ls[3]])
+    broken = mvmctl(home, "audit", "verify")
+    assert broken.returncode == 3 and "audit.jsonl:2: record 3" in broken.stderr and "reordered" in broken.stderr
+    report = mvmctl(home, "audit", "verify", "--json")
+    assert report.returncode == 3 and json.loads(report.stdout)["problem"]["line"] == 2
+    shown = mvmctl(home, "receipt", "show", "--json", ids[3])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["verifies"]
+    moved = mvmctl(home, "receipt", "show", "--json", ids[0])  # the line after it is no longer its successor
+    assert moved.returncode == 3 and "does not link to it" in json.loads(moved.stdout)["status"]
