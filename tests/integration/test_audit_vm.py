@@ -184,6 +184,29 @@ def test_a_sealed_vm_refuses_what_it_cannot_record(mvmctl: Mvmctl, vm, tmp_path:
     assert mvmctl("audit", "verify").returncode == 0
 
 
+def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, tmp_path: Path) -> None:
+    project = tmp_path / "devproj"
+    project.mkdir()
+    (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-dev"').replace("[entrypoint]",
+                                                                                    "dev = true\n[entrypoint]"))
+    mvmctl("up", str(project), check=True)
+    log_dir, kept = mvmctl.home / "audit", tmp_path / "kept-audit"
+    try:
+        log_dir.rename(kept)
+        (log_dir / "audit.jsonl").mkdir(parents=True)
+        proc = mvmctl("exec", "--receipt", "aud-dev", "--", "/bin/sh", "-c", "echo ran")
+        assert proc.returncode == 0 and proc.stdout == "ran\n"
+        assert "mvmctl: warning: this command is not in the audit log" in proc.stderr
+        assert "mvmctl: receipt none" in proc.stderr
+        copied = mvmctl("cp", str(project / "mvm.toml"), "aud-dev:/tmp/m.toml")
+        assert copied.returncode == 0 and "this copy is not in the audit log" in copied.stderr
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        kept.rename(log_dir)
+        mvmctl("down", "--force", "aud-dev")
+    assert mvmctl("audit", "verify").returncode == 0
+
+
 def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
     name, _, _ = vm
     mvmctl("down", name, check=True)

@@ -53,6 +53,8 @@ def run_exec(name: str, argv: Sequence[str], env_pairs: Sequence[str] = (), cwd:
         else:
             result = client.exec(list(argv), env=env or None, cwd=cwd, timeout=timeout,
                                  stdin=sys.stdin.fileno() if stdin else None, stdout=write_stdout, stderr=write_stderr)
+    for warning in client.audit_warnings:
+        write_stderr(f"mvmctl: warning: this command is not in the audit log: {warning}\n".encode())
     if receipt:
         write_stderr(f"mvmctl: receipt {result.receipt or 'none (no audit record was written)'}\n".encode())
     if result.timed_out:  # its process group was killed: 137, whatever its leader managed to exit with

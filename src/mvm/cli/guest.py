@@ -75,7 +75,7 @@ def cp(source: str, dest: str, receipt: bool) -> None:
     if dst_vm is not None:
         with lifecycle.connect(home, dst_vm) as client:
             transfer.copy_in(client, Path(src_path), dst_path)
-            receipts = client.receipts
+            receipts, warnings = client.receipts, client.audit_warnings
     else:
         assert src_vm is not None
         target = Path(dst_path)
@@ -83,9 +83,11 @@ def cp(source: str, dest: str, receipt: bool) -> None:
             raise UsageError(f"{dst_path}: the host directory {target.parent} does not exist")
         with lifecycle.connect(home, src_vm) as client:
             skipped = transfer.copy_out(client, src_path, target)
-            receipts = client.receipts
+            receipts, warnings = client.receipts, client.audit_warnings
         for line in transfer.describe_skipped(skipped):
             click.echo(f"mvmctl: {line}", err=True)
+    for warning in warnings:
+        click.echo(f"mvmctl: warning: this copy is not in the audit log: {warning}", err=True)
     if receipt:
         for record_id in receipts or ["none (no audit record was written)"]:
             click.echo(f"mvmctl: receipt {record_id}", err=True)

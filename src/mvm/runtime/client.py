@@ -85,13 +85,14 @@ class ExecResult:
 class VmClient:
     """One connection to VM ``name``'s supervisor; ``paths`` is set when it was found by its VmPaths."""
 
-    __slots__ = ("name", "paths", "sock", "receipts", "_decoder", "_queued", "_next_id")
+    __slots__ = ("name", "paths", "sock", "receipts", "audit_warnings", "_decoder", "_queued", "_next_id")
 
     def __init__(self, name: str, sock: socket.socket | None = None, paths: VmPaths | None = None) -> None:
         self.name = name
         self.paths = paths
         self.sock = sock
         self.receipts: list[str] = []  # ids of the audit records of what this client did
+        self.audit_warnings: list[str] = []  # why a record could not be written (dev images go on)
         self._decoder = protocol.Decoder()
         self._queued: list[protocol.Frame] = []
         self._next_id = 1
@@ -161,9 +162,11 @@ class VmClient:
             raise VmError(f"the supervisor of VM {self.name} went away", f"`mvmctl status {self.name}` says why")
         frames, _ = self._decoder.feed_all(data)
         for frame in frames:
-            receipt = frame.header.get("receipt")
+            receipt, warning = frame.header.get("receipt"), frame.header.get("audit_warning")
             if isinstance(receipt, str):
                 self.receipts.append(receipt)
+            if warning is not None:
+                self.audit_warnings.append(str(warning)[:300])
         self._queued += frames
 
     def receive_batch(self) -> list[protocol.Frame]:
