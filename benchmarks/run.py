@@ -1,6 +1,6 @@
 """Build, boot, exec, client, memory and docker-backend benchmarks, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore,sdk]
+    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore,sdk,audit]
 
 Prints, for the same artifacts on the same host in the same run (compared runs alternate
 A,B,A,B...; medians; ratios):
@@ -13,7 +13,9 @@ A,B,A,B...; medians; ratios):
   * client: in-process VmClient ping and exec(["true"]) round trips (target < 5 ms median);
   * memory: RSS of the supervisor per idle VM (target < 30 MiB), and of QEMU;
   * docker: `mvmctl up --hypervisor docker` vs plain `docker run` with mvm's argv to the
-    agent's hello (target 1.20x).
+    agent's hello (target 1.20x);
+  * audit: `mvmctl exec -- true` with vs without its audit record (target < 3 % or < 1 ms),
+    one append, and `mvmctl audit verify` over 100,000 records.
 Uses a private MVM_HOME under /tmp and an answering dockerd (tests/dockerd.py: the host's, or
 a private one it starts and stops); every VM and container it starts is removed at the end.
 """
@@ -89,7 +91,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     return spec.argv()
 
 
-SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk")
+SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit")
 
 
 def main() -> int:
@@ -184,6 +186,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         import sdk_bench
 
         sdk_bench.bench_sdk(bench)
+    if "audit" in only:
+        import audit_bench
+
+        audit_bench.bench_audit(bench)
 
 
 def bench_run_boot(bench: common.Bench) -> None:

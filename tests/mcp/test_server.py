@@ -49,6 +49,8 @@ def run_client(home: Path, body, **limits: str) -> Any:
 
 
 def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -> None:
+    receipts: list[str] = []
+
     async def body(client: ClientSession) -> str:
         names = {t.name for t in (await client.list_tools()).tools}
         assert {"run", "sandbox_create", "sandbox_exec", "sandbox_read_file", "sandbox_write_file",
@@ -56,6 +58,7 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
         error, first = await tool(client, "run", code="echo hi; echo err >&2; exit 3")
         assert not error and (first["exit_code"], first["stdout"], first["stderr"]) == (3, "hi\n", "err\n")
         session = first["session"]
+        receipts.append(first["receipt"])
         await tool(client, "run", code="echo kept > /tmp/state", session=session)
         error, again = await tool(client, "run", code="cat /tmp/state", session=session)
         assert again["stdout"] == "kept\n" and again["session"] == session
@@ -77,6 +80,11 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
         return session
 
     session = run_client(mvm_home, body)
+    shown = json.loads(subprocess.run([sys.executable, "-m", "mvm.cli.main", "receipt", "show", "--json", receipts[0]],
+                                      capture_output=True, text=True, check=True,
+                                      env={**os.environ, "MVM_HOME": str(mvm_home)}).stdout)
+    assert shown["verifies"] and shown["record"]["actor"]["surface"] == "mcp"  # its audit record says MCP
+    assert shown["record"]["exit_status"] == 3 and shown["record"]["vm"] == session
     deadline = time.monotonic() + 30
     while session in vms(mvm_home) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -187,6 +187,13 @@ def test_the_async_twin_runs_four_sandboxes_at_once() -> None:
         return await asyncio.gather(*(one(i) for i in range(4)))
 
     assert asyncio.run(main()) == ["0", "1", "2", "3"]
+    from mvm.core.state import MvmHome
+    from mvm.security import audit_verify
+
+    report = audit_verify.verify(MvmHome.default())  # four VMs' supervisors and this process wrote at once
+    assert report.ok, report.problem and report.problem.text()
+    surfaces = {(e["operation"], e["actor"]["surface"]) for e in audit_verify.entries(MvmHome.default())}
+    assert {("up", "sdk"), ("write", "sdk"), ("exec", "sdk"), ("down", "sdk")} <= surfaces
 
 
 def test_the_async_twin_forks() -> None:

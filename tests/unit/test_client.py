@@ -18,7 +18,7 @@ def test_exec_result_compares_and_reports_like_the_dataclass() -> None:
     assert ExecResult(None, 9, False).exit_status == 137
     assert ExecResult(4, None, False).exit_status == 4
     assert ExecResult(0, None, True, b"o") != ExecResult(0, None, True, b"x")
-    assert repr(ExecResult(0, None, False)) == "ExecResult(code=0, signal=None, timed_out=False, stdout=b'', stderr=b'')"
+    assert repr(ExecResult(0, None, False)) == "ExecResult(code=0, signal=None, timed_out=False, stdout=b'', stderr=b'', receipt=None)"
 
 
 def test_frame_compares_and_reports_like_the_dataclass() -> None:

@@ -30,6 +30,8 @@ AGREED = [
     ["-it", "fx", "--", "sh"],
     ["fx", "-ti", "--", "sh"],
     ["-i", "-t", "fx", "--", "sh"],
+    ["fx", "--receipt", "--", "true"],
+    ["--receipt", "-i", "fx", "--", "cat"],
     ["-iti", "fx", "--env", "TERM=xterm", "--cwd", "/", "--timeout", "3", "--", "sh"],
     ["fx", "--env", "X", "--", "true"],  # not K=V: run_exec refuses it, for both paths alike
     ["fx", "--env=", "--", "true"],
@@ -84,7 +86,7 @@ def test_fast_parser_agrees_with_click(words: list[str]) -> None:
     fast = parse_exec_args(words)
     assert fast is not None, "the fast parser should take this form"
     assert fast == click_params(words)
-    assert set(fast) == {"name", "argv", "env_pairs", "cwd", "timeout", "stdin", "tty"}
+    assert set(fast) == {"name", "argv", "env_pairs", "cwd", "timeout", "stdin", "tty", "receipt"}
 
 
 @pytest.mark.parametrize("words", REFUSED, ids=repr)

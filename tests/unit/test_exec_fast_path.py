@@ -96,7 +96,7 @@ def test_fast_path_runs_a_command_and_ends_with_its_status(mvm_home: Path, tmp_p
     exec_request = next(r for r in supervisor.requests if r["type"] == "exec")
     assert {k: v for k, v in exec_request.items() if k != "id"} == {
         "type": "exec", "argv": ["echo", "hi"], "env": {"A": "1"}, "cwd": "/srv", "timeout": 9.0,
-        "stdin": False, "pty": False}
+        "stdin": False, "pty": False, "surface": "cli"}  # (the surface goes into its audit record)
     loaded = set(modules.read_text().split())
     assert "mvm.cli.exec_run" in loaded
     assert sorted(loaded & set(HEAVY)) == []

@@ -54,13 +54,24 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
                    home: MvmHome | None = None) -> tuple[Workload, BuildResult]:
     """build/project.py's build, with progress drawn on a terminal. Shared by `build`, `up`
     and `run`."""
+    from mvm.security import audit
+
+    home = home or MvmHome.default()
     progress = PhaseProgress()
+    started = time.monotonic()
     try:
-        built = build_project(path, overrides, home=home or MvmHome.default(), progress=progress, no_cache=no_cache)
+        built = build_project(path, overrides, home=home, progress=progress, no_cache=no_cache)
+    except Exception as err:
+        audit.record_action(home, "build", name=None, started=started, error=err, paths=[str(path)])
+        raise
     finally:
         if progress.status is not None:
             progress.status.stop()
     progress.finish_phase()
+    workload, result = built
+    audit.record_action(home, "build", name=None, started=started, paths=[str(path)], artifact=result.artifact.meta.key,
+                        detail={"workload": workload.name, "cache_hit": result.cache_hit,
+                                "sealed": not workload.dev})
     return built
 
 

@@ -44,6 +44,8 @@ VERBS = {
     "forward": "mvm.cli.vm",
     "plan": "mvm.cli.plan",
     "mcp": "mvm.cli.mcp",
+    "audit": "mvm.cli.audit",
+    "receipt": "mvm.cli.audit",
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 # option -> the click command's parameter it sets
 VALUE_OPTIONS = {"--env": "env_pairs", "--cwd": "cwd", "--timeout": "timeout"}
-LONG_FLAGS = {"--interactive": "stdin", "--tty": "tty"}
+LONG_FLAGS = {"--interactive": "stdin", "--tty": "tty", "--receipt": "receipt"}
 SHORT_FLAGS = {"i": "stdin", "t": "tty"}  # -i, -t, and combined: -it, -ti
 
 
@@ -20,7 +20,7 @@ def parse_exec_args(args: list[str]) -> dict[str, object] | None:
     or None when only click can say what they mean."""
     positional: list[str] = []
     env_pairs: list[str] = []
-    params: dict[str, object] = {"cwd": None, "timeout": None, "stdin": False, "tty": False}
+    params: dict[str, object] = {"cwd": None, "timeout": None, "stdin": False, "tty": False, "receipt": False}
     rest = list(args)
     while rest:
         word = rest.pop(0)

@@ -40,9 +40,10 @@ def connect(name: str) -> VmClient:
 
 
 def run_exec(name: str, argv: Sequence[str], env_pairs: Sequence[str] = (), cwd: str | None = None,
-             timeout: float | None = None, stdin: bool = False, tty: bool = False) -> int:
+             timeout: float | None = None, stdin: bool = False, tty: bool = False, receipt: bool = False) -> int:
     """Run ``argv`` in VM ``name`` with this process's stdout/stderr (and stdin, or terminal);
-    returns the exit status mvmctl should end with. Raises MvmError for what the user can fix."""
+    returns the exit status mvmctl should end with. Raises MvmError for what the user can fix.
+    ``receipt``: say the id of its audit record on stderr."""
     env = env_from_pairs(env_pairs)
     if timeout is not None and not 0 < timeout <= MAX_TIMEOUT_S:  # (also refuses inf and nan)
         raise UsageError(f"--timeout {timeout:g}: must be more than 0 and at most {MAX_TIMEOUT_S} s (7 days)")
@@ -52,6 +53,10 @@ def run_exec(name: str, argv: Sequence[str], env_pairs: Sequence[str] = (), cwd:
         else:
             result = client.exec(list(argv), env=env or None, cwd=cwd, timeout=timeout,
                                  stdin=sys.stdin.fileno() if stdin else None, stdout=write_stdout, stderr=write_stderr)
+    for warning in client.audit_warnings:
+        write_stderr(f"mvmctl: warning: this command is not in the audit log: {warning}\n".encode())
+    if receipt:
+        write_stderr(f"mvmctl: receipt {result.receipt or 'none (no audit record was written)'}\n".encode())
     if result.timed_out:  # its process group was killed: 137, whatever its leader managed to exit with
         sys.stderr.write(f"mvmctl: {argv[0]} was killed after its {timeout:g} s timeout\n")
         sys.stderr.flush()

@@ -24,8 +24,9 @@ from mvm.runtime import lifecycle, transfer
 @click.option("--timeout", type=float, metavar="S", help="Kill the command after S seconds (exit 137).")
 @click.option("-i", "--interactive", "stdin", is_flag=True, help="Stream this terminal's stdin to the command.")
 @click.option("-t", "--tty", is_flag=True, help="Run the command on a pseudo-terminal.")
+@click.option("--receipt", is_flag=True, help="Print the id of the command's audit record on stderr.")
 def exec_(name: str, argv: tuple[str, ...], env_pairs: tuple[str, ...], cwd: str | None, timeout: float | None,
-          stdin: bool, tty: bool) -> None:
+          stdin: bool, tty: bool, receipt: bool) -> None:
     """Run ARGV in VM NAME (after `--`); its exit status becomes mvmctl's.
 
     \b
@@ -33,7 +34,7 @@ def exec_(name: str, argv: tuple[str, ...], env_pairs: tuple[str, ...], cwd: str
       echo hi | mvmctl exec -i web -- cat
       mvmctl exec -it web -- /bin/sh
     """
-    sys.exit(run_exec(name, argv, env_pairs, cwd, timeout, stdin, tty))
+    sys.exit(run_exec(name, argv, env_pairs, cwd, timeout, stdin, tty, receipt))
 
 
 @click.command()
@@ -57,7 +58,8 @@ def console(name: str, command: str | None) -> None:
 @click.command()
 @click.argument("source")
 @click.argument("dest")
-def cp(source: str, dest: str) -> None:
+@click.option("--receipt", is_flag=True, help="Print the ids of the copy's audit records (one per file) on stderr.")
+def cp(source: str, dest: str, receipt: bool) -> None:
     """Copy files or directories between the host and a VM, keeping modes.
 
     \b
@@ -73,6 +75,7 @@ def cp(source: str, dest: str) -> None:
     if dst_vm is not None:
         with lifecycle.connect(home, dst_vm) as client:
             transfer.copy_in(client, Path(src_path), dst_path)
+            receipts, warnings = client.receipts, client.audit_warnings
     else:
         assert src_vm is not None
         target = Path(dst_path)
@@ -80,8 +83,14 @@ def cp(source: str, dest: str) -> None:
             raise UsageError(f"{dst_path}: the host directory {target.parent} does not exist")
         with lifecycle.connect(home, src_vm) as client:
             skipped = transfer.copy_out(client, src_path, target)
+            receipts, warnings = client.receipts, client.audit_warnings
         for line in transfer.describe_skipped(skipped):
             click.echo(f"mvmctl: {line}", err=True)
+    for warning in warnings:
+        click.echo(f"mvmctl: warning: this copy is not in the audit log: {warning}", err=True)
+    if receipt:
+        for record_id in receipts or ["none (no audit record was written)"]:
+            click.echo(f"mvmctl: receipt {record_id}", err=True)
 
 
 @click.command()

@@ -95,6 +95,9 @@ def _print_posture(posture: Posture, console: Console) -> None:
         table.add_row(b.name, *[_yes_no(bool(caps[c])) for c in columns])
     console.print(table)
 
+    if posture.security is not None:
+        _print_security(posture, console)
+
     console.rule("Host tools")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("tool", style="bold", no_wrap=True)
@@ -119,6 +122,50 @@ def _print_posture(posture: Posture, console: Console) -> None:
         console.print(Text("can build images: yes", "green"))
     else:
         console.print(Text("can build images: no (run `mvmctl bootstrap`)", "red"))
+
+
+def _print_security(posture: Posture, console: Console) -> None:
+    sec = posture.security
+    assert sec is not None
+    console.rule("Security")
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    table.add_row("isolation", Text(", ".join(f"{name}: {tier}" for name, tier in sec.isolation.items())))
+    kvm = posture.kvm
+    table.add_row("KVM", Text("usable" if kvm.usable else f"not usable ({kvm.reason}): QEMU runs on TCG"))
+    argv = {True: "yes", False: "no", None: "unknown (no QEMU here)"}[sec.qemu_seccomp_in_argv]
+    running = sec.qemu_seccomp_running
+    filtered = sum(1 for r in running if r["seccomp"])
+    table.add_row("QEMU seccomp", Text(f"-sandbox on in QEMU's argv: {argv}; running QEMU VMs with a seccomp filter "
+                                       f"(/proc/PID/status): {filtered} of {len(running)}"))
+    key = sec.key
+    if not key["exists"]:
+        key_text = Text(f"{key['path']}: not made yet (made 0600 on first use)")
+    else:
+        key_text = Text(f"{key['path']}: mode {key['mode']}" + ("" if key["ok"] else " - readable by others or "
+                                                                "not yours: chmod 600 it"),
+                        None if key["ok"] else "red")
+    table.add_row("host key", key_text)
+    last = sec.audit.get("last_verify")
+    if isinstance(last, dict):
+        verdict = (f"whole ({last.get('records')} records)" if last.get("ok") else f"BROKEN: {last.get('problem')}")
+        last_text = f"last `mvmctl audit verify` at {last.get('time')}: {verdict}"
+    else:
+        last_text = "never verified (`mvmctl audit verify`)"
+    records = sec.audit.get("records")
+    head = {True: "signed", False: "NOT signed by this key", None: "none yet"}[sec.audit.get("head_signed")]  # type: ignore[index]
+    table.add_row("audit chain", Text(f"{records if records is not None else 0} records, head {head}; {last_text}",
+                                      "red" if (isinstance(last, dict) and not last.get("ok")) else None))
+    policy = sec.policy
+    if policy.get("error"):
+        table.add_row("policy", Text(str(policy["error"]), "red"))
+    elif policy["files"]:
+        rules = policy["rules"]
+        table.add_row("policy", Text(f"{', '.join(policy['files'])}: " + ("; ".join(rules) if rules else "no rules")))  # type: ignore[arg-type]
+    else:
+        table.add_row("policy", Text("none ($MVM_HOME/policy.toml does not exist): every plan is admitted"))
+    console.print(table)
 
 
 @click.command(short_help="Report what this host can run, and why.")

@@ -4,17 +4,25 @@ console, exit with the entrypoint's status); ``-- ARGV`` instead of the entrypoi
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import sys
+import time
 from contextlib import nullcontext
 
 import click
 
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
-from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
+from mvm.cli.vm import (
+    HYPERVISOR_OPTION,
+    POLICY_OPTION,
+    boot_image,
+    boot_report_lines,
+    note,
+    print_plan,
+    resources,
+)
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
@@ -52,10 +60,12 @@ class RunCommand(click.Command):
 @click.option("--mode", type=click.Choice(["live", "plan"]), default="live", show_default=True,
               help="plan: the argument is a Python script; run it with its sandboxes in record mode and print "
                    "the plan they would carry out (as `mvmctl plan record`).")
+@click.option("--receipt", is_flag=True, help="Print the id of the start's audit record on stderr.")
+@POLICY_OPTION
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool, mode: str) -> None:
+        as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
@@ -86,18 +96,19 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     lifecycle.check_argv(argv)  # before any build: a command that cannot travel fails at once
     vcpus, memory_mib = resources(cpus, memory)
     home = MvmHome.default()
+    if dry_run:
+        print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
+                   hypervisor=hypervisor, argv=argv, policies=policies)
+        return
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
-    if dry_run:
-        from mvm.runtime.plan import make_plan
-
-        plan = make_plan(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                         argv=argv)
-        click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
-        return
+    receipts: list[str] = []
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note, argv=argv)
+                              hypervisor=hypervisor, progress=note, argv=argv, operation="run",
+                              on_receipt=receipts.append, policies=policies)
+        if receipt:
+            note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
             click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                        f"(`mvmctl logs {vm_name}` shows its output)")
@@ -107,11 +118,16 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         if boot_report:
             print_boot_report(record)
         return
+    started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
-                                hypervisor=hypervisor, progress=note, argv=argv)
+                                hypervisor=hypervisor, progress=note, argv=argv, policies=policies)
     try:
         attach_id = launch.client.send({"type": "attach", "replay": True})
+        record_id = lifecycle.audit_action(home, "run", name=vm_name, image=image, vm=launch.record, started=started,
+                                           sealed=image.sealed, argv=argv, detail={"mode": "attached"})
         launch.commit()
+        if receipt:
+            note(f"receipt {record_id or 'none (no audit record was written)'}")
         interactive = image.accessible and image.entrypoint_kind == "shell" and argv is None
         try:
             code = follow_console(launch.client, attach_id, vm_name, sys.stdin.fileno() if interactive else None)

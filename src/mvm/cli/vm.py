@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
@@ -39,6 +40,30 @@ HYPERVISOR_OPTION = click.option(
     help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
 
 
+POLICY_OPTION = click.option(
+    "--policy", "policies", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
+    help="An admission policy to hold the plan to, besides $MVM_HOME/policy.toml (repeatable; docs/audit.md).")
+
+
+def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *, policies: tuple[str, ...] = (),
+               **options: Any) -> None:
+    """--dry-run: the admitted plan (or the rule that refuses it); nothing is started or built
+    (a workload not built yet is planned from its mvm.toml, and says so)."""
+    from mvm.runtime.plan import admit, make_plan, unbuilt_image
+
+    image, workload = stamps.lookup(home, directory), None
+    if image is None:
+        from mvm.core.manifest import load_manifest
+
+        parsed = load_manifest(directory)
+        workload = json.loads(parsed.canonical_json())
+        image = unbuilt_image(Path(directory), workload)
+    plan = admit(home, make_plan(home, image, name=name or image.name, workload=workload, **options), policies,
+                 sealed=image.sealed, dry_run=True)
+    lifecycle.refuse_unenforced_settings(image)  # as `up` would, after admission
+    click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
+
+
 def note(message: str) -> None:
     click.echo(f"mvmctl: {message}", err=True)
 
@@ -69,9 +94,13 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
               help="Start a clone of snapshot TAG instead of booting (needs --name; no DIRECTORY).")
 @click.option("--cold", is_flag=True, help="Boot even when a template of this image exists (`mvmctl template build`).")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
+@click.option("--receipt", is_flag=True, help="Print the id of the start's audit record (stderr; with --json, a "
+                                               "'receipt' field).")
+@click.option("--dry-run", is_flag=True, help="Print the admitted plan (what would run, where, how) and start nothing.")
+@POLICY_OPTION
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
        memory: str | None, hypervisor: str | None, publish: tuple[str, ...], snapshot_tag: str | None,
-       cold: bool, as_json: bool) -> None:
+       cold: bool, as_json: bool, receipt: bool, dry_run: bool, policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
@@ -85,6 +114,14 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     vcpus, memory_mib = resources(cpus, memory)
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
+    receipts: list[str] = []
+    if dry_run:
+        if snapshot_tag is not None:
+            raise UsageError("--dry-run plans a boot; a clone of a snapshot is not planned here",
+                             "`mvmctl snapshot inspect TAG` shows what a clone would start from")
+        print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
+                   hypervisor=hypervisor, forwards=forwards, policies=policies)
+        return
     if snapshot_tag is not None:
         if directory is not None or flake is not None:
             raise UsageError("--snapshot starts from a saved VM, not from a workload directory",
@@ -95,7 +132,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         from mvm.runtime import cloning
 
         record = cloning.clone(home, cloning.CloneRequest(snapshot_tag, name, vcpus, memory_mib, hypervisor,
-                                                          forwards=forwards), progress=note)
+                                                          forwards=forwards, policies=policies,
+                                                          on_receipt=receipts.append), progress=note)
     else:
         image = boot_image(project_dir(directory, flake), home)
         name = name or image.name
@@ -103,13 +141,17 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         if template is not None:
             from mvm.runtime import cloning
 
-            record = cloning.clone(home, cloning.CloneRequest(template, name, forwards=forwards), progress=note)
+            record = cloning.clone(home, cloning.CloneRequest(template, name, forwards=forwards, policies=policies,
+                                                              on_receipt=receipts.append), progress=note)
         else:
-            record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
-                                  hypervisor=hypervisor, progress=note, forwards=forwards)
+            record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
+                                  progress=note, forwards=forwards, on_receipt=receipts.append, policies=policies)
     vm_name = record.name
+    if receipt and not as_json:
+        note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
     if as_json:
-        click.echo(json.dumps(asdict(record), indent=2))
+        click.echo(json.dumps({**asdict(record), **({"receipt": receipts[0] if receipts else None} if receipt else {})},
+                              indent=2))
     elif record.state == "stopped":
         click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                    f"(`mvmctl logs {vm_name}` shows its output)")
@@ -168,7 +210,9 @@ def ls(as_json: bool) -> None:
         return
     from rich.console import Console
     from rich.table import Table
-    from rich.text import Text  # cells as text, not markup: a record's fields may hold anything
+    from rich.text import (
+        Text,  # cells as text, not markup: a record's fields may hold anything
+    )
 
     table = Table(box=None, pad_edge=False)
     for column in ("NAME", "STATE", "BACKEND", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):

@@ -29,6 +29,7 @@ from mcp.server.fastmcp.exceptions import ToolError
 from mcp.types import Resource as MCPResource
 
 from mvm.core.errors import MvmError, UsageError
+from mvm.runtime.client import set_surface
 from mvm.sdk.sandbox import Sandbox
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout (and of stderr) a tool result carries
@@ -153,6 +154,7 @@ class SandboxServer(FastMCP):
 
 
 def build_server(limits: Limits) -> FastMCP:
+    set_surface("mcp")  # every sandbox action of this process is recorded as MCP's
     pool = SandboxPool(limits)
 
     @asynccontextmanager
@@ -200,7 +202,7 @@ def build_server(limits: Limits) -> FastMCP:
             return {"exit_code": 137, "timed_out": True, "stdout": _capped(err.stdout.decode(errors="replace")),
                     "stderr": _capped(err.stderr.decode(errors="replace")), "sandbox": session.sandbox.name}
         return {"exit_code": result.exit_code, "timed_out": False, "stdout": _capped(result.stdout),
-                "stderr": _capped(result.stderr), "sandbox": session.sandbox.name}
+                "stderr": _capped(result.stderr), "sandbox": session.sandbox.name, "receipt": result.receipt_id}
 
     @server.tool()
     async def run(code: str, env: str = "shell", session: str | None = None, close: bool = False,
@@ -208,7 +210,8 @@ def build_server(limits: Limits) -> FastMCP:
         """Run code in a sandbox: env "shell" (/bin/sh -c) or "python" (python3 -c), or a
         template directory (run as shell). The result names its `session`: pass it again to
         reuse that warm sandbox; `close` destroys it after this call (an unused one is destroyed
-        after MVM_MCP_SESSION_IDLE seconds). stdout and stderr are capped at 64 KiB each;
+        after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
+        receipt show ID`). stdout and stderr are capped at 64 KiB each;
         timeout_secs is clamped to 1-600."""
         def work() -> dict[str, Any]:
             current = pool.get(session) if session is not None else pool.create(ENVS.get(env, env))

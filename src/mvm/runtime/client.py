@@ -24,6 +24,23 @@ if TYPE_CHECKING:
 
 Sink = Callable[[bytes], None]
 CONNECT_TIMEOUT_S = 10.0
+SURFACES = ("cli", "sdk", "mcp")
+# Requests the supervisor writes an audit record for: they say which surface asked.
+AUDITED = frozenset({"exec", "console", "write", "read", "remove", "mkdir", "rename", "pause", "resume"})
+_surface = "cli"  # what this process is: the CLI unless the SDK (or MCP, on the SDK) says so
+
+
+def set_surface(surface: str) -> None:
+    """Declare which of mvm's surfaces this process is, for its audit records (the SDK and MCP
+    call this; the CLI is the default)."""
+    global _surface
+    if surface not in SURFACES:
+        raise ValueError(f"surface {surface!r} is not one of {SURFACES}")
+    _surface = surface
+
+
+def current_surface() -> str:
+    return _surface
 
 
 class AgentError(VmError):
@@ -37,19 +54,20 @@ class AgentError(VmError):
 class ExecResult:
     """How a guest process ended, and its output when no sink took it."""
 
-    __slots__ = ("code", "signal", "timed_out", "stdout", "stderr")
+    __slots__ = ("code", "signal", "timed_out", "stdout", "stderr", "receipt")
 
     def __init__(self, code: int | None, signal: int | None, timed_out: bool, stdout: bytes = b"",
-                 stderr: bytes = b"") -> None:
+                 stderr: bytes = b"", receipt: str | None = None) -> None:
         self.code = code
         self.signal = signal
         self.timed_out = timed_out
         self.stdout = stdout
         self.stderr = stderr
+        self.receipt = receipt  # its audit record's id, when the supervisor wrote one
 
     def __repr__(self) -> str:
         return (f"ExecResult(code={self.code!r}, signal={self.signal!r}, timed_out={self.timed_out!r}, "
-                f"stdout={self.stdout!r}, stderr={self.stderr!r})")
+                f"stdout={self.stdout!r}, stderr={self.stderr!r}, receipt={self.receipt!r})")
 
     def __eq__(self, other: object) -> bool:  # (and so unhashable, like the dataclass it was)
         if not isinstance(other, ExecResult):
@@ -67,12 +85,14 @@ class ExecResult:
 class VmClient:
     """One connection to VM ``name``'s supervisor; ``paths`` is set when it was found by its VmPaths."""
 
-    __slots__ = ("name", "paths", "sock", "_decoder", "_queued", "_next_id")
+    __slots__ = ("name", "paths", "sock", "receipts", "audit_warnings", "_decoder", "_queued", "_next_id")
 
     def __init__(self, name: str, sock: socket.socket | None = None, paths: VmPaths | None = None) -> None:
         self.name = name
         self.paths = paths
         self.sock = sock
+        self.receipts: list[str] = []  # ids of the audit records of what this client did
+        self.audit_warnings: list[str] = []  # why a record could not be written (dev images go on)
         self._decoder = protocol.Decoder()
         self._queued: list[protocol.Frame] = []
         self._next_id = 1
@@ -122,6 +142,8 @@ class VmClient:
         if "id" not in header:
             header = {**header, "id": self._next_id}
             self._next_id += 1
+        if header.get("type") in AUDITED:
+            header["surface"] = _surface
         assert self.sock is not None
         self.sock.sendall(protocol.encode(header, body))
         return header["id"]
@@ -139,6 +161,12 @@ class VmClient:
         if not data:
             raise VmError(f"the supervisor of VM {self.name} went away", f"`mvmctl status {self.name}` says why")
         frames, _ = self._decoder.feed_all(data)
+        for frame in frames:
+            receipt, warning = frame.header.get("receipt"), frame.header.get("audit_warning")
+            if isinstance(receipt, str):
+                self.receipts.append(receipt)
+            if warning is not None:
+                self.audit_warnings.append(str(warning)[:300])
         self._queued += frames
 
     def receive_batch(self) -> list[protocol.Frame]:
@@ -204,9 +232,10 @@ class VmClient:
             if frame.type in sinks:
                 sinks[frame.type](frame.body)
             elif frame.type == "exit":
+                receipt = frame.header.get("receipt")
                 return ExecResult(frame.header.get("code"), frame.header.get("signal"),
                                   bool(frame.header.get("timed_out")), bytes(collected["stdout"]),
-                                  bytes(collected["stderr"]))
+                                  bytes(collected["stderr"]), receipt if isinstance(receipt, str) else None)
         raise VmError("the exec ended without an exit status")  # replies() always ends with one
 
     def _exec_frames(self, request_id: int, stdin_fd: int | None) -> Iterator[protocol.Frame]:

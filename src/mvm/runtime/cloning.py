@@ -13,6 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
@@ -32,6 +33,7 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
     if not record.running:
         raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
     store = SnapshotStore(home)
+    started = time.monotonic()
     with store.locked(tag):
         if store.dir(tag).exists():
             raise UsageError(f"snapshot {tag} already exists", f"`mvmctl snapshot rm {tag}` first, or pick another tag")
@@ -45,10 +47,18 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
                 accel=reply["accel"], hypervisor_version=reply["hypervisor_version"], vcpus=reply["vcpus"],
                 memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
                 accessible=reply["accessible"], argv=reply["argv"])
-            return store.commit(staged, manifest)
-        except BaseException:
+            saved = store.commit(staged, manifest)
+        except BaseException as err:
             shutil.rmtree(staged, ignore_errors=True)
+            if isinstance(err, Exception):
+                lifecycle.audit_action(home, f"{purpose}-create", name=name, vm=record, started=started, error=err,
+                                       detail={"tag": tag, "stop": stop})
             raise
+    lifecycle.audit_action(home, f"{purpose}-create", name=name, vm=record, started=started, sealed=record.sealed,
+                           detail={"tag": tag, "stop": stop, "kind": saved.manifest.kind,
+                                   "files": {n: {"size": f.size, "sha256": f.sha256}
+                                             for n, f in saved.manifest.files.items()}})
+    return saved
 
 
 def clone_image(home: MvmHome, snapshot: Snapshot) -> BootImage:
@@ -76,6 +86,8 @@ class CloneRequest:
     workload_id: str | None = None
     forwards: tuple[PortForward, ...] = ()
     replace_suspended: bool = False  # resume: the name is that of the suspended VM itself
+    policies: tuple[str | Path, ...] = ()  # admission policies beyond the home's
+    on_receipt: Callable[[str], None] | None = None  # gets the id of the start's audit record
 
 
 def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] | None = None) -> VmRecord:
@@ -105,8 +117,10 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
         raise SnapshotError(f"snapshot {request.tag} was taken under {manifest.accel}; this host runs {manifest.backend} "
                             f"under {accel}", "take a new snapshot on this host")
     return lifecycle.up(home, image, name=request.name, hypervisor=manifest.backend, progress=progress,
-                        forwards=request.forwards, argv=manifest.argv, lifetime_s=request.lifetime_s, ephemeral=request.ephemeral,
-                        workload_id=request.workload_id, snapshot=snapshot)
+                        forwards=request.forwards, argv=manifest.argv, lifetime_s=request.lifetime_s,
+                        policies=request.policies, on_receipt=request.on_receipt, ephemeral=request.ephemeral,
+                        workload_id=request.workload_id, snapshot=snapshot,
+                        operation="resume-from-disk" if request.replace_suspended else "clone")
 
 
 def snapshot_users(home: MvmHome, tag: str) -> list[str]:
@@ -124,6 +138,7 @@ def remove_snapshot(home: MvmHome, tag: str) -> None:
             raise UsageError(f"snapshot {tag} is in use by running clone{'s' if len(users) > 1 else ''} "
                              f"{', '.join(users)}", f"`mvmctl down {users[0]}` first")
         store.remove(tag)
+    lifecycle.audit_action(home, "snapshot-rm", name=None, detail={"tag": tag})
 
 
 def _refuse_suspended_name(home: MvmHome, name: str) -> None:

@@ -106,14 +106,21 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
              lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
-             snapshot: Snapshot | None = None) -> Launch:
+             snapshot: Snapshot | None = None, policies: tuple[str | Path, ...] = (),
+             forwards: tuple[PortForward, ...] = ()) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
     ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
-    booting (runtime/cloning.py has checked it fits)."""
+    booting (runtime/cloning.py has checked it fits). The plan is admitted first (the home's
+    policy and ``policies``; ``forwards`` are the ones `up` will add)."""
+    from mvm.runtime import plan
+
     check_vm_name(name)
     check_argv(argv)
     refuse_unenforced_settings(image)
+    admitted = plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
+                                               hypervisor=hypervisor, argv=argv, forwards=forwards),
+                          policies, sealed=image.sealed, record=False)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
@@ -158,10 +165,18 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         except BaseException:
             shutil.rmtree(staged.dir, ignore_errors=True)
             raise
-        return _fork_supervisor(paths, staged, image, record, name_lock)
+        launch = _fork_supervisor(paths, staged, image, record, name_lock)
     except BaseException:
         os.close(name_lock)
         raise
+    try:  # (written while the guest boots; a sealed image's VM goes if it cannot be)
+        plan.record_admitted(home, admitted, sealed=image.sealed)
+    except BaseException:
+        launch.abandon()
+        launch.client.close()
+        _wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
+        raise
+    return launch
 
 
 def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
@@ -230,28 +245,60 @@ def _tail(path: Path) -> str:
 def add_forward(client: VmClient, forward: PortForward) -> None:
     """The address was written by the user (or defaults to loopback): a non-loopback one is
     what they asked for, which the supervisor wants said explicitly."""
-    client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port,
-                public=True)
+    started, error = time.monotonic(), None
+    try:
+        client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port,
+                    guest_port=forward.guest_port, public=True)
+    except VmError as err:
+        error = err
+        raise
+    finally:
+        if client.paths is not None:
+            audit_action(MvmHome(client.paths.dir.parent.parent), "forward", name=client.name, started=started,
+                   error=error, detail={"host_addr": forward.host_addr, "host_port": forward.host_port,
+                                        "guest_port": forward.guest_port})
+
+
+def audit_action(home: MvmHome, operation: str, **fields: object) -> str | None:
+    """One audit record of a lifecycle action done by this process (security/audit.py's
+    record_action; loaded only when a record is written)."""
+    from mvm.security import audit
+
+    return audit.record_action(home, operation, **fields)  # type: ignore[arg-type]
 
 
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
-       ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None) -> VmRecord:
+       ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None,
+       operation: str = "up", on_receipt: Callable[[str], None] | None = None,
+       policies: tuple[str | Path, ...] = ()) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
-    that cannot listen fails the whole `up`, leaving nothing.
+    that cannot listen fails the whole `up`, leaving nothing. So is its audit record
+    (``operation``: up or run; its id goes to ``on_receipt``): on a sealed image, a VM whose
+    start cannot be recorded is not started.
     """
-    launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
-                      hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
-                      ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot)
+    started = time.monotonic()
+    try:
+        launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
+                          hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
+                          ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot, policies=policies,
+                          forwards=forwards)
+    except Exception as err:
+        audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
+        raise
     try:
         reply = launch.client.call("ready")
         if reply.get("state") == "running":
             for forward in [*image.forwards, *forwards]:
                 add_forward(launch.client, forward)
+        receipt = audit_action(home, operation, name=name, image=image, vm=launch.record, started=started,
+                         sealed=image.sealed, argv=argv, detail={"state": reply.get("state")})
         launch.commit()
+        if receipt is not None and on_receipt is not None:
+            on_receipt(receipt)
     finally:
         launch.abandon()
         launch.client.close()
@@ -309,7 +356,9 @@ def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0
             raise
         _stop_unknown_supervisor(paths)
         shutil.rmtree(paths.dir, ignore_errors=True)
+        audit_action(home, "down", name=name, detail={"force": True, "damaged": err.damaged.why})
         return err.damaged
+    started = time.monotonic()
     record = _until_stopped(paths, record, "stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
     shutil.rmtree(paths.dir, ignore_errors=True)
     if record.suspended:  # what `pause --to-disk` saved goes with it
@@ -319,6 +368,8 @@ def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0
             SnapshotStore(home).remove(record.suspended)
         except SnapshotError:
             pass
+    audit_action(home, "down", name=name, vm=record, started=started, exit_status=record.exit_status,
+                 detail={"force": force, "stop_reason": record.stop_reason})
     return record
 
 

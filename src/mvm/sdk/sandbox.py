@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
+from mvm.build import stamps
 from mvm.build.project import image_for
-from mvm.core.bootimage import PortForward
+from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.home import check_vm_name
 from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
@@ -36,11 +37,14 @@ from mvm.errors import (
     VmError,
 )
 from mvm.runtime import backends, cloning, lifecycle, transfer
-from mvm.runtime.client import AgentError, VmClient
+from mvm.runtime.client import AgentError, VmClient, current_surface, set_surface
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
 from mvm.sdk import record
 from mvm.sdk.handles import CommandHandle
 from mvm.sdk.templates import BUILT_IN, template_dir
+
+if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
+    set_surface("sdk")  # a program that imports the SDK: its audit records say so
 
 OutputSink = Callable[[str], None]
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
@@ -56,6 +60,7 @@ class CommandResult:
     stderr: str
     exit_code: int
     duration: float  # seconds, as the host saw it
+    receipt_id: str | None = None  # its audit record (`mvmctl receipt show ID`), when one was written
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,8 @@ class Commands:
         if result.timed_out:
             raise CommandTimeout(f"{argv[0]} ran past its {timeout:g} s timeout in sandbox {self._sandbox.name} "
                                  "and was killed", bytes(out), bytes(err))
-        done = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"), result.exit_status, duration)
+        done = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"), result.exit_status, duration,
+                             result.receipt)
         if check and done.exit_code != 0:
             raise CommandFailed(f"{argv[0]} exited {done.exit_code} in sandbox {self._sandbox.name}", done)
         return done
@@ -248,7 +254,7 @@ class Sandbox:
             cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
                                                      ephemeral=True, workload_id=workload_id))
         else:
-            image = image_for(template_dir(home, template), home, _stderr_progress)
+            image = _built_image(home, template)
             lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
                          lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
         sandbox = cls(vm_name, home, env)
@@ -385,6 +391,18 @@ class Sandbox:
             raise SandboxStopped(str(err)) from None
 
 
+def _built_image(home: MvmHome, template: str) -> BootImage:
+    """The template's image, built now if it is not yet (that build is an audit record, as
+    mvmctl's are)."""
+    directory = template_dir(home, template)
+    started, built = time.monotonic(), stamps.lookup(home, directory) is not None
+    image = image_for(directory, home, _stderr_progress)
+    if not built:
+        lifecycle.audit_action(home, "build", name=None, started=started, paths=[str(directory)],
+                               artifact=image.key, detail={"workload": image.name, "sealed": image.sealed})
+    return image
+
+
 def _template_snapshot(home: MvmHome, template: str, backend: str | None, cpus: int | None,
                        memory: int | None) -> str | None:
     """The snapshot to clone for ``template``: the tag itself, or a built-in's template
@@ -393,7 +411,7 @@ def _template_snapshot(home: MvmHome, template: str, backend: str | None, cpus: 
         return template if (home.snapshots / template).is_dir() and SNAPSHOT_TAG.fullmatch(template) else None
     if template not in BUILT_IN:
         return None
-    image = image_for(template_dir(home, template), home, _stderr_progress)
+    image = _built_image(home, template)
     host = backends.Host(home)
     chosen = lifecycle.choose_backend(home, image, backend, host).backend
     if not chosen.capabilities.snapshots:

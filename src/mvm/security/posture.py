@@ -47,11 +47,23 @@ class KvmState(BaseModel):
     boot_ms: int | None = None
 
 
+class SecurityState(BaseModel):
+    """doctor's security section: each fact checked now, or said to be unknown."""
+
+    isolation: dict[str, str]  # backend -> microvm | container | ...
+    qemu_seccomp_in_argv: bool | None  # `-sandbox on` in the argv mvm builds (None: no QEMU here)
+    qemu_seccomp_running: list[dict[str, object]]  # per running QEMU VM: {vm, pid, seccomp} from /proc
+    key: dict[str, object]  # {path, exists, mode, owner_ok, ok}
+    audit: dict[str, object]  # {records, head_signed, last_verify}
+    policy: dict[str, object]  # {files, rules} | {error}
+
+
 class Posture(BaseModel):
     host: HostInfo
     kvm: KvmState
     backends: list[BackendReport]
     tools: list[ToolStatus]
+    security: SecurityState | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -121,6 +133,90 @@ def host_posture(home: MvmHome, *, probe: bool = True) -> Posture:
     facts = HostFacts(kvm_usable=kvm.usable, kvm_reason=kvm.reason, kvm_boot_ms=kvm.boot_ms, pvm_hint=kvm.pvm_hint,
                       tools={t.name: t for t in tools})
     reports = [backends.get(name).doctor(facts) for name in DOCTOR_ORDER]
-    return Posture(host=host_info(), kvm=kvm, backends=reports, tools=tools)
+    return Posture(host=host_info(), kvm=kvm, backends=reports, tools=tools,
+                   security=security_state(home, reports))
+
+
+def security_state(home: MvmHome, reports: list[BackendReport]) -> SecurityState:
+    """Isolation per backend, QEMU's seccomp (asked of the kernel for running VMs), the host
+    key's permissions, the audit chain's head and last verify, and the policy in force."""
+    from mvm.security import admission, audit
+    from mvm.security.host_key import KEY_FILE
+
+    return SecurityState(
+        isolation={r.name: str(r.capabilities.get("isolation")) for r in reports},
+        qemu_seccomp_in_argv=_qemu_seccomp_in_argv(),
+        qemu_seccomp_running=_running_seccomp(home),
+        key=_key_state(home.keys / KEY_FILE),
+        audit={"records": (audit.read_head(home) or {}).get("count"),
+               "head_signed": _head_signed(home), "last_verify": audit.last_verify(home)},
+        policy=_policy_state(home, admission),
+    )
+
+
+def _qemu_seccomp_in_argv() -> bool | None:
+    from pathlib import Path
+
+    from mvm.runtime.backends.qemu import QemuSpec
+
+    try:
+        argv = QemuSpec(kernel=Path("vmlinux"), initrd=Path("initrd"), root_disk=None).argv()
+    except MvmError:  # no QEMU on this host
+        return None
+    return "-sandbox" in argv and argv[argv.index("-sandbox") + 1].startswith("on")
+
+
+def _running_seccomp(home: MvmHome) -> list[dict[str, object]]:
+    """Seccomp mode (2: a filter) of each running QEMU VM's process, from /proc/PID/status."""
+    from mvm.core.state import VmRecord
+    from mvm.runtime import lifecycle
+
+    found: list[dict[str, object]] = []
+    for record in lifecycle.list_vms(home):
+        if not isinstance(record, VmRecord) or not record.running or record.accel not in ("kvm", "tcg"):
+            continue
+        mode = None
+        try:
+            with open(f"/proc/{record.qemu_pid}/status") as f:
+                mode = next((line.split()[1] for line in f if line.startswith("Seccomp:")), None)
+        except (OSError, TypeError):
+            pass
+        found.append({"vm": record.name, "pid": record.qemu_pid, "seccomp": mode == "2"})
+    return found
+
+
+def _key_state(path: object) -> dict[str, object]:
+    import stat
+    from pathlib import Path
+
+    key = Path(str(path))
+    try:
+        info = key.lstat()
+    except FileNotFoundError:
+        return {"path": str(key), "exists": False, "ok": True, "mode": None}  # made on first use, 0600
+    mode = stat.S_IMODE(info.st_mode)
+    owner_ok = info.st_uid == os.geteuid()
+    return {"path": str(key), "exists": True, "mode": f"{mode:o}", "owner_ok": owner_ok,
+            "ok": owner_ok and not mode & 0o077 and stat.S_ISREG(info.st_mode)}
+
+
+def _head_signed(home: MvmHome) -> bool | None:
+    from mvm.security import audit
+    from mvm.security.host_key import KEY_FILE, HostKey
+
+    if audit.read_head(home) is None or not (home.keys / KEY_FILE).exists():
+        return None
+    try:
+        return audit.read_head(home, HostKey.load(home.keys / KEY_FILE)) is not None
+    except MvmError:
+        return False
+
+
+def _policy_state(home: MvmHome, admission: object) -> dict[str, object]:
+    try:
+        policy = admission.load(home.root)  # type: ignore[attr-defined]
+    except MvmError as err:
+        return {"files": [], "rules": [], "error": str(err)}
+    return {"files": list(policy.files), "rules": [f"{r.name} = {r.value!r} ({r.where})" for r in policy.rules]}
 
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from mvm.core import protocol
 from mvm.core.errors import VmError
 from mvm.runtime.boot_markers import BootMarker
+from mvm.runtime.supervisor.audit_trail import Track
 from mvm.runtime.supervisor.clients import Reader
 from mvm.runtime.supervisor.vm_process import SHUTDOWN_ID
 
@@ -42,6 +43,7 @@ class Route:
     owner: Reader
     client_id: int
     op: str
+    track: Track | None = None  # its audit record while it runs (audit_trail.py)
 
 
 class AgentLink:
@@ -131,10 +133,15 @@ class AgentLink:
         if route is None:
             return None  # a reply for a client that has gone, or our own shutdown request
         header = {**frame.header, "id": route.client_id}
-        try:
-            route.owner.send(protocol.encode(header, frame.body))
-        except protocol.ProtocolError:  # a header the agent filled beyond the limit: not passed on
-            route.owner.send(protocol.error(route.client_id, "the agent sent a reply too large to pass on"))
+        if route.track is not None and frame.type in TERMINAL:
+            sup.audit.finish(route.owner, route.track, header, frame.body)  # sent once it is in the log
+        else:
+            if route.track is not None:
+                route.track.count(frame.type, frame.body)
+            try:
+                route.owner.send(protocol.encode(header, frame.body))
+            except protocol.ProtocolError:  # a header the agent filled beyond the limit: not passed on
+                route.owner.send(protocol.error(route.client_id, "the agent sent a reply too large to pass on"))
         if frame.type in TERMINAL:
             del self.routes[frame.id]
             route.owner.open_requests.pop(route.client_id, None)
@@ -201,12 +208,17 @@ class AgentLink:
                 return  # for a process or connection that has already ended
             channel_id, self.next_id = self.next_id, self.next_id + 1
             owner.open_requests[client_id] = channel_id
-            self.routes[channel_id] = Route(owner, client_id, frame.type)
+            self.routes[channel_id] = Route(owner, client_id, frame.type, self.sup.audit.begin(owner, frame))
+        route = self.routes.get(channel_id)
+        if route is not None and route.track is not None and frame.type in ("write", "stdin"):
+            route.track.count(frame.type, frame.body)
         self.send(protocol.encode({**frame.header, "id": channel_id}, frame.body))
 
     def fail_all(self, reason: str, prefix: str = "the VM stopped: ") -> None:
         """Every open request gets its error: the VM stopped, or the agent restarted."""
         for route_id, route in list(self.routes.items()):
+            if route.track is not None:
+                self.sup.audit.abandon(route.track, prefix + reason)
             route.owner.send(protocol.error(route.client_id, prefix + reason))
             route.owner.open_requests.pop(route.client_id, None)
             del self.routes[route_id]
@@ -223,6 +235,8 @@ class AgentLink:
         nowhere to go."""
         for channel_id, route in list(self.routes.items()):
             if route.owner is owner:
+                if route.track is not None:
+                    self.sup.audit.abandon(route.track, "its client went away")
                 if route.op in ("exec", "console"):
                     self.send(protocol.encode({"type": "signal", "id": channel_id, "signal": signal.SIGKILL}))
                 elif route.op == "read":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
-from mvm.runtime.backends.base import peer_uid
+from mvm.runtime.supervisor.audit_trail import peer_credentials
 from mvm.runtime.supervisor.vm_process import MAX_STOP_TIMEOUT_S, STOP_TIMEOUT_S
 
 if TYPE_CHECKING:
@@ -56,8 +56,10 @@ class Reader:
 class Client(Reader):
     """One connection to ctl.sock (compared by identity: clients are kept in sets)."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, peer: tuple[int | None, int | None] = (None, None)) -> None:
         super().__init__(writer)
+        self.peer = peer  # (pid, uid) by SO_PEERCRED: the actor of its audit records
+        self.surface = "unknown"  # what it said it is (cli, sdk, mcp), for the records of its pause/resume
         self.attached = False  # receives the console and the final exit
         self.attach_id: int | None = None
         self.follow_id: int | None = None  # a `logs --follow` request
@@ -78,14 +80,14 @@ class ClientServer:
         self.waiters: list[tuple[Client, int, str]] = []  # (client, id, "ready"|"wait")
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = peer_uid(writer)
+        pid, uid = peer_credentials(writer)
         if uid not in (0, os.getuid()):
             # ctl.sock is 0600 in a 0700 directory; this is the check that does not depend on that.
             print(f"mvm-supervisor: refused a client of uid {uid} on ctl.sock", file=sys.stderr, flush=True)
             writer.write(protocol.error(None, f"uid {uid} may not drive this VM (only its owner and root)"))
             writer.close()
             return
-        client = Client(writer)
+        client = Client(writer, (pid, uid))
         self.clients.add(client)
         decoder = protocol.Decoder()
         try:
@@ -159,6 +161,7 @@ class ClientServer:
                 asyncio.get_running_loop().create_task(sup.snapshot(client, frame.id, Path(dest),
                                                                     frame.header.get("stop") is True))
         elif kind in ("pause", "resume"):
+            client.surface = str(frame.header.get("surface"))[:8]
             asyncio.get_running_loop().create_task(sup.set_paused(client, frame.id, kind == "pause"))
         elif kind == "stop":
             self.waiters.append((client, frame.id or 0, "wait"))

@@ -19,6 +19,7 @@ from mvm.core.state import VmPaths, VmRecord, write_json_atomic
 from mvm.runtime import backends
 from mvm.runtime.launchspec import LaunchSpec
 from mvm.runtime.supervisor.agent_link import AgentLink
+from mvm.runtime.supervisor.audit_trail import AuditTrail
 from mvm.runtime.supervisor.clients import Client, ClientServer
 from mvm.runtime.supervisor.console import ConsoleRelay
 from mvm.runtime.supervisor.forwards import Forwards
@@ -40,6 +41,7 @@ class Supervisor:
         self.agent = AgentLink(self)
         self.clients = ClientServer(self)
         self.forwards = Forwards(self)
+        self.audit = AuditTrail(self)
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -48,6 +50,7 @@ class Supervisor:
         self.record.supervisor_pid = os.getpid()
         self.record.qemu_pid = self.watch.proc.pid
         self.record.save(self.paths)
+        self.audit.started()
         server = await asyncio.start_unix_server(self.clients.serve, path=str(self.paths.ctl_socket))
         self.paths.ctl_socket.chmod(0o600)  # its directory is 0700 too; SO_PEERCRED is checked as well
         loop.add_reader(self.spec.commit_fd, self.on_commit_pipe)
@@ -138,7 +141,9 @@ class Supervisor:
             await (self.backend.pause if paused else self.backend.resume)(self.paths, self.record)
         except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
             client.send(protocol.error(request_id, f"{'pause' if paused else 'resume'} failed: {err}"))
+            self.audit.action(client, "pause" if paused else "resume", str(err))
             return
+        self.audit.action(client, "pause" if paused else "resume")
         self.record.state = "paused" if paused else ("running" if self.agent.ready else "starting")
         self.record.save(self.paths)
         client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))

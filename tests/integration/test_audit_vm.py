@@ -1,0 +1,255 @@
+"""The audit chain on a real QEMU guest: up, exec, cp both ways, fs rm, an SDK call and down
+each leave one signed record with the right actor, and `--receipt` names it; 32 concurrent
+execs and appends from other processes at the same moment leave a chain that verifies."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvm.core.state import MvmHome
+from mvm.security import audit
+from tests.conftest import Mvmctl
+
+pytestmark = pytest.mark.vm
+
+WORKLOAD = """
+    name = "aud"
+    [entrypoint]
+    command = ["/bin/sh", "-c", "while true; do sleep 1; done"]
+"""
+SECRET = "42-s3cr3t-42"  # what the command prints; its argv spells it differently
+
+
+@pytest.fixture(scope="module")
+def vm(mvmctl: Mvmctl, tmp_path_factory: pytest.TempPathFactory):
+    directory = tmp_path_factory.mktemp("aud")
+    (directory / "mvm.toml").write_text(WORKLOAD)
+    proc = mvmctl("up", "--hypervisor", "qemu", "--receipt", "--json", str(directory), check=True)
+    yield "aud", json.loads(proc.stdout)["receipt"], directory
+    mvmctl("down", "--force", "aud")
+
+
+def receipt_of(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.startswith("mvmctl: receipt ")]
+    assert len(lines) >= 1, stderr
+    return lines[-1].removeprefix("mvmctl: receipt ")
+
+
+def show(mvmctl: Mvmctl, record_id: str) -> dict:
+    proc = mvmctl("receipt", "show", "--json", record_id, check=True)
+    shown = json.loads(proc.stdout)
+    assert shown["verifies"], shown["status"]
+    return shown["record"]
+
+
+def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
+    name, receipt, _ = vm
+    entry = show(mvmctl, receipt)
+    assert entry["operation"] == "up" and entry["vm"] == name and entry["result"] == "ok"
+    assert entry["backend"] == "qemu" and entry["isolation"] and entry["artifact"]
+    assert entry["actor"]["surface"] == "cli" and entry["actor"]["uid"] >= 0
+    builds = [e for e in json.loads(mvmctl("audit", "ls", "--json", check=True).stdout) if e["operation"] == "build"]
+    assert builds and builds[-1]["artifact"] == entry["artifact"] and builds[-1]["result"] == "ok"
+
+
+def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    printed = "echo $((6*7))-s3cr3t-$((6*7))"
+    proc = mvmctl("exec", "--receipt", name, "--", "/bin/sh", "-c", f"{printed}; {printed} >&2; exit 7")
+    assert proc.returncode == 7 and proc.stdout == f"{SECRET}\n"
+    entry = show(mvmctl, receipt_of(proc.stderr))
+    assert entry["operation"] == "exec" and entry["argv"][:2] == ["/bin/sh", "-c"]
+    assert entry["exit_status"] == 7 and entry["result"] == "ok"
+    assert entry["detail"]["stdout_bytes"] == len(SECRET) + 1 == entry["detail"]["stderr_bytes"]
+    assert entry["actor"]["surface"] == "cli" and entry["actor"]["process"].startswith("python")
+    assert entry["duration_ms"] > 0
+    logged = b"".join(p.read_bytes() for p in (mvmctl.home / "audit").glob("audit*.jsonl"))
+    assert SECRET.encode() not in logged and b"s3cr3t" in logged  # the argv is logged, never the output
+
+
+def test_cp_both_ways_and_rm_are_recorded_with_sizes_and_hashes(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    import hashlib
+
+    name, _, _ = vm
+    source = tmp_path / "in.bin"
+    source.write_bytes(b"payload\n" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    proc = mvmctl("cp", "--receipt", str(source), f"{name}:/tmp/in.bin", check=True)
+    wrote = show(mvmctl, receipt_of(proc.stderr))
+    assert wrote["operation"] == "write" and wrote["paths"] == ["/tmp/in.bin"]
+    assert wrote["detail"] == {"write_bytes": 8000, "sha256": digest}
+    proc = mvmctl("cp", "--receipt", f"{name}:/tmp/in.bin", str(tmp_path / "out.bin"), check=True)
+    read = show(mvmctl, receipt_of(proc.stderr))
+    assert read["operation"] == "read" and read["detail"]["sha256"] == digest
+    mvmctl("fs", name, "rm", "/tmp/in.bin", check=True)
+    removed = [e for e in json.loads(mvmctl("audit", "ls", "--json", "--vm", name, check=True).stdout)
+               if e["operation"] == "remove"]
+    assert removed[-1]["paths"] == ["/tmp/in.bin"] and removed[-1]["result"] == "ok"
+
+
+def test_the_sdk_gets_a_receipt_id_and_is_named_as_the_sdk(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    code = (f"import mvm; r = mvm.Sandbox.connect({name!r}).commands.run('exit 3'); "
+            "print(r.exit_code, r.receipt_id)")
+    proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=120,
+                          check=True)
+    code_text, receipt = proc.stdout.split()
+    assert code_text == "3"
+    entry = show(mvmctl, receipt)
+    assert entry["actor"]["surface"] == "sdk" and entry["exit_status"] == 3
+
+
+def test_doctor_shows_the_security_section_with_the_running_vms_seccomp(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    assert mvmctl("audit", "verify").returncode == 0
+    security = json.loads(mvmctl("doctor", "--no-probe", "--json").stdout)["security"]
+    assert security["isolation"]["qemu"] == "microvm" and security["isolation"]["docker"] == "container"
+    assert security["qemu_seccomp_in_argv"] is True
+    mine = next(r for r in security["qemu_seccomp_running"] if r["vm"] == name)
+    assert mine["seccomp"] is True  # the kernel says QEMU runs under a seccomp filter
+    assert security["key"]["ok"] and security["key"]["mode"] == "600"
+    assert security["audit"]["head_signed"] is True and security["audit"]["last_verify"]["ok"] is True
+    assert security["policy"] == {"files": [], "rules": []}
+    human = mvmctl("doctor", "--no-probe").stdout
+    assert "QEMU seccomp" in human and "audit chain" in human and "Security" in human
+
+
+def test_an_sdk_sandbox_records_its_build_start_and_kill_as_the_sdk(mvmctl: Mvmctl, tmp_path: Path) -> None:
+    project = tmp_path / "sdkproj"
+    project.mkdir()
+    (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-sdk"'))
+    code = (f"import mvm; s = mvm.Sandbox.create({str(project)!r}, name='aud-sdk', timeout=300); "
+            "print(s.commands.run('true').receipt_id); s.kill()")
+    proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=600,
+                          check=True)
+    mine = [e for e in json.loads(mvmctl("audit", "ls", "--json", check=True).stdout)
+            if e.get("vm") == "aud-sdk" or str(project) in (e.get("paths") or [])]
+    assert [(e["operation"], e["actor"]["surface"]) for e in mine] == [
+        ("build", "sdk"), ("plan", "sdk"), ("up", "sdk"), ("exec", "sdk"), ("down", "sdk")]
+    assert mine[3]["id"] == proc.stdout.strip()
+
+
+def append_from_another_process(home: str, count: int) -> None:
+    for i in range(count):
+        audit.append(MvmHome(Path(home)), {"operation": "test-append", "actor": audit.self_actor(), "detail": {"i": i}})
+
+
+def test_32_concurrent_execs_and_other_writers_leave_a_whole_chain(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=append_from_another_process, args=(str(mvmctl.home), 25)) for _ in range(3)]
+    for writer in writers:
+        writer.start()
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        procs = list(pool.map(lambda i: mvmctl("exec", "--receipt", name, "--", "/bin/sh", "-c", f"echo {i}"),
+                              range(32)))
+    for writer in writers:
+        writer.join(120)
+        assert writer.exitcode == 0
+    assert [p.returncode for p in procs] == [0] * 32
+    receipts = {receipt_of(p.stderr) for p in procs}
+    assert len(receipts) == 32
+    verified = mvmctl("audit", "verify", "--json")
+    report = json.loads(verified.stdout)
+    assert verified.returncode == 0 and report["ok"], report
+    entries = json.loads(mvmctl("audit", "ls", "--json", check=True).stdout)
+    assert receipts <= {e["id"] for e in entries if e["operation"] == "exec"}
+    assert sum(e["operation"] == "test-append" for e in entries) == 75
+
+
+def test_a_sealed_vm_refuses_what_it_cannot_record(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    name, _, directory = vm
+    log_dir = mvmctl.home / "audit"
+    kept = tmp_path / "kept-audit"
+    log_dir.rename(kept)
+    try:
+        (log_dir / "audit.jsonl").mkdir(parents=True)  # (root ignores modes: a directory cannot be appended to)
+        proc = mvmctl("exec", name, "--", "/bin/sh", "-c", "echo ran")
+        assert proc.returncode != 0 and proc.stdout == "ran\n"
+        assert "could not be written, which a sealed image does not allow" in proc.stderr
+        refused = mvmctl("up", "--name", "aud-unrecorded", str(directory))
+        assert refused.returncode != 0 and "its audit record could not be written" in refused.stderr
+        assert not (mvmctl.home / "vms" / "aud-unrecorded").exists()
+    finally:
+        shutil.rmtree(log_dir)
+        kept.rename(log_dir)
+    assert mvmctl("audit", "verify").returncode == 0
+
+
+def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, tmp_path: Path) -> None:
+    project = tmp_path / "devproj"
+    project.mkdir()
+    (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-dev"').replace("[entrypoint]",
+                                                                                    "dev = true\n[entrypoint]"))
+    mvmctl("up", str(project), check=True)
+    log_dir, kept = mvmctl.home / "audit", tmp_path / "kept-audit"
+    try:
+        log_dir.rename(kept)
+        (log_dir / "audit.jsonl").mkdir(parents=True)
+        proc = mvmctl("exec", "--receipt", "aud-dev", "--", "/bin/sh", "-c", "echo ran")
+        assert proc.returncode == 0 and proc.stdout == "ran\n"
+        assert "mvmctl: warning: this command is not in the audit log" in proc.stderr
+        assert "mvmctl: receipt none" in proc.stderr
+        copied = mvmctl("cp", str(project / "mvm.toml"), "aud-dev:/tmp/m.toml")
+        assert copied.returncode == 0 and "this copy is not in the audit log" in copied.stderr
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        kept.rename(log_dir)
+        mvmctl("down", "--force", "aud-dev")
+    assert mvmctl("audit", "verify").returncode == 0
+
+
+def test_down_is_recorded_and_tampering_is_then_named(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    name, _, _ = vm
+    mvmctl("down", name, check=True)
+    last = json.loads(mvmctl("audit", "ls", "--json", "--vm", name, check=True).stdout)[-1]
+    assert last["operation"] == "down" and last["result"] == "ok"
+    export = tmp_path / "export.jsonl"
+    mvmctl("audit", "export", "--out", str(export), check=True)
+    assert json.loads(export.read_text().splitlines()[0])["public_key"]
+    current = mvmctl.home / "audit" / "audit.jsonl"
+    original = current.read_bytes()
+    try:
+        current.write_bytes(original.replace(b'"operation":"down"', b'"operation":"dawn"'))
+        proc = mvmctl("audit", "verify")
+        assert proc.returncode == 3 and "edited" in proc.stderr and "audit.jsonl:" in proc.stderr
+    finally:
+        current.write_bytes(original)
+    assert mvmctl("audit", "verify").returncode == 0
+
+
+def test_a_dry_run_admits_or_refuses_and_starts_nothing(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    from tests.integration.test_boot import qemu_processes_using
+
+    _, _, directory = vm
+    store = sorted(p.name for p in (mvmctl.home / "store").iterdir())
+    plan = json.loads(mvmctl("up", "--dry-run", "--json", "--name", "aud-dry", str(directory), check=True).stdout)
+    assert plan["backend"]["isolation"] and plan["artifact"]["sealed"] and plan["admission"]["admitted"]
+    assert plan["network"]["mode"] == "deny" and plan["entrypoint"]["uid"] == 1000
+    unbuilt = tmp_path / "unbuilt"
+    unbuilt.mkdir()
+    (unbuilt / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-new"') + "\n[network]\nmode = \"deny\"\n")
+    fresh = json.loads(mvmctl("run", "--dry-run", "--json", str(unbuilt), "--", "id", "-u", check=True).stdout)
+    assert fresh["artifact"]["built"] is False and fresh["artifact"]["key"] is None
+    assert fresh["entrypoint"]["argv"] == ["id", "-u"] and fresh["admission"]["admitted"]
+    assert "not built yet" in mvmctl("up", "--dry-run", str(unbuilt), check=True).stdout
+    policy = tmp_path / "strict.toml"
+    policy.write_text("[resources]\nmax_memory_mib = 128\n")
+    refused = mvmctl("up", "--dry-run", "--policy", str(policy), "--name", "aud-dry", str(directory))
+    assert refused.returncode == 4
+    assert f"refused by policy rule resources.max_memory_mib ({policy}:2)" in refused.stderr
+    assert mvmctl("up", "--policy", str(policy), "--name", "aud-dry", str(directory)).returncode == 4
+    assert not (mvmctl.home / "vms" / "aud-dry").exists() and not (mvmctl.home / "vms" / "aud-new").exists()
+    assert sorted(p.name for p in (mvmctl.home / "store").iterdir()) == store
+    assert not qemu_processes_using(mvmctl.home / "vms" / "aud-dry")
+    plans = [e for e in json.loads(mvmctl("audit", "ls", "--json", "--vm", "aud-dry", check=True).stdout)]
+    assert [(e["operation"], e["result"]) for e in plans] == [("plan", "admitted"), ("plan", "refused"),
+                                                              ("plan", "refused"), ("up", "error")]
