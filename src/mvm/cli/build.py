@@ -12,6 +12,7 @@ from mvm.build.builder import BuildResult
 from mvm.build.project import build_project
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage
+from mvm.core.errors import BuildError
 from mvm.core.manifest import ManifestOverrides
 from mvm.core.state import MvmHome
 from mvm.core.workdir import lock_file
@@ -61,7 +62,7 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
     started = time.monotonic()
     try:
         built = build_project(path, overrides, home=home, progress=progress, no_cache=no_cache)
-    except Exception as err:
+    except BuildError as err:  # (a bad argument or manifest is refused before anything is done: no record)
         audit.record_action(home, "build", name=None, started=started, error=err, paths=[str(path)])
         raise
     finally:
