@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import MVMCTL, Bench, banner, fmt_ms, median, row, run_quiet
+from common import MVMCTL, Bench, alternate_commands, banner, fmt_ms, median, row, run_quiet
 
 
 def bench_audit(bench: Bench) -> None:
@@ -26,12 +26,7 @@ def bench_audit(bench: Bench) -> None:
         banner(f"audit: `mvmctl exec VM -- true` with and without its audit record ({n} each, alternated)")
         kinds = {"with the audit (a record per exec)": [*MVMCTL, "exec", "ba", "--", "true"],
                  "without (MVM_AUDIT_OFF_FOR_BENCHMARK=1)": [*MVMCTL, "exec", "bo", "--", "true"]}
-        times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(n):
-            for label, argv in kinds.items():
-                times[label].append(run_quiet(argv, bench.env))
-        for label, xs in times.items():
-            row(label, fmt_ms(xs))
+        times = alternate_commands(bench, kinds, n)
         on, off = (median(xs) for xs in times.values())
         cost_ms, ratio = (on - off) * 1000, on / off - 1
         row("cost of the audit per exec (median difference)", f"{cost_ms:7.2f} ms ({ratio * 100:+.1f} %)")

@@ -71,6 +71,17 @@ def run_quiet(argv: list[str], env: dict[str, str], check: bool = True) -> float
     return time.perf_counter() - started
 
 
+def alternate_commands(bench: Bench, kinds: dict[str, list[str]], n: int) -> dict[str, list[float]]:
+    """Each command ``n`` times, taking turns (A,B,A,B,...), and a row of timings per command."""
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(n):
+        for label, argv in kinds.items():
+            times[label].append(run_quiet(argv, bench.env))
+    for label, xs in times.items():
+        row(label, fmt_ms(xs))
+    return times
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -14,6 +14,7 @@ from common import (
     REPO,
     Bench,
     agent_hello,
+    alternate_commands,
     alternate_ups,
     banner,
     compare_to_hello,
@@ -22,7 +23,6 @@ from common import (
     median,
     p95,
     row,
-    run_quiet,
     status_kib,
     stop_proc,
 )
@@ -123,12 +123,7 @@ def bench_exec(bench: Bench, qemu_vm: str | None, docker_vm: str | None) -> None
     kinds["python -c 'import mvm.cli.commands' (click, every other verb)"] = [sys.executable, "-c",
                                                                           "import mvm.cli.commands"]
     kinds["python -c 'import mvm.cli.exec_run' (exec's imports)"] = [sys.executable, "-c", "import mvm.cli.exec_run"]
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(n):
-        for label, argv in kinds.items():
-            times[label].append(run_quiet(argv, bench.env))
-    for label, xs in times.items():
-        row(label, fmt_ms(xs))
+    times = alternate_commands(bench, kinds, n)
     if docker_vm and qemu_vm:
         mq, md = median(times["mvmctl exec (qemu VM)"]), median(times["mvmctl exec (docker VM)"])
         de = median(times["docker exec (same container)"])
