@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 MARKER = b"mvm-boot: "
 MAX_LINE = 512  # a marker line is short; longer is not a marker
 MAX_SERVICES = 64  # distinct service names tracked (a services image declares a handful)
-PHASES = frozenset({"initramfs", "init", "agent-started", "entrypoint", "exit", "shutdown", "service-start",
-                    "service-exit", "fatal"})
+PHASES = frozenset({"initramfs", "root-mounted", "init", "agent-started", "entrypoint", "exit", "shutdown",
+                    "service-start", "service-exit", "fatal"})
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
