@@ -26,6 +26,14 @@ PHASES = frozenset({"initramfs", "root-mounted", "init", "agent-started", "entry
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
+def reported_uptime(value: object) -> float | None:
+    """A guest uptime the agent put in its hello (hostile input): a plain, finite, sane
+    number of seconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value < 1e9 else None  # (NaN fails both comparisons; inf the second)
+
+
 @dataclass
 class BootMarker:
     phase: str
