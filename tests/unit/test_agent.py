@@ -808,3 +808,37 @@ def test_fuzzed_frames_never_kill_the_agent(guest: Guest) -> None:
         client.hello()
         client.ping()
         client.close()
+
+
+# -- /init's reading of `run -- ARGV` (mvm.argv=, MVM_ARGV) ---------------------------------------
+
+ARGV_WORDS = re.search(r"^ARGV_WORDS='([^']*)'$", guest_file("init").decode(), re.MULTILINE).group(1)  # type: ignore[union-attr]
+
+
+def argv_through_init(encoded: str) -> list[str] | None:
+    """What /init's `eval "set -- $words"` makes of an encoded argv (None: it gives up)."""
+    words = subprocess.run([PYTHON, "-I", "-S", "-c", ARGV_WORDS, encoded], capture_output=True, text=True,
+                           timeout=WAIT, check=False).stdout.rstrip("\n")
+    if not words:
+        return None
+    out = subprocess.run(["sh", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "sh", words], capture_output=True,
+                         timeout=WAIT, check=True).stdout  # (as /init: $words expanded, then eval'd)
+    return out.decode().split("\0")[:-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12),
+                min_size=1, max_size=5))
+def test_init_reads_back_every_argv_the_host_writes(argv: list[str]) -> None:
+    from mvm.runtime.backends.base import (
+        encoded_argv,  # what qemu, docker and firecracker pass
+    )
+
+    assert argv_through_init(encoded_argv(type("Record", (), {"argv": argv})())) == argv  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("encoded", ["", "!!!", "W10=",  # (not base64; "[]")
+                                     "WyJhIiwiYiJd", "WyJhIiwgXQ==", "eyJhIjogMX0=", "WyJhIiwgMV0="])
+def test_init_gives_up_on_anything_else(encoded: str) -> None:
+    """'["a","b"]' (another separator), '["a", ]', an object, a number: not what the host writes."""
+    assert argv_through_init(encoded) is None
