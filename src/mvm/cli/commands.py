@@ -41,6 +41,7 @@ VERBS = {
     "snapshot": "mvm.cli.vm",
     "forward": "mvm.cli.vm",
     "mcp": "mvm.cli.mcp",
+    "perf": "mvm.cli.perf",
 }
 
 
