@@ -7,7 +7,9 @@ process output) without base64. Stdlib only: this module runs inside the guest.
 
 Messages (host -> agent requests; every reply carries the request's ``id``):
 
-    hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime}
+    hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime, imported?}
+                                              (imported: the guest's uptime once the agent had
+                                              loaded, for the boot report; only its word)
     ping                                   -> pong {uptime}
     exec {argv, env?, cwd?, uid?, stdin?:bool, pty?:bool, rows?, cols?, timeout?:s}
                                            -> started {pid}, then stdout / stderr (body: bytes,
