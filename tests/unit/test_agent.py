@@ -817,8 +817,8 @@ ARGV_WORDS = re.search(r"^ARGV_WORDS='([^']*)'$", guest_file("init").decode(), r
 
 def argv_through_init(encoded: str) -> list[str] | None:
     """What /init's `eval "set -- $words"` makes of an encoded argv (None: it gives up)."""
-    words = subprocess.run([PYTHON, "-I", "-S", "-c", ARGV_WORDS, encoded], capture_output=True, text=True,
-                           timeout=WAIT, check=False).stdout.rstrip("\n")
+    words = subprocess.run([PYTHON, "-I", "-S", "-c", ARGV_WORDS, encoded], capture_output=True,
+                           timeout=WAIT, check=False).stdout.decode().rstrip("\n")  # (bytes: a \r stays \r)
     if not words:
         return None
     out = subprocess.run(["sh", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "sh", words], capture_output=True,
