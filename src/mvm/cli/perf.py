@@ -19,7 +19,7 @@ from mvm.runtime.perf import (
     BootGate,
     BudgetMissed,
     boot_gate,
-    check_runs,
+    check_args,
 )
 
 
@@ -52,7 +52,7 @@ def perf_boot(directory: str | None, flake: str | None, backend: str | None, run
       mvmctl perf boot examples/hello --runs 20
       mvmctl perf boot . --backend qemu --runs 100 --p50-ms 300 --json
     """
-    check_runs(runs)
+    check_args(runs, p50_ms)
     home = MvmHome.default()
     image = boot_image(project_dir(directory, flake), home)
 

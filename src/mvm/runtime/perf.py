@@ -82,9 +82,12 @@ def percentile(values: list[int], q: float) -> float | None:
     return values[low] + (values[high] - values[low]) * (position - low)
 
 
-def check_runs(runs: int) -> None:
+def check_args(runs: int, budget_ms: int | None) -> None:
+    """Before anything is built or booted."""
     if not 1 <= runs <= MAX_RUNS:
         raise UsageError(f"--runs {runs}: must be 1 to {MAX_RUNS}")
+    if budget_ms is not None and budget_ms < 1:
+        raise UsageError(f"--p50-ms {budget_ms}: a budget is at least 1 ms")
 
 
 def boot_gate(home: MvmHome, image: BootImage, *, runs: int, hypervisor: str | None = None,
@@ -92,9 +95,7 @@ def boot_gate(home: MvmHome, image: BootImage, *, runs: int, hypervisor: str | N
               progress: Callable[[str], None] | None = None,
               each: Callable[[int, dict[str, int | None]], None] | None = None) -> BootGate:
     """Boot ``image`` ``runs`` times, one after another, and judge p50 to agent-ready."""
-    check_runs(runs)
-    if budget_ms is not None and budget_ms < 1:
-        raise UsageError(f"--p50-ms {budget_ms}: a budget is at least 1 ms")
+    check_args(runs, budget_ms)
     vm_name = name or f"perf-{image.name}"[:48]
     gate: BootGate | None = None
     for index in range(runs):
