@@ -1,6 +1,8 @@
-"""``python3 -m agent``, as /init starts it from /usr/lib/mvm: choose the channel, refuse root.
+"""The agent's entry point: choose the channel, refuse root. /init calls ``main()`` from
+/usr/lib/mvm with ``python3 -E -s -S -c`` (no site, no runpy); ``python3 -m agent`` works too.
 
-/init's own argv is read without argparse (with gettext and re behind it, a tenth of a second
+Signals are set through _signal, the C module (signal.py builds enums at import). /init's
+own argv is read without argparse (with gettext and re behind it, a tenth of a second
 under TCG, before the agent can answer anything): ``quick_args`` takes exactly the forms
 /init and the tests write; anything else (``--help``, a mistake) goes to argparse, which says
 what is wrong. tests/unit/test_agent.py holds the two to the same answers.
@@ -10,12 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from _signal import (  # the C module: signal.py builds enums at import
-    SIG_DFL,
-    SIGINT,
-    SIGQUIT,
-    signal,
-)
+from _signal import SIG_DFL, SIGINT, SIGQUIT, signal
 
 from . import __doc__ as AGENT_DOC
 from . import system

@@ -15,10 +15,7 @@ import pwd
 import struct
 import termios
 import time
-from _signal import (  # the C module: signal.py builds enums at import (~10 ms under TCG)
-    NSIG,
-    SIGKILL,
-)
+from _signal import NSIG, SIGKILL
 
 from mvm.core import protocol
 
@@ -26,8 +23,9 @@ from .channel import write_all
 from .dispatch import MISSING, Refused, arg, handles, int_arg, quietly
 from .system import drop_ambient_capabilities, exec_uid, sealed
 
-# subprocess, selectors, queue and signal are imported by the first exec, not at the agent's
+# subprocess, selectors, queue and threading are imported by the first exec, not at the agent's
 # start: together they cost ~0.1 s under TCG, and the agent answers nothing until it is up.
+# Signal numbers come from _signal, the C module: signal.py builds enums at import.
 TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
 if TYPE_CHECKING:
     import queue

@@ -4,9 +4,7 @@ its requests, where any failure becomes an error reply instead of taking the cha
 from __future__ import annotations
 
 import os
-from _signal import (
-    SIGKILL,  # the C module: signal.py builds enums at import (~10 ms under TCG)
-)
+from _signal import SIGKILL
 
 from mvm.core import protocol
 
@@ -15,7 +13,8 @@ from . import files, process, system, tunnels
 from .channel import Channel
 from .dispatch import HANDLERS, Refused, handles
 
-TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
+# (_signal: the C module; signal.py builds enums at import. typing: only for annotations.)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
