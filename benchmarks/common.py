@@ -36,6 +36,7 @@ class Bench:
     rounds: int
     docker_host: str | None = None
     summary: list[tuple[str, str, str]] = field(default_factory=list)  # (what, measured, verdict)
+    boot_markers: dict[str, list[dict[str, int]]] = field(default_factory=dict)  # VM name -> {phase: ms} per `up`
 
     @property
     def home(self) -> Path:
@@ -196,7 +197,9 @@ def timed_up(bench: Bench, name: str, hypervisor: str) -> tuple[float, float | N
     started = time.perf_counter()
     bench.mvm("up", str(bench.forever), "--name", name, "--hypervisor", hypervisor)
     took = time.perf_counter() - started
-    ready = next((m["ms"] for m in bench.record(name)["markers"] if m["phase"] == "agent-ready"), None)
+    markers = {m["phase"]: m["ms"] for m in reversed(bench.record(name)["markers"])}  # (the first of each)
+    bench.boot_markers.setdefault(name, []).append(markers)
+    ready = markers.get("agent-ready")
     bench.mvm("down", "--force", name)
     return took, None if ready is None else ready / 1000
 

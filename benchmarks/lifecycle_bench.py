@@ -4,6 +4,7 @@ in-process client round trips, and host memory per idle VM."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -77,7 +78,24 @@ def bench_up(bench: Bench) -> None:
                      part_label="  of which QEMU spawn -> agent-ready (record)", part=qemu_part,
                      other="raw qemu", other_label="raw qemu-system (exec -> agent hello)",
                      other_times=raw_times, target="boot: mvmctl up / raw qemu to agent hello", limit=1.10)
+    print_boot_phases(bench.boot_markers.get("upbench", []))
     trace_up(bench, ["--hypervisor", "qemu"], "upbench")
+
+
+def print_boot_phases(boots: list[dict[str, int]]) -> None:
+    """The boot-report phases of those `up`s (ms since QEMU's spawn, median), and the agent's
+    own start: /init starting it -> its hello on the host."""
+    if not boots:
+        return
+    print(f"  boot phases of those {len(boots)} ups (median ms since QEMU's spawn; see docs/boot.md):")
+    for phase in ("initramfs", "root-mounted", "init", "agent-started", "agent-imported", "agent-ready", "entrypoint"):
+        values = [b[phase] for b in boots if phase in b]
+        if values:
+            print(f"    {phase:<15} {statistics.median(values):7.0f} ms")
+    starts = [b["agent-ready"] - b["agent-started"] for b in boots if "agent-ready" in b and "agent-started" in b]
+    if starts:
+        print(f"    agent-started -> agent-ready: median {statistics.median(starts):.0f} ms "
+              f"(min {min(starts)}, max {max(starts)})", flush=True)
 
 
 def trace_up(bench: Bench, extra: list[str], name: str) -> None:

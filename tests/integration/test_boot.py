@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -195,7 +197,30 @@ def test_boot_report_and_agent_channel(mvmctl: Mvmctl, workload_dir) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout
     report = proc.stderr
-    for phase in ("initramfs", "init", "agent-ready", "entrypoint", "exit"):
+    for phase in ("kernel", "initramfs", "root-mounted", "init", "agent-started", "agent-imported", "agent-ready",
+                  "entrypoint", "exit"):
         line = next(line for line in report.splitlines() if line.strip().startswith(phase + " "))
-        assert line.strip().endswith("ms"), line
+        assert re.fullmatch(rf"\s+{phase}\s+\d+ ms\s+[+-]\d+ ms after [a-z -]+", line), line
     assert "uid=990 protocol=1" in report
+
+
+# -- the boot gate ------------------------------------------------------------------------------
+
+
+def test_perf_boot_gate_fails_an_impossible_budget_and_passes_a_generous_one(mvmctl: Mvmctl) -> None:
+    """Not a timing test: the same boots judged against 1 ms (no boot is that fast) and 10 min."""
+    hello = str(EXAMPLES / "hello")
+    missed = mvmctl("perf", "boot", hello, "--runs", "2", "--p50-ms", "1", timeout=600)
+    assert missed.returncode == 1, missed.stderr
+    assert missed.stderr.strip().splitlines()[-1].startswith("mvmctl: error: p50 agent-ready ")
+    assert "over the budget of 1 ms" in missed.stderr and "Traceback" not in missed.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in missed.stdout.splitlines()[2:]}
+    assert rows["agent-ready"][0] == "2" and rows["init"][0] == "2"  # both boots reached both
+    passed = mvmctl("perf", "boot", hello, "--runs", "2", "--p50-ms", "600000", "--json", timeout=600)
+    assert passed.returncode == 0, passed.stderr
+    report = json.loads(passed.stdout)
+    assert report["passed"] and report["budget_ms"] == 600000 and len(report["runs"]) == 2
+    assert report["phases"]["agent-ready"]["n"] == 2
+    p50 = report["phases"]["agent-ready"]["p50"]
+    assert report["phases"]["kernel"]["p50"] < report["phases"]["init"]["p50"] < p50 == report["p50_ms"]
+    assert report["accel"] in ("kvm", "tcg") and mvmctl("ls", "--json", check=True).stdout.count("perf-hello") == 0

@@ -33,8 +33,8 @@ FOREVER = """
     [entrypoint]
     command = ["/bin/sh", "-c", '''{script}''']
 """
-PHASES = ("initramfs", "init", "agent-started", "entrypoint", "exit 0", "shutdown", "service-start web",
-          "service-exit web 0", "service-exit web oops 2", "fatal forged")
+PHASES = ("initramfs", "root-mounted", "init", "agent-started", "agent-imported", "agent-ready", "entrypoint",
+          "exit 0", "shutdown", "service-start web", "service-exit web 0", "service-exit web oops 2", "fatal forged")
 
 
 @pytest.fixture(scope="module", params=["qemu", "docker"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -230,15 +231,24 @@ def test_console_is_refused_on_a_sealed_image(ctl: Mvmctl, sandbox: str) -> None
     assert proc.stderr.count("\n") == 1 and "sealed" in proc.stderr
 
 
-def test_boot_report_phases_are_in_order(ctl: Mvmctl, sandbox: str) -> None:
-    phases = json.loads(ctl("boot-report", sandbox, "--json", check=True).stdout)["phases_ms"]
+def test_boot_report_phases_are_in_order_and_complete(ctl: Mvmctl, sandbox: str) -> None:
+    report = json.loads(ctl("boot-report", sandbox, "--json", check=True).stdout)
+    phases, steps = report["phases_ms"], report["steps_ms"]
     if ctl.hypervisor == "docker":  # a container boots no kernel and no initramfs
-        assert phases["kernel"] is None and phases["initramfs"] is None
+        assert phases["kernel"] is None and phases["initramfs"] is None and phases["root-mounted"] is None
+        chain = ["init", "agent-started", "agent-imported", "agent-ready"]
     else:
-        assert 0 <= phases["kernel"] < phases["initramfs"] < phases["init"]
-    assert phases["init"] <= phases["entrypoint"]  # (markers carry the guest's uptime, to 10 ms)
+        chain = ["kernel", "initramfs", "root-mounted", "init", "agent-started", "agent-imported", "agent-ready"]
+        assert phases["kernel"] >= 0
+    # (guest markers carry the guest's uptime, to 10 ms: neighbours may share a tick)
+    assert all(phases[a] <= phases[b] for a, b in itertools.pairwise(chain)), phases
+    assert phases["agent-started"] <= phases["entrypoint"]
     assert phases["init"] < phases["agent-ready"]
-    assert phases["exit"] is None
+    assert phases["exit"] is None and steps["exit"] is None
+    assert steps["agent-ready"] == phases["agent-ready"] - phases["agent-imported"]
+    assert steps["entrypoint"] == phases["entrypoint"] - phases["agent-started"]  # alongside the agent
+    text = ctl("boot-report", sandbox, check=True).stdout
+    assert "agent-imported" in text and "after agent-started" in text
 
 
 def test_console_on_an_accessible_image(ctl: Mvmctl, workload_dir) -> None:

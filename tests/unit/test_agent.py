@@ -1,6 +1,6 @@
 """The guest agent, run for real on the host: a subprocess spoken to with real frames.
 
-Each test starts the agent as /init does, ``python3 -E -s -m agent`` from a copy of the
+Each test starts the agent as /init does, ``python3 -E -s -S -c "$AGENT_MAIN"`` from a copy of the
 guest's /usr/lib/mvm that the builder lays out, over a socketpair (``--fd``) or, where a host
 has to come and go, over a unix socket it connects to (``--port``). Tests run as root here, so
 the agent gets its test-only ``--allow-root-for-tests``; the fuzz test runs it as nobody.
@@ -37,11 +37,14 @@ from hypothesis import strategies as st
 
 from mvm.build.rootfs import GUEST_DIR, write_agent
 from mvm.core import protocol
+from mvm.guest import guest_file
 
 WAIT = 10.0  # seconds any single reply may take
 # The guest runs Debian 12's python3.11; where the host has that same interpreter, use it.
 PYTHON = "/usr/bin/python3.11" if os.access("/usr/bin/python3.11", os.X_OK) else sys.executable
-AGENT = [PYTHON, "-E", "-s", "-m", "agent"]  # as /init runs it, in the directory Guest.lib
+# As /init runs it, in the directory Guest.lib: the -c program is read from /init itself.
+AGENT_MAIN = re.search(r"^AGENT_MAIN='([^']*)'$", guest_file("init").decode(), re.MULTILINE).group(1)  # type: ignore[union-attr]
+AGENT = [PYTHON, "-E", "-s", "-S", "-c", AGENT_MAIN]
 NOBODY = 65534
 
 
@@ -246,6 +249,7 @@ def test_hello_and_ping(guest: Guest) -> None:
         assert hello.header["version"] == protocol.PROTOCOL_VERSION
         assert hello.header["uid"] == os.getuid()
         assert hello.header["uptime"] > 0
+        assert 0 < hello.header["imported"] <= hello.header["uptime"]  # for the boot report
         pong = client.call("ping")
         assert pong.type == "pong" and pong.header["uptime"] >= hello.header["uptime"]
         assert client.hello().header["pid"] == hello.header["pid"]  # every hello is answered
@@ -255,6 +259,64 @@ def test_refuses_root_without_the_test_flag(guest: Guest) -> None:
     proc = subprocess.run([*AGENT, "--fd", "0"], cwd=guest.lib, env=guest.env, capture_output=True,
                           text=True, timeout=WAIT, stdin=subprocess.DEVNULL, check=False)
     assert proc.returncode == 2 and "root" in proc.stderr
+
+
+# What the agent imports before it can answer: each module here costs 10-100 ms under TCG, so
+# only requests that need one import it (docs/boot.md). Not a timing test: a list of names.
+NOT_AT_START = ("json", "re", "enum", "typing", "threading", "socket", "subprocess", "selectors", "argparse",
+                "dataclasses", "inspect", "contextlib", "tempfile", "shutil", "traceback", "queue", "signal",
+                "collections", "functools", "runpy", "site")
+
+
+def test_the_agent_starts_without_the_modules_only_some_requests_need(guest: Guest) -> None:
+    probe = AGENT_MAIN.replace("sys.exit(main())", "print(' '.join(sys.modules))")
+    proc = subprocess.run([PYTHON, "-E", "-s", "-S", "-c", probe], cwd=guest.lib, env=guest.env, check=True,
+                          capture_output=True, text=True, timeout=WAIT)
+    loaded = set(proc.stdout.split())
+    assert "agent.session" in loaded and "mvm.core.protocol" in loaded
+    assert sorted(loaded & set(NOT_AT_START)) == []
+
+
+def test_every_request_kind_still_works_after_a_lazy_start(agent: Client, tmp_path: Path) -> None:
+    """The first of each kind imports what it needs (from the reading loop) and answers."""
+    assert agent.run(["true"]).exit["code"] == 0
+    path = str(tmp_path / "d" / "f")
+    assert agent.call("mkdir", path=str(tmp_path / "d")).type == "result"
+    assert write_file(agent, path, b"data").type == "done"
+    assert read_file(agent, path)[0] == b"data"
+    assert agent.call("remove", path=str(tmp_path / "d"), recursive=True).type == "result"
+    assert agent.call("telemetry").type == "result"
+    refused = agent.call("connect", host="127.0.0.1", port=1)  # nothing listens on port 1
+    assert refused.type == "error" and "cannot connect" in refused.header["message"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["--port", "--fd", "--vsock", "--exec-uid", "--allow-root-for-tests", "--help",
+                                 "/dev/vport0p1", "3", "1024", "-1", "03", "x", "", "--fd=3", "--exec", "--"]),
+                max_size=6))
+def test_quick_argv_parser_agrees_with_argparse(argv: list[str]) -> None:
+    """/init's argv skips argparse; anything quick_args takes, argparse must read the same way."""
+    from mvm.guest.agent.__main__ import parse_args, quick_args
+
+    quick = quick_args(argv)
+    if quick is None:
+        return
+    assert parse_args(argv) == quick
+
+
+def test_quick_argv_parser_reads_what_init_writes() -> None:
+    from mvm.guest.agent.__main__ import Args, quick_args
+
+    assert quick_args(["--exec-uid", "1000", "--port", "/dev/vport0p1"]) == Args(port="/dev/vport0p1", exec_uid=1000)
+    assert quick_args(["--exec-uid", "0", "--vsock", "1024"]) == Args(vsock=1024, exec_uid=0)
+    assert quick_args(["--fd", "5", "--allow-root-for-tests"]) == Args(fd=5, allow_root_for_tests=True)
+    assert quick_args(["--fd", "5", "--port", "x"]) is None and quick_args(["--help"]) is None
+
+
+def test_a_mistake_in_the_agents_argv_is_a_usage_error(guest: Guest) -> None:
+    proc = subprocess.run([*AGENT, "--fd", "5", "--port", "x"], cwd=guest.lib, env=guest.env, capture_output=True,
+                          text=True, timeout=WAIT, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr and "Traceback" not in proc.stderr
 
 
 # -- exec -------------------------------------------------------------------------------------
@@ -813,3 +875,37 @@ def test_fuzzed_frames_never_kill_the_agent(guest: Guest) -> None:
         client.hello()
         client.ping()
         client.close()
+
+
+# -- /init's reading of `run -- ARGV` (mvm.argv=, MVM_ARGV) ---------------------------------------
+
+ARGV_WORDS = re.search(r"^ARGV_WORDS='([^']*)'$", guest_file("init").decode(), re.MULTILINE).group(1)  # type: ignore[union-attr]
+
+
+def argv_through_init(encoded: str) -> list[str] | None:
+    """What /init's `eval "set -- $words"` makes of an encoded argv (None: it gives up)."""
+    words = subprocess.run([PYTHON, "-I", "-S", "-c", ARGV_WORDS, encoded], capture_output=True,
+                           timeout=WAIT, check=False).stdout.decode().rstrip("\n")  # (bytes: a \r stays \r)
+    if not words:
+        return None
+    out = subprocess.run(["sh", "-c", 'eval "set -- $1"; printf "%s\\0" "$@"', "sh", words], capture_output=True,
+                         timeout=WAIT, check=True).stdout  # (as /init: $words expanded, then eval'd)
+    return out.decode().split("\0")[:-1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=12),
+                min_size=1, max_size=5))
+def test_init_reads_back_every_argv_the_host_writes(argv: list[str]) -> None:
+    from mvm.runtime.backends.base import (
+        encoded_argv,  # what qemu, docker and firecracker pass
+    )
+
+    assert argv_through_init(encoded_argv(type("Record", (), {"argv": argv})())) == argv  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("encoded", ["", "!!!", "W10=",  # (not base64; "[]")
+                                     "WyJhIiwiYiJd", "WyJhIiwgXQ==", "eyJhIjogMX0=", "WyJhIiwgMV0="])
+def test_init_gives_up_on_anything_else(encoded: str) -> None:
+    """'["a","b"]' (another separator), '["a", ]', an object, a number: not what the host writes."""
+    assert argv_through_init(encoded) is None

@@ -71,3 +71,86 @@ def test_good_frames_before_a_bad_one_are_kept() -> None:
     frames, errors = protocol.Decoder().feed_all(good + bad + after)
     assert [f.type for f in frames] == ["a", "b", "c"]
     assert len(errors) == 1 and "JSON" in str(errors[0])
+
+
+# -- the header codec is json's own C code, called as json.loads and json.dumps call it ----------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+def _outcome(fn, *args):  # (the value, or the exception's type and text)
+    try:
+        return ("ok", repr(fn(*args)))
+    except Exception as err:  # noqa: BLE001
+        return ("error", type(err).__name__, str(err))
+
+
+@settings(max_examples=400)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=6))
+def test_headers_encode_exactly_as_json_dumps(header: dict) -> None:
+    import json
+
+    assert _outcome(protocol._dumps, header) == _outcome(lambda h: json.dumps(h, separators=(",", ":")), header)
+
+
+@settings(max_examples=600)
+@given(st.one_of(
+    st.binary(max_size=64).map(lambda tail: b"{" + tail),
+    st.dictionaries(st.text(max_size=8), json_values, max_size=4).map(lambda d: json_dumps_variants(d)),
+    st.text(max_size=40).map(lambda text: text.encode("utf-8", "surrogatepass")),
+    st.binary(max_size=64)))
+def test_headers_decode_exactly_as_json_loads(raw: bytes) -> None:
+    import json
+
+    assert _outcome(protocol._loads, raw) == _outcome(json.loads, raw)
+
+
+def json_dumps_variants(value: dict) -> bytes:
+    import json
+
+    text = json.dumps(value, ensure_ascii=len(value) % 2 == 0) + " \t\n" * (len(value) % 3)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def test_things_json_cannot_carry_fail_as_with_json() -> None:
+    loop: dict = {"type": "x"}
+    loop["self"] = loop
+    with pytest.raises(ValueError, match="Circular reference"):
+        protocol.encode(loop)
+    with pytest.raises(TypeError, match="Object of type bytes is not JSON serializable"):
+        protocol.encode({"type": "x", "b": b""})
+    assert protocol._loads(b'{"a":NaN,"b":-Infinity}')["b"] == float("-inf")
+
+
+def test_a_header_nested_too_deep_is_a_protocol_error() -> None:
+    """Not a RecursionError out of the reader (a hostile agent could send one to the host)."""
+    raw = b'{"type":"x","a":' + b"[" * 30000 + b"]" * 30000 + b"}"
+    payload = struct.pack(">I", len(raw)) + raw
+    decoder = protocol.Decoder()
+    with pytest.raises(protocol.ProtocolError, match="not JSON"):
+        decoder.feed(struct.pack(">I", len(payload)) + payload)
+    assert decoder.feed(protocol.encode({"type": "ok"}))[0].type == "ok"  # and the reader goes on
+
+
+def test_the_codec_works_where_json_was_never_imported() -> None:
+    """As in the agent, which imports no json: good headers decode, bad ones are ProtocolErrors
+    (json's C scanner reports errors through json.decoder, which it does not import itself)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = str(Path(protocol.__file__).resolve().parents[2])
+    code = f"""import sys
+sys.path.insert(0, {src!r})
+from mvm.core import protocol
+assert protocol.Decoder().feed(protocol.encode({{"type": "x", "a": [1.5, None, "\\u00e9"]}}))[0].header["a"][2] == "\\u00e9"
+assert "json" not in sys.modules, "the fast path imported json"
+frames, errors = protocol.Decoder().feed_all(b"\\0\\0\\0\\x07\\0\\0\\0\\x03{{x]" + protocol.encode({{"type": "ok"}}))
+assert [f.type for f in frames] == ["ok"] and "not JSON" in str(errors[0]), (frames, errors)
+print("fine")
+"""
+    proc = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stdout == "fine\n", proc.stderr

@@ -215,3 +215,27 @@ def test_garbage_and_forgeries_on_the_boot_channel_change_nothing_true(guest: Fa
     final = guest.stopped()
     assert final["exit_status"] == 4 and final["services"] == {}
     assert b"mvm-boot: exit 0 1.0" in guest.paths.console_log.read_bytes()  # console bytes are only output
+
+
+@pytest.mark.parametrize(("imported", "kept"), [
+    (1.02, True),  # between agent-started (1.0) and the hello's arrival
+    (0.5, False),  # before /init started the agent: a lie
+    (1e6, False),  # after the hello arrived
+    ("1.02", False), (True, False), (float("nan"), False), (None, False)])
+def test_what_the_agent_says_about_its_start_is_kept_only_where_it_can_be_true(guest: FakeGuest, imported: object,
+                                                                               kept: bool) -> None:
+    """The hello's 'imported' is the agent's word: placed by the guest's clock through /init's
+    markers, and dropped unless it lies between agent-started and the hello's arrival."""
+    guest.mark("mvm-boot: init 0.9")
+    guest.mark("mvm-boot: agent-started 1.0")
+    time.sleep(0.1)  # the hello arrives later than /init's markers (the guest's clock moves on)
+    hello = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "agent", "uid": 990, "pid": 1,
+             "uptime": "garbage", "imported": imported}
+    guest.agent.sendall(protocol.encode(hello))  # (json writes NaN as NaN, and reads it back)
+    assert guest.client().call("ready")["state"] == "running"
+    markers = {m["phase"]: m for m in guest.record()["markers"]}
+    assert markers["agent-ready"]["guest_uptime"] is None  # "garbage" is not an uptime
+    if kept:
+        assert markers["agent-started"]["ms"] <= markers["agent-imported"]["ms"] <= markers["agent-ready"]["ms"] + 10
+    else:
+        assert "agent-imported" not in markers

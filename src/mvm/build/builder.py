@@ -23,7 +23,14 @@ from mvm.build.packages import DebCache, PackageLock
 from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
 from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids
-from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
+from mvm.core.bootimage import (
+    ARTIFACT_FILE,
+    BOOT_BUDGET_MS,
+    EXPECTED_BOOT_MS,
+    INITRD_FILE,
+    KERNEL_FILE,
+    ROOTFS_FILE,
+)
 from mvm.core.digest import sha256_file
 from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
@@ -32,7 +39,6 @@ from mvm.core.workload import Workload
 
 IMAGE_EPOCH = 1704067200  # 2024-01-01: every timestamp in an image
 ROOT_HEADROOM_MIB = 256  # free space in the writable root (sparse: costs no disk until used)
-EXPECTED_BOOT_MS = 2500  # measured under TCG on the reference host (benchmarks/); KVM is far faster
 PHASES = ("resolve", "download", "assemble", "image")
 
 Progress = Callable[[str, str], None]
@@ -153,7 +159,8 @@ class Builder:
             entrypoint_kind=workload.entrypoint.kind,
             uids=ArtifactUids(agent=workload.uids.agent, entrypoint=workload.uids.entrypoint),
             rootless_entrypoint=workload.uids.entrypoint != 0,
-            agent_binary="real", expected_boot_ms=EXPECTED_BOOT_MS, kernel_release=release,
+            agent_binary="real", expected_boot_ms=EXPECTED_BOOT_MS, boot_budget_ms=dict(BOOT_BUDGET_MS),
+            kernel_release=release,
             vcpus=workload.vcpus, memory_mib=workload.memory_mib, data_disk_bytes=workload.data_disk_bytes,
             packages=lock.packages, workload=workload,
         )

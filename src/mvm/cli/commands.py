@@ -46,6 +46,7 @@ VERBS = {
     "mcp": "mvm.cli.mcp",
     "audit": "mvm.cli.audit",
     "receipt": "mvm.cli.audit",
+    "perf": "mvm.cli.perf",
 }
 
 

@@ -18,12 +18,12 @@ from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import DamagedVm, MvmHome, VmRecord
 from mvm.runtime import backends, lifecycle
+from mvm.runtime.boot_phases import PHASES, boot_phases, step_origin, steps
 from mvm.runtime.client import VmClient
 from mvm.runtime.transfer import printable
 
 MAX_STOP_TIMEOUT_S = 3600.0
 TELEMETRY_WAIT_S = 5.0  # status waits this long for a busy guest's agent, then reports without it
-BOOT_PHASES = ("kernel", "initramfs", "init", "agent-ready", "entrypoint", "exit")
 
 
 def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | None]:
@@ -156,7 +156,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                    f"(`mvmctl logs {vm_name}` shows its output)")
     else:
-        ready = _marker_ms(record, "agent-ready")
+        ready = boot_phases(record)["agent-ready"] or 0
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
@@ -361,15 +361,30 @@ def logs(name: str, follow: bool) -> None:
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the phases as JSON.")
 def boot_report(name: str, as_json: bool) -> None:
-    """When VM NAME reached each boot phase, in ms since its QEMU process started.
+    """Where VM NAME's boot went: each phase in ms since its QEMU process started, and the
+    step from the phase before it.
 
-    kernel: the guest clock's zero; initramfs, init, entrypoint: markers /init prints;
-    agent-ready: the agent's hello on its channel.
+    \b
+      kernel          the guest kernel's clock starts (QEMU's own start before it)
+      initramfs       the initramfs's init runs (virtio modules, then the root disk)
+      root-mounted    the root filesystem is mounted; switch_root to /init
+      init            /init (PID 1) runs
+      agent-started   /init has started the agent's python3
+      agent-imported  the agent has imported its modules (as it says in its hello: a hint)
+      agent-ready     the agent's hello reached the host
+      entrypoint      /init starts the entrypoint (alongside the agent: its step is from
+                      agent-started)
+      exit            the entrypoint ended
+
+    The guest's phases come from /init on a channel only root in the guest can write; agent-ready
+    is the host's own observation. A phase that does not apply (no initramfs, a container's
+    kernel) or was not reached is "-" (null in --json).
     """
     _, record = lifecycle.require_vm(MvmHome.default(), name)
     phases = boot_phases(record)
     if as_json:
-        click.echo(json.dumps({"name": name, "accel": record.accel, "phases_ms": phases}, indent=2))
+        click.echo(json.dumps({"name": name, "backend": record.backend, "accel": record.accel, "phases_ms": phases,
+                               "steps_ms": steps(phases)}, indent=2))
         return
     for line in boot_report_lines(record):
         click.echo(line)
@@ -377,26 +392,17 @@ def boot_report(name: str, as_json: bool) -> None:
 
 def boot_report_lines(record: VmRecord) -> list[str]:
     phases = boot_phases(record)
-    lines = [f"boot report for {record.name} ({record.backend}/{record.accel}; ms since {record.backend} started):"]
-    for phase in BOOT_PHASES:
-        ms = phases.get(phase)
-        lines.append(f"  {phase:<12} {'not reached' if ms is None else f'{ms:>6} ms'}")
+    step = steps(phases)
+    lines = [(f"boot report for {record.name} ({record.backend}/{record.accel}; ms since {record.backend} started, "
+              "and the step from the phase before):")]
+    for phase in PHASES:
+        ms = phases[phase]
+        if ms is None:
+            lines.append(f"  {phase:<15} {'-':>6}")
+            continue
+        origin = step_origin(phases, phase) or f"{record.backend} start"
+        lines.append(f"  {phase:<15} {ms:>6} ms  {step[phase]:>+6} ms after {origin}")
     return lines
-
-
-def boot_phases(record: VmRecord) -> dict[str, int | None]:
-    phases: dict[str, int | None] = {phase: _marker_ms(record, phase) for phase in BOOT_PHASES}
-    first = next((m for m in record.markers if m.get("guest_uptime") is not None and m["phase"] != "agent-ready"), None)
-    # The guest's uptime counts from the kernel's start: subtract it from when the line arrived.
-    if first is None or not backends.get(record.backend).boots_kernel:  # a container starts no kernel
-        phases["kernel"] = None
-    else:
-        phases["kernel"] = max(0, round(first["ms"] - first["guest_uptime"] * 1000))
-    return phases
-
-
-def _marker_ms(record: VmRecord, phase: str) -> int | None:
-    return next((m["ms"] for m in record.markers if m["phase"] == phase), None)
 
 
 @click.command()

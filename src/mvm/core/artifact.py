@@ -58,6 +58,8 @@ class ArtifactMeta(BaseModel):
     rootless_entrypoint: bool = Field(alias="rootlessEntrypoint")
     agent_binary: str = Field(default="real", alias="agentBinary")
     expected_boot_ms: int = Field(alias="expectedBootMs")
+    # p50 ms to agent-ready by accelerator (core/bootimage.py BOOT_BUDGET_MS); `mvmctl perf boot` gates on it
+    boot_budget_ms: dict[str, int] = Field(default_factory=dict, alias="bootBudgetMs")
     kernel_release: str = Field(alias="kernelRelease")
     vcpus: int
     memory_mib: int = Field(alias="memoryMib")

@@ -21,6 +21,16 @@ KERNEL_FILE = "vmlinux"
 INITRD_FILE = "initrd.cpio"
 ROOTFS_FILE = "rootfs.ext4"
 
+# The cold-boot budget, QEMU's (or the container's) start to agent-ready, p50 in ms, for each
+# accelerator a VM can run under: what `mvmctl perf boot` gates on, recorded in artifact.json
+# as bootBudgetMs. kvm: the design's floor for a microVM. tcg: what the Debian cloud kernel
+# reaches under emulation on the reference host (2 cores, benchmarks/README.md); the 1.0 s goal
+# of a smaller kernel is not met yet. container: Docker's start (its vfs driver copies the
+# root tree). expectedBootMs, the one number the design names (the supervisor gives up on a
+# guest after 20x it), is the slowest of them.
+BOOT_BUDGET_MS = {"kvm": 300, "tcg": 2500, "container": 3000}
+EXPECTED_BOOT_MS = max(BOOT_BUDGET_MS.values())
+
 
 @dataclass(frozen=True)
 class PortForward:
@@ -65,6 +75,11 @@ class BootImage:
     forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
     network_mode: str = "deny"  # mvm.toml's [network] mode
     volumes: int = 0  # how many [[volumes]] mvm.toml declares
+    boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
+
+    def boot_budget_ms(self, accel: str) -> int:
+        """The p50 budget to agent-ready under ``accel`` (kvm, tcg, container)."""
+        return dict(self.boot_budget).get(accel) or BOOT_BUDGET_MS.get(accel) or self.expected_boot_ms
 
     @property
     def vmlinux(self) -> Path:
@@ -97,7 +112,16 @@ class BootImage:
                 forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
                                for f in workload["network"]["forward"]),
                 network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
+                boot_budget=_budget(record.get("bootBudgetMs")),
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",
                              "build it again with `mvmctl build --no-cache`") from None
+
+
+def _budget(value: object) -> tuple[tuple[str, int], ...]:
+    """bootBudgetMs as pairs (a frozen dataclass holds no dict); what is not {str: int > 0} is ignored."""
+    if not isinstance(value, dict):
+        return ()
+    return tuple((k, v) for k, v in value.items()
+                 if isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0)

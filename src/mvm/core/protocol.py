@@ -7,7 +7,9 @@ process output) without base64. Stdlib only: this module runs inside the guest.
 
 Messages (host -> agent requests; every reply carries the request's ``id``):
 
-    hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime}
+    hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime, imported?}
+                                              (imported: the guest's uptime once the agent had
+                                              loaded, for the boot report; only its word)
     ping                                   -> pong {uptime}
     exec {argv, env?, cwd?, uid?, stdin?:bool, pty?:bool, rows?, cols?, timeout?:s}
                                            -> started {pid}, then stdout / stderr (body: bytes,
@@ -42,7 +44,6 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
 
 from __future__ import annotations
 
-import json
 import struct
 
 TYPE_CHECKING = False  # typing costs an import on every `mvmctl exec`; annotations are strings
@@ -55,6 +56,66 @@ MAX_HEADER = 64 * 1024
 CHUNK = 1024 * 1024  # body size of one data/stdout frame or one write frame
 MAX_TIMEOUT_S = 7 * 24 * 3600  # an exec timeout beyond this (or infinite) is a mistake, refused on both sides
 _U32 = struct.Struct(">I")
+
+# Headers are read and written with the json module's own C scanner and encoder, called as
+# json.loads and json.dumps(separators=(",", ":")) call them, so the results are theirs. Why
+# not json itself: its Python layer imports re and enum, over half of the agent's start under
+# TCG (a guest's agent answers nothing until it has imported this). Anything the fast path
+# does not take as it is (another encoding, bad JSON) goes to json, for json's own answer.
+try:
+    from _json import encode_basestring_ascii as _encode_ascii
+    from _json import make_encoder as _make_encoder
+    from _json import make_scanner as _make_scanner
+except ImportError:  # another Python without json's C part: json itself
+    _make_scanner = None
+
+
+class _DecoderContext:
+    """What json.JSONDecoder() hands its C scanner."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}.__getitem__
+
+
+def _not_serializable(value: object) -> object:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+if _make_scanner is not None:
+    _scan = _make_scanner(_DecoderContext())
+
+    def _dumps(header: dict[str, Any]) -> str:
+        # A fresh encoder each time, as json.dumps does: its circular-reference marks start empty.
+        return "".join(_make_encoder({}, _not_serializable, _encode_ascii, None, ":", ",", False, False,
+                                     True)(header, 0))
+
+    def _loads(raw: bytes) -> Any:
+        # json.loads takes bytes in UTF-8, -16 or -32; one that starts with "{" and no NUL is UTF-8.
+        if raw[:1] == b"{" and raw[1:2] != b"\0":
+            try:
+                text = raw.decode("utf-8", "surrogatepass")
+                value, end = _scan(text, 0)
+                if end == len(text) or not text[end:].strip(" \t\n\r"):
+                    return value
+            except Exception:  # noqa: BLE001, S110 -- json.loads says what is wrong (the C scanner reports
+                pass  # errors through json.decoder, which may not be imported: a SystemError then)
+        import json
+
+        return json.loads(raw)
+else:
+    def _dumps(header: dict[str, Any]) -> str:
+        import json
+
+        return json.dumps(header, separators=(",", ":"))
+
+    def _loads(raw: bytes) -> Any:
+        import json
+
+        return json.loads(raw)
 
 
 class ProtocolError(Exception):
@@ -69,7 +130,7 @@ class ProtocolError(Exception):
 class Frame:
     """One frame: its JSON header and raw body (``extra`` is for whoever holds it, never sent)."""
 
-    __slots__ = ("header", "body", "extra")
+    __slots__ = ("body", "extra", "header")
 
     def __init__(self, header: dict[str, Any], body: bytes = b"", extra: dict[str, Any] | None = None) -> None:
         self.header = header
@@ -95,7 +156,7 @@ class Frame:
 
 
 def encode(header: dict[str, Any], body: bytes = b"") -> bytes:
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw = _dumps(header).encode()
     if len(raw) > MAX_HEADER:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
     length = _U32.size + len(raw) + len(body)
@@ -169,8 +230,8 @@ def _parse(payload: bytes) -> Frame:
         raise ProtocolError(f"header length {header_len} out of range")
     raw = payload[_U32.size : _U32.size + header_len]
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as err:
+        header = _loads(raw)
+    except (ValueError, RecursionError) as err:  # (RecursionError: a header nested thousands deep)
         raise ProtocolError(f"header is not JSON: {err}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be an object with a string 'type'")

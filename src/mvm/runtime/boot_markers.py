@@ -21,9 +21,17 @@ from dataclasses import dataclass, field
 MARKER = b"mvm-boot: "
 MAX_LINE = 512  # a marker line is short; longer is not a marker
 MAX_SERVICES = 64  # distinct service names tracked (a services image declares a handful)
-PHASES = frozenset({"initramfs", "init", "agent-started", "entrypoint", "exit", "shutdown", "service-start",
-                    "service-exit", "fatal"})
+PHASES = frozenset({"initramfs", "root-mounted", "init", "agent-started", "entrypoint", "exit", "shutdown",
+                    "service-start", "service-exit", "fatal"})
 SERVICE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def reported_uptime(value: object) -> float | None:
+    """A guest uptime the agent put in its hello (hostile input): a plain, finite, sane
+    number of seconds, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value < 1e9 else None  # (NaN fails both comparisons; inf the second)
 
 
 @dataclass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
-import threading
-from typing import Any
 
 from mvm.core import protocol
+
+TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
+if TYPE_CHECKING:
+    from typing import Any
 
 MAX_MESSAGE = 2000  # error messages are cut so an error reply always fits in a frame
 
@@ -21,7 +24,11 @@ class Channel:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.lock = threading.Lock()
+        # threading.Lock is this. threading itself (with functools and collections behind it)
+        # is imported by the first request that starts a thread, not at the agent's start:
+        # always on the reading loop, the main thread (threading takes the thread that first
+        # imports it for the main one).
+        self.lock = _thread.allocate_lock()
         self.closed = False
 
     def send(self, header: dict[str, Any], body: bytes = b"") -> None:

@@ -4,12 +4,16 @@ registry the session dispatches from, which each concern's module fills with its
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
 
+# typing and collections.abc cost their imports at the agent's start (tens of ms under TCG):
+# annotations are strings, and Handler is a type for the checker only (a string at runtime).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
     from .session import Session
 
 
@@ -41,7 +45,7 @@ def int_arg(frame: protocol.Frame, key: str, default: Any, low: int, high: int) 
     return value
 
 
-Handler = Callable[["Session", protocol.Frame], None]
+Handler = "Callable[[Session, protocol.Frame], None]"
 HANDLERS: dict[str, Handler] = {}
 
 

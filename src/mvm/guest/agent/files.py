@@ -15,11 +15,7 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import stat
-import tempfile
-import threading
-from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
 
@@ -27,7 +23,10 @@ from .channel import write_all
 from .dispatch import Refused, arg, handles, int_arg, quietly
 from .system import as_exec_user
 
+TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
 if TYPE_CHECKING:
+    from typing import Any
+
     from .session import Session
 
 
@@ -51,6 +50,8 @@ class Upload:
     at the end so nobody ever sees half a file."""
 
     def __init__(self, path: str, mode: int) -> None:
+        import tempfile  # (only writes need it: not worth its import at the agent's start)
+
         directory, name = os.path.split(path)
         self.fd, self.tmp = tempfile.mkstemp(dir=directory or ".", prefix=f".{name}.", suffix=".part")
         self.path, self.mode, self.size = path, mode, 0
@@ -80,6 +81,8 @@ class Read:
     """One file being streamed to the host, from its own thread, until EOF or ``cancel``."""
 
     def __init__(self, session: Session, request_id: int | None, path: str, fd: int) -> None:
+        import threading  # (first imported by a request, on the reading loop: see channel.py)
+
         self.session, self.id, self.path, self.fd = session, request_id, path, fd
         self.cancelled = threading.Event()
 
@@ -117,6 +120,8 @@ def do_read(session: Session, frame: protocol.Frame) -> None:
         raise Refused(f"id {frame.id} is already reading")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     read = session.reads[frame.id] = Read(session, frame.id, path, fd)
+    import threading
+
     threading.Thread(target=read.run, daemon=True).start()
 
 
@@ -185,6 +190,8 @@ def do_remove(session: Session, frame: protocol.Frame) -> None:
     path = arg(frame, "path", str)
     if stat.S_ISDIR(os.lstat(path).st_mode):
         if arg(frame, "recursive", bool, False):
+            import shutil
+
             shutil.rmtree(path)
         else:
             os.rmdir(path)

@@ -15,9 +15,7 @@ run on from the moment the guest resumes, a few milliseconds before this is done
 from __future__ import annotations
 
 import os
-import re
 import time
-from typing import TYPE_CHECKING
 
 from mvm.core import protocol
 
@@ -25,6 +23,7 @@ from .channel import write_all
 from .dispatch import Refused, arg, handles
 from .system import CONTROL_FIFO
 
+TYPE_CHECKING = False  # (typing and re cost their import at the agent's start: checks are by hand)
 if TYPE_CHECKING:
     from .session import Session
 
@@ -33,8 +32,17 @@ REQUEST_FIFO = os.environ.get("MVM_AGENT_IDENTITY_REQUEST", "/run/mvm/identity-r
 FREEZE_TIMEOUT_S = 30.0  # a Python starting under TCG on a busy host
 IDENTITY_TIMEOUT_S = 5.0
 ALLOWED_WHILE_FROZEN = frozenset({"hello", "ping", "identity", "thaw", "freeze"})
-HOSTNAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-HEX = re.compile(r"[0-9a-f]+")
+HEX_DIGITS = frozenset("0123456789abcdef")
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
+
+
+def is_hex(text: str) -> bool:
+    return bool(text) and set(text) <= HEX_DIGITS
+
+
+def is_hostname(text: str) -> bool:
+    """[a-z0-9][a-z0-9_.-]{0,62}, as the host's VM names are."""
+    return 0 < len(text) <= 63 and set(text) <= NAME_CHARS and text[0] not in "_.-"
 FROZEN: list[bool] = []  # set by freeze; what a restored copy wakes up with
 
 
@@ -73,11 +81,11 @@ def do_identity(session: Session, frame: protocol.Frame) -> None:
     host_time = arg(frame, "time", (int, float))
     hostname = arg(frame, "hostname", str)
     machine_id = arg(frame, "machine_id", str)
-    if not (HEX.fullmatch(entropy) and 64 <= len(entropy) <= 1024 and len(entropy) % 2 == 0):
+    if not (is_hex(entropy) and 64 <= len(entropy) <= 1024 and len(entropy) % 2 == 0):
         raise Refused("identity: entropy must be 32-512 bytes of hex")
-    if not HOSTNAME.fullmatch(hostname):
+    if not is_hostname(hostname):
         raise Refused("identity: hostname is not a plain name")
-    if machine_id != "-" and not (HEX.fullmatch(machine_id) and len(machine_id) == 32):
+    if machine_id != "-" and not (is_hex(machine_id) and len(machine_id) == 32):
         raise Refused("identity: machine_id must be 32 hex digits (or '-': keep it)")
     if not 1e9 < host_time < 1e11:
         raise Refused("identity: time is not a plausible Unix time")

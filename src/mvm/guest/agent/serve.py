@@ -4,7 +4,6 @@ guest's kind of channel (virtio-serial, vsock, or an inherited descriptor in tes
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import time
 
@@ -12,6 +11,12 @@ from mvm.core import protocol
 
 from .channel import Channel
 from .session import Session
+
+# socket is imported only where one is used (Docker's agent socket, Firecracker's vsock, tests):
+# QEMU's virtio-serial port is a plain device, and socket costs tens of ms under TCG.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
 
 
 def decode(decoder: protocol.Decoder, data: bytes, channel: Channel) -> list[protocol.Frame]:
@@ -43,6 +48,8 @@ def serve_fd(fd: int) -> None:
 def open_port(path: str) -> int:
     """The virtio-serial device, or (for tests) a unix socket that stands in for one."""
     if stat.S_ISSOCK(os.stat(path).st_mode):
+        import socket
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.connect(path)
@@ -86,6 +93,8 @@ def serve_listener(listener: socket.socket) -> None:
 def serve_vsock(port: int) -> None:
     """Firecracker's agent channel: listen on AF_VSOCK port ``port`` of this guest. The host
     reaches it by connecting to the VM's vsock unix socket and sending ``CONNECT <port>``."""
+    import socket
+
     while True:
         listener = None
         try:

@@ -4,9 +4,7 @@ its requests, where any failure becomes an error reply instead of taking the cha
 from __future__ import annotations
 
 import os
-import signal
-import traceback
-from typing import Any
+from _signal import SIGKILL
 
 from mvm.core import protocol
 
@@ -14,6 +12,11 @@ from mvm.core import protocol
 from . import files, identity, process, system, tunnels
 from .channel import Channel
 from .dispatch import HANDLERS, Refused, handles
+
+# (_signal: the C module; signal.py builds enums at import. typing: only for annotations.)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Session:
@@ -43,6 +46,8 @@ class Session:
         except protocol.ProtocolError as err:
             self.channel.error(frame.id, f"the reply does not fit in one frame: {err}")
         except Exception as err:  # noqa: BLE001 -- a bug must not take the channel down
+            import traceback  # (only for a bug: not worth its import at the agent's start)
+
             traceback.print_exc()
             self.channel.error(frame.id, f"agent error: {type(err).__name__}: {err}")
 
@@ -50,7 +55,7 @@ class Session:
         """The host is gone: silence the channel, kill its processes, drop partial files."""
         self.channel.close()
         for ex in list(self.execs.values()):
-            ex.kill(signal.SIGKILL)
+            ex.kill(SIGKILL)
         with system.acting_as_exec_uid():  # (its temporary files are the exec uid's)
             for upload in self.uploads.values():
                 upload.abort()
@@ -66,6 +71,8 @@ def do_hello(session: Session, frame: protocol.Frame) -> None:
     # The host speaks first: what it writes is queued for us, while what we write with
     # no host connected is lost. So every host hello gets our hello back.
     info: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "uptime": system.uptime()}
+    if system.IMPORTED:  # for the boot report's "agent-imported" phase (what the agent says: a hint)
+        info["imported"] = system.IMPORTED[0]
     if frame.id is not None:
         info["id"] = frame.id
     session.channel.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "agent", **info})

@@ -4,17 +4,14 @@ itself (it is not root), so it asks /init. Also who commands run as."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 from mvm.core import protocol
 
 from .channel import write_all
 from .dispatch import Handler, handles
 
+TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
 if TYPE_CHECKING:
     from .session import Session
 
@@ -23,6 +20,7 @@ ARTIFACT_JSON = os.environ.get("MVM_AGENT_ARTIFACT_JSON", "/etc/mvm/artifact.jso
 ENTRYPOINT_PID = os.environ.get("MVM_AGENT_ENTRYPOINT_PID", "/run/mvm/entrypoint.pid")
 CONTROL_FIFO = os.environ.get("MVM_AGENT_CONTROL", "/run/mvm/control")  # /init's root listener
 EXEC_UID: list[int] = []  # --exec-uid: who exec and console run as (the entrypoint's uid)
+IMPORTED: list[float] = []  # the guest's uptime once the agent had imported its modules (for its hello)
 
 
 def exec_uid() -> int:
@@ -61,19 +59,19 @@ def drop_ambient_capabilities() -> None:
     _ambient_dropped.append(True)
 
 
-@contextmanager
-def acting_as_exec_uid() -> Iterator[None]:
+class acting_as_exec_uid:
     """This thread touches files as the exec uid meanwhile (its group: the same number, as
-    /init's setpriv gives it)."""
-    uid = exec_uid()
-    if uid == os.getuid():
-        yield
-        return
-    _set_fs_identity(uid, uid)
-    try:
-        yield
-    finally:
-        _set_fs_identity(os.getuid(), os.getgid())
+    /init's setpriv gives it). A class, not @contextmanager: contextlib is not worth its
+    import at the agent's start."""
+
+    def __enter__(self) -> None:
+        self.uid = exec_uid()
+        if self.uid != os.getuid():
+            _set_fs_identity(self.uid, self.uid)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.uid != os.getuid():
+            _set_fs_identity(os.getuid(), os.getgid())
 
 
 def as_exec_user(handler: Handler) -> Handler:
@@ -126,6 +124,8 @@ def entrypoint() -> dict[str, int] | None:
 def sealed() -> bool:
     """A sealed image has no console. Metadata that is unreadable or does not say
     "sealed": false counts as sealed: fail closed."""
+    import json  # (here, not at the agent's start: json's Python layer imports re and enum)
+
     try:
         with open(ARTIFACT_JSON) as f:
             return json.load(f).get("sealed") is not False

@@ -7,16 +7,17 @@ connection. What waits to be sent is bounded; beyond that the connection is cut.
 
 from __future__ import annotations
 
-import queue
-import socket
-import threading
-from typing import TYPE_CHECKING
-
 from mvm.core import protocol
 
 from .dispatch import MISSING, Refused, arg, handles, int_arg, quietly
 
+# socket, queue and threading are imported by the first forward, not at the agent's start
+# (socket alone costs tens of ms under TCG), and never by a guest that forwards nothing.
+TYPE_CHECKING = False  # (typing costs its import at the agent's start; annotations are strings)
 if TYPE_CHECKING:
+    import queue
+    import socket
+
     from .session import Session
 
 
@@ -29,6 +30,9 @@ class Tunnel:
     frames, the guest's go back as ``data``; ``done`` when the guest side closes."""
 
     def __init__(self, session: Session, request_id: int, host: str, port: int) -> None:
+        import queue
+        import threading  # (first imported by a request, on the reading loop: see channel.py)
+
         self.session, self.id, self.address = session, request_id, (host, port)
         self.sock: socket.socket | None = None
         self.outgoing: queue.Queue[bytes | None] = queue.Queue()  # None: shut the write side
@@ -38,6 +42,8 @@ class Tunnel:
 
     def run(self) -> None:
         """Connect, then relay the guest's bytes until it closes; ``done`` (or an error) ends it."""
+        import socket
+
         channel = self.session.channel
         try:
             self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
@@ -51,6 +57,8 @@ class Tunnel:
             self.sock.close()
             return
         channel.reply(self.id, "connected")
+        import threading
+
         threading.Thread(target=self.write_guest, daemon=True).start()
         try:
             while data := self.sock.recv(protocol.CHUNK):
@@ -65,6 +73,8 @@ class Tunnel:
 
     def write_guest(self) -> None:
         """The host's bytes to the guest service; the last user of the socket, so it closes it."""
+        import socket
+
         assert self.sock is not None
         try:
             while (data := self.outgoing.get()) is not None:
@@ -92,6 +102,8 @@ class Tunnel:
             self.outgoing.put(None)
 
     def close(self) -> None:
+        import socket
+
         self.closed = True
         if self.sock is not None:
             try:
@@ -113,6 +125,8 @@ def do_connect(session: Session, frame: protocol.Frame) -> None:
         raise Refused(f"forwards reach the guest's loopback only, not {host!r}")
     port = int_arg(frame, "port", MISSING, 1, 65535)
     tunnel = session.tunnels[frame.id] = Tunnel(session, frame.id, host, port)
+    import threading
+
     threading.Thread(target=tunnel.run, daemon=True).start()
 
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
 from mvm.core.errors import VmError
-from mvm.runtime.boot_markers import BootMarker
+from mvm.runtime.boot_markers import BootMarker, reported_uptime
 from mvm.runtime.supervisor.audit_trail import Track
 from mvm.runtime.supervisor.clients import Reader
 from mvm.runtime.supervisor.vm_process import SHUTDOWN_ID
@@ -181,9 +181,14 @@ class AgentLink:
 
     def on_ready(self, hello: dict[str, Any]) -> None:
         console = self.sup.console
+        now = time.monotonic()
         console.agent_ready_marker = BootMarker("agent-ready", [f"uid={hello.get('uid')}",
                                                                 f"protocol={hello.get('version')}"],
-                                                hello.get("uptime"), time.monotonic())
+                                                reported_uptime(hello.get("uptime")), now)
+        # When the agent says it had imported its modules: its word only, placed by the guest's
+        # clock (console.record_markers keeps it only between agent-started and agent-ready).
+        imported = reported_uptime(hello.get("imported"))
+        console.agent_imported_marker = None if imported is None else BootMarker("agent-imported", [], imported, now)
         self.sup.on_agent_ready()
         pending, self.pending = self.pending, []
         for owner, frame in pending:

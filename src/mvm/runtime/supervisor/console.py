@@ -39,7 +39,8 @@ class ConsoleRelay:
         self.input = bytearray()  # held until an interactive entrypoint speaks
         self.output_after_entrypoint = 0
         self.stderr_tail = bytearray()
-        self.agent_ready_marker: BootMarker | None = None
+        self.agent_ready_marker: BootMarker | None = None  # the host's own observation: the hello
+        self.agent_imported_marker: BootMarker | None = None  # what the agent's hello says
 
     async def pump(self, fd: int) -> None:
         reader = await _reader_for(fd)
@@ -134,9 +135,24 @@ class ConsoleRelay:
         kernel_start = min((m.host_time - spawned - m.guest_uptime for m in timed), default=None)  # type: ignore[operator]
         markers = [_marker_json(m, spawned, kernel_start) for m in self.boot.markers]
         if self.agent_ready_marker is not None:
-            markers.append(_marker_json(self.agent_ready_marker, spawned, None))
+            ready = _marker_json(self.agent_ready_marker, spawned, None)
+            markers.append(ready)
+            imported = self._agent_imported(spawned, kernel_start, ready["ms"])
+            if imported is not None:
+                markers.append(imported)
         markers.sort(key=lambda m: m["ms"])
         self.sup.record.markers = markers
+
+    def _agent_imported(self, spawned: float, kernel_start: float | None, ready_ms: int) -> dict[str, Any] | None:
+        """The agent's own word on when it had imported its modules, on the host's clock
+        through /init's markers; only if it lies between /init starting the agent and the
+        agent's hello reaching us (one 10 ms tick of the guest's uptime either side)."""
+        started = self.boot.seen("agent-started")
+        if self.agent_imported_marker is None or kernel_start is None or started is None:
+            return None
+        marker = _marker_json(self.agent_imported_marker, spawned, kernel_start)
+        started_ms = _marker_json(started, spawned, kernel_start)["ms"]
+        return marker if started_ms - 10 <= marker["ms"] <= ready_ms + 10 else None
 
 
 async def _reader_for(fd: int) -> asyncio.StreamReader:
