@@ -15,6 +15,7 @@ import click
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
+from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
@@ -46,13 +47,15 @@ class RunCommand(click.Command):
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
 @HYPERVISOR_OPTION
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
+              help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--boot-report", is_flag=True, help="Print when each boot phase was reached (stderr).")
 @click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
-        cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool) -> None:
+        cpus: int | None, memory: str | None, hypervisor: str | None, publish: tuple[str, ...], boot_report: bool,
+        dry_run: bool, as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid).
 
@@ -75,6 +78,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         raise UsageError("nothing follows --", "e.g. `mvmctl run -- python3 -V`")
     lifecycle.check_argv(argv)  # before any build: a command that cannot travel fails at once
     vcpus, memory_mib = resources(cpus, memory)
+    forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
@@ -82,12 +86,12 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         from mvm.runtime.plan import make_plan
 
         plan = make_plan(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                         argv=argv)
+                         argv=argv, forwards=forwards)
         click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
         return
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note, argv=argv)
+                              hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards)
         if record.state == "stopped":
             click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                        f"(`mvmctl logs {vm_name}` shows its output)")
@@ -100,6 +104,8 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
                                 hypervisor=hypervisor, progress=note, argv=argv)
     try:
+        if forwards or image.forwards:  # listening before anyone is told the VM runs (replay keeps the console)
+            lifecycle.add_start_forwards(launch, image, forwards)
         attach_id = launch.client.send({"type": "attach", "replay": True})
         launch.commit()
         interactive = image.accessible and image.entrypoint_kind == "shell" and argv is None

@@ -12,10 +12,10 @@ import click
 
 from mvm.build import stamps
 from mvm.cli.project import FLAKE_OPTION, project_dir
-from mvm.core.bootimage import BootImage, PortForward
+from mvm.core.bootimage import BootImage, PortForward, parse_host
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
-from mvm.core.state import DamagedVm, MvmHome, VmRecord
+from mvm.core.state import DamagedVm, MvmHome, VmRecord, check_vm_name_quietly
 from mvm.runtime import backends, lifecycle
 from mvm.runtime.client import VmClient
 from mvm.runtime.transfer import printable
@@ -89,8 +89,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         ready = _marker_ms(record, "agent-ready")
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started)")
-        for forward in record.forwards:
-            click.echo(f"  {forward['host_addr']}:{forward['host_port']} -> guest port {forward['guest_port']}")
+        for forward in lifecycle.list_forwards(home, vm_name):
+            click.echo(f"  {forward.host} -> guest port {forward.guest_port}")
 
 
 @click.command()
@@ -347,29 +347,62 @@ def snapshot(name: str) -> None:
 
 @click.command()
 @click.argument("name")
-@click.argument("spec", metavar="[ADDR:]HOST:GUEST", required=False)
-@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as SPEC.")
-def forward(name: str, spec: str | None, publish: tuple[str, ...]) -> None:
-    """Forward a host TCP port to VM NAME's loopback port, while it runs.
+@click.argument("specs", metavar="[[ADDR:]HOST:GUEST]...", nargs=-1)
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as a positional one.")
+@click.option("--json", "as_json", is_flag=True, help="With `forward ls`: print the forwards as JSON.")
+def forward(name: str, specs: tuple[str, ...], publish: tuple[str, ...], as_json: bool) -> None:
+    """Forward host TCP ports to VM NAME's loopback ports while it runs; list and remove them.
 
     \b
-      mvmctl forward web 8080:80
-      mvmctl forward web -p 8080:80 -p 127.0.0.1:8443:443
+      mvmctl forward web -p 8080:80 -p 127.0.0.1:8443:443    add (or: mvmctl forward web 8080:80)
+      mvmctl forward ls web [--json]                         list
+      mvmctl forward rm web 8080                             remove (HOST, or ADDR:HOST)
 
-    Binds 127.0.0.1 unless ADDR says otherwise. The connection is carried by the guest's
-    agent, so the guest needs no network interface (the default-deny network stays).
+    Binds 127.0.0.1 unless ADDR says otherwise ([::1]:8080:80 for IPv6). The connection is
+    carried by the guest's agent, so the guest needs no network interface (the default-deny
+    network stays). Removing a forward closes the connections it carries.
     """
-    specs = [*([spec] if spec else []), *publish]
-    if not specs:
-        raise UsageError("forward needs a port: [ADDR:]HOST:GUEST", f"e.g. `mvmctl forward {name} -p 8080:80`")
-    port_forwards = [PortForward.parse(s) for s in specs]
     home = MvmHome.default()
+    if name in ("ls", "rm") and specs and check_vm_name_quietly(specs[0]) and not publish:
+        if name == "ls":
+            if len(specs) != 1:
+                raise UsageError("forward ls takes one VM name", "e.g. `mvmctl forward ls web`")
+            _list_forwards(home, specs[0], as_json)
+        else:
+            if len(specs) != 2 or as_json:
+                raise UsageError("forward rm takes a VM name and a host port", "e.g. `mvmctl forward rm web 8080`")
+            _remove_forward(home, specs[0], specs[1])
+        return
+    if as_json:
+        raise UsageError("--json goes with `forward ls`", f"`mvmctl forward ls {name} --json`")
+    all_specs = [*specs, *publish]
+    if not all_specs:
+        raise UsageError("forward needs a port: [ADDR:]HOST:GUEST", f"e.g. `mvmctl forward {name} -p 8080:80`")
+    port_forwards = [PortForward.parse(s) for s in all_specs]
     _, record = lifecycle.require_vm(home, name)
     backends.get(record.backend).require("port_forwarding", name)
     with lifecycle.connect(home, name) as client:
         for port_forward in port_forwards:
             lifecycle.add_forward(client, port_forward)
-            click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
+            click.echo(f"{port_forward.host} -> VM {name} port {port_forward.guest_port}")
+
+
+def _list_forwards(home: MvmHome, name: str, as_json: bool) -> None:
+    forwards = lifecycle.list_forwards(home, name)
+    if as_json:
+        click.echo(json.dumps([asdict(f) for f in forwards], indent=2))
+    elif not forwards:
+        click.echo(f"VM {name} has no forwards (add one with `mvmctl forward {name} -p HOST:GUEST`)")
+    else:
+        for f in forwards:
+            click.echo(f"{f.host} -> VM {name} port {f.guest_port}")
+
+
+def _remove_forward(home: MvmHome, name: str, host: str) -> None:
+    addr, port = parse_host(host)
+    with lifecycle.connect(home, name) as client:
+        lifecycle.remove_forward(client, port, addr)
+    click.echo(f"VM {name}: host port {host} is no longer forwarded")
 
 
 COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, snapshot, forward]

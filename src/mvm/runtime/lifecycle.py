@@ -218,11 +218,43 @@ def _tail(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def add_forward(client: VmClient, forward: PortForward) -> None:
+def add_forward(client: VmClient, forward: PortForward) -> list[dict[str, object]]:
     """The address was written by the user (or defaults to loopback): a non-loopback one is
-    what they asked for, which the supervisor wants said explicitly."""
-    client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port, guest_port=forward.guest_port,
-                public=True)
+    what they asked for, which the supervisor wants said explicitly. Returns every forward."""
+    reply = client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port,
+                        guest_port=forward.guest_port, public=True)
+    return list(reply.get("forwards") or [])
+
+
+def remove_forward(client: VmClient, host_port: int, host_addr: str | None = None) -> list[dict[str, object]]:
+    """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it listens on);
+    the connections it carries are closed. Returns the forwards left."""
+    return list(client.call("unforward", host_addr=host_addr, host_port=host_port).get("forwards") or [])
+
+
+def list_forwards(home: MvmHome, name: str) -> list[PortForward]:
+    """A running VM's forwards, from its record (a stopped VM has none)."""
+    _, record = require_vm(home, name)
+    if not record.running:
+        return []
+    found = []
+    for entry in record.forwards:  # (the record is a file under $MVM_HOME: checked, not trusted)
+        try:
+            found.append(PortForward(str(entry["host_addr"]), int(entry["host_port"]), int(entry["guest_port"])))
+        except (KeyError, TypeError, ValueError):
+            raise VmError(f"the record of VM {name} holds a forward that is not one: {str(entry)[:80]}",
+                          f"`mvmctl down {name}` and start it again") from None
+    return found
+
+
+def add_start_forwards(launch: Launch, image: BootImage, forwards: tuple[PortForward, ...]) -> dict[str, object]:
+    """Wait until the VM is ready, then set up mvm.toml's [network] forward and ``forwards``
+    (before the caller commits: one that cannot listen fails the start). The ready reply."""
+    reply = launch.client.call("ready")
+    if reply.get("state") == "running":
+        for forward in [*image.forwards, *forwards]:
+            add_forward(launch.client, forward)
+    return reply
 
 
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
@@ -238,10 +270,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
                       hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
                       ephemeral=ephemeral, workload_id=workload_id)
     try:
-        reply = launch.client.call("ready")
-        if reply.get("state") == "running":
-            for forward in [*image.forwards, *forwards]:
-                add_forward(launch.client, forward)
+        reply = add_start_forwards(launch, image, forwards)
         launch.commit()
     finally:
         launch.abandon()

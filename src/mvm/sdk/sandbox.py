@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from mvm.build.project import image_for
-from mvm.core.bootimage import PortForward
+from mvm.core.bootimage import PortForward, parse_host
 from mvm.core.home import check_vm_name
 from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
@@ -171,6 +171,40 @@ class Files:
             return transfer.copy_out(client, guest_path, Path(host_path))
 
 
+@dataclass(frozen=True)
+class PortInfo:
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+class Ports:
+    """``sandbox.ports``: host TCP ports tunnelled to the guest's loopback (no guest NIC needed)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def forward(self, guest_port: int, host_port: int, *, host_addr: str = "127.0.0.1") -> str:
+        """Listen on ``host_addr:host_port`` (loopback unless you name another address) and carry
+        each connection to ``guest_port`` on the guest's loopback; returns the host address."""
+        spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
+        with self._sandbox._client() as client:
+            lifecycle.add_forward(client, spec)
+        return spec.host
+
+    def list(self) -> list[PortInfo]:
+        self._sandbox._record(running=True)
+        return [PortInfo(f.host_addr, f.host_port, f.guest_port)
+                for f in lifecycle.list_forwards(self._sandbox._home, self._sandbox.name)]
+
+    def remove(self, host_port: int, *, host_addr: str | None = None) -> None:
+        """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it is on);
+        connections it carries are closed."""
+        _, port = parse_host(str(host_port))
+        with self._sandbox._client() as client:
+            lifecycle.remove_forward(client, port, host_addr)
+
+
 class Sandbox:
     """A running sandbox. Make one with :meth:`create`, or reach one with :meth:`connect`."""
 
@@ -180,6 +214,7 @@ class Sandbox:
         self._home = home
         self.commands = Commands(self)
         self.files = Files(self)
+        self.ports = Ports(self)
 
     # -- making and finding ----------------------------------------------------------------
 
@@ -259,10 +294,8 @@ class Sandbox:
         return b"".join(chunks).decode(errors="replace")
 
     def forward(self, guest_port: int, host_port: int) -> str:
-        """Forward a host TCP port (on 127.0.0.1) to the guest's loopback; returns the host address."""
-        with self._client() as client:
-            lifecycle.add_forward(client, PortForward("127.0.0.1", host_port, guest_port))
-        return f"127.0.0.1:{host_port}"
+        """The same as ``ports.forward`` (kept for programs written against it)."""
+        return self.ports.forward(guest_port, host_port)
 
     def pause(self) -> None:
         self._pause_resume("pause")
