@@ -159,6 +159,7 @@ def test_a_taken_port_at_up_fails_the_whole_up(ctl: Mvmctl, vm, workload_dir) ->
 
 def test_sdk_ports_forward_list_remove(ctl: Mvmctl, vm, monkeypatch: pytest.MonkeyPatch) -> None:
     import mvm
+    from mvm.errors import UsageError, VmError
 
     name, toml_port, up_port = vm
     monkeypatch.setenv("MVM_HOME", str(ctl.home))
@@ -172,9 +173,9 @@ def test_sdk_ports_forward_list_remove(ctl: Mvmctl, vm, monkeypatch: pytest.Monk
                                                                          (port, 8000)}
     sandbox.ports.remove(port)
     assert refused(port)
-    with pytest.raises(mvm.errors.VmError, match="no forward from host"):
+    with pytest.raises(VmError, match="no forward from host"):
         sandbox.ports.remove(port)
-    with pytest.raises(mvm.errors.UsageError, match="port 0"):
+    with pytest.raises(UsageError, match="port 0"):
         sandbox.ports.forward(8000, 0)
 
 

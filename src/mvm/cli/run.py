@@ -14,7 +14,7 @@ import click
 
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
-from mvm.cli.vm import HYPERVISOR_OPTION, boot_image, boot_report_lines, note, resources
+from mvm.cli.vm import HYPERVISOR_OPTION, OVERCOMMIT_OPTION, boot_image, boot_report_lines, note, resources
 from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
@@ -46,6 +46,7 @@ class RunCommand(click.Command):
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
+@OVERCOMMIT_OPTION
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
@@ -54,8 +55,8 @@ class RunCommand(click.Command):
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
-        cpus: int | None, memory: str | None, hypervisor: str | None, publish: tuple[str, ...], boot_report: bool,
-        dry_run: bool, as_json: bool) -> None:
+        cpus: int | None, memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
+        boot_report: bool, dry_run: bool, as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid).
 
@@ -86,12 +87,13 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         from mvm.runtime.plan import make_plan
 
         plan = make_plan(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                         argv=argv, forwards=forwards)
+                         argv=argv, forwards=forwards, overcommit=overcommit)
         click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
         return
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards)
+                              hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards,
+                              overcommit=overcommit)
         if record.state == "stopped":
             click.echo(f"VM {vm_name} ran to the end before its agent was ready: {record.stop_reason} "
                        f"(`mvmctl logs {vm_name}` shows its output)")
@@ -102,7 +104,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
             print_boot_report(record)
         return
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
-                                hypervisor=hypervisor, progress=note, argv=argv)
+                                hypervisor=hypervisor, progress=note, argv=argv, overcommit=overcommit)
     try:
         if forwards or image.forwards:  # listening before anyone is told the VM runs (replay keeps the console)
             lifecycle.add_start_forwards(launch, image, forwards)

@@ -34,6 +34,11 @@ def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | N
         raise UsageError(f"--memory: {err}") from None
 
 
+OVERCOMMIT_OPTION = click.option(
+    "--overcommit", is_flag=True,
+    help="Boot even if --cpus is more than the host's CPU threads, or --memory more than it has available "
+         "less 1 GiB kept for the host and builder (refused otherwise, before booting).")
+
 HYPERVISOR_OPTION = click.option(
     "--hypervisor", type=click.Choice(["auto", *backends.ALL_BACKENDS]),
     help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
@@ -62,12 +67,13 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
+@OVERCOMMIT_OPTION
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--json", "as_json", is_flag=True, help="Print the VM's record as JSON.")
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
-       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], as_json: bool) -> None:
+       memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...], as_json: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     Returns once the guest's agent answers, so `mvmctl exec` works straight after. The VM
@@ -79,7 +85,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
     record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                          hypervisor=hypervisor, progress=note, forwards=forwards)
+                          hypervisor=hypervisor, progress=note, forwards=forwards, overcommit=overcommit)
     if as_json:
         click.echo(json.dumps(asdict(record), indent=2))
     elif record.state == "stopped":

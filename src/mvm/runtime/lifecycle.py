@@ -32,7 +32,7 @@ from mvm.core.state import (
     reconcile,
     write_json_atomic,
 )
-from mvm.runtime import backends
+from mvm.runtime import backends, sizing
 from mvm.runtime.client import VmClient
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
@@ -101,13 +101,16 @@ def refuse_unenforced_settings(image: BootImage) -> None:
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
              vcpus: int | None = None, memory_mib: int | None = None, hypervisor: str | None = None,
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
-             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None) -> Launch:
+             lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
+             overcommit: bool = False) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
-    ``ephemeral``: nothing of it is kept once it stops."""
+    ``ephemeral``: nothing of it is kept once it stops; ``overcommit``: boot it even if it asks
+    for more than the host has (runtime/sizing.py)."""
     check_vm_name(name)
     check_argv(argv)
     refuse_unenforced_settings(image)
+    sizing.check_fits(vcpus or image.vcpus, memory_mib or image.memory_mib, overcommit=overcommit)
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
@@ -260,7 +263,7 @@ def add_start_forwards(launch: Launch, image: BootImage, forwards: tuple[PortFor
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
-       ephemeral: bool = False, workload_id: str | None = None) -> VmRecord:
+       ephemeral: bool = False, workload_id: str | None = None, overcommit: bool = False) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -268,7 +271,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
     """
     launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                       hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
-                      ephemeral=ephemeral, workload_id=workload_id)
+                      ephemeral=ephemeral, workload_id=workload_id, overcommit=overcommit)
     try:
         reply = add_start_forwards(launch, image, forwards)
         launch.commit()

@@ -14,7 +14,7 @@ from typing import Any
 
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
 from mvm.core.state import MvmHome
-from mvm.runtime import backends
+from mvm.runtime import backends, sizing
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,14 @@ class Plan:
 
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
-              forwards: tuple[PortForward, ...] = ()) -> Plan:
+              forwards: tuple[PortForward, ...] = (), overcommit: bool = False) -> Plan:
     """The plan for starting ``image`` as VM ``name``; raises what `up` would (a backend that
     cannot run here, a command too long)."""
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
     lifecycle.refuse_unenforced_settings(image)  # as `up` would
+    sizing.check_fits(vcpus or image.vcpus, memory_mib or image.memory_mib, overcommit=overcommit)
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
     workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]

@@ -221,14 +221,17 @@ class Sandbox:
     @classmethod
     def create(cls, template: str = "base", *, name: str | None = None, cpus: int | None = None,
                memory: int | None = None, network: str | None = None, env: dict[str, str] | None = None,
-               timeout: float = 300, backend: str | None = None, workload_id: str | None = None) -> Sandbox:
+               timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
+               overcommit: bool = False) -> Sandbox:
         """Boot a sandbox and return once its agent answers.
 
         ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
         its standard library), or a directory holding an mvm.toml. ``memory`` is in MiB.
         ``timeout``: its lifetime in seconds, enforced by its supervisor even if this program
         dies. ``network``: only "deny" (no network device) in this version. ``workload_id``:
-        your label for it, kept in its record and shown by ``info()``.
+        your label for it, kept in its record and shown by ``info()``. ``overcommit``: boot it even
+        if ``cpus`` is more than the host's CPU threads or ``memory`` more than it has available
+        less the headroom kept for the host (otherwise that is a UsageError, before booting).
         """
         if network not in (None, "deny"):
             raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",
@@ -240,7 +243,7 @@ class Sandbox:
         image = image_for(directory, home, _stderr_progress)
         vm_name = check_vm_name(name or f"sbx-{secrets.token_hex(4)}")
         lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
-                     lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
+                     lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit)
         sandbox = cls(vm_name, home, env)
         _LIVE[vm_name] = sandbox
         return sandbox

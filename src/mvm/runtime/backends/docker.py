@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mvm.core.errors import BackendUnavailable, HostToolMissing, MvmError, VmError
+from mvm.core.errors import BackendUnavailable, HostToolMissing, MvmError, UsageError, VmError
 from mvm.core.state import VmPaths, VmRecord
 from mvm.runtime.backends.base import (
     BackendReport,
@@ -134,9 +134,24 @@ def container_name(paths: VmPaths) -> str:
     return f"mvm-{paths.name}-{home}"
 
 
+def cpuset(name: str, vcpus: int) -> str:
+    """``vcpus`` of the CPUs we may use, starting at one picked by the VM's name (so containers
+    spread over the host): with them, nproc in the container says ``vcpus``, as in a VM."""
+    from mvm.runtime.sizing import allowed_cpus
+
+    cpus = allowed_cpus()
+    if vcpus > len(cpus):
+        raise UsageError(f"{vcpus} vCPUs asked for, but a container cannot have more CPUs than this host's "
+                         f"{len(cpus)}, even with --overcommit", f"ask for at most {len(cpus)} (--cpus) on docker")
+    start = int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(cpus)
+    return ",".join(str(cpus[(start + i) % len(cpus)]) for i in range(vcpus))
+
+
 def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> list[str]:
+    # --memory-swap equal to --memory: the limit is the guest's memory, not twice it in swap.
     argv = [docker_cli(), "run", "--rm", "-i", "--name", container_name(paths), "--hostname", record.name,
-            "--network", "none", "--cpus", str(record.vcpus), "--memory", f"{record.memory_mib}m",
+            "--network", "none", "--cpus", str(record.vcpus), "--cpuset-cpus", cpuset(record.name, record.vcpus),
+            "--memory", f"{record.memory_mib}m", "--memory-swap", f"{record.memory_mib}m",
             "--pids-limit", str(PIDS_LIMIT),
             "--tmpfs", "/tmp:rw,exec", "--tmpfs", "/run:rw,noexec,nosuid",
             "--cap-drop", "ALL", *[arg for cap in CAP_ADD for arg in ("--cap-add", cap)],
@@ -222,6 +237,7 @@ class DockerBackend(VmBackend):
             progress(f"docker: imported the image as {tag}")
 
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
+        cpuset(record.name, record.vcpus)  # refused here, before the VM is registered, if it cannot be had
         # Named after the final directory: the container is started after the rename.
         record.backend_id = container_name(VmPaths(staged.dir.parent / record.name))
         remove(record.backend_id)  # a leftover from a crash must not block the name
