@@ -23,7 +23,7 @@ from mvm.build.packages import DebCache, PackageLock
 from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
 from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids
-from mvm.core.bootimage import ARTIFACT_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
+from mvm.core.bootimage import ARTIFACT_FILE, DEBS_FILE, INITRD_FILE, KERNEL_FILE, ROOTFS_FILE
 from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome, write_atomic
 from mvm.core.workdir import LOCK_FILE
@@ -108,6 +108,7 @@ class Builder:
                                              initrd=packages.sha256_file(out / INITRD_FILE),
                                              rootfs=packages.sha256_file(out / ROOTFS_FILE))
                 (out / ARTIFACT_FILE).write_text(meta.to_json())
+                (out / DEBS_FILE).write_text("".join(f"{deb.filename}\n" for deb in lock.all_debs()))
                 artifact = self.store.commit(out, key)
 
         # Only a build that produced an artifact moves the name and writes the lock.
@@ -140,7 +141,7 @@ class Builder:
             self.progress("resolve", "packages changed since mvm.lock; resolving again")
         else:
             self.progress("resolve", f"resolving {len(wanted)} packages with apt")
-        return packages.resolve(workload.packages), True
+        return packages.resolve(workload.packages, self.home), True
 
     def _meta(self, workload: Workload, lock: PackageLock, key: str, release: str) -> ArtifactMeta:
         return ArtifactMeta(

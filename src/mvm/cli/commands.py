@@ -40,6 +40,8 @@ VERBS = {
     "resume": "mvm.cli.vm",
     "snapshot": "mvm.cli.vm",
     "forward": "mvm.cli.vm",
+    "prune": "mvm.cli.prune",
+    "manifest-prune": "mvm.cli.prune",
     "mcp": "mvm.cli.mcp",
 }
 

@@ -20,6 +20,7 @@ ARTIFACT_FILE = "artifact.json"
 KERNEL_FILE = "vmlinux"
 INITRD_FILE = "initrd.cpio"
 ROOTFS_FILE = "rootfs.ext4"
+DEBS_FILE = "debs.txt"  # the .deb file names (one a line) of the lock it was built from: `prune` keeps them
 
 
 @dataclass(frozen=True)

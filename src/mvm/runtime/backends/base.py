@@ -123,6 +123,16 @@ class BackendReport:
     capabilities: dict[str, bool | str]
 
 
+@dataclass(frozen=True)
+class CachedImage:
+    """What a backend keeps per image outside the store (docker: an imported image), for `prune`."""
+
+    backend: str
+    name: str  # what the backend calls it (docker: its tag)
+    artifact_key_prefix: str  # the start of the store key it was made from
+    size: int  # bytes
+
+
 @dataclass
 class Spawned:
     """The process the supervisor will own, and how its agent channel is reached."""
@@ -272,6 +282,13 @@ class VmBackend:
     def report(self, available: bool, tested_here: bool, reason: str, accel: str | None = None) -> BackendReport:
         return BackendReport(self.name, self.supported, available, tested_here, reason, accel,
                              self.capabilities.as_dict())
+
+    def cached_images(self, home: MvmHome) -> list[CachedImage]:
+        """Per-image copies this backend made from ``home``'s store; none by default."""
+        return []
+
+    def remove_cached_image(self, image: CachedImage) -> None:
+        raise NotImplementedError
 
     # -- optional: a backend overrides what it can do ------------------------------------------
 
