@@ -180,3 +180,15 @@ def test_prune_removes_docker_images_of_artifacts_that_are_gone(home: Path, dock
     images = [r for r in report["removed"] if r["kind"] == "image"]
     assert [r["name"] for r in images] == [f"docker mvm/d-gone:{gone_key[:20]}"] and images[0]["bytes"] > 0
     assert not image_exists("d-gone", gone_key) and image_exists("d-kept", kept_key)
+
+
+def test_kept_data_disks_go_only_with_disks(tmp_path: Path) -> None:
+    ctl = Mvmctl(tmp_path / "home")
+    disk = tmp_path / "home" / "disks" / "old.ext4"
+    disk.parent.mkdir(parents=True)
+    disk.write_bytes(b"z" * 8192)
+    report = prune(ctl)
+    assert [k for k in report["kept"] if k["kind"] == "disk"][0]["name"] == "old.ext4" and disk.exists()
+    report = prune(ctl, "--disks")
+    assert [(r["kind"], r["name"]) for r in report["removed"]] == [("disk", "old.ext4")] and not disk.exists()
+    assert report["freed_bytes"] >= 8192

@@ -104,15 +104,23 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
 @click.option("--force", is_flag=True, help="Kill the VM at once instead of asking the guest to shut down.")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for a graceful shutdown before killing the VM.")
-def down(name: str, force: bool, timeout: float) -> None:
-    """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record)."""
+@click.option("--purge", is_flag=True, help="Also remove its data disk (kept otherwise, for the next `up` of NAME).")
+def down(name: str, force: bool, timeout: float, purge: bool) -> None:
+    """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record).
+
+    Its data disk (mvm.toml's data_disk) is kept in $MVM_HOME/disks/ and reattached by the
+    next `up` of the same name; --purge removes it too.
+    """
     if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:  # (also refuses inf and nan)
         raise UsageError(f"--timeout {timeout:g}: must be 0 to {MAX_STOP_TIMEOUT_S:.0f} seconds")
-    record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout)
-    if isinstance(record, DamagedVm):
+    record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout, purge=purge)
+    if record is None:
+        click.echo(f"VM {name}'s kept data disk is removed")
+    elif isinstance(record, DamagedVm):
         click.echo(f"VM {name} is removed (its record was damaged: {record.why})")
     else:
-        click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})")
+        click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})"
+                   + ("; its data disk is removed" if purge else ""))
 
 
 @click.command(name="ls")

@@ -32,7 +32,7 @@ from mvm.core.state import (
     reconcile,
     write_json_atomic,
 )
-from mvm.runtime import backends, sizing
+from mvm.runtime import backends, data_disks, sizing
 from mvm.runtime.client import VmClient
 
 SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
@@ -49,12 +49,17 @@ class Launch:
     _commit_fd: int
     _name_lock_fd: int
 
+    new_disk: Path | None = None  # a data disk made by this start: removed if it is abandoned
+
     def commit(self) -> None:
         os.write(self._commit_fd, b"k")
+        self.new_disk = None
         self._release()
 
     def abandon(self) -> None:
         """Close the pipe without committing: the supervisor stops the VM and removes it."""
+        if self._commit_fd != -1:
+            _remove_new_disk(self.new_disk)
         self._release()
 
     def _release(self) -> None:
@@ -145,17 +150,34 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                           uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv,
                           deadline=None if lifetime_s is None else time.time() + lifetime_s, ephemeral=ephemeral,
                           workload_id=workload_id)
+        new_disk = None
         try:
+            keeps_data = bool(image.data_disk_bytes) and not ephemeral  # (a sandbox keeps nothing)
+            if keeps_data:
+                data_disks.attach_kept(home, vm_backend, staged, name, progress)
             vm_backend.prepare(image, record, staged)
+            if keeps_data:
+                new_disk = data_disks.keep_new(home, vm_backend, staged, name)
             write_json_atomic(staged.mode, {"mode": mode})
             record.save(staged)
+            launch = _fork_supervisor(paths, staged, image, record, name_lock)
         except BaseException:
             shutil.rmtree(staged.dir, ignore_errors=True)
+            _remove_new_disk(new_disk)
             raise
-        return _fork_supervisor(paths, staged, image, record, name_lock)
+        launch.new_disk = new_disk
+        return launch
     except BaseException:
         os.close(name_lock)
         raise
+
+
+def _remove_new_disk(path: Path | None) -> None:
+    """A start that fails leaves nothing, not even the data disk it made (a kept one stays)."""
+    if path is not None and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path is not None:
+        path.unlink(missing_ok=True)
 
 
 def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
@@ -321,10 +343,21 @@ def list_vms(home: MvmHome) -> list[VmRecord | DamagedVm]:
     return records
 
 
-def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord | DamagedVm:
-    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk. With
-    ``force`` a VM whose record is damaged goes too."""
+def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0,
+         purge: bool = False) -> VmRecord | DamagedVm | None:
+    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk but its
+    kept data disk; ``purge`` removes that too (and works when only the disk is left: None).
+    With ``force`` a VM whose record is damaged goes too."""
     paths = home.vm(check_vm_name(name))
+    if purge:
+        try:
+            stopped = down(home, name, force=force, timeout=timeout)
+        except UsageError:  # no VM by that name: perhaps only its kept disk is left
+            if not data_disks.purge(home, name):
+                raise
+            return None
+        data_disks.purge(home, name)  # (after the stop: nothing has it open any more)
+        return stopped
     try:
         _, record = require_vm(home, name)
     except DamagedRecord as err:

@@ -236,6 +236,11 @@ class VmBackend:
         """Unix sockets this backend creates for the VM (checked against the path limit)."""
         return [paths.agent_socket]
 
+    def data_location(self, paths: VmPaths) -> Path:
+        """Where the VM's /data lives in its directory: a disk image (docker: a directory).
+        For a named VM it is a link to the disk kept in disks/ (runtime/data_disks.py)."""
+        return paths.data_disk
+
     # -- in the supervisor ---------------------------------------------------------------------
 
     async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,

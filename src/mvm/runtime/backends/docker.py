@@ -274,6 +274,9 @@ class DockerBackend(VmBackend):
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [agent_socket_path(paths)]
 
+    def data_location(self, paths: VmPaths) -> Path:
+        return paths.data_dir
+
     async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
                                   handler: AgentHandler) -> None:
         """Connections to the socket the agent dials, refused unless they come from the agent's
