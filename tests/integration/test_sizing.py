@@ -43,7 +43,7 @@ def test_too_many_vcpus_is_refused_before_boot_with_the_numbers(ctl: Mvmctl, wor
     want = host_threads() + 1
     for verb in (("up",), ("run", "--attached"), ("run", "--dry-run")):
         proc = ctl(*verb, str(directory), "--cpus", str(want))
-        assert proc.returncode == 2, proc.stdout
+        assert proc.returncode == 1, proc.stdout
         [line] = errors(proc.stderr)
         assert f"{want} vCPUs asked for" in line and f"{host_threads()} CPU threads" in line and "--overcommit" in line
     assert not (ctl.home / "vms" / "big-cpu").exists()
@@ -54,7 +54,7 @@ def test_too_much_memory_is_refused_before_boot_with_the_numbers(ctl: Mvmctl, wo
     capacity = HostCapacity.measure()
     want = capacity.available_mib + 1024  # more than is free, whatever the headroom
     proc = ctl("up", str(directory), "--memory", f"{want}M")
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     [line] = errors(proc.stderr)
     assert f"{want} MiB of memory asked for" in line and f"less {HOST_HEADROOM_MIB} MiB kept" in line, line
     assert not (ctl.home / "vms" / "big-mem").exists()
@@ -82,7 +82,7 @@ def test_overcommit_boots_more_vcpus_than_threads_on_qemu_and_docker_says_it_can
     want = host_threads() + 1
     proc = ctl("run", "--attached", str(directory), "--cpus", str(want), "--overcommit", "--", "nproc")
     if ctl.hypervisor == "docker":
-        assert proc.returncode == 2
+        assert proc.returncode == 1
         [line] = errors(proc.stderr)
         assert "a container cannot have more CPUs" in line, line
         assert not (ctl.home / "vms" / "over").exists()
@@ -93,9 +93,9 @@ def test_overcommit_boots_more_vcpus_than_threads_on_qemu_and_docker_says_it_can
 
 def test_sdk_create_refuses_too_much_before_booting(mvmctl: Mvmctl, monkeypatch: pytest.MonkeyPatch) -> None:
     import mvm
-    from mvm.errors import UsageError
+    from mvm.errors import HostTooSmall
 
     monkeypatch.setenv("MVM_HOME", str(mvmctl.home))
-    with pytest.raises(UsageError, match="vCPUs asked for"):
+    with pytest.raises(HostTooSmall, match="vCPUs asked for"):
         mvm.Sandbox.create("base", cpus=host_threads() + 1, backend="qemu")
     assert [s for s in mvm.Sandbox.list() if s.cpus == host_threads() + 1] == []

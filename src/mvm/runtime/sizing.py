@@ -18,7 +18,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mvm.core.errors import UsageError
+from mvm.core.errors import HostTooSmall
 
 HOST_HEADROOM_MIB = 1024  # kept back for the host and the builder; documented in the README
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -42,16 +42,16 @@ class HostCapacity:
 
 def check_fits(vcpus: int, memory_mib: int, *, overcommit: bool = False,
                capacity: HostCapacity | None = None) -> HostCapacity:
-    """Refuse (UsageError, with the numbers) a VM the host cannot give what it asks for,
+    """Refuse (HostTooSmall, with the numbers) a VM the host cannot give what it asks for,
     unless ``overcommit``. Returns what was measured."""
     capacity = capacity or HostCapacity.measure()
     if overcommit:
         return capacity
     if vcpus > capacity.threads:
-        raise UsageError(f"{vcpus} vCPUs asked for, but this host has {capacity.threads} CPU threads for mvm",
+        raise HostTooSmall(f"{vcpus} vCPUs asked for, but this host has {capacity.threads} CPU threads for mvm",
                          f"ask for at most {capacity.threads} (--cpus), or pass --overcommit to boot it anyway")
     if memory_mib > capacity.memory_for_guests_mib:
-        raise UsageError(f"{memory_mib} MiB of memory asked for, but this host has {capacity.available_mib} MiB "
+        raise HostTooSmall(f"{memory_mib} MiB of memory asked for, but this host has {capacity.available_mib} MiB "
                          f"available, less {capacity.headroom_mib} MiB kept for the host and builder: "
                          f"{capacity.memory_for_guests_mib} MiB for guests",
                          "ask for less (--memory), stop another VM, or pass --overcommit to boot it anyway")
@@ -84,7 +84,7 @@ def _meminfo_kib(field: str) -> int:
                 return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    raise UsageError(f"cannot read {field} from /proc/meminfo, so the host's free memory is unknown",
+    raise HostTooSmall(f"cannot read {field} from /proc/meminfo, so the host's free memory is unknown",
                      "pass --overcommit to start the VM without the check")
 
 

@@ -231,7 +231,7 @@ class Sandbox:
         dies. ``network``: only "deny" (no network device) in this version. ``workload_id``:
         your label for it, kept in its record and shown by ``info()``. ``overcommit``: boot it even
         if ``cpus`` is more than the host's CPU threads or ``memory`` more than it has available
-        less the headroom kept for the host (otherwise that is a UsageError, before booting).
+        less the headroom kept for the host (otherwise HostTooSmall, before booting).
         """
         if network not in (None, "deny"):
             raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mvm.core.errors import BackendUnavailable, HostToolMissing, MvmError, UsageError, VmError
+from mvm.core.errors import BackendUnavailable, HostToolMissing, HostTooSmall, MvmError, VmError
 from mvm.core.state import MvmHome, VmPaths, VmRecord
 from mvm.runtime.backends.base import (
     BackendReport,
@@ -155,7 +155,7 @@ def cpuset(name: str, vcpus: int) -> str:
 
     cpus = allowed_cpus()
     if vcpus > len(cpus):
-        raise UsageError(f"{vcpus} vCPUs asked for, but a container cannot have more CPUs than this host's "
+        raise HostTooSmall(f"{vcpus} vCPUs asked for, but a container cannot have more CPUs than this host's "
                          f"{len(cpus)}, even with --overcommit", f"ask for at most {len(cpus)} (--cpus) on docker")
     start = int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(cpus)
     return ",".join(str(cpus[(start + i) % len(cpus)]) for i in range(vcpus))
