@@ -36,6 +36,7 @@ def test_data_survives_down_and_up_and_goes_with_purge(ctl: Mvmctl, workload_dir
     ctl("up", str(directory), check=True)
     try:
         ctl("exec", "keeper", "--", "/bin/sh", "-c", "echo precious > /data/keep.txt && sync", check=True)
+        assert f"data disk   {kept(ctl, 'keeper')}" in ctl("status", "keeper", check=True).stdout
     finally:
         ctl("down", "keeper", check=True)
     assert not (ctl.home / "vms" / "keeper").exists()

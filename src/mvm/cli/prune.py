@@ -72,7 +72,8 @@ def manifest_prune(directory: str | None, dry_run: bool, as_json: bool) -> None:
     report = pruning.remove_artifacts(home, older, dry_run=dry_run, also_used=others)
     if not dry_run:
         removed = {item.path for item in report.removed if item.kind == "artifact"}
-        stamps.keep_builds(home, path, [k for k in older if str(home.store / k) not in removed] + [newest])
+        still = [k for k in older if str(home.store / k) not in removed and (home.store / k).is_dir()]
+        stamps.keep_builds(home, path, [*still, newest])
     show(report, as_json)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -206,6 +207,9 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")
     for label, text in backends.get(record.backend).describe(record):
         click.echo(f"  {label:<11} {text}")
+    data = backends.get(record.backend).data_location(paths)
+    if data.is_symlink():
+        click.echo(f"  data disk   {printable(os.readlink(data))} (kept across down/up; `down --purge` removes it)")
     if record.running:
         click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
     guest = report.get("guest")
