@@ -131,8 +131,8 @@ class Pruner:
             name = entry.name
             if name.startswith("."):  # a registration whose `up` died (vms/.<name>.starting-*)
                 owner = name[1:].split(".starting-", 1)[0]
-                if ".starting-" in name and not VmPaths(entry).supervisor_alive() and self._name_free(owner):
-                    self.drop("vm", f"{owner} (an abandoned start)", entry)
+                if ".starting-" in name and not VmPaths(entry).supervisor_alive():
+                    self._drop_vm(owner, f"{owner} (an abandoned start)", entry)
                 continue
             paths = VmPaths(entry)
             try:
@@ -142,21 +142,19 @@ class Pruner:
                     running.add(name)
                     unknown = f"VM {name} runs but its record is damaged ({err.damaged.why}): its artifact is unknown"
                     self.keep("vm", name, "it runs (its record is damaged)")
-                elif self._name_free(name):
-                    self.drop("vm", f"{name} (damaged record)", entry)
+                else:
+                    self._drop_vm(name, f"{name} (damaged record)", entry)
                 continue
             if record is None:  # a directory with no record, and no supervisor
-                if not paths.supervisor_alive() and self._name_free(name):
-                    self.drop("vm", f"{name} (no record)", entry)
+                if not paths.supervisor_alive():
+                    self._drop_vm(name, f"{name} (no record)", entry)
                 continue
             if record.running:
                 used.add(record.artifact_key)
                 running.add(name)
                 self.keep("vm", name, f"it is {record.state}")
-            elif self._name_free(name):
-                self.drop("vm", f"{name} (stopped)", entry)
             else:
-                self.keep("vm", name, "an `up` of that name is starting it")
+                self._drop_vm(name, f"{name} (stopped)", entry)
         return used, running, unknown
 
     def vms_in_use(self) -> tuple[set[str], str | None]:
@@ -175,17 +173,21 @@ class Pruner:
             used.add(str(key))
         return used, None
 
-    def _name_free(self, name: str) -> bool:
-        """No `up` holds the name's lock now (one that is starting it must not lose its files)."""
-        lock = self.home.name_lock(name)
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except OSError:
+    def _drop_vm(self, name: str, label: str, entry: Path) -> bool:
+        """Remove a VM's directory while holding its name's lock, so an `up` starting that name
+        now cannot lose its files to us (False, and nothing removed, if one holds it)."""
+        if self.report.dry_run:  # (removes nothing, so takes no lock and creates no lock file)
+            self.drop("vm", label, entry)
             return True
+        fd = os.open(self.home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
+            self.keep("vm", name, "an `up` of that name is starting it")
             return False
+        try:
+            self.drop("vm", label, entry)
         finally:
             os.close(fd)
         return True
