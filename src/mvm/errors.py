@@ -7,9 +7,17 @@ here, a failed build) are these same classes.
 
 from __future__ import annotations
 
-from mvm.core.errors import BackendUnavailable, BuildError, ManifestError, MvmError, UsageError, VmError
+from mvm.core.errors import (
+    BackendUnavailable,
+    BuildError,
+    HostTooSmall,
+    ManifestError,
+    MvmError,
+    UsageError,
+    VmError,
+)
 
-__all__ = ["MvmError", "UsageError", "ManifestError", "BuildError", "BackendUnavailable", "VmError",
+__all__ = ["MvmError", "UsageError", "ManifestError", "BuildError", "BackendUnavailable", "HostTooSmall", "VmError",
            "SandboxNotFound", "SandboxStopped", "CommandTimeout", "CommandFailed", "Unsupported", "ModeError"]
 
 

@@ -96,12 +96,13 @@ def test_docker_backend_errors_are_one_line(docker_mvmctl: Mvmctl, workload_dir)
 def test_a_docker_import_failure_is_one_clear_error(docker_mvmctl: Mvmctl, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from mvm.core.errors import VmError
+    from mvm.core.state import MvmHome
     from mvm.runtime.backends import docker
 
     monkeypatch.setenv("DOCKER_HOST", docker_mvmctl.docker_host or "")
     broken = tmp_path / "rootfs.ext4"
     broken.write_bytes(b"not an ext4 file system" * 100)
     with pytest.raises(VmError) as caught:
-        docker.ensure_image(broken, "mvm/broken:test")
+        docker.ensure_image(broken, "mvm/broken:test", MvmHome(tmp_path / "home"))
     assert "cannot unpack" in str(caught.value) and str(broken) in str(caught.value)
     assert "\n" not in str(caught.value)

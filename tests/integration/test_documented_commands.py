@@ -9,6 +9,7 @@ is one row to add. Rows run in order: later ones use the VMs earlier ones starte
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import socket
 import subprocess
@@ -82,11 +83,17 @@ AGENT = """
     mode = "0644"
 """
 
+HOST_THREADS = len(os.sched_getaffinity(0))
 LINES = [
     Line("building", "mvmctl validate", "my-app", ok("my-app")),
     Line("limits", "mvmctl build ./my-app --vcpus 4 --mem 2G --data-disk 8G", ".", ok("my-app")),
     Line("building", "mvmctl build", "my-app", ok("my-app")),
-    Line("limits", "mvmctl up ./my-app --cpus 4 --memory 2G", ".", ok("VM my-app is up", "4 vCPU", "2048 MiB")),
+    # More vCPUs than the host has threads is refused before boot unless --overcommit (README, "Sizing").
+    *([Line("limits", "mvmctl up ./my-app --cpus 4 --memory 2G", ".", ok("VM my-app is up", "4 vCPU", "2048 MiB"))]
+      if HOST_THREADS >= 4 else
+      [Line("limits", "mvmctl up ./my-app --cpus 4 --memory 2G", ".", refused("4 vCPUs asked for", "--overcommit")),
+       Line("README", "mvmctl up ./my-app --cpus 4 --memory 2G --overcommit", ".",
+            ok("VM my-app is up", "4 vCPU", "2048 MiB"))]),
     Line("control surfaces", "mvmctl status my-app", ".", ok("my-app: running", "4 vCPU, 2048 MiB")),
     Line("limits", "mvmctl down my-app", ".", ok("VM my-app is down")),
     Line("building", "mvmctl run", "my-app", ok("VM my-app is running (detached)", "mvmctl logs -f my-app")),

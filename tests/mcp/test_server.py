@@ -116,3 +116,12 @@ def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
                           env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_MAX_INFLIGHT": bad},
                           stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_MAX_INFLIGHT" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["yes", "2", ""])
+def test_a_bad_overcommit_setting_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+    """Whether sandboxes may ask for more than the host has is the operator's call, said exactly."""
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
+                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_OVERCOMMIT": bad},
+                          stdin=subprocess.DEVNULL, timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_OVERCOMMIT" in proc.stderr

@@ -26,6 +26,7 @@ from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUi
 from mvm.core.bootimage import (
     ARTIFACT_FILE,
     BOOT_BUDGET_MS,
+    DEBS_FILE,
     EXPECTED_BOOT_MS,
     INITRD_FILE,
     KERNEL_FILE,
@@ -118,6 +119,7 @@ class Builder:
                                              initrd=sha256_file(out / INITRD_FILE),
                                              rootfs=sha256_file(out / ROOTFS_FILE))
                 (out / ARTIFACT_FILE).write_text(meta.to_json())
+                (out / DEBS_FILE).write_text("".join(f"{deb.filename}\n" for deb in lock.all_debs()))
                 artifact = self.store.commit(out, key)
 
         # Only a build that produced an artifact moves the name and writes the lock.
@@ -150,7 +152,7 @@ class Builder:
             self.progress("resolve", "packages changed since mvm.lock; resolving again")
         else:
             self.progress("resolve", f"resolving {len(wanted)} packages with apt")
-        return packages.resolve(workload.packages), True
+        return packages.resolve(workload.packages, self.home), True
 
     def _meta(self, workload: Workload, lock: PackageLock, key: str, release: str) -> ArtifactMeta:
         return ArtifactMeta(

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from mvm.core.artifact import LockedPackage
 from mvm.core.digest import sha256_file
 from mvm.core.errors import BuildError
+from mvm.core.state import MvmHome
 
 # Every image carries these: busybox for /init, Python for the agent (json and friends
 # live in libpython3.11-stdlib, not python3-minimal).
@@ -151,10 +152,11 @@ def _pin(found: list[tuple[str, str, str, str, int]]) -> list[LockedPackage]:
     return sorted(pinned, key=lambda d: d.name)
 
 
-def resolve(user_packages: tuple[str, ...]) -> PackageLock:
-    """Resolve the guest's closure, setpriv's two packages and the kernel, without installing."""
+def resolve(user_packages: tuple[str, ...], home: MvmHome) -> PackageLock:
+    """Resolve the guest's closure, setpriv's two packages and the kernel, without installing
+    (apt's scratch state in ``home``'s tmp/, not the system /tmp)."""
     requested = requested_packages(user_packages)
-    with tempfile.TemporaryDirectory(prefix="mvm-apt-") as tmp:
+    with home.scratch("apt") as tmp:
         opts = _apt_options(Path(tmp))
         closure = _pin(_parse_uris(_run_apt(
             ["apt-get", *opts, "--print-uris", "-y", "install", *requested], "resolve")))
@@ -205,7 +207,7 @@ class DebCache:
         if not todo:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=self.directory) as tmp:
+        with tempfile.TemporaryDirectory(prefix=f".download-{os.getpid()}-", dir=self.directory) as tmp:
             specs = [f"{d.name}:{d.arch}={d.version}" if d.arch != "all" else f"{d.name}={d.version}" for d in todo]
             try:
                 proc = subprocess.run(

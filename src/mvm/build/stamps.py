@@ -92,3 +92,34 @@ def record(home: MvmHome, path: str | Path, manifest: bytes, key: str) -> None:
     digest = input_digest(path, manifest)
     if digest is not None:
         write_atomic(home.stamps / digest, key + "\n")
+    builds = [k for k in project_builds(home, path) if k != key]
+    write_atomic(project_file(home, path), "".join(f"{k}\n" for k in [*builds[-(MAX_SLOTS - 1):], key]))
+
+
+# A project's build slots: the keys its directory built, oldest first, in
+# store/projects/<sha256 of mvm.toml's real path>. `manifest-prune DIR` keeps the newest and
+# removes the others that nothing else uses.
+MAX_SLOTS = 64
+
+
+def project_file(home: MvmHome, path: str | Path) -> Path:
+    where = os.path.realpath(manifest_file(path)).encode()
+    return home.store / "projects" / hashlib.sha256(where).hexdigest()
+
+
+def project_builds(home: MvmHome, path: str | Path) -> list[str]:
+    """The keys the project at ``path`` built, oldest first (a damaged file: none)."""
+    return read_slots(project_file(home, path))
+
+
+def read_slots(file: Path) -> list[str]:
+    try:
+        lines = file.read_text().split()
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [k for k in lines if re.fullmatch(r"[0-9a-f]{64}", k)]
+
+
+def keep_builds(home: MvmHome, path: str | Path, keys: list[str]) -> None:
+    """After `manifest-prune`: the project's slots are now ``keys`` (oldest first)."""
+    write_atomic(project_file(home, path), "".join(f"{k}\n" for k in keys))

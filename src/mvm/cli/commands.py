@@ -43,6 +43,8 @@ VERBS = {
     "template": "mvm.cli.snapshots",
     "forward": "mvm.cli.vm",
     "plan": "mvm.cli.plan",
+    "prune": "mvm.cli.prune",
+    "manifest-prune": "mvm.cli.prune",
     "mcp": "mvm.cli.mcp",
     "audit": "mvm.cli.audit",
     "receipt": "mvm.cli.audit",

@@ -16,6 +16,7 @@ from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import (
     HYPERVISOR_OPTION,
+    OVERCOMMIT_OPTION,
     POLICY_OPTION,
     boot_image,
     boot_report_lines,
@@ -23,6 +24,7 @@ from mvm.cli.vm import (
     print_plan,
     resources,
 )
+from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
@@ -53,7 +55,10 @@ class RunCommand(click.Command):
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
+@OVERCOMMIT_OPTION
 @HYPERVISOR_OPTION
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
+              help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
 @click.option("--boot-report", is_flag=True, help="Print when each boot phase was reached (stderr).")
 @click.option("--dry-run", is_flag=True, help="Print what would run, where and how, and start nothing.")
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: print the plan as JSON.")
@@ -64,8 +69,8 @@ class RunCommand(click.Command):
 @POLICY_OPTION
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
-        cpus: int | None, memory: str | None, hypervisor: str | None, boot_report: bool, dry_run: bool,
-        as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...]) -> None:
+        cpus: int | None, memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
+        boot_report: bool, dry_run: bool, as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
@@ -95,18 +100,19 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         raise UsageError("nothing follows --", "e.g. `mvmctl run -- python3 -V`")
     lifecycle.check_argv(argv)  # before any build: a command that cannot travel fails at once
     vcpus, memory_mib = resources(cpus, memory)
+    forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     if dry_run:
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
-                   hypervisor=hypervisor, argv=argv, policies=policies)
+                   hypervisor=hypervisor, argv=argv, forwards=forwards, overcommit=overcommit, policies=policies)
         return
     image = boot_image(project_dir(directory, flake), home)
     vm_name = name or image.name
     receipts: list[str] = []
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
-                              hypervisor=hypervisor, progress=note, argv=argv, operation="run",
-                              on_receipt=receipts.append, policies=policies)
+                              hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards,
+                              overcommit=overcommit, operation="run", on_receipt=receipts.append, policies=policies)
         if receipt:
             note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
@@ -120,8 +126,11 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         return
     started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
-                                hypervisor=hypervisor, progress=note, argv=argv, policies=policies)
+                                hypervisor=hypervisor, progress=note, argv=argv, policies=policies,
+                                overcommit=overcommit)
     try:
+        if forwards or image.forwards:  # listening before anyone is told the VM runs (replay keeps the console)
+            lifecycle.add_start_forwards(launch, image, forwards)
         attach_id = launch.client.send({"type": "attach", "replay": True})
         record_id = lifecycle.audit_action(home, "run", name=vm_name, image=image, vm=launch.record, started=started,
                                            sealed=image.sealed, argv=argv, detail={"mode": "attached"})

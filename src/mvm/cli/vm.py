@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -13,10 +14,10 @@ import click
 
 from mvm.build import stamps
 from mvm.cli.project import FLAKE_OPTION, project_dir
-from mvm.core.bootimage import BootImage, PortForward
+from mvm.core.bootimage import BootImage, PortForward, parse_host
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
-from mvm.core.state import DamagedVm, MvmHome, VmRecord
+from mvm.core.state import DamagedVm, MvmHome, VmRecord, check_vm_name_quietly
 from mvm.runtime import backends, lifecycle
 from mvm.runtime.boot_phases import PHASES, boot_phases, step_origin, steps
 from mvm.runtime.client import VmClient
@@ -34,6 +35,11 @@ def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | N
     except ValueError as err:
         raise UsageError(f"--memory: {err}") from None
 
+
+OVERCOMMIT_OPTION = click.option(
+    "--overcommit", is_flag=True,
+    help="Boot even if --cpus is more than the host's CPU threads, or --memory more than it has available "
+         "less 1 GiB kept for the host and builder (refused otherwise, before booting).")
 
 HYPERVISOR_OPTION = click.option(
     "--hypervisor", type=click.Choice(["auto", *backends.ALL_BACKENDS]),
@@ -87,6 +93,7 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--name", help="The VM's name (default: the workload's name).")
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
+@OVERCOMMIT_OPTION
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
@@ -99,8 +106,9 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--dry-run", is_flag=True, help="Print the admitted plan (what would run, where, how) and start nothing.")
 @POLICY_OPTION
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
-       memory: str | None, hypervisor: str | None, publish: tuple[str, ...], snapshot_tag: str | None,
-       cold: bool, as_json: bool, receipt: bool, dry_run: bool, policies: tuple[str, ...]) -> None:
+       memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
+       snapshot_tag: str | None, cold: bool, as_json: bool, receipt: bool, dry_run: bool,
+       policies: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
@@ -120,7 +128,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
             raise UsageError("--dry-run plans a boot; a clone of a snapshot is not planned here",
                              "`mvmctl snapshot inspect TAG` shows what a clone would start from")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
-                   hypervisor=hypervisor, forwards=forwards, policies=policies)
+                   hypervisor=hypervisor, forwards=forwards, overcommit=overcommit, policies=policies)
         return
     if snapshot_tag is not None:
         if directory is not None or flake is not None:
@@ -132,7 +140,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         from mvm.runtime import cloning
 
         record = cloning.clone(home, cloning.CloneRequest(snapshot_tag, name, vcpus, memory_mib, hypervisor,
-                                                          forwards=forwards, policies=policies,
+                                                          forwards=forwards, policies=policies, overcommit=overcommit,
                                                           on_receipt=receipts.append), progress=note)
     else:
         image = boot_image(project_dir(directory, flake), home)
@@ -142,10 +150,12 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
             from mvm.runtime import cloning
 
             record = cloning.clone(home, cloning.CloneRequest(template, name, forwards=forwards, policies=policies,
-                                                              on_receipt=receipts.append), progress=note)
+                                                              overcommit=overcommit, on_receipt=receipts.append),
+                                   progress=note)
         else:
             record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
-                                  progress=note, forwards=forwards, on_receipt=receipts.append, policies=policies)
+                                  progress=note, forwards=forwards, overcommit=overcommit,
+                                  on_receipt=receipts.append, policies=policies)
     vm_name = record.name
     if receipt and not as_json:
         note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
@@ -160,8 +170,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
-        for forward in record.forwards:
-            click.echo(f"  {forward['host_addr']}:{forward['host_port']} -> guest port {forward['guest_port']}")
+        for forward in lifecycle.list_forwards(home, vm_name):
+            click.echo(f"  {forward.host} -> guest port {forward.guest_port}")
 
 
 def _template_for(home: MvmHome, image: BootImage, hypervisor: str | None, vcpus: int | None,
@@ -186,15 +196,23 @@ def _template_for(home: MvmHome, image: BootImage, hypervisor: str | None, vcpus
 @click.option("--force", is_flag=True, help="Kill the VM at once instead of asking the guest to shut down.")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for a graceful shutdown before killing the VM.")
-def down(name: str, force: bool, timeout: float) -> None:
-    """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record)."""
+@click.option("--purge", is_flag=True, help="Also remove its data disk (kept otherwise, for the next `up` of NAME).")
+def down(name: str, force: bool, timeout: float, purge: bool) -> None:
+    """Stop VM NAME and remove everything it kept on disk (overlay, log, sockets, record).
+
+    Its data disk (mvm.toml's data_disk) is kept in $MVM_HOME/disks/ and reattached by the
+    next `up` of the same name; --purge removes it too.
+    """
     if not 0 <= timeout <= MAX_STOP_TIMEOUT_S:  # (also refuses inf and nan)
         raise UsageError(f"--timeout {timeout:g}: must be 0 to {MAX_STOP_TIMEOUT_S:.0f} seconds")
-    record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout)
-    if isinstance(record, DamagedVm):
+    record = lifecycle.down(MvmHome.default(), name, force=force, timeout=timeout, purge=purge)
+    if record is None:
+        click.echo(f"VM {name}'s kept data disk is removed")
+    elif isinstance(record, DamagedVm):
         click.echo(f"VM {name} is removed (its record was damaged: {record.why})")
     else:
-        click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})")
+        click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})"
+                   + ("; its data disk is removed" if purge else ""))
 
 
 @click.command(name="ls")
@@ -285,6 +303,9 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")
     for label, text in backends.get(record.backend).describe(record):
         click.echo(f"  {label:<11} {text}")
+    data = backends.get(record.backend).data_location(paths)
+    if data.is_symlink():
+        click.echo(f"  data disk   {printable(os.readlink(data))} (kept across down/up; `down --purge` removes it)")
     if record.running:
         click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
     guest = report.get("guest")
@@ -452,29 +473,62 @@ def _set_paused(name: str, paused: bool) -> None:
 
 @click.command()
 @click.argument("name")
-@click.argument("spec", metavar="[ADDR:]HOST:GUEST", required=False)
-@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as SPEC.")
-def forward(name: str, spec: str | None, publish: tuple[str, ...]) -> None:
-    """Forward a host TCP port to VM NAME's loopback port, while it runs.
+@click.argument("specs", metavar="[[ADDR:]HOST:GUEST]...", nargs=-1)
+@click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST", help="A forward (repeatable); the same as a positional one.")
+@click.option("--json", "as_json", is_flag=True, help="With `forward ls`: print the forwards as JSON.")
+def forward(name: str, specs: tuple[str, ...], publish: tuple[str, ...], as_json: bool) -> None:
+    """Forward host TCP ports to VM NAME's loopback ports while it runs; list and remove them.
 
     \b
-      mvmctl forward web 8080:80
-      mvmctl forward web -p 8080:80 -p 127.0.0.1:8443:443
+      mvmctl forward web -p 8080:80 -p 127.0.0.1:8443:443    add (or: mvmctl forward web 8080:80)
+      mvmctl forward ls web [--json]                         list
+      mvmctl forward rm web 8080                             remove (HOST, or ADDR:HOST)
 
-    Binds 127.0.0.1 unless ADDR says otherwise. The connection is carried by the guest's
-    agent, so the guest needs no network interface (the default-deny network stays).
+    Binds 127.0.0.1 unless ADDR says otherwise ([::1]:8080:80 for IPv6). The connection is
+    carried by the guest's agent, so the guest needs no network interface (the default-deny
+    network stays). Removing a forward closes the connections it carries.
     """
-    specs = [*([spec] if spec else []), *publish]
-    if not specs:
-        raise UsageError("forward needs a port: [ADDR:]HOST:GUEST", f"e.g. `mvmctl forward {name} -p 8080:80`")
-    port_forwards = [PortForward.parse(s) for s in specs]
     home = MvmHome.default()
+    if name in ("ls", "rm") and specs and check_vm_name_quietly(specs[0]) and not publish:
+        if name == "ls":
+            if len(specs) != 1:
+                raise UsageError("forward ls takes one VM name", "e.g. `mvmctl forward ls web`")
+            _list_forwards(home, specs[0], as_json)
+        else:
+            if len(specs) != 2 or as_json:
+                raise UsageError("forward rm takes a VM name and a host port", "e.g. `mvmctl forward rm web 8080`")
+            _remove_forward(home, specs[0], specs[1])
+        return
+    if as_json:
+        raise UsageError("--json goes with `forward ls`", f"`mvmctl forward ls {name} --json`")
+    all_specs = [*specs, *publish]
+    if not all_specs:
+        raise UsageError("forward needs a port: [ADDR:]HOST:GUEST", f"e.g. `mvmctl forward {name} -p 8080:80`")
+    port_forwards = [PortForward.parse(s) for s in all_specs]
     _, record = lifecycle.require_vm(home, name)
     backends.get(record.backend).require("port_forwarding", name)
     with lifecycle.connect(home, name) as client:
         for port_forward in port_forwards:
             lifecycle.add_forward(client, port_forward)
-            click.echo(f"{port_forward.host_addr}:{port_forward.host_port} -> VM {name} port {port_forward.guest_port}")
+            click.echo(f"{port_forward.host} -> VM {name} port {port_forward.guest_port}")
+
+
+def _list_forwards(home: MvmHome, name: str, as_json: bool) -> None:
+    forwards = lifecycle.list_forwards(home, name)
+    if as_json:
+        click.echo(json.dumps([asdict(f) for f in forwards], indent=2))
+    elif not forwards:
+        click.echo(f"VM {name} has no forwards (add one with `mvmctl forward {name} -p HOST:GUEST`)")
+    else:
+        for f in forwards:
+            click.echo(f"{f.host} -> VM {name} port {f.guest_port}")
+
+
+def _remove_forward(home: MvmHome, name: str, host: str) -> None:
+    addr, port = parse_host(host)
+    with lifecycle.connect(home, name) as client:
+        lifecycle.remove_forward(client, port, addr)
+    click.echo(f"VM {name}: host port {host} is no longer forwarded")
 
 
 COMMANDS = [up, down, ls, status, wait, detach, logs, boot_report, pause, resume, forward]

@@ -20,6 +20,7 @@ ARTIFACT_FILE = "artifact.json"
 KERNEL_FILE = "vmlinux"
 INITRD_FILE = "initrd.cpio"
 ROOTFS_FILE = "rootfs.ext4"
+DEBS_FILE = "debs.txt"  # the .deb file names (one a line) of the lock it was built from: `prune` keeps them
 
 # The cold-boot budget, QEMU's (or the container's) start to agent-ready, p50 in ms, for each
 # accelerator a VM can run under: what `mvmctl perf boot` gates on, recorded in artifact.json
@@ -42,16 +43,69 @@ class PortForward:
 
     @classmethod
     def parse(cls, spec: str) -> PortForward:
-        """``[ADDR:]HOST_PORT:GUEST_PORT``; ADDR defaults to 127.0.0.1."""
-        parts = spec.rsplit(":", 2)
+        """``[ADDR:]HOST_PORT:GUEST_PORT`` (ADDR may be ``[::1]``); ADDR defaults to 127.0.0.1."""
+        fix = "e.g. 8080:80, 127.0.0.1:8080:80 or [::1]:8080:80"
+        addr, rest = "127.0.0.1", spec
+        if spec.startswith("["):
+            close = spec.find("]:")
+            if close < 0:
+                raise UsageError(f"port forward {spec!r} has an unclosed [ADDR]", fix)
+            addr, rest = spec[1:close], spec[close + 2:]
+        parts = rest.split(":")
+        if not spec.startswith("[") and len(parts) == 3:
+            addr, parts = parts[0], parts[1:]
+        if len(parts) != 2 or not all(parts):
+            raise UsageError(f"port forward {spec!r} is not [ADDR:]HOST_PORT:GUEST_PORT", fix)
+        import ipaddress  # (here: `up` without -p does not pay for it)
+
         try:
-            ports = [int(p) for p in parts[-2:]]
-            if len(parts) < 2 or not all(1 <= p <= 65535 for p in ports):
-                raise ValueError
+            addr = str(ipaddress.ip_address(addr))
         except ValueError:
-            raise UsageError(f"port forward {spec!r} is not [ADDR:]HOST_PORT:GUEST_PORT",
-                             "e.g. 8080:80 or 127.0.0.1:8080:80") from None
-        return cls(parts[0] if len(parts) == 3 else "127.0.0.1", ports[0], ports[1])
+            raise UsageError(f"port forward {spec!r}: {addr!r} is not an IP address", fix) from None
+        host_port, guest_port = (check_port(p, f"port forward {spec!r}") for p in parts)
+        return cls(addr, host_port, guest_port)
+
+    @property
+    def host(self) -> str:
+        """ADDR:PORT as the user writes it ([::1]:8080 for IPv6)."""
+        return f"[{self.host_addr}]:{self.host_port}" if ":" in self.host_addr else f"{self.host_addr}:{self.host_port}"
+
+
+def check_port(text: str | int, what: str) -> int:
+    """A TCP port from 1 to 65535; one line that says which rule ``text`` broke."""
+    word = str(text)
+    if not word.isascii() or not word.isdigit():
+        raise UsageError(f"{what}: {word[:20]!r} is not a port number", "ports are whole numbers from 1 to 65535")
+    port = int(word)
+    if port == 0:
+        raise UsageError(f"{what}: port 0 is not a port one can forward",
+                         "name a port from 1 to 65535")
+    if port > 65535:
+        raise UsageError(f"{what}: port {port} is over 65535, the highest TCP port", "name a port from 1 to 65535")
+    return port
+
+
+def parse_host(spec: str) -> tuple[str | None, int]:
+    """``HOST_PORT``, ``ADDR:HOST_PORT`` or ``[ADDR]:HOST_PORT`` (what `forward rm` takes): the
+    address (None: any) and the port."""
+    fix = "e.g. 8080, 127.0.0.1:8080 or [::1]:8080"
+    addr: str | None = None
+    port = spec
+    if spec.startswith("["):
+        close = spec.find("]:")
+        if close < 0:
+            raise UsageError(f"host port {spec!r} has an unclosed [ADDR]", fix)
+        addr, port = spec[1:close], spec[close + 2:]
+    elif ":" in spec:
+        addr, port = spec.rsplit(":", 1)
+    if addr is not None:
+        import ipaddress
+
+        try:
+            addr = str(ipaddress.ip_address(addr))
+        except ValueError:
+            raise UsageError(f"host port {spec!r}: {addr!r} is not an IP address", fix) from None
+    return addr, check_port(port, f"host port {spec!r}")
 
 
 @dataclass(frozen=True)

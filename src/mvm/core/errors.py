@@ -66,5 +66,9 @@ class BackendUnavailable(MvmError):
     """The chosen backend cannot run on this host; the message says why."""
 
 
+class HostTooSmall(MvmError):
+    """A VM asks for more CPUs or memory than this host can give it now (see --overcommit)."""
+
+
 class VmError(MvmError):
     """Booting or talking to a VM failed."""

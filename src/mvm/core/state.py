@@ -9,6 +9,10 @@
     vms/<name>/         one VM: record.json, mode.json, console.log, overlay.qcow2, ctl.sock,
                         agent.sock, supervisor.lock (held by its supervisor while it lives)
     vms/.<name>.lock    held by the `up` that is starting <name>, so two cannot race
+    disks/<name>.ext4   a named VM's data disk (a directory, <name>.dir, on docker), kept across
+                        `down`/`up` until `down --purge` or `prune --disks`
+    snapshots/<tag>/    snapshots; manifest.json names the artifact each was taken from
+    tmp/                scratch space of mvm's processes, <purpose>-<pid>-*: `prune` sweeps dead ones
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ class MvmHome:
     def tmp(self) -> Path:
         """Scratch space of mvm's own processes (not the system /tmp), so leftovers are findable."""
         return self.root / "tmp"
+
+    @property
+    def disks(self) -> Path:
+        """Named VMs' data disks, kept across `down`/`up` of the same name."""
+        return self.root / "disks"
+
+    def scratch(self, purpose: str) -> tempfile.TemporaryDirectory[str]:
+        """A private scratch directory in tmp/, named ``<purpose>-<pid>-...``: removed when done,
+        and if this process is killed first, `mvmctl prune` sees whose it was and that they are gone."""
+        self.tmp.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=f"{purpose}-{os.getpid()}-", dir=self.tmp)
 
     def vm(self, name: str) -> VmPaths:
         return VmPaths(self.vms / name)

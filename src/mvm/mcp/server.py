@@ -43,10 +43,17 @@ class Limits:
     mem_ceiling_mib: int = 4096
     session_idle_s: int = 300
     session_max_s: int = 3600
+    overcommit: bool = False  # the operator's call (MVM_MCP_OVERCOMMIT=1), never the model's
 
     @classmethod
     def from_environment(cls) -> Limits:
-        values = {}
+        values: dict[str, int | bool] = {}
+        overcommit = os.environ.get("MVM_MCP_OVERCOMMIT")
+        if overcommit is not None:
+            if overcommit not in ("0", "1"):
+                raise UsageError(f"MVM_MCP_OVERCOMMIT={overcommit!r} is not 0 or 1",
+                                 "unset it, or MVM_MCP_OVERCOMMIT=1 to let sandboxes ask for more than the host has")
+            values["overcommit"] = overcommit == "1"
         for name, env in (("max_inflight", "MVM_MCP_MAX_INFLIGHT"), ("mem_ceiling_mib", "MVM_MCP_MEM_CEILING_MIB"),
                           ("session_idle_s", "MVM_MCP_SESSION_IDLE"), ("session_max_s", "MVM_MCP_SESSION_MAX")):
             text = os.environ.get(env)
@@ -55,7 +62,7 @@ class Limits:
             if not text.isdigit() or int(text) < 1:
                 raise UsageError(f"{env}={text!r} is not a whole number of at least 1", f"unset it, or e.g. {env}=4")
             values[name] = int(text)
-        return cls(**values)
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -96,7 +103,8 @@ class SandboxPool:
             placeholder = Session(sandbox=None, memory_mib=memory)  # type: ignore[arg-type]
             self.sessions[f".reserving-{id(placeholder)}"] = placeholder  # counts while it boots
         try:
-            sandbox = Sandbox.create(template, memory=memory_mib, timeout=self.limits.session_max_s)
+            sandbox = Sandbox.create(template, memory=memory_mib, timeout=self.limits.session_max_s,
+                                     overcommit=self.limits.overcommit)
         finally:
             with self.lock:
                 self.sessions.pop(f".reserving-{id(placeholder)}", None)

@@ -88,6 +88,7 @@ class CloneRequest:
     replace_suspended: bool = False  # resume: the name is that of the suspended VM itself
     policies: tuple[str | Path, ...] = ()  # admission policies beyond the home's
     on_receipt: Callable[[str], None] | None = None  # gets the id of the start's audit record
+    overcommit: bool = False  # start it even if it is bigger than the host can give (runtime/sizing.py)
 
 
 def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] | None = None) -> VmRecord:
@@ -118,7 +119,7 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
                             f"under {accel}", "take a new snapshot on this host")
     return lifecycle.up(home, image, name=request.name, hypervisor=manifest.backend, progress=progress,
                         forwards=request.forwards, argv=manifest.argv, lifetime_s=request.lifetime_s,
-                        policies=request.policies, on_receipt=request.on_receipt, ephemeral=request.ephemeral,
+                        policies=request.policies, on_receipt=request.on_receipt, overcommit=request.overcommit, ephemeral=request.ephemeral,
                         workload_id=request.workload_id, snapshot=snapshot,
                         operation="resume-from-disk" if request.replace_suspended else "clone")
 

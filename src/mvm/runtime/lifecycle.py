@@ -33,7 +33,7 @@ from mvm.core.state import (
     reconcile,
     write_json_atomic,
 )
-from mvm.runtime import backends
+from mvm.runtime import backends, data_disks, sizing
 from mvm.runtime.client import VmClient
 
 if TYPE_CHECKING:
@@ -53,12 +53,17 @@ class Launch:
     _commit_fd: int
     _name_lock_fd: int
 
+    new_disk: Path | None = None  # a data disk made by this start: removed if it is abandoned
+
     def commit(self) -> None:
         os.write(self._commit_fd, b"k")
+        self.new_disk = None
         self._release()
 
     def abandon(self) -> None:
         """Close the pipe without committing: the supervisor stops the VM and removes it."""
+        if self._commit_fd != -1:
+            _remove_new_disk(self.new_disk)
         self._release()
 
     def _release(self) -> None:
@@ -107,11 +112,12 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
              lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
              snapshot: Snapshot | None = None, policies: tuple[str | Path, ...] = (),
-             forwards: tuple[PortForward, ...] = ()) -> Launch:
+             forwards: tuple[PortForward, ...] = (), overcommit: bool = False) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
     ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
-    booting (runtime/cloning.py has checked it fits). The plan is admitted first (the home's
+    booting (runtime/cloning.py has checked it fits); ``overcommit``: boot it even if it asks
+    for more than the host has (runtime/sizing.py). The plan is admitted first (the home's
     policy and ``policies``; ``forwards`` are the ones `up` will add)."""
     from mvm.runtime import plan
 
@@ -119,7 +125,8 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     check_argv(argv)
     refuse_unenforced_settings(image)
     admitted = plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
-                                               hypervisor=hypervisor, argv=argv, forwards=forwards),
+                                               hypervisor=hypervisor, argv=argv, forwards=forwards,
+                                               overcommit=overcommit),
                           policies, sealed=image.sealed, record=False)
     paths = home.vm(name)
     host = backends.Host(home)
@@ -158,14 +165,22 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
             record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib
+        new_disk = None
         try:
+            keeps_data = bool(image.data_disk_bytes) and not ephemeral and snapshot is None  # (a sandbox keeps nothing)
+            if keeps_data:
+                data_disks.attach_kept(home, vm_backend, staged, name, progress)
             vm_backend.prepare(image, record, staged)
+            if keeps_data:
+                new_disk = data_disks.keep_new(home, vm_backend, staged, name)
             write_json_atomic(staged.mode, {"mode": mode})
             record.save(staged)
+            launch = _fork_supervisor(paths, staged, image, record, name_lock)
         except BaseException:
             shutil.rmtree(staged.dir, ignore_errors=True)
+            _remove_new_disk(new_disk)
             raise
-        launch = _fork_supervisor(paths, staged, image, record, name_lock)
+        launch.new_disk = new_disk
     except BaseException:
         os.close(name_lock)
         raise
@@ -177,6 +192,14 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         _wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
         raise
     return launch
+
+
+def _remove_new_disk(path: Path | None) -> None:
+    """A start that fails leaves nothing, not even the data disk it made (a kept one stays)."""
+    if path is not None and path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path is not None:
+        path.unlink(missing_ok=True)
 
 
 def _sweep_abandoned_starts(home: MvmHome, name: str) -> None:
@@ -242,21 +265,22 @@ def _tail(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-def add_forward(client: VmClient, forward: PortForward) -> None:
+def add_forward(client: VmClient, forward: PortForward) -> list[dict[str, object]]:
     """The address was written by the user (or defaults to loopback): a non-loopback one is
-    what they asked for, which the supervisor wants said explicitly."""
+    what they asked for, which the supervisor wants said explicitly. Returns every forward."""
     started, error = time.monotonic(), None
     try:
-        client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port,
-                    guest_port=forward.guest_port, public=True)
+        reply = client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port,
+                            guest_port=forward.guest_port, public=True)
     except VmError as err:
         error = err
         raise
     finally:
         if client.paths is not None:
             audit_action(MvmHome(client.paths.dir.parent.parent), "forward", name=client.name, started=started,
-                   error=error, detail={"host_addr": forward.host_addr, "host_port": forward.host_port,
-                                        "guest_port": forward.guest_port})
+                         error=error, detail={"host_addr": forward.host_addr, "host_port": forward.host_port,
+                                              "guest_port": forward.guest_port})
+    return list(reply.get("forwards") or [])
 
 
 def audit_action(home: MvmHome, operation: str, **fields: object) -> str | None:
@@ -267,12 +291,43 @@ def audit_action(home: MvmHome, operation: str, **fields: object) -> str | None:
     return audit.record_action(home, operation, **fields)  # type: ignore[arg-type]
 
 
+def remove_forward(client: VmClient, host_port: int, host_addr: str | None = None) -> list[dict[str, object]]:
+    """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it listens on);
+    the connections it carries are closed. Returns the forwards left."""
+    return list(client.call("unforward", host_addr=host_addr, host_port=host_port).get("forwards") or [])
+
+
+def list_forwards(home: MvmHome, name: str) -> list[PortForward]:
+    """A running VM's forwards, from its record (a stopped VM has none)."""
+    _, record = require_vm(home, name)
+    if not record.running:
+        return []
+    found = []
+    for entry in record.forwards:  # (the record is a file under $MVM_HOME: checked, not trusted)
+        try:
+            found.append(PortForward(str(entry["host_addr"]), int(entry["host_port"]), int(entry["guest_port"])))
+        except (KeyError, TypeError, ValueError):
+            raise VmError(f"the record of VM {name} holds a forward that is not one: {str(entry)[:80]}",
+                          f"`mvmctl down {name}` and start it again") from None
+    return found
+
+
+def add_start_forwards(launch: Launch, image: BootImage, forwards: tuple[PortForward, ...]) -> dict[str, object]:
+    """Wait until the VM is ready, then set up mvm.toml's [network] forward and ``forwards``
+    (before the caller commits: one that cannot listen fails the start). The ready reply."""
+    reply = launch.client.call("ready")
+    if reply.get("state") == "running":
+        for forward in [*image.forwards, *forwards]:
+            add_forward(launch.client, forward)
+    return reply
+
+
 def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, memory_mib: int | None = None,
        hypervisor: str | None = None, progress: Callable[[str], None] | None = None,
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
        ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None,
        operation: str = "up", on_receipt: Callable[[str], None] | None = None,
-       policies: tuple[str | Path, ...] = ()) -> VmRecord:
+       policies: tuple[str | Path, ...] = (), overcommit: bool = False) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -285,17 +340,14 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
         launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
                           ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot, policies=policies,
-                          forwards=forwards)
+                          forwards=forwards, overcommit=overcommit)
     except Exception as err:
         audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
         raise
     try:
-        reply = launch.client.call("ready")
-        if reply.get("state") == "running":
-            for forward in [*image.forwards, *forwards]:
-                add_forward(launch.client, forward)
+        reply = add_start_forwards(launch, image, forwards)
         receipt = audit_action(home, operation, name=name, image=image, vm=launch.record, started=started,
-                         sealed=image.sealed, argv=argv, detail={"state": reply.get("state")})
+                               sealed=image.sealed, argv=argv, detail={"state": reply.get("state")})
         launch.commit()
         if receipt is not None and on_receipt is not None:
             on_receipt(receipt)
@@ -345,10 +397,21 @@ def list_vms(home: MvmHome) -> list[VmRecord | DamagedVm]:
     return records
 
 
-def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0) -> VmRecord | DamagedVm:
-    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk. With
-    ``force`` a VM whose record is damaged goes too."""
+def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0,
+         purge: bool = False) -> VmRecord | DamagedVm | None:
+    """Stop the VM (gracefully unless ``force``), then remove everything it had on disk but its
+    kept data disk; ``purge`` removes that too (and works when only the disk is left: None).
+    With ``force`` a VM whose record is damaged goes too."""
     paths = home.vm(check_vm_name(name))
+    if purge:
+        try:
+            stopped = down(home, name, force=force, timeout=timeout)
+        except UsageError:  # no VM by that name: perhaps only its kept disk is left
+            if not data_disks.purge(home, name):
+                raise
+            return None
+        data_disks.purge(home, name)  # (after the stop: nothing has it open any more)
+        return stopped
     try:
         _, record = require_vm(home, name)
     except DamagedRecord as err:

@@ -17,7 +17,7 @@ from typing import Any
 
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
 from mvm.core.state import MvmHome
-from mvm.runtime import backends
+from mvm.runtime import backends, sizing
 
 
 @dataclass(frozen=True)
@@ -70,12 +70,15 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
 
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
-              forwards: tuple[PortForward, ...] = (), workload: dict[str, Any] | None = None) -> Plan:
+              forwards: tuple[PortForward, ...] = (), workload: dict[str, Any] | None = None,
+              overcommit: bool = False) -> Plan:
     """The plan for starting ``image`` as VM ``name``, as its mvm.toml declares it; raises what
-    `up` would before admission (a backend that cannot run here, a command too long)."""
+    `up` would before admission (a backend that cannot run here, a command too long, a size
+    beyond the host)."""
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
+    sizing.check_fits(vcpus or image.vcpus, memory_mib or image.memory_mib, overcommit=overcommit)
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
     built = workload is None  # (else: `unbuilt_image`, and its Workload IR as JSON)

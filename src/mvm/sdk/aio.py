@@ -37,6 +37,7 @@ class AsyncSandbox(_InThreads):
         self.name = sandbox.name
         self.commands = _InThreads(sandbox.commands)
         self.files = _InThreads(sandbox.files)
+        self.ports = _InThreads(sandbox.ports)
 
     @classmethod
     async def create(cls, template: str = "base", **options: Any) -> AsyncSandbox:

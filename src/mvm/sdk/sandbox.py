@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Literal
 
 from mvm.build import stamps
 from mvm.build.project import image_for
-from mvm.core.bootimage import BootImage, PortForward
+from mvm.core.bootimage import BootImage, PortForward, parse_host
 from mvm.core.home import check_vm_name
 from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
@@ -206,6 +206,40 @@ class Files:
             return transfer.copy_out(client, guest_path, Path(host_path))
 
 
+@dataclass(frozen=True)
+class PortInfo:
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+class Ports:
+    """``sandbox.ports``: host TCP ports tunnelled to the guest's loopback (no guest NIC needed)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def forward(self, guest_port: int, host_port: int, *, host_addr: str = "127.0.0.1") -> str:
+        """Listen on ``host_addr:host_port`` (loopback unless you name another address) and carry
+        each connection to ``guest_port`` on the guest's loopback; returns the host address."""
+        spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
+        with self._sandbox._client() as client:
+            lifecycle.add_forward(client, spec)
+        return spec.host
+
+    def list(self) -> list[PortInfo]:
+        self._sandbox._record(running=True)
+        return [PortInfo(f.host_addr, f.host_port, f.guest_port)
+                for f in lifecycle.list_forwards(self._sandbox._home, self._sandbox.name)]
+
+    def remove(self, host_port: int, *, host_addr: str | None = None) -> None:
+        """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it is on);
+        connections it carries are closed."""
+        _, port = parse_host(str(host_port))
+        with self._sandbox._client() as client:
+            lifecycle.remove_forward(client, port, host_addr)
+
+
 class Sandbox:
     """A running sandbox. Make one with :meth:`create`, or reach one with :meth:`connect`."""
 
@@ -216,6 +250,7 @@ class Sandbox:
         self._recording = False  # record mode: calls go into the plan (sdk/record.py)
         self.commands = Commands(self)
         self.files = Files(self)
+        self.ports = Ports(self)
 
     # -- making and finding ----------------------------------------------------------------
 
@@ -223,7 +258,7 @@ class Sandbox:
     def create(cls, template: str = "base", *, name: str | None = None, cpus: int | None = None,
                memory: int | None = None, network: str | None = None, env: dict[str, str] | None = None,
                timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
-               cold: bool = False, mode: str | None = None) -> Sandbox:
+               cold: bool = False, mode: str | None = None, overcommit: bool = False) -> Sandbox:
         """Start a sandbox and return once its agent answers.
 
         ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
@@ -234,7 +269,10 @@ class Sandbox:
         its supervisor even if this program dies. ``network``: only "deny" (no network device)
         in this version. ``workload_id``: your label for it, kept in its record and shown by
         ``info()``. ``mode="record"`` (or ``MVM_SDK_MODE=record``) boots nothing: this and the
-        calls that change the guest are written into a plan (sdk/record.py).
+        calls that change the guest are written into a plan (sdk/record.py). ``overcommit``:
+        boot it even if ``cpus`` is more than the host's CPU threads or ``memory`` more than it
+        has available less the headroom kept for the host (otherwise HostTooSmall, before
+        booting).
         """
         if network not in (None, "deny"):
             raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",
@@ -252,11 +290,11 @@ class Sandbox:
         tag = None if cold else _template_snapshot(home, template, backend, cpus, memory)
         if tag is not None:
             cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
-                                                     ephemeral=True, workload_id=workload_id))
+                                                     ephemeral=True, workload_id=workload_id, overcommit=overcommit))
         else:
             image = _built_image(home, template)
             lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
-                         lifetime_s=timeout, ephemeral=True, workload_id=workload_id)
+                         lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit)
         sandbox = cls(vm_name, home, env)
         _LIVE[vm_name] = sandbox
         return sandbox
@@ -313,10 +351,8 @@ class Sandbox:
         return b"".join(chunks).decode(errors="replace")
 
     def forward(self, guest_port: int, host_port: int) -> str:
-        """Forward a host TCP port (on 127.0.0.1) to the guest's loopback; returns the host address."""
-        with self._client() as client:
-            lifecycle.add_forward(client, PortForward("127.0.0.1", host_port, guest_port))
-        return f"127.0.0.1:{host_port}"
+        """The same as ``ports.forward`` (kept for programs written against it)."""
+        return self.ports.forward(guest_port, host_port)
 
     def pause(self) -> None:
         self._pause_resume("pause")

@@ -123,6 +123,16 @@ class BackendReport:
     capabilities: dict[str, bool | str]
 
 
+@dataclass(frozen=True)
+class CachedImage:
+    """What a backend keeps per image outside the store (docker: an imported image), for `prune`."""
+
+    backend: str
+    name: str  # what the backend calls it (docker: its tag)
+    artifact_key_prefix: str  # the start of the store key it was made from
+    size: int  # bytes
+
+
 @dataclass
 class Spawned:
     """The process the supervisor will own, and how its agent channel is reached."""
@@ -227,6 +237,11 @@ class VmBackend:
         """Unix sockets this backend creates for the VM (checked against the path limit)."""
         return [paths.agent_socket]
 
+    def data_location(self, paths: VmPaths) -> Path:
+        """Where the VM's /data lives in its directory: a disk image (docker: a directory).
+        For a named VM it is a link to the disk kept in disks/ (runtime/data_disks.py)."""
+        return paths.data_disk
+
     # -- in the supervisor ---------------------------------------------------------------------
 
     async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
@@ -273,6 +288,13 @@ class VmBackend:
     def report(self, available: bool, tested_here: bool, reason: str, accel: str | None = None) -> BackendReport:
         return BackendReport(self.name, self.supported, available, tested_here, reason, accel,
                              self.capabilities.as_dict())
+
+    def cached_images(self, home: MvmHome) -> list[CachedImage]:
+        """Per-image copies this backend made from ``home``'s store; none by default."""
+        return []
+
+    def remove_cached_image(self, image: CachedImage) -> None:
+        raise NotImplementedError
 
     # -- optional: a backend overrides what it can do ------------------------------------------
 

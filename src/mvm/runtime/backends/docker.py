@@ -18,16 +18,16 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mvm.core.errors import BackendUnavailable, HostToolMissing, MvmError, VmError
-from mvm.core.state import VmPaths, VmRecord
+from mvm.core.errors import BackendUnavailable, HostToolMissing, HostTooSmall, MvmError, VmError
+from mvm.core.state import MvmHome, VmPaths, VmRecord
 from mvm.runtime.backends.base import (
     BackendReport,
+    CachedImage,
     Capabilities,
     Host,
     HostFacts,
@@ -97,11 +97,25 @@ def image_tag(artifact_name: str, artifact_key: str) -> str:
     return f"mvm/{artifact_name}:{artifact_key[:20]}"
 
 
-def ensure_image(rootfs: Path, tag: str) -> bool:
-    """Import the rootfs as ``tag`` unless dockerd already has it; True when it imported."""
+HOME_LABEL = "mvm.home"  # on every image mvm imports: which MVM_HOME's store it came from
+
+
+def home_label(home: MvmHome) -> str:
+    """Which MVM_HOME imported an image, so `prune` of one home never removes another's."""
+    return hashlib.sha256(str(home.root.resolve()).encode()).hexdigest()[:16]
+
+
+def home_of(image: BootImage) -> MvmHome:
+    """The MVM_HOME whose store holds ``image`` (store/<key>)."""
+    return MvmHome(image.path.parent.parent)
+
+
+def ensure_image(rootfs: Path, tag: str, home: MvmHome) -> bool:
+    """Import the rootfs as ``tag`` unless dockerd already has it; True when it imported.
+    The unpacked tree (as big as the image) is scratch in ``home``'s tmp/, not /tmp."""
     if _docker("image", "inspect", tag).returncode == 0:
         return False
-    with tempfile.TemporaryDirectory(prefix="mvm-docker-import-") as tmp:
+    with home.scratch("docker-import") as tmp:
         tree = Path(tmp) / "root"
         tree.mkdir()
         # debugfs reads the ext4 without mounting it; as root it keeps owners and modes.
@@ -117,8 +131,8 @@ def ensure_image(rootfs: Path, tag: str) -> bool:
         tar = subprocess.Popen(["tar", "-C", str(tree), "--numeric-owner", "-c", "."], stdout=subprocess.PIPE)
         assert tar.stdout is not None
         try:
-            proc = subprocess.run([docker_cli(), "import", "-", tag], stdin=tar.stdout, capture_output=True,
-                                  timeout=600)
+            proc = subprocess.run([docker_cli(), "import", "--change", f"LABEL {HOME_LABEL}={home_label(home)}",
+                                   "-", tag], stdin=tar.stdout, capture_output=True, timeout=600)
         finally:
             tar.stdout.close()
             tar.wait()
@@ -134,9 +148,24 @@ def container_name(paths: VmPaths) -> str:
     return f"mvm-{paths.name}-{home}"
 
 
+def cpuset(name: str, vcpus: int) -> str:
+    """``vcpus`` of the CPUs we may use, starting at one picked by the VM's name (so containers
+    spread over the host): with them, nproc in the container says ``vcpus``, as in a VM."""
+    from mvm.runtime.sizing import allowed_cpus
+
+    cpus = allowed_cpus()
+    if vcpus > len(cpus):
+        raise HostTooSmall(f"{vcpus} vCPUs asked for, but a container cannot have more CPUs than this host's "
+                         f"{len(cpus)}, even with --overcommit", f"ask for at most {len(cpus)} (--cpus) on docker")
+    start = int(hashlib.sha256(name.encode()).hexdigest(), 16) % len(cpus)
+    return ",".join(str(cpus[(start + i) % len(cpus)]) for i in range(vcpus))
+
+
 def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> list[str]:
+    # --memory-swap equal to --memory: the limit is the guest's memory, not twice it in swap.
     argv = [docker_cli(), "run", "--rm", "-i", "--name", container_name(paths), "--hostname", record.name,
-            "--network", "none", "--cpus", str(record.vcpus), "--memory", f"{record.memory_mib}m",
+            "--network", "none", "--cpus", str(record.vcpus), "--cpuset-cpus", cpuset(record.name, record.vcpus),
+            "--memory", f"{record.memory_mib}m", "--memory-swap", f"{record.memory_mib}m",
             "--pids-limit", str(PIDS_LIMIT),
             "--tmpfs", "/tmp:rw,exec", "--tmpfs", "/run:rw,noexec,nosuid",
             "--cap-drop", "ALL", *[arg for cap in CAP_ADD for arg in ("--cap-add", cap)],
@@ -220,10 +249,11 @@ class DockerBackend(VmBackend):
         tag = image_tag(image.name, image.key)
         if progress:
             progress(f"docker: {REDUCED_ISOLATION}")
-        if ensure_image(image.rootfs, tag) and progress:
+        if ensure_image(image.rootfs, tag, home_of(image)) and progress:
             progress(f"docker: imported the image as {tag}")
 
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
+        cpuset(record.name, record.vcpus)  # refused here, before the VM is registered, if it cannot be had
         # Named after the final directory: the container is started after the rename.
         record.backend_id = container_name(VmPaths(staged.dir.parent / record.name))
         remove(record.backend_id)  # a leftover from a crash must not block the name
@@ -245,6 +275,9 @@ class DockerBackend(VmBackend):
 
     def socket_paths(self, paths: VmPaths) -> list[Path]:
         return [agent_socket_path(paths)]
+
+    def data_location(self, paths: VmPaths) -> Path:
+        return paths.data_dir
 
     async def serve_agent_channel(self, paths: VmPaths, record: VmRecord, listen_fd: int | None,
                                   handler: AgentHandler) -> None:
@@ -318,6 +351,25 @@ class DockerBackend(VmBackend):
         except MvmError:
             return False  # dockerd is away: try again next time
         return True
+
+    def cached_images(self, home: MvmHome) -> list[CachedImage]:
+        """The images this MVM_HOME imported (by their label): never another home's."""
+        if shutil.which("docker") is None:
+            return []
+        require_daemon()
+        proc = _docker("images", "--filter", f"label={HOME_LABEL}={home_label(home)}", "--format",
+                       "{{.Repository}}:{{.Tag}}")
+        tags = sorted({t for t in proc.stdout.decode(errors="replace").split() if t.startswith("mvm/")})
+        images = []
+        for tag in tags:
+            size = _docker("image", "inspect", "--format", "{{.Size}}", tag).stdout.decode().strip()
+            images.append(CachedImage(self.name, tag, tag.rsplit(":", 1)[-1], int(size) if size.isdigit() else 0))
+        return images
+
+    def remove_cached_image(self, image: CachedImage) -> None:
+        proc = _docker("rmi", image.name)
+        if proc.returncode != 0:
+            raise VmError(f"docker rmi {image.name}: {proc.stderr.decode(errors='replace').strip()[:200]}")
 
     def describe(self, record: VmRecord) -> list[tuple[str, str]]:
         return [("container", str(record.backend_id)), ("isolation", REDUCED_ISOLATION)]

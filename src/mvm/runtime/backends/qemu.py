@@ -185,7 +185,10 @@ def rebase_onto_base(disk: Path) -> None:
 
 
 def create_data_disk(path: Path, size: int) -> None:
-    """A sparse ext4 file the guest mounts at /data."""
+    """A sparse ext4 file the guest mounts at /data; one already there (the kept disk of a
+    named VM, linked in by runtime/data_disks.py) is used as it is."""
+    if path.exists():
+        return
     with path.open("wb") as f:
         f.truncate(size)
     try:

@@ -5,6 +5,7 @@ port on the guest's loopback, so the guest needs no network interface (deny stay
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 from typing import TYPE_CHECKING, Any
 
@@ -41,43 +42,99 @@ class TunnelEnd(Reader):
                 self.writer.close()
 
 
+class Forward:
+    """One listening host address and the connections it has open (closed with it)."""
+
+    def __init__(self, host: str, host_port: int, guest_port: int, server: asyncio.AbstractServer) -> None:
+        self.host, self.host_port, self.guest_port, self.server = host, host_port, guest_port, server
+        self.connections: set[asyncio.StreamWriter] = set()
+
+    def close(self) -> None:
+        self.server.close()
+        for writer in list(self.connections):
+            writer.close()
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
 class Forwards:
     def __init__(self, sup: Supervisor) -> None:
         self.sup = sup
-        self.servers: list[asyncio.AbstractServer] = []
+        self.active: list[Forward] = []
 
     async def add(self, client: Client, request_id: int | None, header: dict[str, Any]) -> None:
         """Listen on the host: 127.0.0.1 unless told otherwise, and another address only when the
         request says ``public`` (the CLI sets it when the user wrote that address)."""
         sup = self.sup
         host, host_port, guest_port = header.get("host_addr") or "127.0.0.1", header.get("host_port"), header.get("guest_port")
-        if not is_loopback(str(host)) and header.get("public") is not True:
+        if not all(isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535 for p in (host_port, guest_port)):
+            client.send(protocol.error(request_id, "a forward's host_port and guest_port are numbers from 1 to 65535"))
+            return
+        assert isinstance(host_port, int) and isinstance(guest_port, int)
+        if not isinstance(host, str) or (not is_loopback(host) and header.get("public") is not True):
             client.send(protocol.error(request_id, f"forwarding from {host}, which is not loopback, must be asked for "
                                                    "explicitly (public: true)"))
             return
-        try:
-            server = await asyncio.start_server(lambda r, w: self.serve(int(guest_port), r, w),
-                                                host, int(host_port))  # type: ignore[arg-type]
-        except (OSError, TypeError, ValueError) as err:
-            client.send(protocol.error(request_id, f"cannot forward {host}:{host_port}: {err}"))
+        mine = next((f for f in self.active if f.host_port == host_port and _same_host(f.host, host)), None)
+        if mine is not None:
+            client.send(protocol.error(request_id, f"host port {host}:{host_port} is already forwarded to guest port "
+                                                   f"{mine.guest_port} of VM {sup.record.name} "
+                                                   f"(`mvmctl forward rm {sup.record.name} {host_port}` first)"))
             return
-        self.servers.append(server)
-        sup.record.forwards.append({"host_addr": host, "host_port": int(host_port),  # type: ignore[arg-type]
-                                    "guest_port": int(guest_port)})  # type: ignore[arg-type]
+        forward_box: list[Forward] = []
+        try:
+            server = await asyncio.start_server(lambda r, w: self.serve(forward_box[0], r, w), host, host_port)
+        except OSError as err:
+            why = ("another program listens there" if err.errno == errno.EADDRINUSE
+                   else err.strerror or str(err))
+            client.send(protocol.error(request_id, f"cannot forward host port {host}:{host_port}: {why}; "
+                                                   "pick another host port"))
+            return
+        forward_box.append(Forward(host, host_port, guest_port, server))
+        self.active.append(forward_box[0])
+        sup.record.forwards.append({"host_addr": host, "host_port": host_port, "guest_port": guest_port})
         sup.record.save(sup.paths)
         client.send(protocol.encode({"type": "result", "id": request_id, "forwards": sup.record.forwards}))
 
-    async def serve(self, guest_port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def remove(self, client: Client, request_id: int | None, header: dict[str, Any]) -> None:
+        """Stop listening on a host port (``host_addr`` None: whichever address it is on), and
+        close the connections it carried."""
+        sup = self.sup
+        host, host_port = header.get("host_addr"), header.get("host_port")
+        matches = [f for f in self.active if f.host_port == host_port and (host is None or _same_host(f.host, str(host)))]
+        if not matches:
+            where = f"{host}:{host_port}" if host else f"port {host_port}"
+            client.send(protocol.error(request_id, f"VM {sup.record.name} has no forward from host {where} "
+                                                   f"(`mvmctl forward ls {sup.record.name}` lists them)"))
+            return
+        for forward in matches:
+            forward.close()
+            self.active.remove(forward)
+        sup.record.forwards = [f for f in sup.record.forwards
+                               if not any(f.get("host_port") == m.host_port and f.get("host_addr") == m.host
+                                          for m in matches)]
+        sup.record.save(sup.paths)
+        client.send(protocol.encode({"type": "result", "id": request_id, "forwards": sup.record.forwards}))
+
+    async def serve(self, forward: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         agent = self.sup.agent
         end = TunnelEnd(writer)
-        agent.forward(end, protocol.Frame({"type": "connect", "id": 1, "host": "127.0.0.1", "port": guest_port}))
+        forward.connections.add(writer)
+        agent.forward(end, protocol.Frame({"type": "connect", "id": 1, "host": "127.0.0.1", "port": forward.guest_port}))
         try:
             while data := await reader.read(protocol.CHUNK):
                 agent.forward(end, protocol.Frame({"type": "send", "id": 1}, data))
             agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
         except ConnectionError:
             agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
+        finally:
+            forward.connections.discard(writer)
 
     def close(self) -> None:
-        for server in self.servers:
-            server.close()
+        for forward in self.active:
+            forward.close()
