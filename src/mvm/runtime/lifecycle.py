@@ -33,7 +33,7 @@ from mvm.core.state import (
     reconcile,
     write_json_atomic,
 )
-from mvm.runtime import backends, data_disks, sizing
+from mvm.runtime import backends, data_disks
 from mvm.runtime.client import VmClient
 
 if TYPE_CHECKING:
