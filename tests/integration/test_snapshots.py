@@ -175,12 +175,11 @@ def test_fork_makes_live_copies(mvmctl: Mvmctl, source: str) -> None:
     finally:
         for name in ("kid-1", "kid-2", "kid-3"):
             mvmctl("down", name, "--force")
-    # The next fork sweeps the snapshot this one made, once no copy runs from it.
-    from mvm.core.state import MvmHome
-    from mvm.runtime.cloning import sweep_unused_snapshots
-
-    assert result["snapshot"] in sweep_unused_snapshots(MvmHome(mvmctl.home))
-    assert not snapshot_dir(mvmctl, result["snapshot"]).exists()
+    # prune removes the snapshot this fork made, once no copy runs from it (and only that one).
+    pruned = json.loads(mvmctl("prune", "--json", check=True).stdout)
+    removed = {(r["kind"], r["name"]) for r in pruned["removed"]}
+    assert ("snapshot", result["snapshot"]) in removed and ("snapshot", "base") not in removed
+    assert not snapshot_dir(mvmctl, result["snapshot"]).exists() and snapshot_dir(mvmctl, "base").is_dir()
 
 
 # -- tampering ---------------------------------------------------------------------------------------
@@ -328,6 +327,9 @@ def test_pause_to_disk_frees_the_vm_and_resume_brings_its_processes_back(mvmctl:
         assert not [p for p in Path("/dev/shm").glob("mvm-ram-*") if _ram_file_of(p, mvmctl, "sleeper")]
         refused = mvmctl("up", "--snapshot", vm["suspended"], "--name", "sleeper")
         assert refused.returncode == 2 and "is suspended to disk" in refused.stderr
+        pruned = json.loads(mvmctl("prune", "--json", check=True).stdout)  # a suspended VM is not litter
+        assert not [r for r in pruned["removed"] if r["name"].startswith(("sleeper", vm["suspended"]))]
+        assert snapshot_dir(mvmctl, vm["suspended"]).is_dir()
         mvmctl("resume", "sleeper", check=True)
         assert sh(mvmctl, "sleeper", "cat /tmp/suspend-marker").strip() == "kept"
         assert sh(mvmctl, "sleeper", "hostname").strip() == "sleeper"

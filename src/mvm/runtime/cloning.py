@@ -148,19 +148,24 @@ def _refuse_suspended_name(home: MvmHome, name: str) -> None:
         raise UsageError(f"VM {name} is suspended to disk", f"`mvmctl resume {name}`, or `mvmctl down {name}` first")
 
 
-def sweep_unused_snapshots(home: MvmHome) -> list[str]:
-    """Remove the snapshots that forks and suspends made, once nothing needs them: no running
-    VM was started from one, and no suspended VM is waiting to be resumed from it."""
+def unneeded_snapshots(home: MvmHome) -> list[Snapshot]:
+    """The snapshots forks and suspends made that nothing needs any more: no running VM was
+    started from one, and no suspended VM is waiting to be resumed from it."""
     records = [r for r in lifecycle.list_vms(home) if isinstance(r, VmRecord)]
     needed = {r.snapshot for r in records if r.running} | {r.suspended for r in records if r.suspended}
+    return [s for s in SnapshotStore(home).list()
+            if isinstance(s, Snapshot) and s.manifest.purpose in ("fork", "suspend") and s.tag not in needed]
+
+
+def sweep_unused_snapshots(home: MvmHome) -> list[str]:
+    """Remove what :func:`unneeded_snapshots` finds (`fork`, `pause --to-disk` and `prune` do)."""
     removed = []
-    for saved in SnapshotStore(home).list():
-        if isinstance(saved, Snapshot) and saved.manifest.purpose in ("fork", "suspend") and saved.tag not in needed:
-            try:
-                remove_snapshot(home, saved.tag)
-                removed.append(saved.tag)
-            except MvmError:
-                pass  # started being used meanwhile, or already gone
+    for saved in unneeded_snapshots(home):
+        try:
+            remove_snapshot(home, saved.tag)
+            removed.append(saved.tag)
+        except MvmError:
+            pass  # started being used meanwhile, or already gone
     return removed
 
 

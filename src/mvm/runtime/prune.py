@@ -4,9 +4,11 @@ What goes: stopped VMs' directories; store artifacts that no running VM, snapsho
 stamp names; images a backend made from artifacts that are gone (docker: ones this
 MVM_HOME imported, found by their label); cached .debs that no kept artifact's lock names;
 scratch directories (``tmp/<purpose>-<pid>-*``, build staging, downloads) of processes that
-are gone; and, only when asked (``disks``), data disks kept for VM names that are not running.
+are gone; snapshots that a fork or `pause --to-disk` made and no VM needs any more; and, only
+when asked (``disks``), data disks kept for VM names that are not running.
 
-What never goes: anything a running VM or a snapshot uses. Everything under $MVM_HOME is read
+What never goes: anything a running VM or a snapshot uses, a VM suspended to disk, or a
+snapshot someone made by name (`snapshot create`, `template build`). Everything under $MVM_HOME is read
 as hostile input, and doubt keeps things: a snapshot manifest that cannot be read, or a running
 VM whose record cannot be, means no artifact is removed (and the report says why).
 """
@@ -42,7 +44,7 @@ LEGACY_AGE_S = 3600
 
 @dataclass(frozen=True)
 class Removed:
-    kind: str  # vm, artifact, image, deb, scratch, stamp, disk
+    kind: str  # vm, artifact, image, deb, scratch, stamp, disk, snapshot (a fork's or a resumed suspend's)
     name: str
     bytes: int
     path: str | None = None
@@ -115,6 +117,24 @@ class Pruner:
     def keep(self, kind: str, name: str, why: str) -> None:
         self.report.kept.append({"kind": kind, "name": name, "why": why})
 
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def leftover_snapshots(self) -> None:
+        """Snapshots made by forks and `pause --to-disk` that no VM needs any more (those made
+        by `snapshot create` and `template build` are the user's: only `snapshot rm` removes them)."""
+        from mvm.core.errors import MvmError
+        from mvm.runtime import cloning
+
+        for saved in cloning.unneeded_snapshots(self.home):
+            size = tree_size(saved.dir)
+            if not self.report.dry_run:
+                try:
+                    cloning.remove_snapshot(self.home, saved.tag)
+                except MvmError as err:
+                    self.keep("snapshot", saved.tag, err.message)
+                    continue
+            self.report.removed.append(Removed("snapshot", saved.tag, size, str(saved.dir)))
+
     # -- VMs -------------------------------------------------------------------------------------
 
     def vms(self) -> tuple[set[str], set[str], str | None]:
@@ -153,6 +173,8 @@ class Pruner:
                 used.add(record.artifact_key)
                 running.add(name)
                 self.keep("vm", name, f"it is {record.state}")
+            elif record.suspended:  # stopped, but `mvmctl resume` brings it back: the user's to drop
+                self.keep("vm", name, f"it is suspended to disk (`mvmctl down {name}` removes it)")
             else:
                 self._drop_vm(name, f"{name} (stopped)", entry)
         return used, running, unknown
@@ -322,6 +344,7 @@ class Pruner:
 
 def prune(home: MvmHome, *, dry_run: bool = False, disks: bool = False) -> PruneReport:
     pruner = Pruner(home, dry_run)
+    pruner.leftover_snapshots()
     used, running, unknown = pruner.vms()
     kept = pruner.artifacts(used, unknown)
     pruner.stale_stamps(kept)
