@@ -75,7 +75,9 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
     if workload.extra_files:
         rows.append(("files", ", ".join(f.path for f in workload.extra_files)))
     network = workload.network.mode.value
-    if network != "deny":
+    if network == "open":
+        network += " (ordinary outbound networking: QEMU's user-mode network, docker's bridge)"
+    elif network != "deny":
         network += " (not enforced by this version: up and run refuse it)"
     if workload.network.forward:
         forwards = (

@@ -168,6 +168,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     else:
         ready = boot_phases(record)["agent-ready"] or 0
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
+        origin += "; network OPEN" if record.network == "open" else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
@@ -300,6 +301,10 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
     click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
+    click.echo(f"  network     {record.network}" + (" (no network device: nothing in or out but forwards)"
+                                                    if record.network == "deny" else " (ordinary outbound networking)"))
+    if record.snapshot:
+        click.echo(f"  cloned from snapshot {record.snapshot}")
     click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")
     for label, text in backends.get(record.backend).describe(record):
         click.echo(f"  {label:<11} {text}")

@@ -205,6 +205,7 @@ class VmRecord:
     snapshot: str | None = None  # the tag of the snapshot it was cloned from
     restore_from: str | None = None  # that snapshot's directory: it starts from there, not by booting
     suspended: str | None = None  # stopped by `pause --to-disk`: the snapshot `resume` starts it from
+    network: str = "deny"  # deny (no network device) | open (ordinary outbound networking)
 
     @property
     def running(self) -> bool:
@@ -257,7 +258,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
     "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
     "workload_id": _OPTIONAL_STR, "snapshot": _OPTIONAL_STR, "restore_from": _OPTIONAL_STR,
-    "suspended": _OPTIONAL_STR,
+    "suspended": _OPTIONAL_STR, "network": (str,),
 }
 
 

@@ -95,13 +95,16 @@ def check_argv(argv: list[str] | None) -> None:
                          "limit of the kernel command line", "put a script in the image and run that")
 
 
+NETWORK_MODES = ("deny", "open")  # what this version carries out; allow-list is refused
+
+
 def refuse_unenforced_settings(image: BootImage) -> None:
     """A setting mvm.toml holds that this version would not carry out is refused, not ignored:
     the guest would otherwise run without what its author asked for."""
-    if image.network_mode != "deny":
+    if image.network_mode not in NETWORK_MODES:
         raise UsageError(f"image {image.name} asks for [network] mode = {image.network_mode!r}, which this version "
-                         "does not enforce: its guests get no network device at all",
-                         'use mode = "deny" (port forwards work without a network device)')
+                         "does not enforce (the allow-list needs an egress path that checks every connection)",
+                         'use mode = "deny" (no network device; port forwards still work) or "open"')
     if image.volumes:
         raise UsageError(f"image {image.name} declares {image.volumes} [[volumes]], which this version does not mount",
                          "take them out, and copy files in with `mvmctl cp` instead")
@@ -162,6 +165,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                           uids={"agent": image.agent_uid, "entrypoint": image.entrypoint_uid}, argv=argv,
                           deadline=None if lifetime_s is None else time.time() + lifetime_s, ephemeral=ephemeral,
                           workload_id=workload_id)
+        record.network = image.network_mode
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
             record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib

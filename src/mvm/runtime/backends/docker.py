@@ -164,7 +164,7 @@ def cpuset(name: str, vcpus: int) -> str:
 def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> list[str]:
     # --memory-swap equal to --memory: the limit is the guest's memory, not twice it in swap.
     argv = [docker_cli(), "run", "--rm", "-i", "--name", container_name(paths), "--hostname", record.name,
-            "--network", "none", "--cpus", str(record.vcpus), "--cpuset-cpus", cpuset(record.name, record.vcpus),
+            "--network", "bridge" if record.network == "open" else "none", "--cpus", str(record.vcpus), "--cpuset-cpus", cpuset(record.name, record.vcpus),
             "--memory", f"{record.memory_mib}m", "--memory-swap", f"{record.memory_mib}m",
             "--pids-limit", str(PIDS_LIMIT),
             "--tmpfs", "/tmp:rw,exec", "--tmpfs", "/run:rw,noexec,nosuid",

@@ -266,6 +266,8 @@ class QemuBackend(VmBackend):
         if argv is not None:
             spec.boot_args = f"mvm.argv={argv}"
         spec.qmp_socket = paths.qmp_socket
+        if record.network == "open":  # user-mode networking: out through QEMU's own stack, as the host's user
+            spec.extra_args += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         if image.data_disk_bytes and record.restore_from is None:
             spec.data_disk = paths.data_disk
         self._memory(spec, record, paths)
