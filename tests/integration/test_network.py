@@ -60,7 +60,9 @@ def test_open_mode_reaches_a_server_on_the_hosts_loopback(mvmctl: Mvmctl, worklo
     up = mvmctl("up", str(directory), "--hypervisor", "qemu", check=True)
     try:
         assert "network OPEN" in up.stdout
-        assert "network     open" in mvmctl("status", "netopen", check=True).stdout
+        status = mvmctl("status", "netopen", check=True).stdout
+        assert "network     open" in status
+        assert "processes: all" in status and "run as root or the image's uids" in status  # (the agent's list)
         got = mvmctl("exec", "netopen", "--", "sh", "-c", f"nc -w 10 10.0.2.2 {server.port} </dev/null")
         assert got.returncode == 0 and got.stdout.encode() == BANNER, got.stderr
         assert server.connections == 1

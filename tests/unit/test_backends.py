@@ -190,3 +190,33 @@ def test_settings_this_version_would_not_carry_out_are_refused_before_anything_s
         with pytest.raises(UsageError):  # and `up` says so before it takes the name or touches a backend
             lifecycle.start_vm(MvmHome(tmp_path / "home"), changed, name="w")
     assert not (tmp_path / "home").exists()
+
+
+def test_an_image_without_the_real_agent_starts_only_when_allowed(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mvm.core.bootimage import BootImage
+    from mvm.runtime import lifecycle
+
+    image = BootImage(path=tmp_path, key="k" * 64, name="w", vcpus=1, memory_mib=128, data_disk_bytes=None,
+                      expected_boot_ms=2000, kernel_release="6.1", accessible=False, sealed=True,
+                      entrypoint_kind="command", agent_uid=990, entrypoint_uid=1000, hypervisor="auto", forwards=())
+    lifecycle.refuse_stub_agent(image, allow_stub=False)
+    stub = replace(image, agent_binary="stub")
+    lifecycle.refuse_stub_agent(stub, allow_stub=True)
+    with pytest.raises(UsageError, match="agent_binary = 'stub', not 'real'.*--allow-stub"):
+        lifecycle.refuse_stub_agent(stub, allow_stub=False)
+    with pytest.raises(UsageError, match="agent_binary"):
+        lifecycle.start_vm(MvmHome(tmp_path / "home"), stub, name="w")
+    assert not (tmp_path / "home").exists()
+
+
+def test_status_flags_a_guest_process_under_a_uid_the_image_does_not_name() -> None:
+    from mvm.cli.vm import _process_check
+
+    record = _record("qemu")
+    assert _process_check(record, [[1, 0, "init"], [50, 990, "python3"], [60, 1000, "sh"]]) == [
+        "processes: all 3 run as root or the image's uids"]
+    flagged = _process_check(record, [[1, 0, "init"], [77, 4242, "miner\x1b[2J"], "junk", [8, "x", "y"]])
+    assert len(flagged) == 1 and "PROCESS 77" in flagged[0] and "uid 4242" in flagged[0] and "\x1b" not in flagged[0]
+    assert _process_check(record, None) == ["processes: the agent did not list them"]

@@ -15,6 +15,7 @@ import click
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import (
+    ALLOW_STUB_OPTION,
     HYPERVISOR_OPTION,
     OVERCOMMIT_OPTION,
     POLICY_OPTION,
@@ -56,6 +57,7 @@ class RunCommand(click.Command):
 @click.option("--cpus", type=int, help="vCPUs for this run (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory for this run, e.g. 512M (default: the image's).")
 @OVERCOMMIT_OPTION
+@ALLOW_STUB_OPTION
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
@@ -70,7 +72,8 @@ class RunCommand(click.Command):
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
-        boot_report: bool, dry_run: bool, as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...]) -> None:
+        boot_report: bool, dry_run: bool, as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...],
+        allow_stub: bool) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
@@ -112,7 +115,8 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     if not attached:
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                               hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards,
-                              overcommit=overcommit, operation="run", on_receipt=receipts.append, policies=policies)
+                              overcommit=overcommit, operation="run", on_receipt=receipts.append, policies=policies,
+                              allow_stub=allow_stub)
         if receipt:
             note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
@@ -127,7 +131,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
                                 hypervisor=hypervisor, progress=note, argv=argv, policies=policies,
-                                overcommit=overcommit)
+                                overcommit=overcommit, allow_stub=allow_stub)
     try:
         if forwards or image.forwards:  # listening before anyone is told the VM runs (replay keeps the console)
             lifecycle.add_start_forwards(launch, image, forwards)

@@ -24,6 +24,7 @@ from mvm.runtime.client import VmClient
 from mvm.runtime.transfer import printable
 
 MAX_STOP_TIMEOUT_S = 3600.0
+PROCESS_CHECK_MAX = 512
 TELEMETRY_WAIT_S = 5.0  # status waits this long for a busy guest's agent, then reports without it
 
 
@@ -36,6 +37,9 @@ def resources(cpus: int | None, memory: str | None) -> tuple[int | None, int | N
         raise UsageError(f"--memory: {err}") from None
 
 
+ALLOW_STUB_OPTION = click.option(
+    "--allow-stub", is_flag=True,
+    help="Start an image whose artifact does not record mvm's real agent (agent_binary = 'real'); refused otherwise.")
 OVERCOMMIT_OPTION = click.option(
     "--overcommit", is_flag=True,
     help="Boot even if --cpus is more than the host's CPU threads, or --memory more than it has available "
@@ -94,6 +98,7 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--cpus", type=int, help="vCPUs (default: the image's).")
 @click.option("--memory", metavar="SIZE", help="Memory, e.g. 512M (default: the image's).")
 @OVERCOMMIT_OPTION
+@ALLOW_STUB_OPTION
 @HYPERVISOR_OPTION
 @click.option("-p", "--publish", multiple=True, metavar="[ADDR:]HOST:GUEST",
               help="Forward a host TCP port (on 127.0.0.1 unless ADDR says) to a port on the guest's loopback.")
@@ -108,7 +113,7 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
        memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
        snapshot_tag: str | None, cold: bool, as_json: bool, receipt: bool, dry_run: bool,
-       policies: tuple[str, ...]) -> None:
+       policies: tuple[str, ...], allow_stub: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
@@ -155,7 +160,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         else:
             record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
                                   progress=note, forwards=forwards, overcommit=overcommit,
-                                  on_receipt=receipts.append, policies=policies)
+                                  on_receipt=receipts.append, policies=policies, allow_stub=allow_stub)
     vm_name = record.name
     if receipt and not as_json:
         note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
@@ -337,7 +342,21 @@ def _uid_check(record: VmRecord, guest: dict[str, Any]) -> list[str]:
         else:
             verdict = "matches the image" if seen == expected else f"MISMATCH: the image says {expected}"
             lines.append(f"{role}: uid {seen} ({verdict})")
-    return lines
+    return lines + _process_check(record, guest.get("processes"))
+
+
+def _process_check(record: VmRecord, listed: object) -> list[str]:
+    """Every guest process must run as root (/init and its helpers), the agent's uid or the
+    entrypoint's: any other is flagged. (The list is the agent's word, checked as data.)"""
+    if not isinstance(listed, list):
+        return ["processes: the agent did not list them"]
+    allowed = {0, *record.uids.values()}
+    odd = [p for p in listed[:PROCESS_CHECK_MAX] if isinstance(p, list) and len(p) == 3
+           and isinstance(p[1], int) and p[1] not in allowed]
+    lines = [f"PROCESS {printable(str(p[0]))} ({printable(str(p[2]))[:32]}) runs as uid {p[1]}, which the image "
+             f"does not name" for p in odd]
+    more = " (the agent listed no more)" if len(listed) > PROCESS_CHECK_MAX else ""
+    return lines or [f"processes: all {min(len(listed), PROCESS_CHECK_MAX)} run as root or the image's uids{more}"]
 
 
 @click.command()

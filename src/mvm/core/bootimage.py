@@ -130,6 +130,7 @@ class BootImage:
     network_mode: str = "deny"  # mvm.toml's [network] mode
     volumes: int = 0  # how many [[volumes]] mvm.toml declares
     boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
+    agent_binary: str = "real"  # artifact.json's agentBinary: "real", or what a test image carries instead
 
     def boot_budget_ms(self, accel: str) -> int:
         """The p50 budget to agent-ready under ``accel`` (kvm, tcg, container)."""
@@ -167,6 +168,7 @@ class BootImage:
                                for f in workload["network"]["forward"]),
                 network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
                 boot_budget=_budget(record.get("bootBudgetMs")),
+                agent_binary=str(record.get("agentBinary", "none recorded"))[:40],
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",

@@ -98,6 +98,14 @@ def check_argv(argv: list[str] | None) -> None:
 NETWORK_MODES = ("deny", "open")  # what this version carries out; allow-list is refused
 
 
+def refuse_stub_agent(image: BootImage, allow_stub: bool) -> None:
+    """A sealed image is trusted to carry mvm's real agent (its artifact says so); one that does
+    not (a test's stub, or an artifact that records nothing) starts only when asked to."""
+    if image.agent_binary != "real" and not allow_stub:
+        raise UsageError(f"image {image.name}'s artifact records agent_binary = {image.agent_binary!r}, not 'real': "
+                         "its agent is not mvm's", "rebuild it with this mvm, or pass --allow-stub to run it anyway")
+
+
 def refuse_unenforced_settings(image: BootImage) -> None:
     """A setting mvm.toml holds that this version would not carry out is refused, not ignored:
     the guest would otherwise run without what its author asked for."""
@@ -115,7 +123,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
              lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
              snapshot: Snapshot | None = None, policies: tuple[str | Path, ...] = (),
-             forwards: tuple[PortForward, ...] = (), overcommit: bool = False) -> Launch:
+             forwards: tuple[PortForward, ...] = (), overcommit: bool = False, allow_stub: bool = False) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
     ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
@@ -126,6 +134,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
 
     check_vm_name(name)
     check_argv(argv)
+    refuse_stub_agent(image, allow_stub)
     refuse_unenforced_settings(image)
     admitted = plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
                                                hypervisor=hypervisor, argv=argv, forwards=forwards,
@@ -331,7 +340,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
        ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None,
        operation: str = "up", on_receipt: Callable[[str], None] | None = None,
-       policies: tuple[str | Path, ...] = (), overcommit: bool = False) -> VmRecord:
+       policies: tuple[str | Path, ...] = (), overcommit: bool = False, allow_stub: bool = False) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -344,7 +353,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
         launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
                           ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot, policies=policies,
-                          forwards=forwards, overcommit=overcommit)
+                          forwards=forwards, overcommit=overcommit, allow_stub=allow_stub)
     except Exception as err:
         audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
         raise

@@ -136,7 +136,31 @@ def sealed() -> bool:
 @handles("telemetry")
 def do_telemetry(session: Session, frame: protocol.Frame) -> None:
     session.channel.reply(frame.id, "result", uptime=uptime(), load=load(), memory=memory(), disk=disk(),
-                          agent={"pid": os.getpid(), "uid": os.getuid()}, entrypoint=entrypoint())
+                          agent={"pid": os.getpid(), "uid": os.getuid()}, entrypoint=entrypoint(),
+                          processes=processes())
+
+
+PROCESSES_MAX = 512  # the reply must fit in a frame; `status` says when there were more
+
+
+def processes() -> list[list[object]]:
+    """[pid, real uid, name] of every process (but kernel threads), for `status` to check that
+    nothing runs as a uid the image does not name."""
+    found: list[list[object]] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if fields.get("Kthread", "0").strip() == "1" or int(fields.get("PPid", "0").strip() or 0) == 2:
+            continue
+        found.append([int(entry), int(fields["Uid"].split()[0]), fields.get("Name", "").strip()[:32]])
+        if len(found) > PROCESSES_MAX:
+            break
+    return found
 
 
 @handles("shutdown")
