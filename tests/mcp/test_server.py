@@ -110,6 +110,22 @@ def test_limits_busy_memory_and_idle(mvm_home: Path) -> None:
     run_client(mvm_home, body, MVM_MCP_MAX_INFLIGHT="1", MVM_MCP_MEM_CEILING_MIB="400", MVM_MCP_SESSION_IDLE="4")
 
 
+def test_a_sandbox_ends_at_the_session_maximum_even_while_used(mvm_home: Path) -> None:
+    async def body(client: ClientSession) -> None:
+        error, made = await tool(client, "run", code="echo up")
+        assert not error
+        name = made["session"]
+        deadline = time.monotonic() + 90
+        while name in vms(mvm_home):  # its supervisor ends it MVM_MCP_SESSION_MAX after its start
+            assert time.monotonic() < deadline, "the sandbox outlived MVM_MCP_SESSION_MAX"
+            await tool(client, "run", code="true", session=name)  # busy is no excuse
+            await asyncio.sleep(1)
+        error, why = await tool(client, "run", code="true", session=name)
+        assert error
+
+    run_client(mvm_home, body, MVM_MCP_SESSION_MAX="15", MVM_MCP_SESSION_IDLE="600")
+
+
 @pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5"])
 def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,

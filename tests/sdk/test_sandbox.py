@@ -208,3 +208,40 @@ def test_the_async_twin_forks() -> None:
                     await copy.kill()
 
     assert asyncio.run(main()) == ["parent", "parent"]
+
+
+def test_two_sandboxes_from_two_threads() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[str, str]:
+        with mvm.Sandbox.create(timeout=600) as sbx:
+            sbx.files.write("/tmp/who", f"thread {i}")
+            return sbx.name, sbx.commands.run("cat /tmp/who").stdout
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, range(2)))
+    assert [out for _, out in results] == ["thread 0", "thread 1"]
+    assert results[0][0] != results[1][0]
+    assert all(gone(name, within=30) for name, _ in results)
+
+
+def test_on_docker_the_same_methods_and_snapshots_refused(docker_mvmctl, dockerd) -> None:
+    os.environ["DOCKER_HOST"] = dockerd.host
+    try:
+        with mvm.Sandbox.create("base", timeout=600, backend="docker") as sbx:
+            info = sbx.info()
+            assert info.backend == "docker" and info.isolation == "container" and info.snapshot is None
+            sbx.files.write("/tmp/d.txt", "on docker")
+            assert sbx.commands.run("cat /tmp/d.txt").stdout == "on docker"
+            handle = sbx.commands.start("read x; echo got $x")
+            handle.send_stdin("it\n")
+            handle.close_stdin()
+            assert handle.wait().stdout == "got it\n"
+            with pytest.raises(Unsupported, match="a container has no memory state"):
+                sbx.snapshot("nope")
+            with pytest.raises(Unsupported, match="fork"):
+                sbx.fork(1)
+            name = sbx.name
+        assert gone(name, within=30)
+    finally:
+        os.environ.pop("DOCKER_HOST", None)

@@ -363,13 +363,13 @@ class Sandbox:
     def snapshot(self, tag: str) -> str:
         """Save it (memory, processes, files) as snapshot ``tag``; it runs on. ``create(tag)``
         then starts clones of it. The files hold the guest's memory (0600)."""
-        self._record(running=True)
+        self._refuse_without_snapshots("snapshot()")
         return cloning.snapshot_vm(self._home, self.name, tag).tag
 
     def fork(self, count: int = 1) -> list[Sandbox]:
         """``count`` live copies of it, each with its own identity, ending when it would. A copy
         that fails to start raises; those started before it are killed."""
-        mine = self._record(running=True)
+        mine = self._refuse_without_snapshots("fork()")
         lifetime = None if mine.deadline is None else max(1.0, mine.deadline - time.time())
         _, results = cloning.fork_vm(self._home, self.name, count, prefix=f"{self.name}-fork",
                                      lifetime_s=lifetime, ephemeral=True)
@@ -393,6 +393,14 @@ class Sandbox:
         return f"Sandbox({self.name!r})"
 
     # -- under the hood ---------------------------------------------------------------------
+
+    def _refuse_without_snapshots(self, what: str) -> VmRecord:
+        mine = self._record(running=True)
+        backend = backends.get(mine.backend)
+        if not backend.capabilities.snapshots:
+            refusal = backend.refuse("snapshots", self.name)
+            raise Unsupported(f"{what}: {refusal.message}", "start another sandbox from the template instead")
+        return mine
 
     def _pause_resume(self, kind: str) -> None:
         mine = self._record(running=True)
