@@ -186,6 +186,11 @@ class ConsoleFilter:
         if out:
             self.sink(bytes(out).replace(b"\r\n", b"\n") if self.crlf_to_lf else bytes(out))
 
+    @property
+    def holding(self) -> bool:
+        """A held line waits for what follows it (or for the stream's end)."""
+        return bool(self._held)
+
     def flush(self) -> None:
         held, self._held = self._held, b""
         if held and not (self.drop_held is not None and self.drop_held()):

@@ -24,6 +24,8 @@ REPLAY_LIMIT = 1 << 20  # console bytes kept in memory for a client that attache
 STDERR_TAIL = 4096  # the end of the process's stderr, for the stop reason
 LOG_SEGMENT = 8 << 20  # console.log is rotated to console.log.1 beyond this: at most ~16 MiB on disk
 READ_SIZE = 65536
+SETTLE_S = 0.05
+SETTLE_MAX_S = 2.0
 POWER_DOWN = re.compile(rb"\[ *\d+\.\d+\] reboot: Power down\r?\n")
 
 
@@ -64,6 +66,16 @@ class ConsoleRelay:
     def on_boot_bytes(self, data: bytes) -> None:
         if self.boot.feed(data):
             self.on_markers()
+
+    async def settle(self) -> None:
+        """After the VM's process has exited: let the last bytes of the console and the boot
+        channel arrive. While the kernel's power-down line is held and /init's exit marker has
+        not come yet, wait for it (up to SETTLE_MAX_S): under load the marker can trail the
+        console, and without it the held line would pass for the workload's output."""
+        await asyncio.sleep(SETTLE_S)
+        deadline = asyncio.get_running_loop().time() + SETTLE_MAX_S
+        while self.filter.holding and not self.ended() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
 
     def flush(self) -> None:
         self.filter.flush()

@@ -80,7 +80,7 @@ class ProcessWatch:
         os.close(pidfd)
         code = self.proc.wait()
         await sup.backend.after_exit(sup.record)
-        await asyncio.sleep(0.05)  # the console pipe and the boot channel may still hold the last bytes
+        await sup.console.settle()  # the console pipe and the boot channel may still hold the last bytes
         sup.console.flush()
         sup.finish(self.exit_reason(code))
 
