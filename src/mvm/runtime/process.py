@@ -25,3 +25,13 @@ def die_with_parent() -> None:
 def spawn_tied(argv: list[str], **popen_args) -> subprocess.Popen:
     """Start argv as a child that cannot outlive this process (spawn before any thread starts)."""
     return subprocess.Popen(argv, preexec_fn=die_with_parent, **popen_args)  # noqa: PLW1509
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

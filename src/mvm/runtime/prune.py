@@ -29,6 +29,7 @@ from mvm.core.bootimage import DEBS_FILE
 from mvm.core.errors import MvmError
 from mvm.core.state import DamagedRecord, MvmHome, VmPaths
 from mvm.runtime import backends
+from mvm.runtime.process import pid_alive
 
 KEY = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"^[a-z-]+-(\d+)-")  # home.scratch(): <purpose>-<pid>-*
@@ -90,16 +91,6 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
 
 
 class Pruner:

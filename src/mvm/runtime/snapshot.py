@@ -32,6 +32,7 @@ from typing import Any
 from mvm.core.digest import sha256_file
 from mvm.core.errors import MvmError, UsageError
 from mvm.core.state import MvmHome
+from mvm.runtime.process import pid_alive
 from mvm.security.host_key import HostKey, canonical_json, verify
 
 MANIFEST = "manifest.json"
@@ -184,7 +185,7 @@ class SnapshotStore:
         """Staging directories of processes that are gone (a killed `snapshot create`)."""
         for entry in self.root.glob(".*-*-*"):
             match = re.search(r"\.(?:staging|removing)-(\d+)-", entry.name)
-            if match and not _pid_alive(int(match.group(1))):
+            if match and not pid_alive(int(match.group(1))):
                 shutil.rmtree(entry, ignore_errors=True)
 
     def commit(self, staged: Path, manifest: SnapshotManifest) -> Snapshot:
@@ -304,13 +305,4 @@ class SnapshotStore:
         os.rename(directory, trash / "snapshot")  # atomic: no half-removed snapshot is ever seen
         shutil.rmtree(trash, ignore_errors=True)
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
