@@ -34,16 +34,24 @@ def _free_port() -> int:
 
 
 def _download(port: int) -> tuple[float, float]:
-    """(seconds to the first byte, MB/s over the whole download) from 127.0.0.1:port."""
+    """(seconds to the first byte, MB/s over the whole download) from 127.0.0.1:port. The
+    guest's `nc -l` serves one connection, then listens again: a connection made in between is
+    closed at once, and is tried again."""
     deadline = time.monotonic() + 30
     while True:
-        try:
-            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+        result = _download_once(port)
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing came from port {port} for 30 s")
+        time.sleep(0.05)
+
+
+def _download_once(port: int) -> tuple[float, float] | None:
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    except OSError:
+        return None
     started = time.perf_counter()
     first = None
     got = 0
@@ -53,6 +61,8 @@ def _download(port: int) -> tuple[float, float]:
                 first = time.perf_counter() - started
             got += len(chunk)
     took = time.perf_counter() - started
+    if got == 0:
+        return None
     if got != SIZE:
         raise RuntimeError(f"got {got} bytes, not {SIZE}")
     return first or took, SIZE / took / 1e6

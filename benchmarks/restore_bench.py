@@ -40,10 +40,14 @@ def bench_restore(bench: Bench) -> None:
     snapshot_s = time.perf_counter() - started
     banner(f"start to agent-ready: `up --snapshot` (a clone) vs cold `up`, same image ({n} each, alternated)")
     clone, clone_part, cold, cold_part = [], [], [], []
+    clone_phases: dict[str, list[float]] = {"restored": [], "identity": []}
     for _ in range(n):
         took, part = _timed(bench, "--snapshot", "rbench", "--name", "rclone")
         clone.append(took)
         clone_part += [part] if part is not None else []
+        for marker in bench.record("rclone")["markers"]:
+            if marker["phase"] in clone_phases:
+                clone_phases[marker["phase"]].append(marker["ms"] / 1000)
         bench.mvm("down", "--force", "rclone")
         took, part = _timed(bench, str(bench.forever), "--name", "rcold", "--hypervisor", "qemu", "--cold")
         cold.append(took)
@@ -53,6 +57,8 @@ def bench_restore(bench: Bench) -> None:
     samples("cold", cold)
     row("mvmctl up --snapshot (command returns)", fmt_s(clone))
     row("  of which QEMU spawn -> agent-ready", fmt_s(clone_part))
+    row("    QEMU spawn -> state loaded (restored)", fmt_s(clone_phases["restored"]))
+    row("    QEMU spawn -> own identity applied", fmt_s(clone_phases["identity"]))
     row("mvmctl up, cold boot (command returns)", fmt_s(cold))
     row("  of which QEMU spawn -> agent-ready", fmt_s(cold_part))
     ratio = median(cold) / median(clone)

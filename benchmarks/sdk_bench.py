@@ -64,17 +64,18 @@ async def _bench_mcp(bench: Bench) -> None:
 
     banner(f"MCP `run` tool on a warm session ({RUNS // 2} calls, a real `mvmctl mcp` over stdio)")
     params = StdioServerParameters(command=sys.executable, args=[*MVMCTL[1:], "mcp"], env=dict(bench.env))
-    async with stdio_client(params) as (read, write), ClientSession(read, write) as client:
-        await client.initialize()
-        first = await client.call_tool("run", {"code": "true"})
-        assert not first.isError and first.structuredContent, first
-        session = first.structuredContent["session"]
-        calls = []
-        for _ in range(RUNS // 2):
-            started = time.perf_counter()
-            result = await client.call_tool("run", {"code": "true", "session": session})
-            calls.append(time.perf_counter() - started)
-            assert not result.isError, result
-        await client.call_tool("run", {"code": "true", "session": session, "close": True})
+    with open(os.devnull, "w") as quiet:  # (the server logs every request on stderr)
+        async with stdio_client(params, errlog=quiet) as (read, write), ClientSession(read, write) as client:
+            await client.initialize()
+            first = await client.call_tool("run", {"code": "true"})
+            assert not first.isError and first.structuredContent, first
+            session = first.structuredContent["session"]
+            calls = []
+            for _ in range(RUNS // 2):
+                started = time.perf_counter()
+                result = await client.call_tool("run", {"code": "true", "session": session})
+                calls.append(time.perf_counter() - started)
+                assert not result.isError, result
+            await client.call_tool("run", {"code": "true", "session": session, "close": True})
     row("MCP run('true') round trip, warm session", fmt_ms(calls))
     bench.target("mcp: run tool round trip, warm session", f"{median(calls) * 1000:.1f} ms", None, "measured")

@@ -23,11 +23,14 @@ from typing import Any
 from mvm.core.state import VmRecord
 from mvm.runtime import backends
 
-PHASES = ("kernel", "initramfs", "root-mounted", "init", "agent-started", "agent-imported", "agent-ready",
-          "entrypoint", "exit")
+# A clone of a snapshot boots nothing: its phases are "restored" (QEMU has loaded the saved
+# state) and "identity" (its agent has its own entropy, clock and names), both the host's own.
+PHASES = ("kernel", "initramfs", "root-mounted", "init", "agent-started", "restored", "agent-imported", "identity",
+          "agent-ready", "entrypoint", "exit")
 AFTER = {"kernel": None, "initramfs": "kernel", "root-mounted": "initramfs", "init": "root-mounted",
-         "agent-started": "init", "agent-imported": "agent-started", "agent-ready": "agent-imported",
-         "entrypoint": "agent-started", "exit": "entrypoint"}
+         "agent-started": "init", "restored": "agent-started", "agent-imported": "restored",
+         "identity": "agent-imported", "agent-ready": "identity", "entrypoint": "agent-started",
+         "exit": "entrypoint"}
 
 
 def boot_phases(record: VmRecord) -> dict[str, int | None]:

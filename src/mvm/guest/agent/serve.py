@@ -61,18 +61,22 @@ def open_port(path: str) -> int:
 
 
 def serve_port(path: str) -> None:
-    """Serve host after host: virtio-serial reads EOF while no host is connected, so reopen."""
+    """Serve host after host: virtio-serial reads EOF while no host is connected, so reopen,
+    soon at first (a clone's new host is usually there already), then every 50 ms at most."""
+    idle = 0.002
     while True:
         try:
             fd = open_port(path)
         except OSError:
             time.sleep(0.5)
             continue
+        started = time.monotonic()
         try:
             serve_fd(fd)
         finally:
             os.close(fd)
-        time.sleep(0.05)
+        idle = 0.002 if time.monotonic() - started > 1.0 else min(idle * 2, 0.05)  # (a real session: start over)
+        time.sleep(idle)
 
 
 def serve_listener(listener: socket.socket) -> None:

@@ -176,6 +176,7 @@ class AgentLink:
         except VmError as err:
             self.sup.watch.request_stop(f"the clone could not be given its own identity: {err}", force=True)
             return
+        self.sup.console.host_markers.append(BootMarker("identity", [], None, time.monotonic()))
         self.hello = hello
         self.on_ready(hello)
 

@@ -43,6 +43,7 @@ class ConsoleRelay:
         self.stderr_tail = bytearray()
         self.agent_ready_marker: BootMarker | None = None  # the host's own observation: the hello
         self.agent_imported_marker: BootMarker | None = None  # what the agent's hello says
+        self.host_markers: list[BootMarker] = []  # a clone's restored and identity: the host's own
 
     async def pump(self, fd: int) -> None:
         reader = await _reader_for(fd)
@@ -146,6 +147,7 @@ class ConsoleRelay:
         timed = [m for m in self.boot.markers if m.guest_uptime is not None]
         kernel_start = min((m.host_time - spawned - m.guest_uptime for m in timed), default=None)  # type: ignore[operator]
         markers = [_marker_json(m, spawned, kernel_start) for m in self.boot.markers]
+        markers += [_marker_json(m, spawned, None) for m in self.host_markers]
         if self.agent_ready_marker is not None:
             ready = _marker_json(self.agent_ready_marker, spawned, None)
             markers.append(ready)

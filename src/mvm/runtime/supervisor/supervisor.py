@@ -17,6 +17,7 @@ from typing import Any
 from mvm.core import protocol
 from mvm.core.state import VmPaths, VmRecord, write_json_atomic
 from mvm.runtime import backends
+from mvm.runtime.boot_markers import BootMarker
 from mvm.runtime.launchspec import LaunchSpec
 from mvm.runtime.supervisor.agent_link import AgentLink
 from mvm.runtime.supervisor.audit_trail import AuditTrail
@@ -201,6 +202,8 @@ class Supervisor:
             self.resumed_from_disk = manifest.get("purpose") == "suspend"
             await self.backend.restore(self.paths, record, Path(record.restore_from),
                                        str(manifest["hypervisor_version"]))
+            self.console.host_markers.append(BootMarker("restored", [f"snapshot={record.snapshot}"], None,
+                                                        time.monotonic()))
         except Exception as err:  # noqa: BLE001 - any failure is the clone's stop reason
             await asyncio.sleep(0.1)  # when QEMU exited over it, its own last words say more
             detail = self.console.stderr_tail.decode(errors="replace").strip().splitlines()
