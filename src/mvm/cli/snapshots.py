@@ -58,7 +58,7 @@ def ls(as_json: bool) -> None:
     """List snapshots, with the clones running from each."""
     home = MvmHome.default()
     found = SnapshotStore(home).list()
-    users = _users(home)
+    users = cloning.clones_by_snapshot(home)
     rows = [_summary(s, users.get(s.tag, [])) if isinstance(s, Snapshot) else
             {"tag": s.tag, "damaged": s.reason} for s in found]
     if as_json:
@@ -84,7 +84,7 @@ def inspect(tag: str) -> None:
     saved = SnapshotStore(home).load(tag)
     body = saved.manifest.to_dict()
     body["verified"] = "signature and sha256 of every file match"
-    body["clones"] = _users(home).get(tag, [])
+    body["clones"] = cloning.clones_by_snapshot(home).get(tag, [])
     click.echo(json.dumps(body, indent=2))
 
 
@@ -96,17 +96,6 @@ def rm(tags: tuple[str, ...]) -> None:
     for tag in tags:
         cloning.remove_snapshot(home, tag)
         click.echo(f"removed snapshot {tag}")
-
-
-def _users(home: MvmHome) -> dict[str, list[str]]:
-    from mvm.core.state import VmRecord
-    from mvm.runtime import lifecycle
-
-    users: dict[str, list[str]] = {}
-    for record in lifecycle.list_vms(home):
-        if isinstance(record, VmRecord) and record.running and record.snapshot:
-            users.setdefault(record.snapshot, []).append(record.name)
-    return users
 
 
 def _summary(saved: Snapshot, clones: list[str] | None = None) -> dict[str, Any]:

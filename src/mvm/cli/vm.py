@@ -150,10 +150,11 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     else:
         image = boot_image(project_dir(directory, flake), home)
         name = name or image.name
-        template = None if cold else _template_for(home, image, hypervisor, vcpus, memory_mib)
-        if template is not None:
-            from mvm.runtime import cloning
+        from mvm.runtime import cloning
 
+        template = None if cold else cloning.template_to_clone(home, image, hypervisor=hypervisor, vcpus=vcpus,
+                                                               memory_mib=memory_mib)
+        if template is not None:
             record = cloning.clone(home, cloning.CloneRequest(template, name, forwards=forwards, policies=policies,
                                                               overcommit=overcommit, on_receipt=receipts.append),
                                    progress=note)
@@ -178,23 +179,6 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
             click.echo(f"  {forward.host} -> guest port {forward.guest_port}")
-
-
-def _template_for(home: MvmHome, image: BootImage, hypervisor: str | None, vcpus: int | None,
-                  memory_mib: int | None) -> str | None:
-    """A template of exactly this image to clone, when one exists and nothing asked differs."""
-    if not home.snapshots.is_dir() or not any(p for p in home.snapshots.iterdir() if not p.name.startswith(".")):
-        return None  # the common case, without touching backends or keys
-    from mvm.runtime import cloning
-
-    host = backends.Host(home)
-    backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
-    if not backend.capabilities.snapshots:
-        return None
-    found = cloning.find_template(home, image, backend.name, backend.accel(host))
-    if found is None or vcpus not in (None, found.manifest.vcpus) or memory_mib not in (None, found.manifest.memory_mib):
-        return None
-    return found.tag
 
 
 @click.command()

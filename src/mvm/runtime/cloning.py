@@ -124,9 +124,17 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
                         operation="resume-from-disk" if request.replace_suspended else "clone")
 
 
+def clones_by_snapshot(home: MvmHome) -> dict[str, list[str]]:
+    """Each snapshot's running clones: they read its files as long as they run."""
+    users: dict[str, list[str]] = {}
+    for record in lifecycle.list_vms(home):
+        if isinstance(record, VmRecord) and record.running and record.snapshot:
+            users.setdefault(record.snapshot, []).append(record.name)
+    return users
+
+
 def snapshot_users(home: MvmHome, tag: str) -> list[str]:
-    """Running VMs cloned from ``tag``: they read its files as long as they run."""
-    return [r.name for r in lifecycle.list_vms(home) if isinstance(r, VmRecord) and r.running and r.snapshot == tag]
+    return clones_by_snapshot(home).get(tag, [])
 
 
 def remove_snapshot(home: MvmHome, tag: str) -> None:
@@ -253,17 +261,39 @@ def build_template(home: MvmHome, image: BootImage, tag: str, *, hypervisor: str
 
 def find_template(home: MvmHome, image: BootImage, backend: str, accel: str) -> Snapshot | None:
     """The newest template of exactly this image on this backend, if its files still check out."""
-    candidates = [s for s in SnapshotStore(home).list()
+    store = SnapshotStore(home)
+    candidates = [s for s in store.list()
                   if isinstance(s, Snapshot) and s.manifest.purpose == "template"
                   and s.manifest.artifact_key == image.key and s.manifest.backend == backend
                   and s.manifest.accel == accel]
     for candidate in sorted(candidates, key=lambda s: s.manifest.created_at, reverse=True):
         try:
-            SnapshotStore(home).check_files(candidate)
+            store.check_files(candidate)
         except SnapshotError:
             continue
         return candidate
     return None
+
+
+def template_to_clone(home: MvmHome, image: BootImage, *, hypervisor: str | None, vcpus: int | None,
+                      memory_mib: int | None, make_as: str | None = None,
+                      announce: Callable[[], None] | None = None) -> str | None:
+    """The tag of a template of exactly ``image`` to start from instead of booting, on the
+    backend `up` would choose, when its sizes are the ones asked for (None: boot). With
+    ``make_as`` one is made under that tag if there is none yet (the SDK's built-ins)."""
+    if make_as is None and (not home.snapshots.is_dir()
+                            or not any(p for p in home.snapshots.iterdir() if not p.name.startswith("."))):
+        return None  # the common case, without touching backends or keys
+    host = backends.Host(home)
+    backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
+    if not backend.capabilities.snapshots:
+        return None
+    accel = backend.accel(host)
+    found = (find_template(home, image, backend.name, accel) if make_as is None
+             else template_for(home, image, make_as, backend.name, accel, announce))
+    if found is None or vcpus not in (None, found.manifest.vcpus) or memory_mib not in (None, found.manifest.memory_mib):
+        return None
+    return found.tag
 
 
 def template_for(home: MvmHome, image: BootImage, tag: str, backend: str, accel: str,

@@ -17,6 +17,7 @@ is root, who can read the key anyway. Any other file is hashed in full.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -158,6 +159,11 @@ class SnapshotStore:
         self.home = home
         self.root = home.snapshots
 
+    @functools.cached_property
+    def key(self) -> HostKey:
+        """Read once per store: listing or checking many snapshots parses the key once."""
+        return HostKey.load_or_create(self.home.keys)
+
     def dir(self, tag: str) -> Path:
         return self.root / check_tag(tag)
 
@@ -196,7 +202,7 @@ class SnapshotStore:
             manifest.files[name] = SnapshotFile(path.stat().st_size, sha256_file(path), [])
         for name, entry in manifest.files.items():
             entry.stat = _stat_key(staged / name)
-        key = HostKey.load_or_create(self.home.keys)
+        key = self.key
         body = manifest.to_dict()
         signed = {"manifest": body, "public_key": key.public_hex, "signature": key.sign(canonical_json(body))}
         fd = os.open(staged / MANIFEST, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -241,7 +247,7 @@ class SnapshotStore:
         except ValueError as err:
             raise SnapshotError(f"snapshot {tag}: its manifest is damaged ({str(err)[:120]})",
                                 f"remove it: `mvmctl snapshot rm {tag}`") from None
-        key = HostKey.load_or_create(self.home.keys)
+        key = self.key
         if signed.get("public_key") != key.public_hex:
             raise SnapshotError(f"snapshot {tag}: its manifest is signed by another key, not this host's",
                                 "only snapshots made under this MVM_HOME can be restored; take a new one")

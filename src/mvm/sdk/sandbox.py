@@ -456,16 +456,10 @@ def _template_snapshot(home: MvmHome, template: str, backend: str | None, cpus: 
     if template not in BUILT_IN:
         return None
     image = _built_image(home, template)
-    host = backends.Host(home)
-    chosen = lifecycle.choose_backend(home, image, backend, host).backend
-    if not chosen.capabilities.snapshots:
-        return None
-    found = cloning.template_for(home, image, f"sdk-{template}-{image.key[:12]}", chosen.name, chosen.accel(host),
-                                 lambda: _stderr_progress("template", f"saving {template!r} as a template (once): "
-                                                                      "later sandboxes start from it"))
-    if cpus not in (None, found.manifest.vcpus) or memory not in (None, found.manifest.memory_mib):
-        return None
-    return found.tag
+    return cloning.template_to_clone(home, image, hypervisor=backend, vcpus=cpus, memory_mib=memory,
+                                     make_as=f"sdk-{template}-{image.key[:12]}",
+                                     announce=lambda: _stderr_progress("template", f"saving {template!r} as a template "
+                                                                                   "(once): later sandboxes start from it"))
 
 
 def _info(record: VmRecord) -> SandboxInfo:

@@ -211,6 +211,14 @@ def ram_path(paths: VmPaths) -> Path:
     return SHARED_MEMORY / f"mvm-ram-{digest}"
 
 
+def saved_ram(record: VmRecord) -> Path | None:
+    """A clone's guest RAM: the snapshot's RAM file, mapped privately (None: not such a clone)."""
+    if record.restore_from is None:
+        return None
+    saved = Path(record.restore_from) / "ram"
+    return saved if saved.exists() else None
+
+
 def create_ram_file(path: Path, memory_mib: int) -> bool:
     """A fresh, private RAM file (QEMU would make it 0644, and reuse old bytes); False when
     there is no tmpfs to put it in (the VM then gets anonymous memory)."""
@@ -282,8 +290,8 @@ class QemuBackend(VmBackend):
         a clone of a RAM-file snapshot maps the snapshot's file privately."""
         if record.restore_from is not None:
             spec.incoming = True
-            saved = Path(record.restore_from) / "ram"
-            if saved.exists():
+            saved = saved_ram(record)
+            if saved is not None:
                 spec.ram_file, spec.ram_shared = saved, False
                 return
         if create_ram_file(ram_path(paths), spec.memory_mib):
@@ -301,10 +309,9 @@ class QemuBackend(VmBackend):
         if paths.data_disk.exists():
             raise UsageError(f"VM {record.name} has a data disk, which its snapshot's clones would have to share",
                              "snapshot a VM started without --data-disk")
-        shared = ram_path(paths) if record.restore_from is None or not (Path(record.restore_from) / "ram").exists() \
-            else None
-        if shared is not None and not shared.exists():
-            shared = None
+        # RAM in a shared file of its own: saved as a file; else (a private map of a snapshot's
+        # file, or anonymous memory) inside the migration stream.
+        shared = ram_path(paths) if saved_ram(record) is None and ram_path(paths).exists() else None
         from mvm.runtime.backends import qemu_migration
 
         async with qemu_migration.qmp_session(paths.qmp_socket, record.name) as qmp:
