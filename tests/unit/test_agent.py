@@ -678,10 +678,12 @@ def _play_init(guest: Guest, lines: list[str], answer) -> threading.Thread:
     for fifo in ("control", "identity-request"):
         os.mkfifo(guest.root / fifo, 0o600)
     status = guest.root / "identity"
+    # Open before the agent may write, as /init's listener is: a fifo nobody has open refuses
+    # the agent's non-blocking write (ENXIO).
+    control = os.open(guest.root / "control", os.O_RDWR)
+    request = os.open(guest.root / "identity-request", os.O_RDWR)
 
     def run() -> None:
-        control = os.open(guest.root / "control", os.O_RDWR)
-        request = os.open(guest.root / "identity-request", os.O_RDWR)
         line = os.read(control, 4096).decode()
         lines.append(line)
         status.write_text(f"ready {line.split()[1]}\n")
@@ -704,7 +706,8 @@ def test_a_frozen_agent_refuses_work_until_it_has_an_identity(agent: Client, gue
     entropy = os.urandom(64).hex()
 
     def answer(words: list[str]) -> str:
-        return f"{words[4][:32]} ok" if words[4] == entropy else f"{words[4][:32]} failed bad entropy"
+        done = hashlib.sha256(words[4].encode()).hexdigest()[:32]
+        return f"{done} ok" if words[4] == entropy else f"{done} failed bad entropy"
 
     helper = _play_init(guest, lines, answer)
     assert agent.call("freeze").type == "result"
