@@ -133,6 +133,14 @@ def test_clones_share_the_saved_state_then_diverge_and_are_unique(mvmctl: Mvmctl
             seen[name] = (uuid, machine_id, random_bytes)
         for a, b in zip(seen["clone1"], seen["clone2"], strict=True):
             assert a != b
+        # The workload cannot give itself (or another clone) an identity, nor learn the entropy.
+        forged = sh(mvmctl, "clone1", "(echo identity 1800000000.000000 evil 0123456789abcdef0123456789abcdef "
+                                      f"{'ab' * 64} > /run/mvm/identity-request) 2>&1; "
+                                      "(echo freeze 00 > /run/mvm/control) 2>&1; echo done", check=False)
+        assert forged.count("Permission denied") == 2, forged
+        assert sh(mvmctl, "clone1", "hostname").strip() == "clone1"
+        status = sh(mvmctl, "clone1", "cat /run/mvm/identity").split()
+        assert status[1:] == ["ok"] and len(status[0]) == 32  # a digest of the entropy, none of it
         source_id = sh(mvmctl, source, "cat /etc/machine-id 2>/dev/null || true").strip()
         assert source_id not in (seen["clone1"][1], seen["clone2"][1])
 
