@@ -90,3 +90,32 @@ def test_the_kernels_power_down_line_is_held_then_dropped_only_after_the_end() -
         console.feed(more)
         console.flush()
         assert bytes(out) == expected
+
+
+def test_the_power_down_line_is_held_wherever_the_console_reads_split_it() -> None:
+    """QEMU's UART writes byte by byte: under load a read can end anywhere in the line."""
+    from mvm.runtime.supervisor.console import POWER_DOWN, power_down_start
+
+    stream = b"3\r\n[    2.839469] reboot: Power down\r\n"
+    for cut in range(1, len(stream)):
+        for ended in (True, False):
+            out = bytearray()
+            console = ConsoleFilter(sink=out.extend, hold_line=POWER_DOWN.fullmatch, hold_start=power_down_start,
+                                    drop_held=lambda ended=ended: ended)
+            console.feed(stream[:cut])
+            console.feed(stream[cut:])
+            assert console.holding
+            console.flush()
+            assert bytes(out) == (b"3\n" if ended else b"3\n[    2.839469] reboot: Power down\n"), cut
+
+
+def test_a_prompt_that_only_looks_like_the_start_of_the_power_down_line_passes_at_once() -> None:
+    from mvm.runtime.supervisor.console import POWER_DOWN, power_down_start
+
+    for prompt in (b"[root@vm /]# ", b"[ 1.5] rebooting? ", b"[x", b"[ 12.5] reboot: Power off"):
+        out = bytearray()
+        ConsoleFilter(sink=out.extend, hold_line=POWER_DOWN.fullmatch, hold_start=power_down_start,
+                      drop_held=lambda: True).feed(prompt)
+        assert bytes(out) == prompt
+    for start in (b"[", b"[   ", b"[ 2", b"[ 2.", b"[ 2.8] ", b"[ 2.8] reboot: Pow"):
+        assert power_down_start(start), start

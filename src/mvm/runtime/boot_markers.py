@@ -152,6 +152,9 @@ class ConsoleFilter:
     # or the stream ends (then ``drop_held`` decides): for the kernel's last words at power-off.
     hold_line: Callable[[bytes], bool] | None = None
     drop_held: Callable[[], bool] | None = None
+    # A line start this matches may still become such a line: it waits for the rest, since a
+    # console read can end anywhere (QEMU's UART writes byte by byte).
+    hold_start: Callable[[bytes], bool] | None = None
     _held: bytes = b""
     _pending: bytes = b""
     _mid_line: bool = False
@@ -168,6 +171,10 @@ class ConsoleFilter:
             markers_here = self.boot_log is not None and at_line_start
             if end < 0 and markers_here and len(line) <= MAX_LINE and (MARKER.startswith(line) or line.startswith(MARKER)):
                 self._pending = line  # may become a marker: wait for the rest of it
+                break
+            if end < 0 and at_line_start and self.hold_start is not None and len(line) <= MAX_LINE \
+                    and self.hold_start(line):
+                self._pending = line  # may become the held line: wait for the rest of it
                 break
             if end < 0 and self.crlf_to_lf and line.endswith(b"\r"):
                 line, self._pending = line[:-1], b"\r"  # half of a CRLF split across two reads
@@ -188,8 +195,8 @@ class ConsoleFilter:
 
     @property
     def holding(self) -> bool:
-        """A held line waits for what follows it (or for the stream's end)."""
-        return bool(self._held)
+        """A held line (or the start of one) waits for what follows it (or for the stream's end)."""
+        return bool(self._held) or bool(self._pending and self.hold_start is not None and self.hold_start(self._pending))
 
     def flush(self) -> None:
         held, self._held = self._held, b""
@@ -199,5 +206,8 @@ class ConsoleFilter:
             pending, self._pending = self._pending, b""
             if pending.startswith(MARKER) and self.boot_log is not None:
                 self.boot_log.add_line(pending)
+            elif self.hold_start is not None and self.hold_start(pending) and self.drop_held is not None \
+                    and self.drop_held():
+                pass  # the start of the held line, cut off by the end
             else:
                 self.sink(pending)

@@ -27,6 +27,14 @@ READ_SIZE = 65536
 SETTLE_S = 0.05
 SETTLE_MAX_S = 2.0
 POWER_DOWN = re.compile(rb"\[ *\d+\.\d+\] reboot: Power down\r?\n")
+POWER_DOWN_WORDS = b" reboot: Power down\r"
+_POWER_DOWN_START = re.compile(rb"\[ *(?:\d+(?:\.(?:\d+(?:\](.*))?)?)?)?", re.DOTALL)
+
+
+def power_down_start(partial: bytes) -> bool:
+    """Whether an incomplete line may still become the kernel's power-down line."""
+    match = _POWER_DOWN_START.fullmatch(partial)
+    return match is not None and (match[1] is None or POWER_DOWN_WORDS.startswith(match[1]))
 
 
 class ConsoleRelay:
@@ -36,7 +44,8 @@ class ConsoleRelay:
         self.boot = BootLog()
         markers_on_console = sup.backend.markers_on_console
         self.filter = ConsoleFilter(sink=self.on_user_output, boot_log=self.boot if markers_on_console else None,
-                                    hold_line=POWER_DOWN.fullmatch, drop_held=self.ended)
+                                    hold_line=POWER_DOWN.fullmatch, hold_start=power_down_start,
+                                    drop_held=self.ended)
         self.replay = bytearray()
         self.input = bytearray()  # held until an interactive entrypoint speaks
         self.output_after_entrypoint = 0
