@@ -191,11 +191,11 @@ def env_with_src() -> None:
     os.environ["PYTHONPATH"] = src + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
 
 
-def timed_up(bench: Bench, name: str, hypervisor: str) -> tuple[float, float | None]:
-    """Seconds for `mvmctl up` of the forever workload to return, and the backend spawn ->
-    agent-ready part from its record (None if missing); the VM is taken down after."""
+def timed_up(bench: Bench, name: str, hypervisor: str, directory: Path | None = None) -> tuple[float, float | None]:
+    """Seconds for `mvmctl up` of the forever workload (or ``directory``) to return, and the
+    backend spawn -> agent-ready part from its record (None if missing); the VM is taken down after."""
     started = time.perf_counter()
-    bench.mvm("up", str(bench.forever), "--name", name, "--hypervisor", hypervisor)
+    bench.mvm("up", str(directory or bench.forever), "--name", name, "--hypervisor", hypervisor)
     took = time.perf_counter() - started
     markers = {m["phase"]: m["ms"] for m in reversed(bench.record(name)["markers"])}  # (the first of each)
     bench.boot_markers.setdefault(name, []).append(markers)

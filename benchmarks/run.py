@@ -91,7 +91,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     return spec.argv()
 
 
-SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit", "forward")
+SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit", "forward", "kernel")
 
 
 def main() -> int:
@@ -194,6 +194,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         import audit_bench
 
         audit_bench.bench_audit(bench)
+    if "kernel" in only:
+        import kernel_bench
+
+        kernel_bench.bench_kernel(bench)
 
 
 def bench_run_boot(bench: common.Bench) -> None:

@@ -10,6 +10,18 @@ if ! command -v dockerd >/dev/null; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
     DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends docker.io </dev/null
 fi
+# The tests of mvm's own kernel compile it once per run (about 5 minutes on two cores).
+kernel_needs=()
+for need in gcc:gcc make:make flex:flex bison:bison bc:bc /usr/include/gelf.h:libelf-dev; do
+    what=${need%%:*}
+    if [ "${what#/}" != "$what" ]; then [ -e "$what" ] || kernel_needs+=("${need#*:}")
+    else command -v "$what" >/dev/null || kernel_needs+=("${need#*:}"); fi
+done
+if [ "${#kernel_needs[@]}" -gt 0 ]; then
+    echo "==> installing ${kernel_needs[*]} (apt) to compile mvm's own kernel in its tests"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${kernel_needs[@]}" </dev/null
+fi
 set +e
 .venv/bin/pytest -ra "$@"
 status=$?

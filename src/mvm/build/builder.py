@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm.build import image, kernel, packages, rootfs
+from mvm.build import image, kernel, kernel_source, packages, rootfs
 from mvm.build.packages import DebCache, PackageLock
 from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
@@ -29,6 +29,7 @@ from mvm.core.bootimage import (
     DEBS_FILE,
     EXPECTED_BOOT_MS,
     INITRD_FILE,
+    KERNEL_CONFIG_FILE,
     KERNEL_FILE,
     ROOTFS_FILE,
 )
@@ -40,7 +41,7 @@ from mvm.core.workload import Workload
 
 IMAGE_EPOCH = 1704067200  # 2024-01-01: every timestamp in an image
 ROOT_HEADROOM_MIB = 256  # free space in the writable root (sparse: costs no disk until used)
-PHASES = ("resolve", "download", "assemble", "image")
+PHASES = ("resolve", "download", "kernel", "assemble", "image")  # kernel: only when building ours
 
 Progress = Callable[[str, str], None]
 """progress(phase, detail): called when a phase starts, and with details as it goes."""
@@ -60,6 +61,8 @@ def store_key(workload: Workload, lock: PackageLock) -> str:
         "guest": guest_sources_digest(),
         "workload": json.loads(workload.canonical_json()),
         "lock": lock.model_dump(mode="json"),
+        # ours is named by its config: a new config in the repository makes a new image
+        **({"kernel": kernel_source.config_digest("x86_64")} if workload.kernel == "mvm" else {}),
     }, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -97,15 +100,26 @@ class Builder:
             self.debs.ensure(lock.all_debs())
 
         with self.store.staging(key) as scratch:
+            own_kernel = None
+            if workload.kernel == "mvm":
+                with self._phase("kernel", "mvm's own kernel", seconds):
+                    own_kernel = kernel_source.ensure_kernel(self.home, "x86_64", self.progress)
             with self._phase("assemble", "unpacking packages", seconds):
                 guest_kernel = kernel.prepare_kernel(self.debs.path(lock.kernel), lock.kernel, self.home.kernels)
                 meta = self._meta(workload, lock, key, guest_kernel.release)
+                if own_kernel is not None:
+                    meta.kernel_release = own_kernel.release
+                    meta.kernel = {"name": "mvm", "build": own_kernel.name, "configDigest": own_kernel.config_digest,
+                                   "source": own_kernel.source}
+                else:
+                    meta.kernel = {"name": "debian", "package": lock.kernel.filename}
                 owners = rootfs.stage_root(scratch / "root", [self.debs.path(d) for d in lock.packages],
                                            [self.debs.path(d) for d in lock.setpriv], workload, meta.to_json())
                 # After staging and pruning, so it compiles the final sources (extra files too).
                 self.progress("assemble", "compiling the guest's Python bytecode")
                 rootfs.compile_python(scratch / "root")
-                rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
+                if own_kernel is None:
+                    rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
 
             with self._phase("image", "writing rootfs.ext4", seconds):
                 out = scratch / "artifact"
@@ -113,10 +127,14 @@ class Builder:
                 image.normalize_times(scratch / "root", IMAGE_EPOCH)
                 image.make_ext4(scratch / "root", out / ROOTFS_FILE, uuid=str(uuid.UUID(key[:32])),
                                 epoch=IMAGE_EPOCH, headroom_mib=ROOT_HEADROOM_MIB, owners=owners)
-                image.make_initramfs(scratch / "initramfs", out / INITRD_FILE, IMAGE_EPOCH)
-                _link_or_copy(guest_kernel.vmlinux, out / KERNEL_FILE)
+                if own_kernel is None:
+                    image.make_initramfs(scratch / "initramfs", out / INITRD_FILE, IMAGE_EPOCH)
+                    _link_or_copy(guest_kernel.vmlinux, out / KERNEL_FILE)
+                else:  # every driver built in: no initramfs; its config goes along (doctor, Firecracker's check)
+                    _link_or_copy(own_kernel.vmlinux, out / KERNEL_FILE)
+                    _link_or_copy(own_kernel.directory / "config", out / KERNEL_CONFIG_FILE)
                 meta.hashes = ArtifactHashes(vmlinux=sha256_file(out / KERNEL_FILE),
-                                             initrd=sha256_file(out / INITRD_FILE),
+                                             initrd=sha256_file(out / INITRD_FILE) if own_kernel is None else None,
                                              rootfs=sha256_file(out / ROOTFS_FILE))
                 (out / ARTIFACT_FILE).write_text(meta.to_json())
                 (out / DEBS_FILE).write_text("".join(f"{deb.filename}\n" for deb in lock.all_debs()))

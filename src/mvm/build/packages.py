@@ -162,12 +162,22 @@ def resolve(user_packages: tuple[str, ...], home: MvmHome) -> PackageLock:
             ["apt-get", *opts, "--print-uris", "-y", "install", *requested], "resolve")))
         if not closure:
             raise BuildError("resolve", "apt resolved no packages", "run `apt-get update` and try again")
-        kernel_name = _kernel_package_name()
-        singles = _pin(_parse_uris(_run_apt(
-            ["apt-get", *opts, "--print-uris", "download", *SETPRIV_PACKAGES, kernel_name], "resolve", cwd=tmp)))
-    by_name = {d.name: d for d in singles}
+    kernel_name = _kernel_package_name()
+    by_name = pin_packages([*SETPRIV_PACKAGES, kernel_name], home)
     return PackageLock(requested=requested, packages=closure,
                        setpriv=[by_name[n] for n in SETPRIV_PACKAGES], kernel=by_name[kernel_name])
+
+
+def pin_packages(names: list[str], home: MvmHome) -> dict[str, LockedPackage]:
+    """These packages alone (no dependencies), pinned to the archive's current version."""
+    with home.scratch("apt") as tmp:
+        opts = _apt_options(Path(tmp))
+        found = _pin(_parse_uris(_run_apt(["apt-get", *opts, "--print-uris", "download", *names], "resolve", cwd=tmp)))
+    by_name = {d.name: d for d in found}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise BuildError("resolve", f"apt found no {', '.join(missing)}", "run `apt-get update` and try again")
+    return by_name
 
 
 def _kernel_package_name() -> str:

@@ -34,12 +34,15 @@ class ArtifactStore:
         """The artifact stored under ``key``; None when there is none, or it is damaged (a file
         missing, or artifact.json unreadable), so the build makes it again and replaces it."""
         path = self.root / key
-        if not all((path / name).is_file() for name in (ARTIFACT_FILE, KERNEL_FILE, INITRD_FILE, ROOTFS_FILE)):
+        if not all((path / name).is_file() for name in (ARTIFACT_FILE, KERNEL_FILE, ROOTFS_FILE)):
             return None
         try:
-            return Artifact.load(path)
+            artifact = Artifact.load(path)
         except (OSError, ValueError):  # (pydantic's ValidationError is a ValueError)
             return None
+        if artifact.meta.workload.kernel != "mvm" and not (path / INITRD_FILE).is_file():
+            return None  # (our kernel needs no initramfs; Debian's does)
+        return artifact
 
     def by_name(self, name: str) -> Artifact | None:
         ref = self.refs / name

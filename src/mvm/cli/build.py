@@ -82,25 +82,28 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--vcpus", type=int, help="vCPUs the image boots with by default (overrides mvm.toml).")
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
+@click.option("--kernel", type=click.Choice(["debian", "mvm"]),
+              help="The guest kernel (overrides mvm.toml's kernel): Debian's cloud kernel (the default), or mvm's "
+                   "own, built first if it is not cached (see `mvmctl kernel build`).")
 @click.option("--no-cache", is_flag=True, help="Rebuild even when the store has this exact artifact.")
 @click.option("--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
               help="Also prepare the image for this backend (docker: import it) and check it can run here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
 def build(directory: str | None, flake: str | None, vcpus: int | None, memory: str | None, data_disk: str | None,
-          no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
+          kernel: str | None, no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file whose `@mvm.app(...)`
     declaration is read without running it; its lock is APP.mvm.lock (APP.NAME.mvm.lock).
 
     Resolves the Debian packages (pinning them in mvm.lock beside mvm.toml), downloads them
-    into a shared cache, and writes a kernel, an initramfs and a read-only ext4 root into the
-    content-addressed store (~/.mvm/store, or $MVM_HOME/store). Building the same inputs
+    into a shared cache, and writes a kernel, an initramfs (none with mvm's own kernel) and a
+    read-only ext4 root into the content-addressed store (~/.mvm/store, or $MVM_HOME/store). Building the same inputs
     again is a cache hit; a failed build leaves the previous image in place.
     """
     started = time.monotonic()
     directory = project_dir(directory, flake)
-    overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk)
+    overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk, kernel=kernel)
     workload, result = build_workload(directory, overrides, no_cache=no_cache)
     meta = result.artifact.meta
     backend = prepare_backend(result, hypervisor) if hypervisor else None

@@ -49,6 +49,7 @@ VERBS = {
     "audit": "mvm.cli.audit",
     "receipt": "mvm.cli.audit",
     "perf": "mvm.cli.perf",
+    "kernel": "mvm.cli.kernel",
 }
 
 

@@ -25,7 +25,7 @@ class ArtifactHashes(BaseModel):
     """sha256 of each file, hex."""
 
     vmlinux: str
-    initrd: str
+    initrd: str | None  # None: a kernel with its drivers built in needs no initramfs
     rootfs: str
 
 
@@ -61,6 +61,8 @@ class ArtifactMeta(BaseModel):
     # p50 ms to agent-ready by accelerator (core/bootimage.py BOOT_BUDGET_MS); `mvmctl perf boot` gates on it
     boot_budget_ms: dict[str, int] = Field(default_factory=dict, alias="bootBudgetMs")
     kernel_release: str = Field(alias="kernelRelease")
+    # "debian" (the cloud kernel's package) or ours: its name in cache/kernels and config digest
+    kernel: dict[str, str] = Field(default_factory=dict)
     vcpus: int
     memory_mib: int = Field(alias="memoryMib")
     data_disk_bytes: int | None = Field(default=None, alias="dataDiskBytes")

@@ -19,6 +19,7 @@ from mvm.core.errors import UsageError
 ARTIFACT_FILE = "artifact.json"
 KERNEL_FILE = "vmlinux"
 INITRD_FILE = "initrd.cpio"
+KERNEL_CONFIG_FILE = "kernel.config"  # our kernel's .config, beside its vmlinux (Debian's is in its .deb)
 ROOTFS_FILE = "rootfs.ext4"
 DEBS_FILE = "debs.txt"  # the .deb file names (one a line) of the lock it was built from: `prune` keeps them
 
@@ -131,6 +132,7 @@ class BootImage:
     volumes: int = 0  # how many [[volumes]] mvm.toml declares
     boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
     agent_binary: str = "real"  # artifact.json's agentBinary: "real", or what a test image carries instead
+    kernel_name: str = "debian"  # mvm.toml's kernel: "mvm" (ours) has every driver built in and needs no initramfs
 
     def boot_budget_ms(self, accel: str) -> int:
         """The p50 budget to agent-ready under ``accel`` (kvm, tcg, container)."""
@@ -141,8 +143,9 @@ class BootImage:
         return self.path / KERNEL_FILE
 
     @property
-    def initrd(self) -> Path:
-        return self.path / INITRD_FILE
+    def initrd(self) -> Path | None:
+        """The initramfs that loads the Debian kernel's virtio modules; our kernel needs none."""
+        return None if self.kernel_name == "mvm" else self.path / INITRD_FILE
 
     @property
     def rootfs(self) -> Path:
@@ -151,6 +154,8 @@ class BootImage:
     @classmethod
     def open(cls, path: Path) -> BootImage:
         missing = [name for name in (KERNEL_FILE, INITRD_FILE, ROOTFS_FILE) if not (path / name).is_file()]
+        if missing == [INITRD_FILE] and _kernel_name(path) == "mvm":
+            missing = []
         if missing:
             raise UsageError(f"the image in {path} is damaged: {', '.join(missing)} missing",
                              "build it again with `mvmctl build --no-cache`")
@@ -169,10 +174,18 @@ class BootImage:
                 network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
                 boot_budget=_budget(record.get("bootBudgetMs")),
                 agent_binary=str(record.get("agentBinary", "none recorded"))[:40],
+                kernel_name="mvm" if workload.get("kernel") == "mvm" else "debian",
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",
                              "build it again with `mvmctl build --no-cache`") from None
+
+
+def _kernel_name(path: Path) -> str:
+    try:
+        return "mvm" if json.loads((path / ARTIFACT_FILE).read_text())["workload"].get("kernel") == "mvm" else "debian"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "debian"
 
 
 def _budget(value: object) -> tuple[tuple[str, int], ...]:

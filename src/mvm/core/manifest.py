@@ -38,14 +38,14 @@ from mvm.core.manifest_host import MAX_VCPUS, MIN_MEMORY_MIB, HostSections
 from mvm.core.manifest_wording import field_name, quote
 from mvm.core.sizes import MIB, format_size, parse_mib, parse_size
 from mvm.core.workdir import MANIFEST_FILE, declaration, manifest_file
-from mvm.core.workload import Hypervisor, Workload, validate_name
+from mvm.core.workload import Hypervisor, KernelName, Workload, validate_name
 
 if TYPE_CHECKING:
     from mvm.core.declaration import Declaration
 
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
-    "flake", "profile", "entrypoint", "uids", "extra_files", "network", "volumes",
+    "flake", "profile", "entrypoint", "uids", "extra_files", "network", "volumes", "kernel",
 )  # fmt: skip
 
 _NIX_FIX = "remove flake/profile to use mvm's built-in Debian builder"
@@ -59,6 +59,7 @@ class ManifestOverrides:
     vcpus: int | None = None
     memory: str | None = None
     data_disk: str | None = None
+    kernel: str | None = None  # `build --kernel debian|mvm`
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,13 @@ class _Parser(GuestSections, HostSections):
             fields["hypervisor"] = self.choice(
                 data["hypervisor"], get_args(Hypervisor), ("hypervisor",)
             )
+        if "kernel" in data:
+            fields["kernel"] = self.choice(data["kernel"], get_args(KernelName), ("kernel",))
+        if overrides.kernel is not None:
+            if overrides.kernel not in get_args(KernelName):
+                raise UsageError(f"--kernel: {overrides.kernel!r} is not a kernel mvm knows",
+                                 f"use one of {', '.join(get_args(KernelName))}")
+            fields["kernel"] = overrides.kernel
         return Workload(**fields)
 
     def nix(self, data: dict[str, Any]) -> None:

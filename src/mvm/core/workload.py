@@ -20,6 +20,7 @@ SEALED_ENTRYPOINT_UID = 1000
 DEV_ENTRYPOINT_UID = 0
 
 Hypervisor = Literal["auto", "qemu", "docker", "firecracker", "apple-container", "libkrun", "lima"]
+KernelName = Literal["debian", "mvm"]
 
 
 class _Frozen(BaseModel):
@@ -136,6 +137,7 @@ class Workload(_Frozen):
     network: Network = Network()
     volumes: tuple[Volume, ...] = ()
     hypervisor: Hypervisor = "auto"
+    kernel: KernelName = "debian"  # Debian's cloud kernel, or ours (build/kernel_source.py)
 
     @property
     def accessible(self) -> bool:

@@ -46,8 +46,13 @@ def _boot_id() -> str:
 
 
 def _newest_image(home: MvmHome) -> BootImage | None:
+    """The newest image with an initramfs: the probe's marker comes from it."""
     found = sorted(home.store.glob(f"*/{ARTIFACT_FILE}"), key=lambda p: p.stat().st_mtime)
-    return BootImage.open(found[-1].parent) if found else None
+    for path in reversed(found):
+        image = BootImage.open(path.parent)
+        if image.initrd is not None:
+            return image
+    return None
 
 
 def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:

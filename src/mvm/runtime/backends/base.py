@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 NOT_EXERCISED = "not exercised on this host"
 Progress = Callable[[str], None]
 
+# The kernel command line's root for a kernel without an initramfs (ours: every driver built
+# in): it mounts the first virtio disk and starts /init itself.
+DIRECT_ROOT_ARGS = "root=/dev/vda rootfstype=ext4 rw init=/init"
+
 
 @dataclass(frozen=True)
 class Capabilities:

@@ -191,6 +191,8 @@ def _stage_jail(launch: Launch, image: ImageLike, paths: VmPaths, *, boot: bool 
     uid, gid = jail_ids()
     if boot:
         for source, name in ((image.kernel, "vmlinux"), (image.initrd, "initrd.cpio")):
+            if source is None:
+                continue  # our kernel needs no initramfs
             target = root / name
             try:
                 os.link(source, target)
@@ -234,7 +236,8 @@ def refuse_unsuitable_kernel(artifact: BootImage | ImageLike, binary: str | None
     image = image_of(artifact)
     config = artifact_kernel_config(artifact) if isinstance(artifact, BootImage) else None
     version = firecracker_version(binary) if binary else None
-    problems = check_kernel(config, initramfs_modules(image.initrd), version)
+    modules = initramfs_modules(image.initrd) if image.initrd is not None else []  # ours: every driver built in
+    problems = check_kernel(config, modules, version)
     if problems:
         raise VmError("this artifact cannot run under Firecracker: " + "; ".join(problems),
                       "see docs/firecracker.md (kernel requirements); use --hypervisor qemu")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import VmError
-from mvm.runtime.backends.base import encoded_argv
+from mvm.runtime.backends.base import DIRECT_ROOT_ARGS, encoded_argv
 from mvm.runtime.backends.firecracker import root_drive_path
 
 if TYPE_CHECKING:
@@ -256,7 +256,7 @@ class ImageLike(Protocol):
     @property
     def kernel(self) -> Path: ...
     @property
-    def initrd(self) -> Path: ...
+    def initrd(self) -> Path | None: ...
     @property
     def rootfs(self) -> Path: ...
     @property
@@ -270,7 +270,7 @@ class ImageLike(Protocol):
 @dataclass(frozen=True)
 class FirecrackerImage:
     kernel: Path
-    initrd: Path
+    initrd: Path | None
     rootfs: Path
     vcpus: int = 1
     memory_mib: int = 256
@@ -295,7 +295,7 @@ class BootFiles:
     clone's directory, then opens the clone's own disk at load (see firecracker_snapshot.py)."""
 
     kernel: str
-    initrd: str
+    initrd: str | None  # None: our kernel, which mounts the root disk itself
     root_disk: str
     data_disk: str | None
     vsock: str
@@ -304,9 +304,10 @@ class BootFiles:
 def boot_files(image: ImageLike, paths: VmPaths, *, jailed: bool = False) -> BootFiles:
     data = image.data_disk_bytes
     if jailed:  # spawn links/copies everything into the chroot under these names
-        return BootFiles("/vmlinux", "/initrd.cpio", root_drive_path(jailed=True), "/data.ext4" if data else None,
-                         "/agent.sock")
-    return BootFiles(str(image.kernel), str(image.initrd), root_drive_path(jailed=False),
+        return BootFiles("/vmlinux", "/initrd.cpio" if image.initrd is not None else None, root_drive_path(jailed=True),
+                         "/data.ext4" if data else None, "/agent.sock")
+    return BootFiles(str(image.kernel), str(image.initrd) if image.initrd is not None else None,
+                     root_drive_path(jailed=False),
                      str(paths.data_disk) if data else None, str(paths.agent_socket))
 
 
@@ -322,7 +323,8 @@ def plan_boot(artifact_like: BootImage | ImageLike, paths: VmPaths, record: VmRe
     vcpus = (record.vcpus if record is not None else 0) or image.vcpus
     memory = (record.memory_mib if record is not None else 0) or image.memory_mib
     entrypoint = encoded_argv(record) if record is not None else None
-    boot_args = BOOT_ARGS + (f" mvm.argv={entrypoint}" if entrypoint else "")
+    boot_args = BOOT_ARGS + (f" {DIRECT_ROOT_ARGS}" if files.initrd is None else "") \
+        + (f" mvm.argv={entrypoint}" if entrypoint else "")
     plan = [
         machine_config_request(vcpus, memory),
         boot_source_request(files.kernel, files.initrd, boot_args),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvm.core.bootimage import BootImage
+from mvm.core.bootimage import KERNEL_CONFIG_FILE, BootImage
 
 MIN_ACPI_VERSION = (1, 8, 0)  # Firecracker describes virtio-mmio devices through ACPI from 1.8.0
 
@@ -149,6 +149,12 @@ def initramfs_modules(initrd: Path) -> list[str] | None:
 def artifact_kernel_config(image: BootImage) -> dict[str, str] | None:
     """The image's kernel config, from the kernel .deb (``linux-image-<kernelRelease>_*.deb``)
     in ``$MVM_HOME/cache/debs`` if it is still there; None when it is not."""
+    own = image.path / KERNEL_CONFIG_FILE  # our kernel's config travels with the artifact
+    if own.is_file():
+        try:
+            return parse_kernel_config(own.read_text())
+        except (OSError, ValueError):
+            return None
     home = image.path.parent.parent  # $MVM_HOME/store/<key>
     release = image.kernel_release
     for deb in sorted((home / "cache" / "debs").glob(f"linux-image-{release}_*.deb"), reverse=True):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, UsageError, VmError
 from mvm.runtime.backends.base import (
+    DIRECT_ROOT_ARGS,
     NOT_EXERCISED,
     BackendReport,
     Capabilities,
@@ -90,7 +91,7 @@ class QemuSpec:
     """Everything one QEMU boot needs; :meth:`argv` turns it into a command line."""
 
     kernel: Path
-    initrd: Path
+    initrd: Path | None  # None: a kernel that mounts the root disk itself (ours, every driver built in)
     root_disk: Path | None  # the VM's qcow2 overlay over the artifact's read-only rootfs.ext4
     accel: str = "tcg"
     vcpus: int = 1
@@ -109,6 +110,10 @@ class QemuSpec:
     incoming: bool = False  # -incoming defer: wait for a migration stream (a restore) over QMP
     extra_args: list[str] = field(default_factory=list)
 
+    def root_args(self) -> str:
+        """Without an initramfs the kernel mounts the root disk and starts /init itself."""
+        return "" if self.initrd is not None or self.root_disk is None else DIRECT_ROOT_ARGS
+
     def argv(self) -> list[str]:
         machine = "microvm,isa-serial=on"
         memory: list[str] = []
@@ -122,8 +127,8 @@ class QemuSpec:
             "-m", str(self.memory_mib), "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-kernel", str(self.kernel), "-initrd", str(self.initrd),
-            "-append", f"{kernel_cmdline(self.accel)} {self.boot_args}".rstrip(),
+            "-kernel", str(self.kernel), *(["-initrd", str(self.initrd)] if self.initrd is not None else []),
+            "-append", f"{kernel_cmdline(self.accel)} {self.root_args()} {self.boot_args}".strip(),
             "-chardev", f"{self.console},id=console0" + (",signal=off" if self.console == "stdio" else ""),
             "-serial", "chardev:console0",
             "-device", "virtio-rng-device",

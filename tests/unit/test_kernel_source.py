@@ -1,0 +1,72 @@
+"""mvm's own kernel: the config fragment, what it asks of Kconfig, and how mvm.toml names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mvm.build import kernel_source
+from mvm.core.errors import BuildError, ManifestError, UsageError
+from mvm.core.manifest import ManifestOverrides, load_manifest, parse_manifest
+from mvm.core.state import MvmHome
+
+SHELL = '[entrypoint]\nshell = "/bin/sh"\n'
+
+
+def test_a_setting_kconfig_dropped_is_named() -> None:
+    fragment = "CONFIG_VIRTIO_FS=y\n# CONFIG_VT is not set\nCONFIG_NR_CPUS=64\n# a comment\n"
+    config = "CONFIG_VIRTIO_FS=y\nCONFIG_VT=y\nCONFIG_NR_CPUS=8\n"
+    assert kernel_source.unmet_settings(fragment, config) == ["CONFIG_VT off", "CONFIG_NR_CPUS=64"]
+    assert kernel_source.unmet_settings(fragment, "CONFIG_VIRTIO_FS=y\nCONFIG_NR_CPUS=64\n") == []
+    assert kernel_source.unmet_settings("CONFIG_SQUASHFS=y\n", "# CONFIG_SQUASHFS is not set\n") == ["CONFIG_SQUASHFS=y"]
+
+
+def test_the_fragment_builds_in_what_the_guest_needs_and_no_modules() -> None:
+    text = kernel_source.config_fragment("x86_64").read_text()
+    for option in ("VIRTIO_MMIO", "VIRTIO_BLK", "VIRTIO_CONSOLE", "HW_RANDOM_VIRTIO", "VIRTIO_VSOCKETS", "EXT4_FS",
+                   "VIRTIO_FS", "SQUASHFS", "OVERLAY_FS", "DM_VERITY", "SECCOMP_FILTER", "PID_NS", "CGROUPS",
+                   "PVH", "DEVTMPFS_MOUNT", "SERIAL_8250_CONSOLE", "PRINTK_TIME"):
+        assert f"CONFIG_{option}=y\n" in text, option
+    assert "# CONFIG_MODULES is not set\n" in text
+    assert "=m\n" not in text
+
+
+def test_the_config_digest_names_the_fragment_and_unsupported_arches_are_refused() -> None:
+    assert kernel_source.config_digest("x86_64") == kernel_source.config_digest("x86_64")
+    assert len(kernel_source.config_digest("x86_64")) == 64
+    with pytest.raises(BuildError, match="cannot boot aarch64 guests yet"):
+        kernel_source.config_digest("aarch64")
+    with pytest.raises(BuildError, match="no kernel config for architecture 'riscv64'"):
+        kernel_source.config_fragment("riscv64")
+
+
+def test_the_cache_lists_only_complete_kernels(tmp_path: Path) -> None:
+    home = MvmHome(tmp_path)
+    good = home.kernels / "mvm-x86_64-aaaa"
+    good.mkdir(parents=True)
+    (good / "vmlinux").write_bytes(b"\x7fELF")
+    (good / "build.json").write_text(json.dumps({"release": "6.1.1-mvm", "arch": "x86_64", "configDigest":
+                                                 kernel_source.config_digest("x86_64"), "source": "s.deb",
+                                                 "seconds": 1.0}))
+    for broken, files in (("mvm-x86_64-nojson", {"vmlinux": b"x"}), ("mvm-x86_64-nolinux", {"build.json": b"{}"}),
+                          ("mvm-x86_64-badjson", {"vmlinux": b"x", "build.json": b"{not json"})):
+        (home.kernels / broken).mkdir()
+        for name, data in files.items():
+            (home.kernels / broken / name).write_bytes(data)
+    assert [k.name for k in kernel_source.cached_kernels(home)] == ["mvm-x86_64-aaaa"]
+    cached = kernel_source.cached_kernel(home)
+    assert cached is not None and cached.release == "6.1.1-mvm"
+
+
+def test_mvm_toml_and_build_name_the_kernel(tmp_path: Path) -> None:
+    assert parse_manifest('name = "k"\n' + SHELL, base_dir=tmp_path).kernel == "debian"
+    assert parse_manifest('name = "k"\nkernel = "mvm"\n' + SHELL, base_dir=tmp_path).kernel == "mvm"
+    with pytest.raises(ManifestError) as info:
+        parse_manifest('name = "k"\nkernel = "linux"\n' + SHELL, base_dir=tmp_path)
+    assert info.value.field == "kernel" and "debian | mvm" in str(info.value)
+    (tmp_path / "mvm.toml").write_text('name = "k"\n' + SHELL)
+    assert load_manifest(tmp_path, overrides=ManifestOverrides(kernel="mvm")).kernel == "mvm"
+    with pytest.raises(UsageError, match="--kernel: 'nope'"):
+        load_manifest(tmp_path, overrides=ManifestOverrides(kernel="nope"))
