@@ -88,6 +88,13 @@ def sweep_leaked_vms(request: pytest.FixtureRequest):
 def mvm_home(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
     home = tmp_path_factory.mktemp("mvm-home")
     request.session.config.stash[_HOME_KEY] = home
+    # Compiling mvm's own kernel takes minutes: a developer may seed the cache with kernels an
+    # earlier run built (MVM_TEST_KERNEL_CACHE=~/.mvm/cache/kernels). CI starts empty and builds.
+    seed = os.environ.get("MVM_TEST_KERNEL_CACHE")
+    if seed:
+        for built in Path(seed).glob("mvm-*"):
+            if (built / "build.json").is_file():
+                shutil.copytree(built, home / "cache" / "kernels" / built.name)
     return home
 
 

@@ -97,6 +97,8 @@ def _print_posture(posture: Posture, console: Console) -> None:
 
     if posture.security is not None:
         _print_security(posture, console)
+    if posture.kernels is not None:
+        _print_kernels(posture, console)
 
     console.rule("Host tools")
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
@@ -122,6 +124,24 @@ def _print_posture(posture: Posture, console: Console) -> None:
         console.print(Text("can build images: yes", "green"))
     else:
         console.print(Text("can build images: no (run `mvmctl bootstrap`)", "red"))
+
+
+def _print_kernels(posture: Posture, console: Console) -> None:
+    kernels = posture.kernels
+    assert kernels is not None
+    console.rule("Guest kernels")
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("default", Text(f"{kernels.default} (mvm.toml's kernel, or `build --kernel`, picks another)"))
+    if kernels.ours:
+        table.add_row("mvm's own", Text(f"built: {kernels.ours} ({kernels.ours_release})", "green"))
+    elif kernels.build_needs_missing:
+        table.add_row("mvm's own", Text(f"not built; compiling it needs {', '.join(kernels.build_needs_missing)} "
+                                        "(apt-get install them, then `mvmctl kernel build`)", "yellow"))
+    else:
+        table.add_row("mvm's own", Text("not built yet (`mvmctl kernel build`: about 5 minutes on two cores)"))
+    console.print(table)
 
 
 def _print_security(posture: Posture, console: Console) -> None:

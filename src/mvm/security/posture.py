@@ -58,12 +58,22 @@ class SecurityState(BaseModel):
     policy: dict[str, object]  # {files, rules} | {error}
 
 
+class KernelState(BaseModel):
+    """doctor's guest-kernel section: the default, and whether ours is built or could be."""
+
+    default: str  # what an mvm.toml without `kernel` boots
+    ours: str | None  # the cached build of the current config (cache/kernels/<name>), if any
+    ours_release: str | None
+    build_needs_missing: list[str]  # packages to install before `mvmctl kernel build` can compile
+
+
 class Posture(BaseModel):
     host: HostInfo
     kvm: KvmState
     backends: list[BackendReport]
     tools: list[ToolStatus]
     security: SecurityState | None = None
+    kernels: KernelState | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -134,7 +144,17 @@ def host_posture(home: MvmHome, *, probe: bool = True) -> Posture:
                       tools={t.name: t for t in tools})
     reports = [backends.get(name).doctor(facts) for name in DOCTOR_ORDER]
     return Posture(host=host_info(), kvm=kvm, backends=reports, tools=tools,
-                   security=security_state(home, reports))
+                   security=security_state(home, reports), kernels=kernel_state(home))
+
+
+def kernel_state(home: MvmHome) -> KernelState:
+    from mvm.build import kernel_source
+    from mvm.core.workload import Workload
+
+    ours = kernel_source.cached_kernel(home)
+    return KernelState(default=str(Workload.model_fields["kernel"].default), ours=ours.name if ours else None,
+                       ours_release=ours.release if ours else None,
+                       build_needs_missing=kernel_source.missing_build_needs())
 
 
 def security_state(home: MvmHome, reports: list[BackendReport]) -> SecurityState:
