@@ -175,6 +175,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         ready = boot_phases(record)["agent-ready"] or 0
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         origin += "; network OPEN" if record.network == "open" else ""
+        origin += f"; network allow-list ({len(record.allow)} entries)" if record.network == "allow-list" else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
@@ -265,6 +266,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+NETWORK_NOTES = {"deny": " (no network device: nothing in or out but forwards)",
+                 "allow-list": " (no network device: out only to the listed destinations, checked by the host)",
+                 "open": " (ordinary outbound networking)"}
+
+
 @click.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -290,8 +296,9 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
     click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
-    click.echo(f"  network     {record.network}" + (" (no network device: nothing in or out but forwards)"
-                                                    if record.network == "deny" else " (ordinary outbound networking)"))
+    click.echo(f"  network     {record.network}" + NETWORK_NOTES.get(record.network, ""))
+    if record.network == "allow-list":
+        click.echo(f"  allow       {', '.join(record.allow) or '(nothing)'}")
     if record.snapshot:
         click.echo(f"  cloned from snapshot {record.snapshot}")
     click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")

@@ -323,6 +323,8 @@ def plan_boot(artifact_like: BootImage | ImageLike, paths: VmPaths, record: VmRe
     memory = (record.memory_mib if record is not None else 0) or image.memory_mib
     entrypoint = encoded_argv(record) if record is not None else None
     boot_args = BOOT_ARGS + (f" mvm.argv={entrypoint}" if entrypoint else "")
+    if record is not None and record.network == "allow-list":  # egress through the agent (guest/init)
+        boot_args += " mvm.egress=1"
     plan = [
         machine_config_request(vcpus, memory),
         boot_source_request(files.kernel, files.initrd, boot_args),

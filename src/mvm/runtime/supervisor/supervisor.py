@@ -23,6 +23,7 @@ from mvm.runtime.supervisor.agent_link import AgentLink
 from mvm.runtime.supervisor.audit_trail import AuditTrail
 from mvm.runtime.supervisor.clients import Client, ClientServer
 from mvm.runtime.supervisor.console import ConsoleRelay
+from mvm.runtime.supervisor.egress import Egress
 from mvm.runtime.supervisor.forwards import Forwards
 from mvm.runtime.supervisor.vm_process import ProcessWatch
 
@@ -42,6 +43,7 @@ class Supervisor:
         self.agent = AgentLink(self)
         self.clients = ClientServer(self)
         self.forwards = Forwards(self)
+        self.egress = Egress(self)
         self.audit = AuditTrail(self)
 
     async def main(self) -> None:
@@ -110,6 +112,7 @@ class Supervisor:
         self.console.record_markers()
         self.record.save(self.paths)
         self.clients.answer_waiters("ready", {"type": "result", "state": "running"})
+        self.egress.start()
 
     def cleanup_runtime_files(self) -> None:
         """A stopped VM keeps its record, mode and console log; the rest goes."""
