@@ -123,7 +123,7 @@ class ClientServer:
             if sup.stopped.is_set():
                 client.send(protocol.encode({"type": "result", "id": frame.id, "state": "stopped",
                                              "reason": record.stop_reason, "exit_status": record.exit_status}))
-            elif kind == "ready" and sup.agent.ready:
+            elif kind == "ready" and sup.agent.ready and sup.egress.settled:
                 client.send(protocol.encode({"type": "result", "id": frame.id, "state": "running"}))
             else:
                 self.waiters.append((client, frame.id or 0, kind))

@@ -71,6 +71,7 @@ class Egress:
         self.open = 0
         self.window_start, self.window_count, self.unlogged = 0.0, 0, 0
         self.waiting: list[asyncio.Future[None]] = []  # updates that answer once the guest has applied them
+        self.settled = not self.on  # `up` is answered once the guest listens (or could not)
 
     @property
     def on(self) -> bool:
@@ -86,6 +87,13 @@ class Egress:
         self.stream_id, agent.next_id = agent.next_id, agent.next_id + 1
         agent.streams[self.stream_id] = self.on_frame
         self.push()
+        if not self.settled:  # an agent that never answers its setup must not hold `up` for ever
+            asyncio.get_running_loop().call_later(APPLY_TIMEOUT_S, self.settle)
+
+    def settle(self) -> None:
+        if not self.settled:
+            self.settled = True
+            self.sup.on_ready_for_clients()
 
     def push(self) -> None:
         if self.stream_id is not None:
@@ -100,17 +108,18 @@ class Egress:
             if not isinstance(conn, int) or isinstance(conn, bool) or not isinstance(host, str):
                 return
             asyncio.get_running_loop().create_task(self.dial(conn, host[:300], port))
-        elif frame.type == "egress-ready":
+        elif frame.type in ("egress-ready", "error"):
+            self.settle()
             waiting, self.waiting = self.waiting, []
             for future in waiting:
                 if not future.done():
                     future.set_result(None)
-            if header.get("failed"):
+            if frame.type == "error":
+                print(f"mvm-supervisor: egress: the agent refused its setup: {str(header.get('message'))[:300]}",
+                      file=sys.stderr, flush=True)
+            elif header.get("failed"):
                 print(f"mvm-supervisor: egress: the guest could not listen on: {str(header.get('failed'))[:500]}",
                       file=sys.stderr, flush=True)
-        elif frame.type == "error":
-            print(f"mvm-supervisor: egress: the agent refused its setup: {str(header.get('message'))[:300]}",
-                  file=sys.stderr, flush=True)
 
     async def dial(self, conn: int, host: str, port: Any) -> None:
         agent = self.sup.agent

@@ -111,8 +111,12 @@ class Supervisor:
         self.record.state, self.record.ready_at = "running", time.time()
         self.console.record_markers()
         self.record.save(self.paths)
-        self.clients.answer_waiters("ready", {"type": "result", "state": "running"})
         self.egress.start()
+        if self.egress.settled:  # (else once the guest listens where its allow-list says: egress.py)
+            self.on_ready_for_clients()
+
+    def on_ready_for_clients(self) -> None:
+        self.clients.answer_waiters("ready", {"type": "result", "state": "running"})
 
     def cleanup_runtime_files(self) -> None:
         """A stopped VM keeps its record, mode and console log; the rest goes."""
