@@ -205,3 +205,24 @@ def test_the_list_of_a_running_vm_changes_with_mvmctl_network(ctl: Mvmctl, vm: s
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "10.0.0.1/8:80" in bad.stderr, bad.stderr
     missing = ctl("network", NAME, "--deny", "127.0.0.1:1")
     assert missing.returncode != 0 and "is not on VM egress's list" in missing.stderr, missing.stderr
+
+
+def test_up_takes_the_mode_and_list_on_its_command_line(ctl: Mvmctl, servers: Servers, tmp_path: Path) -> None:
+    directory = tmp_path / "egresscli"
+    directory.mkdir()
+    (directory / "mvm.toml").write_text('name = "egresscli"\nmemory_mib = 128\n[entrypoint]\n'
+                                        'command = ["/bin/sh", "-c", "while :; do sleep 1; done"]\n')
+    bad = ctl("up", str(directory), "--network", "allow-list", "--allow", "10.0.0.1/8:80")
+    assert bad.returncode == 2 and "allow entry '10.0.0.1/8:80'" in bad.stderr, bad.stderr
+    assert len([line for line in bad.stderr.splitlines() if not line.startswith("mvmctl: docker:")]) == 1
+    assert "egresscli" not in ctl("ls", check=True).stdout  # nothing registered, nothing running
+    lonely = ctl("up", str(directory), "--allow", "127.0.0.1:80")
+    assert lonely.returncode == 2 and "add --network allow-list" in lonely.stderr
+    ctl("up", str(directory), "--network", "allow-list", "--allow", f"127.0.0.1:{servers.allowed.port}", check=True)
+    try:
+        got = ctl("exec", "egresscli", "--", "sh", "-c", f"nc -w 10 127.0.0.1 {servers.allowed.port} </dev/null")
+        assert got.stdout == "allowed\n", got.stderr
+        assert json.loads(ctl("network", "egresscli", "--json", check=True).stdout)["allow"] == [
+            f"127.0.0.1:{servers.allowed.port}"]
+    finally:
+        ctl("down", "egresscli", "--force")

@@ -4,11 +4,35 @@ running allow-list VM's destinations."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import click
 
+from mvm.core.bootimage import BootImage
+from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome
 from mvm.runtime import allow_list
+
+
+def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`up` and `run`: --network MODE and --allow ENTRY, over what mvm.toml says."""
+    command = click.option("--allow", "allow_entries", multiple=True, metavar="ENTRY",
+                           help="With allow-list: a destination (host:port, *.domain:port, CIDR:port; "
+                                "repeatable), added to mvm.toml's.")(command)
+    return click.option("--network", "network_mode", type=click.Choice(["deny", "allow-list", "open"]),
+                        help="The network mode, instead of mvm.toml's [network] mode.")(command)
+
+
+def with_network(image: BootImage, mode: str | None, allow: tuple[str, ...]) -> BootImage:
+    """The image as started with --network/--allow (the same artifact: only how it runs)."""
+    mode = mode or image.network_mode
+    if allow and mode != "allow-list":
+        raise UsageError(f"--allow lists destinations, but the network mode is {mode!r}",
+                         "add --network allow-list")
+    entries = (*image.allow, *(a for a in allow if a not in image.allow)) if mode == "allow-list" else ()
+    return replace(image, network_mode=mode, allow=entries)
 
 
 @click.command()
