@@ -218,7 +218,13 @@ def test_up_takes_the_mode_and_list_on_its_command_line(ctl: Mvmctl, servers: Se
     assert "egresscli" not in ctl("ls", check=True).stdout  # nothing registered, nothing running
     lonely = ctl("up", str(directory), "--allow", "127.0.0.1:80")
     assert lonely.returncode == 2 and "add --network allow-list" in lonely.stderr
-    ctl("up", str(directory), "--network", "allow-list", "--allow", f"127.0.0.1:{servers.allowed.port}", check=True)
+    policy = tmp_path / "policy.toml"  # admission sees the command line's list, not only mvm.toml's
+    policy.write_text('[network]\nallow_patterns = ["127.0.0.1:*"]\n')
+    held = ctl("up", str(directory), "--network", "allow-list", "--allow", "192.0.2.1:80", "--policy", str(policy))
+    assert held.returncode != 0 and "192.0.2.1:80" in held.stderr, held.stderr
+    assert "egresscli" not in ctl("ls", check=True).stdout
+    ctl("up", str(directory), "--network", "allow-list", "--allow", f"127.0.0.1:{servers.allowed.port}",
+        "--policy", str(policy), check=True)
     try:
         got = ctl("exec", "egresscli", "--", "sh", "-c", f"nc -w 10 127.0.0.1 {servers.allowed.port} </dev/null")
         assert got.stdout == "allowed\n", got.stderr

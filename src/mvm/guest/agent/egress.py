@@ -51,6 +51,7 @@ class Egress:
         self.pending: dict[int, Pending] = {}
         self.next_conn = 1
         self.lock = threading.Lock()
+        self.readers = threading.BoundedSemaphore(MAX_PENDING)  # proxy clients whose request is being read
         self.original_hosts: str | None = None
 
     def configure(self, listen: list[tuple[str, int, str]], hosts: list[tuple[str, str]]) -> list[str]:
@@ -93,6 +94,9 @@ class Egress:
             except OSError:
                 return  # closed
             if not host:
+                if not self.readers.acquire(blocking=False):
+                    conn.close()  # (as many as wait for the host already: a flood gets no thread each)
+                    continue
                 threading.Thread(target=self.proxy_client, args=(conn,), daemon=True).start()
             else:
                 self.dial(Pending(conn), host, port)
@@ -128,6 +132,12 @@ class Egress:
 
     def proxy_client(self, sock: socket.socket) -> None:
         """Read one request head; CONNECT host:port, or METHOD http://host[:port]/path."""
+        try:
+            self.read_request(sock)
+        finally:
+            self.readers.release()
+
+    def read_request(self, sock: socket.socket) -> None:
         sock.settimeout(PENDING_S)
         head = b""
         try:
