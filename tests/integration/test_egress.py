@@ -171,6 +171,8 @@ print(urllib.request.urlopen("http://localhost:{servers.http_port}/page", timeou
 def test_a_listed_name_that_resolves_to_loopback_is_refused(ctl: Mvmctl, vm: str, servers: Servers) -> None:
     hosts = guest(ctl, "cat /etc/hosts").stdout
     assert f"127.77.0.2 {REBOUND}" in hosts  # the guest's own address for the name
+    forged = guest(ctl, "echo '127.0.0.1 api.example.com' >>/etc/hosts")  # the agent's file, not the workload's
+    assert forged.returncode != 0 and "api.example.com" not in guest(ctl, "cat /etc/hosts").stdout
     before = servers.rebound.connections
     tried = guest(ctl, f"nc -w 5 {REBOUND} {servers.rebound.port} </dev/null")
     assert "rebound" not in tried.stdout
@@ -232,3 +234,15 @@ def test_up_takes_the_mode_and_list_on_its_command_line(ctl: Mvmctl, servers: Se
             f"127.0.0.1:{servers.allowed.port}"]
     finally:
         ctl("down", "egresscli", "--force")
+
+
+def test_the_agent_listens_on_a_low_port_an_entry_names(ctl: Mvmctl, vm: str) -> None:
+    """(Nothing connects to it: no server of the test's listens on the host's port 81.)"""
+    ctl("network", NAME, "--allow", "127.0.0.1:81", check=True)
+    try:
+        table = guest(ctl, "cat /proc/net/tcp").stdout
+        assert any(line.split()[1:2] == ["0100007F:0051"] and line.split()[3] == "0A" for line in table.splitlines()[1:])
+        assert "could not listen" not in supervisor_log(ctl)
+    finally:
+        ctl("network", NAME, "--deny", "127.0.0.1:81", check=True)
+    assert "0100007F:0051" not in guest(ctl, "cat /proc/net/tcp").stdout  # the listener went with the entry

@@ -3,6 +3,7 @@ checks every connection against it; see runtime/supervisor/egress.py)."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 from mvm.core.errors import UsageError, VmError
@@ -41,4 +42,7 @@ def change(home: MvmHome, name: str, allow: tuple[str, ...] = (), deny: tuple[st
     finally:
         lifecycle.audit_action(home, "network", name=name, started=started, error=error,
                                detail={"allow": list(allow), "deny": list(deny)})
+    if reply.get("applied") is False:
+        sys.stderr.write(f"mvmctl: warning: VM {name}'s agent has not said it listens where the new list says "
+                         "(paused, or busy); the host checks the new list either way\n")
     return [str(e) for e in reply.get("allow") or []]
