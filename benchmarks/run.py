@@ -1,6 +1,6 @@
 """Build, boot, exec, client, memory and docker-backend benchmarks, side by side in one run.
 
-    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore,sdk,audit,forward]
+    .venv/bin/python benchmarks/run.py [--rounds N] [--only build,boot,exec,client,memory,docker,restore,sdk,audit,forward,egress]
 
 Prints, for the same artifacts on the same host in the same run (compared runs alternate
 A,B,A,B...; medians; ratios):
@@ -91,7 +91,8 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
     return spec.argv()
 
 
-SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit", "forward", "kernel")
+SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit", "forward", "egress",
+            "kernel")
 
 
 def main() -> int:
@@ -190,6 +191,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         import forward_bench
 
         forward_bench.bench_forward(bench)
+    if "egress" in only:
+        import egress_bench
+
+        egress_bench.bench_egress(bench)
     if "audit" in only:
         import audit_bench
 

@@ -183,7 +183,10 @@ def test_settings_this_version_would_not_carry_out_are_refused_before_anything_s
                       entrypoint_kind="command", agent_uid=990, entrypoint_uid=1000, hypervisor="auto", forwards=())
     lifecycle.refuse_unenforced_settings(image)
     lifecycle.refuse_unenforced_settings(replace(image, network_mode="open"))  # carried out: a user-mode NIC
-    for changed, words in ((replace(image, network_mode="allow-list"), "mode = 'allow-list'"),
+    lifecycle.refuse_unenforced_settings(replace(image, network_mode="allow-list", allow=("127.0.0.1:5432",)))
+    for changed, words in ((replace(image, network_mode="allow-list", allow=("10.0.0.1/8:80",)),
+                            "allow entry '10.0.0.1/8:80'"),
+                           (replace(image, network_mode="mesh"), "mode = 'mesh'"),
                            (replace(image, volumes=2), "2 [[volumes]]")):
         with pytest.raises(UsageError, match=words.replace("[", r"\[").replace("]", r"\]")):
             lifecycle.refuse_unenforced_settings(changed)

@@ -69,7 +69,8 @@ def ls(as_json: bool, vm: str | None, since: str | None) -> None:
 
 def summary(entry: dict[str, Any]) -> str:
     actor = entry.get("actor") if isinstance(entry.get("actor"), dict) else {}
-    what = entry.get("argv") or entry.get("paths") or ""
+    detail = entry.get("detail") if isinstance(entry.get("detail"), dict) else {}
+    what = entry.get("argv") or entry.get("paths") or detail.get("destination") or ""
     if isinstance(what, list):
         what = " ".join(str(w) for w in what)
     status = str(entry.get("result", "?")) + (f" {entry['exit_status']}" if entry.get("exit_status") is not None else "")

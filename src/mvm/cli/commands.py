@@ -42,6 +42,7 @@ VERBS = {
     "fork": "mvm.cli.snapshots",
     "template": "mvm.cli.snapshots",
     "forward": "mvm.cli.vm",
+    "network": "mvm.cli.network",
     "plan": "mvm.cli.plan",
     "prune": "mvm.cli.prune",
     "manifest-prune": "mvm.cli.prune",

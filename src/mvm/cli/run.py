@@ -12,6 +12,7 @@ from contextlib import nullcontext
 
 import click
 
+from mvm.cli.network import network_options, with_network
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import (
@@ -69,11 +70,12 @@ class RunCommand(click.Command):
                    "the plan they would carry out (as `mvmctl plan record`).")
 @click.option("--receipt", is_flag=True, help="Print the id of the start's audit record on stderr.")
 @POLICY_OPTION
+@network_options
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
         boot_report: bool, dry_run: bool, as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...],
-        allow_stub: bool) -> None:
+        allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
@@ -106,10 +108,12 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     if dry_run:
+        if network_mode or allow_entries:
+            raise UsageError("--network and --allow are not planned by --dry-run", "leave them out of the dry run")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
                    hypervisor=hypervisor, argv=argv, forwards=forwards, overcommit=overcommit, policies=policies)
         return
-    image = boot_image(project_dir(directory, flake), home)
+    image = with_network(boot_image(project_dir(directory, flake), home), network_mode, allow_entries)
     vm_name = name or image.name
     receipts: list[str] = []
     if not attached:

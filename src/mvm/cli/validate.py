@@ -77,8 +77,8 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
     network = workload.network.mode.value
     if network == "open":
         network += " (ordinary outbound networking: QEMU's user-mode network, docker's bridge)"
-    elif network != "deny":
-        network += " (not enforced by this version: up and run refuse it)"
+    elif network == "allow-list":
+        network += f" (checked on the host; allow {', '.join(workload.network.allow) or 'nothing'})"
     if workload.network.forward:
         forwards = (
             f"{f.host_addr}:{f.host_port}->{f.guest_port}" for f in workload.network.forward

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from mvm.build import stamps
+from mvm.cli.network import network_options, with_network
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage, PortForward, parse_host
 from mvm.core.errors import UsageError
@@ -110,10 +111,11 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
                                                "'receipt' field).")
 @click.option("--dry-run", is_flag=True, help="Print the admitted plan (what would run, where, how) and start nothing.")
 @POLICY_OPTION
+@network_options
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
        memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
        snapshot_tag: str | None, cold: bool, as_json: bool, receipt: bool, dry_run: bool,
-       policies: tuple[str, ...], allow_stub: bool) -> None:
+       policies: tuple[str, ...], allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...]) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
@@ -128,6 +130,9 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     receipts: list[str] = []
+    if (network_mode or allow_entries) and (dry_run or snapshot_tag is not None):
+        raise UsageError("--network and --allow go with a boot from a workload, not with --dry-run or --snapshot",
+                         "leave them out (a clone keeps its snapshot's network)")
     if dry_run:
         if snapshot_tag is not None:
             raise UsageError("--dry-run plans a boot; a clone of a snapshot is not planned here",
@@ -152,6 +157,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         name = name or image.name
         from mvm.runtime import cloning
 
+        if network_mode or allow_entries:  # (a template's guest booted with mvm.toml's network: boot afresh)
+            image, cold = with_network(image, network_mode, allow_entries), True
         template = None if cold else cloning.template_to_clone(home, image, hypervisor=hypervisor, vcpus=vcpus,
                                                                memory_mib=memory_mib)
         if template is not None:
@@ -175,6 +182,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         ready = boot_phases(record)["agent-ready"] or 0
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         origin += "; network OPEN" if record.network == "open" else ""
+        origin += f"; network allow-list ({len(record.allow)} entries)" if record.network == "allow-list" else ""
         click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
@@ -265,6 +273,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+NETWORK_NOTES = {"deny": " (no network device: nothing in or out but forwards)",
+                 "allow-list": " (no network device: out only to the listed destinations, checked by the host)",
+                 "open": " (ordinary outbound networking)"}
+
+
 @click.command()
 @click.argument("name")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -290,8 +303,9 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
     click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
-    click.echo(f"  network     {record.network}" + (" (no network device: nothing in or out but forwards)"
-                                                    if record.network == "deny" else " (ordinary outbound networking)"))
+    click.echo(f"  network     {record.network}" + NETWORK_NOTES.get(record.network, ""))
+    if record.network == "allow-list":
+        click.echo(f"  allow       {', '.join(record.allow) or '(nothing)'}")
     if record.snapshot:
         click.echo(f"  cloned from snapshot {record.snapshot}")
     click.echo(f"  pids        supervisor {record.supervisor_pid}, {record.backend} {record.qemu_pid}")

@@ -129,6 +129,7 @@ class BootImage:
     hypervisor: str  # what mvm.toml asked for; "auto" when it did not
     forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
     network_mode: str = "deny"  # mvm.toml's [network] mode
+    allow: tuple[str, ...] = ()  # mvm.toml's [network] allow (an allow-list's entries)
     volumes: int = 0  # how many [[volumes]] mvm.toml declares
     boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
     agent_binary: str = "real"  # artifact.json's agentBinary: "real", or what a test image carries instead
@@ -171,7 +172,8 @@ class BootImage:
                 hypervisor=workload.get("hypervisor") or "auto",
                 forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
                                for f in workload["network"]["forward"]),
-                network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
+                network_mode=workload["network"].get("mode", "deny"),
+                allow=tuple(str(a) for a in workload["network"].get("allow") or ()), volumes=len(workload.get("volumes") or ()),
                 boot_budget=_budget(record.get("bootBudgetMs")),
                 agent_binary=str(record.get("agentBinary", "none recorded"))[:40],
                 kernel_name="mvm" if workload.get("kernel") == "mvm" else "debian",

@@ -37,6 +37,15 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
     connect {host:loopback, port}          -> connected, then data (body: the guest's bytes) ...,
                                               done when the guest side closes (a port forward)
     send {id of the connect, eof?} (body)  the host's bytes for that connection (no reply)
+    egress {listen:[[addr, port, host]], hosts:[[addr, name]]}
+                                           -> egress-ready {failed:[...]}, then, on the same id
+                                              for as long as the agent runs, dial {conn, host,
+                                              port} for each guest connection to a listener
+                                              (sent again, same id, when the list changes)
+    connect {conn}                         the host connected dial ``conn`` onward: as connect
+                                              above, on the guest's own connection; an egress
+                                              tunnel also replies eof when the guest half-closes
+    refuse {conn, message}                 the host refused dial ``conn`` (no reply)
     anything wrong                         -> error {message, errno?}  (the channel lives on)
 
 ``type`` for a file's entry is one of file, dir, link, other; ``mode`` is the permission bits.

@@ -205,7 +205,8 @@ class VmRecord:
     snapshot: str | None = None  # the tag of the snapshot it was cloned from
     restore_from: str | None = None  # that snapshot's directory: it starts from there, not by booting
     suspended: str | None = None  # stopped by `pause --to-disk`: the snapshot `resume` starts it from
-    network: str = "deny"  # deny (no network device) | open (ordinary outbound networking)
+    network: str = "deny"  # deny (no network device) | allow-list (egress checked by the host) | open
+    allow: list[str] = field(default_factory=list)  # an allow-list VM's entries, as `mvmctl network` left them
 
     @property
     def running(self) -> bool:
@@ -258,7 +259,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
     "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
     "workload_id": _OPTIONAL_STR, "snapshot": _OPTIONAL_STR, "restore_from": _OPTIONAL_STR,
-    "suspended": _OPTIONAL_STR, "network": (str,),
+    "suspended": _OPTIONAL_STR, "network": (str,), "allow": (list,),
 }
 
 

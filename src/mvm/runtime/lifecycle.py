@@ -95,7 +95,7 @@ def check_argv(argv: list[str] | None) -> None:
                          "limit of the kernel command line", "put a script in the image and run that")
 
 
-NETWORK_MODES = ("deny", "open")  # what this version carries out; allow-list is refused
+NETWORK_MODES = ("deny", "allow-list", "open")
 
 
 def refuse_stub_agent(image: BootImage, allow_stub: bool) -> None:
@@ -111,8 +111,14 @@ def refuse_unenforced_settings(image: BootImage) -> None:
     the guest would otherwise run without what its author asked for."""
     if image.network_mode not in NETWORK_MODES:
         raise UsageError(f"image {image.name} asks for [network] mode = {image.network_mode!r}, which this version "
-                         "does not enforce (the allow-list needs an egress path that checks every connection)",
-                         'use mode = "deny" (no network device; port forwards still work) or "open"')
+                         "does not know", 'use mode = "deny", "allow-list" or "open"')
+    if image.network_mode == "allow-list":
+        from mvm.security.egress_policy import EgressPolicy, EntryError
+
+        try:
+            EgressPolicy.parse(image.allow)
+        except EntryError as err:
+            raise UsageError(f"image {image.name}'s [network] allow: {err}", "fix the entry in mvm.toml") from None
     if image.volumes:
         raise UsageError(f"image {image.name} declares {image.volumes} [[volumes]], which this version does not mount",
                          "take them out, and copy files in with `mvmctl cp` instead")
@@ -175,6 +181,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                           deadline=None if lifetime_s is None else time.time() + lifetime_s, ephemeral=ephemeral,
                           workload_id=workload_id)
         record.network = image.network_mode
+        record.allow = list(image.allow) if image.network_mode == "allow-list" else []
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
             record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib

@@ -65,7 +65,13 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
         accessible=bool(workload["dev"]), sealed=not workload["dev"], entrypoint_kind=workload["entrypoint"]["kind"],
         agent_uid=uids["agent"], entrypoint_uid=uids["entrypoint"], hypervisor=workload.get("hypervisor") or "auto",
         forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"]) for f in network["forward"]),
-        network_mode=network.get("mode", "deny"), volumes=len(workload.get("volumes") or ()))
+        network_mode=network.get("mode", "deny"), allow=tuple(network.get("allow") or ()),
+        volumes=len(workload.get("volumes") or ()))
+
+
+EFFECTIVE = {"deny": "deny: no network device",
+             "allow-list": "allow-list: no network device; the listed destinations, checked on the host",
+             "open": "open: ordinary outbound networking"}
 
 
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
@@ -85,7 +91,6 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
     if workload is None:
         workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
     entry = workload["entrypoint"]
-    network = workload["network"]
     all_forwards = [*image.forwards, *forwards]
     return Plan(
         name=name,
@@ -100,8 +105,9 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
                     "argv": list(argv or entry.get("command") or ([entry["shell"]] if entry.get("shell") else [])),
                     "services": [s.get("name") for s in entry.get("services") or []],
                     "uid": image.entrypoint_uid, "agent_uid": image.agent_uid},
-        network={"mode": network["mode"], "allow": list(network.get("allow") or []),
-                 "effective": "deny: no network device", "forwards": [asdict(f) for f in all_forwards]},
+        # (the image's mode and list: mvm.toml's, or what `up --network/--allow` put over them)
+        network={"mode": image.network_mode, "allow": list(image.allow), "effective": EFFECTIVE.get(image.network_mode,
+                 image.network_mode), "forwards": [asdict(f) for f in all_forwards]},
         # (declared; an image with volumes is refused after admission: this version mounts none)
         mounts=[{"host": str(v.get("host")), "guest": str(v.get("guest")), "readonly": v.get("readonly", True) is True}
                 for v in workload.get("volumes") or []],

@@ -68,13 +68,23 @@ def exec_spec(frame: protocol.Frame, *, console: bool = False) -> ExecSpec:
     if timeout is not None and not 0 < timeout <= protocol.MAX_TIMEOUT_S:  # (also false for NaN)
         raise Refused(f"{frame.type}: 'timeout' must be more than 0 and at most {protocol.MAX_TIMEOUT_S} s (7 days)")
     pty = console or arg(frame, "pty", bool, False)
-    base = {"PATH": BASE_PATH, "HOME": home(), "LANG": "C.UTF-8"}
+    base = {"PATH": BASE_PATH, "HOME": home(), "LANG": "C.UTF-8", **proxy_env()}
     if pty:
         base["TERM"] = "xterm"  # a console request carries no env, and a terminal needs one
     return ExecSpec(argv=argv, env={**base, **env}, cwd=arg(frame, "cwd", str, "/"),
                     stdin=arg(frame, "stdin", bool, False), pty=pty,
                     rows=int_arg(frame, "rows", 24, 1, 0xFFFF), cols=int_arg(frame, "cols", 80, 1, 0xFFFF),
                     timeout=timeout)
+
+
+PROXY_NAMES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "all_proxy",
+               "no_proxy")
+
+
+def proxy_env() -> dict[str, str]:
+    """An allow-list guest's proxy variables (/init sets them for the entrypoint and the agent):
+    every command gets them, as the entrypoint does."""
+    return {name: os.environ[name] for name in PROXY_NAMES if name in os.environ}
 
 
 def home() -> str:

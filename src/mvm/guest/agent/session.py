@@ -9,7 +9,7 @@ from _signal import SIGKILL
 from mvm.core import protocol
 
 # Importing a concern's module registers its handlers in HANDLERS.
-from . import files, identity, process, system, tunnels
+from . import egress, files, identity, process, system, tunnels
 from .channel import Channel
 from .dispatch import HANDLERS, Refused, handles
 
@@ -25,6 +25,7 @@ class Session:
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
         self.tunnels: dict[int, tunnels.Tunnel] = {}
+        self.egress: egress.Egress | None = None  # an allow-list guest's listeners
         self.execs: dict[int, process.Exec] = {}
         self.uploads: dict[int | None, files.Upload] = {}
         self.reads: dict[int | None, files.Read] = {}
@@ -62,6 +63,8 @@ class Session:
         self.uploads.clear()
         for tunnel in list(self.tunnels.values()):
             tunnel.close()
+        if self.egress is not None:
+            self.egress.close()
         for read in list(self.reads.values()):
             read.cancelled.set()
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import queue
     import socket
 
+    from .egress import Pending
     from .session import Session
 
 
@@ -27,9 +28,11 @@ CONNECT_TIMEOUT_S = 5.0
 
 class Tunnel:
     """One forwarded TCP connection to a guest port: the host's bytes arrive in ``send``
-    frames, the guest's go back as ``data``; ``done`` when the guest side closes."""
+    frames, the guest's go back as ``data``; ``done`` when the guest side closes. Egress
+    (egress.py) hands it a guest connection already open (``pending``) instead."""
 
-    def __init__(self, session: Session, request_id: int, host: str, port: int) -> None:
+    def __init__(self, session: Session, request_id: int, host: str, port: int,
+                 pending: Pending | None = None) -> None:
         import queue
         import threading  # (first imported by a request, on the reading loop: see channel.py)
 
@@ -39,6 +42,8 @@ class Tunnel:
         self.queued = 0
         self.lock = threading.Lock()
         self.closed = False
+        self.pending = pending
+        self.host_done = threading.Event()  # the host's side has ended (sent eof, or failed)
 
     def run(self) -> None:
         """Connect, then relay the guest's bytes until it closes; ``done`` (or an error) ends it."""
@@ -46,9 +51,15 @@ class Tunnel:
 
         channel = self.session.channel
         try:
-            self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
+            if self.pending is not None:
+                self.sock = self.pending.sock
+                self.sock.sendall(self.pending.to_guest)
+            else:
+                self.sock = socket.create_connection(self.address, timeout=CONNECT_TIMEOUT_S)
             self.sock.settimeout(None)
         except OSError as err:
+            if self.sock is not None:
+                self.sock.close()
             self.session.tunnels.pop(self.id, None)
             channel.error(self.id, f"cannot connect to {self.address[0]}:{self.address[1]}: "
                                    f"{err.strerror or err}", err.errno)
@@ -57,12 +68,19 @@ class Tunnel:
             self.sock.close()
             return
         channel.reply(self.id, "connected")
+        if self.pending is not None and self.pending.to_host:
+            channel.reply(self.id, "data", self.pending.to_host)
         import threading
 
         threading.Thread(target=self.write_guest, daemon=True).start()
         try:
             while data := self.sock.recv(protocol.CHUNK):
                 channel.reply(self.id, "data", data)
+            if self.pending is not None and not self.closed:
+                # An egress client that stops sending (nc at the end of its stdin) still reads
+                # the answer: pass the half-close on, and end once the destination has too.
+                channel.reply(self.id, "eof")
+                self.host_done.wait()
         except OSError:
             pass
         finally:
@@ -82,11 +100,13 @@ class Tunnel:
                     self.queued -= len(data)
                 self.sock.sendall(data)
             self.sock.shutdown(socket.SHUT_WR)
+            self.host_done.set()
             while not self.closed and self.outgoing.get() is not None:
                 pass  # more after eof: nothing to do with it; run() puts None when the guest closes
         except OSError:
             self.close()
         finally:
+            self.host_done.set()
             self.sock.close()
 
     def send(self, data: bytes, eof: bool) -> None:
@@ -105,6 +125,7 @@ class Tunnel:
         import socket
 
         self.closed = True
+        self.host_done.set()
         if self.sock is not None:
             try:
                 self.sock.shutdown(socket.SHUT_RDWR)
@@ -117,9 +138,19 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 @handles("connect")
 def do_connect(session: Session, frame: protocol.Frame) -> None:
-    """A port forward: connect to a service on the guest's loopback for the host."""
+    """A port forward: connect to a service on the guest's loopback for the host; or, with
+    ``conn``, egress: relay a guest connection the host has connected onward."""
     if frame.id is None or frame.id in session.tunnels:
         raise Refused("connect needs a new integer 'id'")
+    if "conn" in frame.header:  # egress: the host carries on a guest connection it allowed
+        pending = session.egress.take(arg(frame, "conn", int)) if session.egress is not None else None
+        if pending is None:
+            raise Refused("no guest connection waits under that 'conn'")
+        tunnel = session.tunnels[frame.id] = Tunnel(session, frame.id, "guest", 0, pending)
+        import threading
+
+        threading.Thread(target=tunnel.run, daemon=True).start()
+        return
     host = arg(frame, "host", str, "127.0.0.1")
     if host not in LOOPBACK:
         raise Refused(f"forwards reach the guest's loopback only, not {host!r}")

@@ -176,6 +176,8 @@ def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> lis
     entrypoint = encoded_argv(record)
     if entrypoint is not None:
         argv += ["--env", f"MVM_ARGV={entrypoint}"]
+    if record.network == "allow-list":  # --network none: egress through the agent (guest/init)
+        argv += ["--env", "MVM_EGRESS=1"]
     return [*argv, tag, "/init"]
 
 

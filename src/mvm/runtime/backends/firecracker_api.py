@@ -325,6 +325,8 @@ def plan_boot(artifact_like: BootImage | ImageLike, paths: VmPaths, record: VmRe
     entrypoint = encoded_argv(record) if record is not None else None
     boot_args = BOOT_ARGS + (f" {DIRECT_ROOT_ARGS}" if files.initrd is None else "") \
         + (f" mvm.argv={entrypoint}" if entrypoint else "")
+    if record is not None and record.network == "allow-list":  # egress through the agent (guest/init)
+        boot_args += " mvm.egress=1"
     plan = [
         machine_config_request(vcpus, memory),
         boot_source_request(files.kernel, files.initrd, boot_args),

@@ -278,6 +278,8 @@ class QemuBackend(VmBackend):
         argv = encoded_argv(record)
         if argv is not None:
             spec.boot_args = f"mvm.argv={argv}"
+        if record.network == "allow-list":  # no NIC: egress through the agent (guest/init, agent/egress.py)
+            spec.boot_args = f"{spec.boot_args} mvm.egress=1".lstrip()
         spec.qmp_socket = paths.qmp_socket
         if record.network == "open":  # user-mode networking: out through QEMU's own stack, as the host's user
             spec.extra_args += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]

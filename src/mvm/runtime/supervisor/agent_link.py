@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ class AgentLink:
         self.pending: list[tuple[Reader, protocol.Frame]] = []  # requests before the agent is ready
         self.connections = 0  # agent connections offered this boot: only the first is served
         self.own: dict[int, asyncio.Future[protocol.Frame]] = {}  # the supervisor's own requests
+        self.streams: dict[int, Callable[[protocol.Frame], None]] = {}  # its own long-lived ones (egress)
 
     @property
     def ready(self) -> bool:
@@ -120,9 +122,13 @@ class AgentLink:
                 self.on_ready(frame.header)
             else:  # the agent was restarted in the guest: what the old one had open is gone
                 self.fail_all("the guest's agent restarted", prefix="")
+                self.sup.egress.start()
             return None
         if frame.id == SHUTDOWN_ID and frame.type == "error":
             sup.watch.shutdown_refused.set()
+            return None
+        if frame.id in self.streams:
+            self.streams[frame.id](frame)
             return None
         if frame.id in self.own and frame.type in TERMINAL:
             future = self.own.pop(frame.id)

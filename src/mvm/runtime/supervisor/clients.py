@@ -2,7 +2,7 @@
 
 Agent requests (exec, files, telemetry, console, ...) go to the agent link; the supervisor
 answers its own: ``ready``, ``wait``, ``status``, ``logs``, ``attach``, ``detach``,
-``forward``, ``unforward``, ``pause``/``resume``, ``snapshot`` and ``stop``.
+``forward``, ``unforward``, ``egress_update``, ``pause``/``resume``, ``snapshot`` and ``stop``.
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ class ClientServer:
             if sup.stopped.is_set():
                 client.send(protocol.encode({"type": "result", "id": frame.id, "state": "stopped",
                                              "reason": record.stop_reason, "exit_status": record.exit_status}))
-            elif kind == "ready" and sup.agent.ready:
+            elif kind == "ready" and sup.agent.ready and sup.egress.settled:
                 client.send(protocol.encode({"type": "result", "id": frame.id, "state": "running"}))
             else:
                 self.waiters.append((client, frame.id or 0, kind))
@@ -155,6 +155,8 @@ class ClientServer:
             asyncio.get_running_loop().create_task(sup.forwards.add(client, frame.id, frame.header))
         elif kind == "unforward":
             sup.forwards.remove(client, frame.id, frame.header)
+        elif kind == "egress_update":
+            asyncio.get_running_loop().create_task(sup.egress.update(client, frame.id, frame.header))
         elif kind == "snapshot":
             dest = frame.header.get("dir")
             if not isinstance(dest, str) or not os.path.isabs(dest) or not os.path.isdir(dest):

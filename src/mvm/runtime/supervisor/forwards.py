@@ -13,6 +13,7 @@ from mvm.core import protocol
 from mvm.runtime.supervisor.clients import Reader
 
 if TYPE_CHECKING:
+    from mvm.runtime.supervisor.agent_link import AgentLink
     from mvm.runtime.supervisor.clients import Client
     from mvm.runtime.supervisor.supervisor import Supervisor
 
@@ -38,8 +39,26 @@ class TunnelEnd(Reader):
         for frame in frames:
             if frame.type == "data" and not self.writer.is_closing():
                 self.writer.write(frame.body)
+            elif frame.type == "eof" and not self.writer.is_closing() and self.writer.can_write_eof():
+                self.writer.write_eof()  # an egress client half-closed: it still reads the answer
             elif frame.type in ("done", "error"):  # the guest closed, or nothing listens there
                 self.writer.close()
+
+
+async def relay(agent: AgentLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                connect: dict[str, Any]) -> None:
+    """Carry one host TCP stream through the agent: ``connect`` (a guest port for a forward, a
+    waiting guest connection for egress) opens the guest's end; bytes go both ways until
+    each side has closed."""
+    end = TunnelEnd(writer)
+    agent.forward(end, protocol.Frame({"type": "connect", "id": 1, **connect}))
+    try:
+        while data := await reader.read(protocol.CHUNK):
+            agent.forward(end, protocol.Frame({"type": "send", "id": 1}, data))
+            await agent.drain()
+        agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
+    except ConnectionError:
+        agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
 
 
 class Forward:
@@ -122,16 +141,9 @@ class Forwards:
         client.send(protocol.encode({"type": "result", "id": request_id, "forwards": sup.record.forwards}))
 
     async def serve(self, forward: Forward, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        agent = self.sup.agent
-        end = TunnelEnd(writer)
         forward.connections.add(writer)
-        agent.forward(end, protocol.Frame({"type": "connect", "id": 1, "host": "127.0.0.1", "port": forward.guest_port}))
         try:
-            while data := await reader.read(protocol.CHUNK):
-                agent.forward(end, protocol.Frame({"type": "send", "id": 1}, data))
-            agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
-        except ConnectionError:
-            agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
+            await relay(self.sup.agent, reader, writer, {"host": "127.0.0.1", "port": forward.guest_port})
         finally:
             forward.connections.discard(writer)
 

@@ -23,6 +23,7 @@ from mvm.runtime.supervisor.agent_link import AgentLink
 from mvm.runtime.supervisor.audit_trail import AuditTrail
 from mvm.runtime.supervisor.clients import Client, ClientServer
 from mvm.runtime.supervisor.console import ConsoleRelay
+from mvm.runtime.supervisor.egress import Egress
 from mvm.runtime.supervisor.forwards import Forwards
 from mvm.runtime.supervisor.vm_process import ProcessWatch
 
@@ -42,6 +43,7 @@ class Supervisor:
         self.agent = AgentLink(self)
         self.clients = ClientServer(self)
         self.forwards = Forwards(self)
+        self.egress = Egress(self)
         self.audit = AuditTrail(self)
 
     async def main(self) -> None:
@@ -109,6 +111,11 @@ class Supervisor:
         self.record.state, self.record.ready_at = "running", time.time()
         self.console.record_markers()
         self.record.save(self.paths)
+        self.egress.start()
+        if self.egress.settled:  # (else once the guest listens where its allow-list says: egress.py)
+            self.on_ready_for_clients()
+
+    def on_ready_for_clients(self) -> None:
         self.clients.answer_waiters("ready", {"type": "result", "state": "running"})
 
     def cleanup_runtime_files(self) -> None:
