@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mvm.core.errors import UsageError
 
@@ -128,7 +129,7 @@ class BootImage:
     hypervisor: str  # what mvm.toml asked for; "auto" when it did not
     forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
     network_mode: str = "deny"  # mvm.toml's [network] mode
-    volumes: int = 0  # how many [[volumes]] mvm.toml declares
+    volumes: tuple[tuple[str, str, bool], ...] = ()  # mvm.toml's [[volumes]]: (host, guest, readonly)
     boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
     agent_binary: str = "real"  # artifact.json's agentBinary: "real", or what a test image carries instead
 
@@ -166,13 +167,20 @@ class BootImage:
                 hypervisor=workload.get("hypervisor") or "auto",
                 forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
                                for f in workload["network"]["forward"]),
-                network_mode=workload["network"].get("mode", "deny"), volumes=len(workload.get("volumes") or ()),
+                network_mode=workload["network"].get("mode", "deny"), volumes=declared_volumes(workload),
                 boot_budget=_budget(record.get("bootBudgetMs")),
                 agent_binary=str(record.get("agentBinary", "none recorded"))[:40],
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise UsageError(f"the image in {path} is unreadable ({type(err).__name__}: {err})",
                              "build it again with `mvmctl build --no-cache`") from None
+
+
+def declared_volumes(workload: dict[str, Any]) -> tuple[tuple[str, str, bool], ...]:
+    """[[volumes]] of a Workload IR as JSON: (host, guest, readonly); the host path was made
+    absolute (relative to mvm.toml) when it was read."""
+    return tuple((str(v["host"]), str(v["guest"]), v.get("readonly", True) is not False)
+                 for v in workload.get("volumes") or ())
 
 
 def _budget(value: object) -> tuple[tuple[str, int], ...]:

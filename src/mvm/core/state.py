@@ -206,6 +206,7 @@ class VmRecord:
     restore_from: str | None = None  # that snapshot's directory: it starts from there, not by booting
     suspended: str | None = None  # stopped by `pause --to-disk`: the snapshot `resume` starts it from
     network: str = "deny"  # deny (no network device) | open (ordinary outbound networking)
+    volumes: list[dict[str, Any]] = field(default_factory=list)  # runtime/volumes.py Mount: {host, guest, readonly, tag}
 
     @property
     def running(self) -> bool:

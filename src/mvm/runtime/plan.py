@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
+from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward, declared_volumes
 from mvm.core.state import MvmHome
 from mvm.runtime import backends, sizing
+from mvm.runtime.volumes import Mount
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Plan:
             f"{self.entrypoint['uid']}" + (" (instead of the image's entrypoint)" if self.entrypoint["override"] else ""),
             f"  network     {net['effective']}",
             *[f"  forward     {f['host_addr']}:{f['host_port']} -> guest port {f['guest_port']}" for f in net["forwards"]],
+            *[f"  volume      {m['host']} -> {m['guest']} ({'ro' if m['readonly'] else 'rw'}, {m['via']})"
+              for m in self.mounts],
             *([f"  admitted    by {', '.join(self.admission['policies']) or 'no policy (none is set)'}"
                + (f"; receipt {self.admission['receipt']}" if self.admission.get("receipt") else "")]
               if self.admission else []),
@@ -65,16 +68,16 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
         accessible=bool(workload["dev"]), sealed=not workload["dev"], entrypoint_kind=workload["entrypoint"]["kind"],
         agent_uid=uids["agent"], entrypoint_uid=uids["entrypoint"], hypervisor=workload.get("hypervisor") or "auto",
         forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"]) for f in network["forward"]),
-        network_mode=network.get("mode", "deny"), volumes=len(workload.get("volumes") or ()))
+        network_mode=network.get("mode", "deny"), volumes=declared_volumes(workload))
 
 
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
               forwards: tuple[PortForward, ...] = (), workload: dict[str, Any] | None = None,
-              overcommit: bool = False) -> Plan:
+              overcommit: bool = False, mounts: tuple[Mount, ...] = ()) -> Plan:
     """The plan for starting ``image`` as VM ``name``, as its mvm.toml declares it; raises what
     `up` would before admission (a backend that cannot run here, a command too long, a size
-    beyond the host)."""
+    beyond the host). ``mounts``: the volumes, checked (lifecycle.check_volumes)."""
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
@@ -102,9 +105,7 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
                     "uid": image.entrypoint_uid, "agent_uid": image.agent_uid},
         network={"mode": network["mode"], "allow": list(network.get("allow") or []),
                  "effective": "deny: no network device", "forwards": [asdict(f) for f in all_forwards]},
-        # (declared; an image with volumes is refused after admission: this version mounts none)
-        mounts=[{"host": str(v.get("host")), "guest": str(v.get("guest")), "readonly": v.get("readonly", True) is True}
-                for v in workload.get("volumes") or []],
+        mounts=[{**m.as_dict(), "via": choice.backend.volume_kind} for m in mounts],
     )
 
 

@@ -1,0 +1,205 @@
+"""virtiofsd for one QEMU volume: started jailed, tied to the supervisor's life.
+
+QEMU 7.2's C virtiofsd (``/usr/lib/qemu/virtiofsd``) has no read-only option and no uid
+mapping, and run as plain root it would let guest root create root-owned (even setuid) files
+on the host. So each daemon is started in a user namespace and a mount namespace of its own:
+
+- uid/gid map: the workload's uid (and gid) in the guest is the shared directory's owner on
+  the host, guest root is ``nobody`` (65534); every other guest uid is unmapped, and virtiofsd
+  cannot act as it (a create as such a uid fails). A setuid file the guest makes is at worst
+  setuid to the directory's owner or to nobody, never to root.
+- a read-only volume is a read-only bind mount in that mount namespace, so virtiofsd itself
+  cannot write it whatever the guest sends (the guest also mounts it ``ro``).
+- virtiofsd then applies its own sandbox (``sandbox=namespace``: pid, mount and net
+  namespaces, pivot_root into the shared directory, seccomp), so the guest sees nothing
+  outside the directory.
+
+The daemon is a child of the launcher, which execs the supervisor: PR_SET_PDEATHSIG kills it
+when the supervisor dies (even by SIGKILL); it also exits when QEMU goes (its socket closes).
+Its pid is written to ``virtiofsd.pids`` in the VM's directory for the stale-VM cleanup.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mvm.core.errors import HostToolMissing, VmError
+
+if TYPE_CHECKING:
+    from mvm.runtime.volumes import Mount
+
+VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
+NOBODY = 65534
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+PR_SET_PDEATHSIG = 1
+
+
+def check_host() -> None:
+    """Volumes on QEMU need virtiofsd, and root to give it the uid map above."""
+    if not os.access(VIRTIOFSD, os.X_OK):
+        raise HostToolMissing(str(VIRTIOFSD), "qemu-system-common")
+    if os.geteuid() != 0:
+        raise VmError("volumes on qemu need mvm to run as root (virtiofsd is started in a user namespace whose uid "
+                      "map only root may write)", "run as root, or use --hypervisor docker")
+
+
+def id_map(workload_id: int, owner: int) -> str:
+    """The map both for uids and gids: the workload is the owner; root is nobody (or the owner,
+    when the workload is root itself)."""
+    if workload_id == 0:
+        return f"0 {owner} 1\n"
+    return f"0 {NOBODY} 1\n{workload_id} {owner} 1\n"
+
+
+def spawn_daemon(source: Path, socket_path: Path, *, readonly: bool, workload_uid: int, log: Path) -> int:
+    """Start virtiofsd sharing ``source`` on a unix socket at ``socket_path`` (made here and
+    handed over listening: in its namespace virtiofsd may not create files in the VM's
+    directory); returns its pid. QEMU connects to it when it starts."""
+    info = source.stat()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(socket_path))
+        listener.listen(1)
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child execs or exits
+            try:
+                os.close(ready_r)
+                os.close(go_w)
+                _child(source, listener.fileno(), readonly, log, ready_w, go_r)
+            finally:
+                os._exit(127)
+    finally:
+        listener.close()
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"u":
+            raise VmError(f"virtiofsd for {source} could not enter its namespaces: {_tail(log)}")
+        _write_maps(pid, id_map(workload_uid, info.st_uid), id_map(workload_uid, info.st_gid))
+        os.write(go_w, b"g")
+    except BaseException:
+        _kill(pid)
+        raise
+    finally:
+        os.close(ready_r)
+        os.close(go_w)
+    return pid
+
+
+def _child(source: Path, listen_fd: int, readonly: bool, log: Path, ready_w: int, go_r: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    os.setsid()
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.set_inheritable(listen_fd, True)
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        os.write(2, f"unshare: {os.strerror(ctypes.get_errno())}\n".encode())
+        return
+    os.write(ready_w, b"u")
+    if os.read(go_r, 1) != b"g":
+        return
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    _mount(libc, None, "/", MS_REC | MS_PRIVATE)
+    src = str(source).encode()
+    _mount(libc, src, src, MS_BIND | MS_REC)
+    # A remount in a namespace the user namespace owns must keep the flags the mount had (the
+    # kernel locks them): statvfs's f_flag bits are the MS_ ones.
+    kept = os.statvfs(source).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | 8 | 1024 | 2048 | 4096)
+    flags = kept | MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
+    _mount(libc, None, src, flags)
+    os.execv(str(VIRTIOFSD), [str(VIRTIOFSD), f"--fd={listen_fd}", "-o", f"source={source}",
+                              "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "no_posix_lock",
+                              "-o", "no_xattr", "--rlimit-nofile=0", "-o", "log_level=warn"])
+
+
+def _mount(libc: ctypes.CDLL, source: bytes | None, target: bytes | str, flags: int) -> None:
+    target = target.encode() if isinstance(target, str) else target
+    if libc.mount(source, target, None, ctypes.c_ulong(flags), None) != 0:
+        raise OSError(ctypes.get_errno(), f"mount {target!r} flags {flags:#x}")
+
+
+def _write_maps(pid: int, uids: str, gids: str) -> None:
+    Path(f"/proc/{pid}/uid_map").write_text(uids)
+    Path(f"/proc/{pid}/gid_map").write_text(gids)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "no output"
+    return lines[-1][:300] if lines else "no output"
+
+
+def stop_stale(pid_file: Path) -> None:
+    """After a supervisor died: end the virtiofsd it recorded, if that pid still is one
+    (PDEATHSIG should have done it already; this is the second net)."""
+    try:
+        pids = [int(p) for p in pid_file.read_text().split()]
+    except (OSError, ValueError):
+        return
+    for pid in pids:
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            continue
+        if os.path.basename(exe) == VIRTIOFSD.name:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def pid_file(vm_dir: Path) -> Path:
+    return vm_dir / "virtiofsd.pids"
+
+
+def start_for_qemu(vm_dir: Path, mounts: tuple[Mount, ...], workload_uid: int) -> list[str]:
+    """One daemon per volume (sockets ``<tag>.sock`` in the VM's directory, logs
+    ``virtiofsd-<tag>.log``); returns QEMU's arguments for them. On a failure the daemons
+    already started are stopped."""
+    args: list[str] = []
+    pids: list[int] = []
+    try:
+        for mount in mounts:
+            socket_path = vm_dir / f"{mount.tag}.sock"
+            socket_path.unlink(missing_ok=True)
+            pids.append(spawn_daemon(Path(mount.host), socket_path, readonly=mount.readonly,
+                                     workload_uid=workload_uid, log=vm_dir / f"virtiofsd-{mount.tag}.log"))
+            pid_file(vm_dir).write_text(" ".join(map(str, pids)) + "\n")
+            args += ["-chardev", f"socket,id={mount.tag},path={socket_path}",
+                     "-device", f"vhost-user-fs-device,chardev={mount.tag},tag={mount.tag}"]
+    except BaseException:
+        for pid in pids:
+            _kill(pid)
+        raise
+    return args
