@@ -68,7 +68,7 @@ def parse_option(spec: str, base: Path | None = None) -> VolumeRequest:
     access = parts[2] if len(parts) == 3 else "ro"
     if access not in ("ro", "rw"):
         raise UsageError(f"-v {spec!r}: {access!r} is neither ro nor rw", fix)
-    host = os.path.join(base or Path.cwd(), os.path.expanduser(parts[0]))
+    host = os.path.normpath(os.path.join(base or Path.cwd(), os.path.expanduser(parts[0])))
     return VolumeRequest(host, parts[1], access == "ro", "-v")
 
 
@@ -100,11 +100,16 @@ def check_host_path(host: str, *, workload_dir: Path | None, mvm_home: Path, all
     if not stat.S_ISDIR(info.st_mode):
         raise UsageError(f"volume host path {shown} is not a directory", "share a directory")
     home = os.path.realpath(mvm_home)
-    if _inside(real, home) or _inside(home, real):
-        raise UsageError(f"volume host path {shown} is or holds $MVM_HOME ({home}): never shared (keys, audit, VMs)",
-                         "share a directory of the workload's")
-    if allow_broad:
-        return real
+    holds_home = _inside(real, home) or _inside(home, real)
+    if not allow_broad:
+        _refuse_broad(shown, real, workload_dir)
+    if holds_home:
+        raise UsageError(f"volume host path {shown} is or holds $MVM_HOME ({home}), which is never shared (keys, "
+                         "audit, other VMs), not even with --allow-broad-mount", "share a directory of the workload's")
+    return real
+
+
+def _refuse_broad(shown: str, real: str, workload_dir: Path | None) -> None:
     if real == "/":
         raise UsageError(f"volume host path {shown} is the host's root directory", BROAD_FIX)
     user_home = os.path.realpath(os.path.expanduser("~"))
@@ -114,7 +119,6 @@ def check_host_path(host: str, *, workload_dir: Path | None, mvm_home: Path, all
     if where is None or not _inside(real, where):
         raise UsageError(f"volume host path {shown} is outside the workload's directory "
                          f"{where or '(none: this start has no workload directory)'}", BROAD_FIX)
-    return real
 
 
 def resolve(requests: tuple[VolumeRequest, ...], *, workload_dir: Path | None, mvm_home: Path,
