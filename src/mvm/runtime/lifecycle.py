@@ -146,7 +146,6 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     paths = home.vm(name)
     host = backends.Host(home)
     vm_backend = choose_backend(home, image, hypervisor, host).backend
-    vm_backend.check_volumes(mounts)
     paths.check_socket_paths(vm_backend.socket_paths(paths))
     vm_backend.prepare_image(image, progress)
     accel = vm_backend.accel(host)

@@ -84,6 +84,7 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
     sizing.check_fits(vcpus or image.vcpus, memory_mib or image.memory_mib, overcommit=overcommit)
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
+    choice.backend.check_volumes(mounts)  # (what this backend cannot share as asked)
     built = workload is None  # (else: `unbuilt_image`, and its Workload IR as JSON)
     if workload is None:
         workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 VIRTIOFSD = Path("/usr/lib/qemu/virtiofsd")
 NOBODY = 65534
+SHARE_POINT = "/mnt"  # where the shared directory is bound in virtiofsd's own mount namespace
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -82,6 +83,8 @@ def spawn_daemon(source: Path, socket_path: Path, *, readonly: bool, workload_ui
                 os.close(ready_r)
                 os.close(go_w)
                 _child(source, listener.fileno(), readonly, log, ready_w, go_r)
+            except BaseException as err:  # noqa: BLE001 - told to the parent, which raises it
+                os.write(ready_w, f"!{err}".encode()[:400])
             finally:
                 os._exit(127)
     finally:
@@ -89,10 +92,16 @@ def spawn_daemon(source: Path, socket_path: Path, *, readonly: bool, workload_ui
     os.close(ready_w)
     os.close(go_r)
     try:
-        if os.read(ready_r, 1) != b"u":
-            raise VmError(f"virtiofsd for {source} could not enter its namespaces: {_tail(log)}")
+        entered = os.read(ready_r, 400)
+        if entered != b"u":
+            raise VmError(f"virtiofsd for {source} did not start: {entered.decode(errors='replace').lstrip('!')}")
         _write_maps(pid, id_map(workload_uid, info.st_uid), id_map(workload_uid, info.st_gid))
         os.write(go_w, b"g")
+        # The pipe is close-on-exec: EOF once virtiofsd runs, or why the child could not get there.
+        failed = os.read(ready_r, 400)
+        if failed:
+            os.waitpid(pid, 0)
+            raise VmError(f"virtiofsd for {source} did not start: {failed.decode(errors='replace').lstrip('!')}")
     except BaseException:
         _kill(pid)
         raise
@@ -113,22 +122,22 @@ def _child(source: Path, listen_fd: int, readonly: bool, log: Path, ready_w: int
     os.dup2(devnull, 0)
     os.set_inheritable(listen_fd, True)
     if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        os.write(2, f"unshare: {os.strerror(ctypes.get_errno())}\n".encode())
-        return
+        raise OSError(ctypes.get_errno(), "unshare of a user and mount namespace")
     os.write(ready_w, b"u")
     if os.read(go_r, 1) != b"g":
         return
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    # Still the host's root here (the uid map makes us nobody only at setresuid): bind the
+    # directory onto SHARE_POINT, which every uid can reach, while the path to it (a 0700
+    # directory of root's, say) can still be walked.
     _mount(libc, None, "/", MS_REC | MS_PRIVATE)
-    src = str(source).encode()
-    _mount(libc, src, src, MS_BIND | MS_REC)
+    _mount(libc, str(source).encode(), SHARE_POINT, MS_BIND | MS_REC)
     # A remount in a namespace the user namespace owns must keep the flags the mount had (the
     # kernel locks them): statvfs's f_flag bits are the MS_ ones.
-    kept = os.statvfs(source).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | 8 | 1024 | 2048 | 4096)
-    flags = kept | MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0)
-    _mount(libc, None, src, flags)
-    os.execv(str(VIRTIOFSD), [str(VIRTIOFSD), f"--fd={listen_fd}", "-o", f"source={source}",
+    kept = os.statvfs(SHARE_POINT).f_flag & (MS_RDONLY | MS_NOSUID | MS_NODEV | 8 | 1024 | 2048 | 4096)
+    _mount(libc, None, SHARE_POINT, kept | MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0))
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    os.execv(str(VIRTIOFSD), [str(VIRTIOFSD), f"--fd={listen_fd}", "-o", f"source={SHARE_POINT}",
                               "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "no_posix_lock",
                               "-o", "no_xattr", "--rlimit-nofile=0", "-o", "log_level=warn"])
 
@@ -150,14 +159,6 @@ def _kill(pid: int) -> None:
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "no output"
-    return lines[-1][:300] if lines else "no output"
 
 
 def stop_stale(pid_file: Path) -> None:
