@@ -128,6 +128,33 @@ def test_a_hostile_guest_stays_inside_its_volume(ctl: Mvmctl, workload_dir, tmp_
         ctl("down", "vols", check=True)
 
 
+def test_guest_root_cannot_write_a_ro_volume_by_remounting_it_nor_make_root_files(mvmctl: Mvmctl,
+                                                                                  workload_dir) -> None:
+    """On QEMU the read-only mount that counts is the one virtiofsd serves from, in its own
+    namespace: root in the guest (a dev image's workload) remounting its side rw gains nothing;
+    and what guest root makes in an rw volume is the directory owner's on the host, not root's."""
+    ctl = mvmctl.with_backend("qemu")
+    directory = project(workload_dir, WORKLOAD.replace('name = "vols"', 'name = "vols"\n    dev = true'))
+    ctl("up", str(directory), "-v", f"{directory / 'input'}:/input", "-v", f"{directory / 'out'}:/out:rw",
+        check=True)
+    try:
+        assert ctl("exec", "vols", "--", "id", "-u", check=True).stdout.strip() == "0"
+        ctl("exec", "vols", "--", "mount", "-o", "remount,rw", "/input", check=True)
+        for attempt in ("echo changed > /input/hello.txt", "echo new > /input/new.txt", "rm /input/hello.txt"):
+            proc = ctl("exec", "vols", "--", "/bin/sh", "-c", attempt)
+            assert proc.returncode != 0 and "Read-only file system" in proc.stderr, (attempt, proc.stderr)
+        assert sorted(p.name for p in (directory / "input").iterdir()) == ["hello.txt"]
+        assert (directory / "input" / "hello.txt").read_text() == "hello\n"
+        ctl("exec", "vols", "--", "/bin/sh", "-c", "cp /bin/sh /out/suid && chown 0:0 /out/suid && "
+            "chmod 4755 /out/suid", check=True)
+        made = (directory / "out" / "suid").stat()
+        assert made.st_mode & 0o4000 and (made.st_uid, made.st_gid) == (WORKLOAD_UID, WORKLOAD_UID)
+        assert ctl("exec", "vols", "--", "mknod", "/out/null", "c", "1", "3").returncode != 0
+        assert not (directory / "out" / "null").exists()
+    finally:
+        ctl("down", "vols", check=True)
+
+
 def test_broad_or_missing_host_paths_are_refused_with_one_line_and_no_vm(ctl: Mvmctl, workload_dir,
                                                                           tmp_path: Path) -> None:
     directory = project(workload_dir)
