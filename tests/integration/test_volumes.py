@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -216,3 +218,23 @@ def test_no_virtiofsd_outlives_a_killed_supervisor(mvmctl: Mvmctl, workload_dir)
         assert vm["name"] == "vols" and vm["state"] == "stopped"
     finally:
         ctl("down", "vols", "--force")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/lib/qemu/virtiofsd", os.X_OK),
+                    reason="QEMU volumes need root and virtiofsd")
+def test_virtiofsd_dies_with_its_parent_even_before_qemu_connects(tmp_path: Path) -> None:
+    """Its uid change clears the parent-death signal, so it is set after it: a launcher that
+    dies before QEMU connects leaves no virtiofsd waiting on its socket for ever."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    script = ("import sys; from pathlib import Path; from mvm.runtime import virtiofs; "
+              "print(virtiofs.spawn_daemon(Path(sys.argv[1]), Path(sys.argv[2]), readonly=True, workload_uid=1000, "
+              "log=Path(sys.argv[3])))")
+    proc = subprocess.run([sys.executable, "-c", script, str(shared), str(tmp_path / "s.sock"),
+                           str(tmp_path / "vfs.log")], capture_output=True, text=True, timeout=60, check=True)
+    pid = int(proc.stdout)
+    try:
+        wait_until(lambda: not live_virtiofsd([pid]), f"virtiofsd {pid} died with the process that started it")
+    finally:
+        for left in live_virtiofsd([pid]):  # (only when the test failed: it is this test's daemon)
+            os.kill(left, signal.SIGKILL)

@@ -113,7 +113,7 @@ def spawn_daemon(source: Path, socket_path: Path, *, readonly: bool, workload_ui
 
 def _child(source: Path, listen_fd: int, readonly: bool, log: Path, ready_w: int, go_r: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = os.getppid()
     os.setsid()
     out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(out, 1)
@@ -137,6 +137,10 @@ def _child(source: Path, listen_fd: int, readonly: bool, log: Path, ready_w: int
     _mount(libc, None, SHARE_POINT, kept | MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | (MS_RDONLY if readonly else 0))
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    # Only now: the kernel clears the parent-death signal when the euid changes (as it just did).
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the supervisor died before that took hold
+        raise OSError("the VM's supervisor is gone")
     os.execv(str(VIRTIOFSD), [str(VIRTIOFSD), f"--fd={listen_fd}", "-o", f"source={SHARE_POINT}",
                               "-o", "sandbox=namespace", "-o", "cache=auto", "-o", "no_posix_lock",
                               "-o", "no_xattr", "--rlimit-nofile=0", "-o", "log_level=warn"])
