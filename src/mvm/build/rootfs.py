@@ -19,7 +19,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from mvm.build.kernel import MODULES, Kernel
+from mvm.build.kernel import MODULES, VOLUME_MODULES, Kernel
 from mvm.core.errors import BuildError
 from mvm.core.workload import EntrypointKind, Workload
 from mvm.guest import AGENT_FILES, guest_file, protocol_source
@@ -289,7 +289,8 @@ def stage_initramfs(tree: Path, busybox: Path, kernel: Kernel) -> None:
     for directory in ("bin", "dev", "proc", "newroot", "modules"):
         (tree / directory).mkdir(parents=True)
     shutil.copy2(busybox, tree / "bin" / "busybox")
-    for module in MODULES:
+    for module in MODULES + VOLUME_MODULES:
         shutil.copy2(kernel.modules / f"{module}.ko", tree / "modules" / f"{module}.ko")
     write_file(tree, "/modules.order", "\n".join(MODULES) + "\n")
+    write_file(tree, "/modules.volumes", "\n".join(VOLUME_MODULES) + "\n")
     write_file(tree, "/init", guest_file("initramfs-init"), 0o755)

@@ -17,14 +17,17 @@ from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import (
     ALLOW_STUB_OPTION,
+    BROAD_MOUNT_OPTION,
     HYPERVISOR_OPTION,
     OVERCOMMIT_OPTION,
     POLICY_OPTION,
+    VOLUME_OPTION,
     boot_image,
     boot_report_lines,
     note,
     print_plan,
     resources,
+    volume_options,
 )
 from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
@@ -69,13 +72,16 @@ class RunCommand(click.Command):
               help="plan: the argument is a Python script; run it with its sandboxes in record mode and print "
                    "the plan they would carry out (as `mvmctl plan record`).")
 @click.option("--receipt", is_flag=True, help="Print the id of the start's audit record on stderr.")
+@VOLUME_OPTION
+@BROAD_MOUNT_OPTION
 @POLICY_OPTION
 @network_options
 @click.pass_context
 def run(ctx: click.Context, directory: str | None, flake: str | None, attached: bool, detach: bool, name: str | None,
         cpus: int | None, memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
         boot_report: bool, dry_run: bool, as_json: bool, mode: str, receipt: bool, policies: tuple[str, ...],
-        allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...]) -> None:
+        allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...], volume_specs: tuple[str, ...],
+        allow_broad_mount: bool) -> None:
     """Build the guest in DIRECTORY if needed and boot it; `run -- ARGV` runs ARGV instead of
     its entrypoint (as the same uid). DIRECTORY may be APP.py[:NAME], an `@mvm.app` declaration.
 
@@ -107,11 +113,13 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     vcpus, memory_mib = resources(cpus, memory)
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
+    mounting = volume_options(project_dir(directory, flake), volume_specs, allow_broad_mount)
     if dry_run:
         if network_mode or allow_entries:
             raise UsageError("--network and --allow are not planned by --dry-run", "leave them out of the dry run")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
-                   hypervisor=hypervisor, argv=argv, forwards=forwards, overcommit=overcommit, policies=policies)
+                   hypervisor=hypervisor, argv=argv, forwards=forwards, overcommit=overcommit, policies=policies,
+                   **mounting)
         return
     image = with_network(boot_image(project_dir(directory, flake), home), network_mode, allow_entries)
     vm_name = name or image.name
@@ -120,7 +128,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
         record = lifecycle.up(home, image, name=vm_name, vcpus=vcpus, memory_mib=memory_mib,
                               hypervisor=hypervisor, progress=note, argv=argv, forwards=forwards,
                               overcommit=overcommit, operation="run", on_receipt=receipts.append, policies=policies,
-                              allow_stub=allow_stub)
+                              allow_stub=allow_stub, **mounting)
         if receipt:
             note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
         if record.state == "stopped":
@@ -135,7 +143,7 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     started = time.monotonic()
     launch = lifecycle.start_vm(home, image, name=vm_name, mode="attached", vcpus=vcpus, memory_mib=memory_mib,
                                 hypervisor=hypervisor, progress=note, argv=argv, policies=policies,
-                                overcommit=overcommit, allow_stub=allow_stub)
+                                overcommit=overcommit, allow_stub=allow_stub, **mounting)
     try:
         if forwards or image.forwards:  # listening before anyone is told the VM runs (replay keeps the console)
             lifecycle.add_start_forwards(launch, image, forwards)

@@ -87,8 +87,7 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
     rows.append(("network", network))
     for volume in workload.volumes:
         access = "ro" if volume.readonly else "rw"
-        rows.append(("volume", f"{volume.host} -> {volume.guest} ({access}; not mounted by this version: "
-                               "up and run refuse it)"))
+        rows.append(("volume", f"{volume.host} -> {volume.guest} ({access}; checked when up/run starts it)"))
     if workload.hypervisor != "auto":
         rows.append(("hypervisor", workload.hypervisor))
     return rows

@@ -51,12 +51,31 @@ HYPERVISOR_OPTION = click.option(
     help="Backend to run on (default: mvm.toml's, else the first available of firecracker > qemu > docker).")
 
 
+VOLUME_OPTION = click.option(
+    "-v", "--volume", "volume_specs", multiple=True, metavar="HOST:GUEST[:ro|rw]",
+    help="Share host directory HOST at GUEST in the guest, read-only unless :rw (repeatable; besides mvm.toml's "
+         "[[volumes]]). HOST must be inside the workload's directory.")
+BROAD_MOUNT_OPTION = click.option(
+    "--allow-broad-mount", is_flag=True,
+    help="Allow a volume of /, your home directory, or a directory outside the workload's (refused otherwise).")
+
+
+def volume_options(project: str, specs: tuple[str, ...], allow_broad: bool) -> dict[str, Any]:
+    """What start_vm/make_plan take for -v and --allow-broad-mount (-v HOST is relative to the
+    current directory; the workload's directory is where mvm.toml or APP.py is)."""
+    from mvm.runtime import volumes
+
+    return {"volumes": tuple(volumes.parse_option(spec) for spec in specs),
+            "workload_dir": volumes.workload_dir_of(project), "allow_broad_mount": allow_broad}
+
+
 POLICY_OPTION = click.option(
     "--policy", "policies", multiple=True, type=click.Path(dir_okay=False), metavar="FILE",
     help="An admission policy to hold the plan to, besides $MVM_HOME/policy.toml (repeatable; docs/audit.md).")
 
 
 def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *, policies: tuple[str, ...] = (),
+               volumes: tuple[Any, ...] = (), workload_dir: Path | None = None, allow_broad_mount: bool = False,
                **options: Any) -> None:
     """--dry-run: the admitted plan (or the rule that refuses it); nothing is started or built
     (a workload not built yet is planned from its mvm.toml, and says so)."""
@@ -69,8 +88,9 @@ def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *
         parsed = load_manifest(directory)
         workload = json.loads(parsed.canonical_json())
         image = unbuilt_image(Path(directory), workload)
-    plan = admit(home, make_plan(home, image, name=name or image.name, workload=workload, **options), policies,
-                 sealed=image.sealed, dry_run=True)
+    mounts = lifecycle.check_volumes(home, image, volumes, workload_dir, allow_broad_mount)
+    plan = admit(home, make_plan(home, image, name=name or image.name, workload=workload, mounts=mounts, **options),
+                 policies, sealed=image.sealed, dry_run=True)
     lifecycle.refuse_unenforced_settings(image)  # as `up` would, after admission
     click.echo(json.dumps(plan.as_dict(), indent=2) if as_json else "\n".join(plan.lines()))
 
@@ -110,12 +130,15 @@ def boot_image(directory: str, home: MvmHome) -> BootImage:
 @click.option("--receipt", is_flag=True, help="Print the id of the start's audit record (stderr; with --json, a "
                                                "'receipt' field).")
 @click.option("--dry-run", is_flag=True, help="Print the admitted plan (what would run, where, how) and start nothing.")
+@VOLUME_OPTION
+@BROAD_MOUNT_OPTION
 @POLICY_OPTION
 @network_options
 def up(directory: str | None, flake: str | None, detach: bool, name: str | None, cpus: int | None,
        memory: str | None, overcommit: bool, hypervisor: str | None, publish: tuple[str, ...],
        snapshot_tag: str | None, cold: bool, as_json: bool, receipt: bool, dry_run: bool,
-       policies: tuple[str, ...], allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...]) -> None:
+       policies: tuple[str, ...], allow_stub: bool, network_mode: str | None, allow_entries: tuple[str, ...],
+       volume_specs: tuple[str, ...], allow_broad_mount: bool) -> None:
     """Build the guest in DIRECTORY if needed and start it in the background.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file with an `@mvm.app(...)`
@@ -133,14 +156,17 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     if (network_mode or allow_entries) and (dry_run or snapshot_tag is not None):
         raise UsageError("--network and --allow go with a boot from a workload, not with --dry-run or --snapshot",
                          "leave them out (a clone keeps its snapshot's network)")
+    mounting = volume_options(project_dir(directory, flake), volume_specs, allow_broad_mount)
     if dry_run:
         if snapshot_tag is not None:
             raise UsageError("--dry-run plans a boot; a clone of a snapshot is not planned here",
                              "`mvmctl snapshot inspect TAG` shows what a clone would start from")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
-                   hypervisor=hypervisor, forwards=forwards, overcommit=overcommit, policies=policies)
+                   hypervisor=hypervisor, forwards=forwards, overcommit=overcommit, policies=policies, **mounting)
         return
     if snapshot_tag is not None:
+        if volume_specs:
+            raise UsageError("-v: a clone of a snapshot cannot mount volumes", "boot the workload instead, with -v")
         if directory is not None or flake is not None:
             raise UsageError("--snapshot starts from a saved VM, not from a workload directory",
                              "leave DIRECTORY out, or leave --snapshot out")
@@ -159,6 +185,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
 
         if network_mode or allow_entries:  # (a template's guest booted with mvm.toml's network: boot afresh)
             image, cold = with_network(image, network_mode, allow_entries), True
+        cold = cold or bool(volume_specs or image.volumes)  # (a template's clones carry no volumes)
         template = None if cold else cloning.template_to_clone(home, image, hypervisor=hypervisor, vcpus=vcpus,
                                                                memory_mib=memory_mib)
         if template is not None:
@@ -168,7 +195,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         else:
             record = lifecycle.up(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib, hypervisor=hypervisor,
                                   progress=note, forwards=forwards, overcommit=overcommit,
-                                  on_receipt=receipts.append, policies=policies, allow_stub=allow_stub)
+                                  on_receipt=receipts.append, policies=policies, allow_stub=allow_stub, **mounting)
     vm_name = record.name
     if receipt and not as_json:
         note(f"receipt {receipts[0] if receipts else 'none (no audit record was written)'}")
@@ -187,6 +214,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
             click.echo(f"  {forward.host} -> guest port {forward.guest_port}")
+        for volume in record.volumes:
+            click.echo(f"  volume {volume['host']} -> {volume['guest']} ({'ro' if volume['readonly'] else 'rw'})")
 
 
 @click.command()
@@ -314,6 +343,10 @@ def status(name: str, as_json: bool) -> None:
     data = backends.get(record.backend).data_location(paths)
     if data.is_symlink():
         click.echo(f"  data disk   {printable(os.readlink(data))} (kept across down/up; `down --purge` removes it)")
+    for volume in record.volumes:
+        click.echo(f"  volume      {printable(str(volume.get('host')))} -> {printable(str(volume.get('guest')))} "
+                   f"({'ro' if volume.get('readonly') is not False else 'rw'}, "
+                   f"{backends.get(record.backend).volume_kind})")
     if record.running:
         click.echo(f"  uptime      {_duration(time.time() - record.created_at)}")
     guest = report.get("guest")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mvm.core.errors import UsageError
 
@@ -130,7 +131,7 @@ class BootImage:
     forwards: tuple[PortForward, ...]  # mvm.toml's [network] forward
     network_mode: str = "deny"  # mvm.toml's [network] mode
     allow: tuple[str, ...] = ()  # mvm.toml's [network] allow (an allow-list's entries)
-    volumes: int = 0  # how many [[volumes]] mvm.toml declares
+    volumes: tuple[tuple[str, str, bool], ...] = ()  # mvm.toml's [[volumes]]: (host, guest, readonly)
     boot_budget: tuple[tuple[str, int], ...] = ()  # artifact.json's bootBudgetMs (none before it existed)
     agent_binary: str = "real"  # artifact.json's agentBinary: "real", or what a test image carries instead
     kernel_name: str = "debian"  # mvm.toml's kernel: "mvm" (ours) has every driver built in and needs no initramfs
@@ -173,7 +174,8 @@ class BootImage:
                 forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"])
                                for f in workload["network"]["forward"]),
                 network_mode=workload["network"].get("mode", "deny"),
-                allow=tuple(str(a) for a in workload["network"].get("allow") or ()), volumes=len(workload.get("volumes") or ()),
+                allow=tuple(str(a) for a in workload["network"].get("allow") or ()),
+                volumes=declared_volumes(workload),
                 boot_budget=_budget(record.get("bootBudgetMs")),
                 agent_binary=str(record.get("agentBinary", "none recorded"))[:40],
                 kernel_name="mvm" if workload.get("kernel") == "mvm" else "debian",
@@ -188,6 +190,13 @@ def _kernel_name(path: Path) -> str:
         return "mvm" if json.loads((path / ARTIFACT_FILE).read_text())["workload"].get("kernel") == "mvm" else "debian"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "debian"
+
+
+def declared_volumes(workload: dict[str, Any]) -> tuple[tuple[str, str, bool], ...]:
+    """[[volumes]] of a Workload IR as JSON: (host, guest, readonly); the host path was made
+    absolute (relative to mvm.toml) when it was read."""
+    return tuple((str(v["host"]), str(v["guest"]), v.get("readonly", True) is not False)
+                 for v in workload.get("volumes") or ())
 
 
 def _budget(value: object) -> tuple[tuple[str, int], ...]:

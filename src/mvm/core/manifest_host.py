@@ -18,7 +18,7 @@ MIN_MEMORY_MIB = 64
 MAX_VCPUS = 64
 
 _NETWORK_KEYS = ("mode", "allow", "forward")
-_VOLUME_KEYS = ("host", "guest", "readonly")
+_VOLUME_KEYS = ("host", "guest", "mode", "readonly")
 
 
 class HostSections(ManifestChecks):
@@ -170,9 +170,17 @@ class HostSections(ManifestChecks):
                     f"{guest} is already a volume",
                     "give each volume its own guest path",
                 )
-            readonly = (
-                self.boolean(spec["readonly"], (*here, "readonly")) if "readonly" in spec else True
-            )
+            # mode = "ro" | "rw" (readonly = true | false, the older spelling, says the same)
+            if "mode" in spec and "readonly" in spec:
+                raise self.error(
+                    (*here, "readonly"), "says again what mode says", 'keep only mode = "ro" or "rw"'
+                )
+            if "mode" in spec:
+                readonly = self.choice(spec["mode"], ("ro", "rw"), (*here, "mode")) == "ro"
+            else:
+                readonly = (
+                    self.boolean(spec["readonly"], (*here, "readonly")) if "readonly" in spec else True
+                )
             volumes.append(Volume(host=host_path, guest=guest, readonly=readonly))
         return tuple(volumes)
 

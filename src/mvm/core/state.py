@@ -207,6 +207,7 @@ class VmRecord:
     suspended: str | None = None  # stopped by `pause --to-disk`: the snapshot `resume` starts it from
     network: str = "deny"  # deny (no network device) | allow-list (egress checked by the host) | open
     allow: list[str] = field(default_factory=list)  # an allow-list VM's entries, as `mvmctl network` left them
+    volumes: list[dict[str, Any]] = field(default_factory=list)  # runtime/volumes.py Mount: {host, guest, readonly, tag}
 
     @property
     def running(self) -> bool:

@@ -32,6 +32,11 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
     backends.get(record.backend).require("snapshots", name)
     if not record.running:
         raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
+    if record.volumes:
+        shared = ", ".join(str(v.get("host")) for v in record.volumes)
+        raise UsageError(f"VM {name} has a live volume ({shared}), so it cannot be saved ({purpose}): its state would "
+                         "hold the guest's view of a host directory (cached files, open handles) that no restore "
+                         "can give back", "save a VM started without volumes")
     store = SnapshotStore(home)
     started = time.monotonic()
     with store.locked(tag):

@@ -35,6 +35,8 @@ from mvm.core.state import (
 )
 from mvm.runtime import backends, data_disks
 from mvm.runtime.client import VmClient
+from mvm.runtime.volumes import Mount, VolumeRequest, declared_volumes
+from mvm.runtime.volumes import resolve as resolve_volumes
 
 if TYPE_CHECKING:
     from mvm.runtime.snapshot import Snapshot
@@ -119,9 +121,6 @@ def refuse_unenforced_settings(image: BootImage) -> None:
             EgressPolicy.parse(image.allow)
         except EntryError as err:
             raise UsageError(f"image {image.name}'s [network] allow: {err}", "fix the entry in mvm.toml") from None
-    if image.volumes:
-        raise UsageError(f"image {image.name} declares {image.volumes} [[volumes]], which this version does not mount",
-                         "take them out, and copy files in with `mvmctl cp` instead")
 
 
 def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detached",
@@ -129,12 +128,15 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
              progress: Callable[[str], None] | None = None, argv: list[str] | None = None,
              lifetime_s: float | None = None, ephemeral: bool = False, workload_id: str | None = None,
              snapshot: Snapshot | None = None, policies: tuple[str | Path, ...] = (),
-             forwards: tuple[PortForward, ...] = (), overcommit: bool = False, allow_stub: bool = False) -> Launch:
+             forwards: tuple[PortForward, ...] = (), overcommit: bool = False, allow_stub: bool = False,
+             volumes: tuple[VolumeRequest, ...] = (), workload_dir: Path | None = None,
+             allow_broad_mount: bool = False) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
     ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
     booting (runtime/cloning.py has checked it fits); ``overcommit``: boot it even if it asks
-    for more than the host has (runtime/sizing.py). The plan is admitted first (the home's
+    for more than the host has (runtime/sizing.py); ``volumes`` (besides mvm.toml's) are checked
+    against ``workload_dir`` (runtime/volumes.py). The plan is admitted first (the home's
     policy and ``policies``; ``forwards`` are the ones `up` will add)."""
     from mvm.runtime import plan
 
@@ -142,9 +144,10 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     check_argv(argv)
     refuse_stub_agent(image, allow_stub)
     refuse_unenforced_settings(image)
+    mounts = check_volumes(home, image, volumes, workload_dir, allow_broad_mount, snapshot)
     admitted = plan.admit(home, plan.make_plan(home, image, name=name, vcpus=vcpus, memory_mib=memory_mib,
                                                hypervisor=hypervisor, argv=argv, forwards=forwards,
-                                               overcommit=overcommit),
+                                               overcommit=overcommit, mounts=mounts),
                           policies, sealed=image.sealed, record=False)
     paths = home.vm(name)
     host = backends.Host(home)
@@ -182,6 +185,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                           workload_id=workload_id)
         record.network = image.network_mode
         record.allow = list(image.allow) if image.network_mode == "allow-list" else []
+        record.volumes = [mount.as_dict() for mount in mounts]
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
             record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib
@@ -212,6 +216,18 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         _wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
         raise
     return launch
+
+
+def check_volumes(home: MvmHome, image: BootImage, requests: tuple[VolumeRequest, ...], workload_dir: Path | None,
+                  allow_broad: bool, snapshot: Snapshot | None = None) -> tuple[Mount, ...]:
+    """mvm.toml's volumes and ``requests``, checked (runtime/volumes.py). A clone has none: its
+    snapshot was taken of a VM without any, and a volume cannot join a running guest."""
+    wanted = (*declared_volumes(image), *requests)
+    if snapshot is not None and wanted:
+        raise UsageError(f"a clone of snapshot {snapshot.tag} cannot mount volumes (image {image.name} declares "
+                         f"{len(declared_volumes(image))}, -v gave {len(requests)})",
+                         "boot it instead (`mvmctl up --cold`), with its volumes")
+    return resolve_volumes(wanted, workload_dir=workload_dir, mvm_home=home.root, allow_broad=allow_broad)
 
 
 def _remove_new_disk(path: Path | None) -> None:
@@ -347,7 +363,9 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
        forwards: tuple[PortForward, ...] = (), argv: list[str] | None = None, lifetime_s: float | None = None,
        ephemeral: bool = False, workload_id: str | None = None, snapshot: Snapshot | None = None,
        operation: str = "up", on_receipt: Callable[[str], None] | None = None,
-       policies: tuple[str | Path, ...] = (), overcommit: bool = False, allow_stub: bool = False) -> VmRecord:
+       policies: tuple[str | Path, ...] = (), overcommit: bool = False, allow_stub: bool = False,
+       volumes: tuple[VolumeRequest, ...] = (), workload_dir: Path | None = None,
+       allow_broad_mount: bool = False) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -360,7 +378,8 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
         launch = start_vm(home, image, name=name, mode="detached", vcpus=vcpus, memory_mib=memory_mib,
                           hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
                           ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot, policies=policies,
-                          forwards=forwards, overcommit=overcommit, allow_stub=allow_stub)
+                          forwards=forwards, overcommit=overcommit, allow_stub=allow_stub, volumes=volumes,
+                          workload_dir=workload_dir, allow_broad_mount=allow_broad_mount)
     except Exception as err:
         audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
         raise

@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward
+from mvm.core.bootimage import ARTIFACT_FILE, BootImage, PortForward, declared_volumes
 from mvm.core.state import MvmHome
 from mvm.runtime import backends, sizing
+from mvm.runtime.volumes import Mount
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class Plan:
             f"{self.entrypoint['uid']}" + (" (instead of the image's entrypoint)" if self.entrypoint["override"] else ""),
             f"  network     {net['effective']}",
             *[f"  forward     {f['host_addr']}:{f['host_port']} -> guest port {f['guest_port']}" for f in net["forwards"]],
+            *[f"  volume      {m['host']} -> {m['guest']} ({'ro' if m['readonly'] else 'rw'}, {m['via']})"
+              for m in self.mounts],
             *([f"  admitted    by {', '.join(self.admission['policies']) or 'no policy (none is set)'}"
                + (f"; receipt {self.admission['receipt']}" if self.admission.get("receipt") else "")]
               if self.admission else []),
@@ -66,7 +69,7 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
         agent_uid=uids["agent"], entrypoint_uid=uids["entrypoint"], hypervisor=workload.get("hypervisor") or "auto",
         forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"]) for f in network["forward"]),
         network_mode=network.get("mode", "deny"), allow=tuple(network.get("allow") or ()),
-        volumes=len(workload.get("volumes") or ()))
+        volumes=declared_volumes(workload))
 
 
 EFFECTIVE = {"deny": "deny: no network device",
@@ -77,16 +80,17 @@ EFFECTIVE = {"deny": "deny: no network device",
 def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None,
               memory_mib: int | None = None, hypervisor: str | None = None, argv: list[str] | None = None,
               forwards: tuple[PortForward, ...] = (), workload: dict[str, Any] | None = None,
-              overcommit: bool = False) -> Plan:
+              overcommit: bool = False, mounts: tuple[Mount, ...] = ()) -> Plan:
     """The plan for starting ``image`` as VM ``name``, as its mvm.toml declares it; raises what
     `up` would before admission (a backend that cannot run here, a command too long, a size
-    beyond the host)."""
+    beyond the host). ``mounts``: the volumes, checked (lifecycle.check_volumes)."""
     from mvm.runtime import lifecycle
 
     lifecycle.check_argv(argv)
     sizing.check_fits(vcpus or image.vcpus, memory_mib or image.memory_mib, overcommit=overcommit)
     host = backends.Host(home, may_probe=False)
     choice = lifecycle.choose_backend(home, image, hypervisor, host)
+    choice.backend.check_volumes(mounts)  # (what this backend cannot share as asked)
     built = workload is None  # (else: `unbuilt_image`, and its Workload IR as JSON)
     if workload is None:
         workload = json.loads((image.path / ARTIFACT_FILE).read_text())["workload"]
@@ -108,9 +112,7 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
         # (the image's mode and list: mvm.toml's, or what `up --network/--allow` put over them)
         network={"mode": image.network_mode, "allow": list(image.allow), "effective": EFFECTIVE.get(image.network_mode,
                  image.network_mode), "forwards": [asdict(f) for f in all_forwards]},
-        # (declared; an image with volumes is refused after admission: this version mounts none)
-        mounts=[{"host": str(v.get("host")), "guest": str(v.get("guest")), "readonly": v.get("readonly", True) is True}
-                for v in workload.get("volumes") or []],
+        mounts=[{**m.as_dict(), "via": choice.backend.volume_kind} for m in mounts],
     )
 
 

@@ -294,7 +294,8 @@ class Sandbox:
         else:
             image = _built_image(home, template)
             lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
-                         lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit)
+                         lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit,
+                         workload_dir=template_dir(home, template))  # (where its mvm.toml's volumes may point)
         sandbox = cls(vm_name, home, env)
         _LIVE[vm_name] = sandbox
         return sandbox

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from mvm.core.bootimage import BootImage
     from mvm.core.state import MvmHome, VmPaths, VmRecord
+    from mvm.runtime.volumes import Mount
 
     AgentHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -214,6 +215,7 @@ class VmBackend:
     # True where no channel but the console exists for /init's boot markers, so a workload can
     # forge them (Firecracker here); otherwise serve_boot_channel reaches a root-only one.
     markers_on_console: ClassVar[bool] = False
+    volume_kind: ClassVar[str] = "none"  # how it shares a volume: virtiofs, bind mount
 
     # -- choosing ------------------------------------------------------------------------------
 
@@ -311,9 +313,12 @@ class VmBackend:
         """Load the VM just spawned (waiting for it) from ``snapshot`` and run it."""
         raise self.refuse("snapshots", record.name)
 
-    async def attach_volume(self, paths: VmPaths, record: VmRecord, host: Path, guest: str, readonly: bool) -> None:
-        raise UsageError(f"VM {record.name} runs on {self.name}, which cannot attach volumes in this mvm version",
-                         "`mvmctl doctor` shows what each backend can do")
+    def check_volumes(self, mounts: tuple[Mount, ...]) -> None:
+        """Refuse, before anything starts, volumes (runtime/volumes.py) this backend cannot
+        share as asked; a backend that shares none refuses any."""
+        if mounts:
+            raise UsageError(f"{self.name} cannot share host directories (volumes) in this mvm version",
+                             "use --hypervisor qemu or docker, or leave the volumes out")
 
     async def network(self, paths: VmPaths, record: VmRecord, mode: str) -> None:
         raise UsageError(f"VM {record.name} runs on {self.name}, which has no {mode} network in this mvm version",

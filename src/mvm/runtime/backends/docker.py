@@ -44,6 +44,7 @@ from mvm.runtime.process import spawn_tied
 if TYPE_CHECKING:
     from mvm.core.bootimage import BootImage
     from mvm.runtime.backends.base import AgentHandler
+    from mvm.runtime.volumes import Mount
 
 CAP_ADD = ("CHOWN", "SETUID", "SETGID", "KILL", "DAC_OVERRIDE", "FOWNER")  # what /init needs, no more
 CHANNEL_MOUNT = "/.mvm"
@@ -173,12 +174,25 @@ def run_argv(paths: VmPaths, record: VmRecord, tag: str, data_disk: bool) -> lis
             "--volume", f"{paths.channel_dir}:{CHANNEL_MOUNT}"]
     if data_disk:
         argv += ["--volume", f"{paths.data_dir}:/data"]
+    for volume in record.volumes:
+        argv += ["--mount", bind_mount(str(volume["host"]), str(volume["guest"]), volume.get("readonly") is not False)]
     entrypoint = encoded_argv(record)
     if entrypoint is not None:
         argv += ["--env", f"MVM_ARGV={entrypoint}"]
     if record.network == "allow-list":  # --network none: egress through the agent (guest/init)
         argv += ["--env", "MVM_EGRESS=1"]
     return [*argv, tag, "/init"]
+
+
+def bind_mount(host: str, guest: str, readonly: bool) -> str:
+    """A volume as docker's --mount value (CSV: a host path with a comma or quote is quoted)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    fields = ["type=bind", f"source={host}", f"target={guest}"] + (["readonly"] if readonly else [])
+    csv.writer(out, lineterminator="").writerow(fields)
+    return out.getvalue()
 
 
 def agent_socket_path(paths: VmPaths) -> Path:
@@ -234,6 +248,7 @@ class DockerBackend(VmBackend):
 
     name = "docker"
     process_label = "the docker CLI"
+    volume_kind = "bind mount"
     boots_kernel = False
     why_not = {"snapshots": "a container has no memory state to save; `docker checkpoint` needs CRIU, "
                             "which is not used here"}
@@ -260,6 +275,9 @@ class DockerBackend(VmBackend):
         record.backend_id = container_name(VmPaths(staged.dir.parent / record.name))
         remove(record.backend_id)  # a leftover from a crash must not block the name
         prepare_dirs(staged, bool(image.data_disk_bytes), image.agent_uid)
+
+    def check_volumes(self, mounts: tuple[Mount, ...]) -> None:
+        """Bind mounts: any checked volume can be one (read-only unless rw)."""
 
     def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
         """The container's agent cannot serve a socket the host could reach, so it dials one

@@ -42,6 +42,7 @@ from mvm.runtime.process import spawn_tied
 if TYPE_CHECKING:
     from mvm.core.state import VmPaths, VmRecord
     from mvm.runtime.backends.base import AgentHandler
+    from mvm.runtime.volumes import Mount
 
 QEMU_BINARY = "qemu-system-x86_64"
 AGENT_PORT_NAME = "org.mvm.agent"
@@ -249,6 +250,7 @@ class QemuBackend(VmBackend):
 
     name = "qemu"
     process_label = "QEMU"
+    volume_kind = "virtiofs"
     capabilities = Capabilities(snapshots=True, pause_resume=True, vsock=False, tap_networking=False,
                                 port_forwarding=True, detach=True, console=True, isolation="microvm")
 
@@ -286,6 +288,8 @@ class QemuBackend(VmBackend):
         if image.data_disk_bytes and record.restore_from is None:
             spec.data_disk = paths.data_disk
         self._memory(spec, record, paths)
+        if record.volumes:
+            self._volumes(spec, record, paths)
         argv = spec.argv()
         spawned = time.monotonic()
         return Spawned(spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
@@ -303,6 +307,32 @@ class QemuBackend(VmBackend):
                 return
         if create_ram_file(ram_path(paths), spec.memory_mib):
             spec.ram_file = ram_path(paths)
+
+    @staticmethod
+    def _volumes(spec: QemuSpec, record: VmRecord, paths: VmPaths) -> None:
+        """virtiofs: a jailed virtiofsd per volume (runtime/virtiofs.py); vhost-user needs the
+        guest's RAM in shared memory, which a cold VM's RAM file is."""
+        from mvm.runtime import virtiofs, volumes
+
+        if spec.ram_file is None or not spec.ram_shared:
+            raise VmError(f"VM {record.name} has volumes, which need its RAM in shared memory, and there is no "
+                          f"writable {SHARED_MEMORY} here", "mount a tmpfs on /dev/shm, or leave the volumes out")
+        mounts = tuple(volumes.Mount.from_dict(v) for v in record.volumes)
+        # vhost-user (libvhost-user) serves only modern virtio; microvm's virtio-mmio defaults to
+        # legacy. Only here: a VM with volumes is never snapshotted, so no saved state changes.
+        spec.extra_args += ["-global", "virtio-mmio.force-legacy=false",
+                            *virtiofs.start_for_qemu(paths.dir, mounts, record.uids["entrypoint"])]
+        spec.boot_args = f"{spec.boot_args} {volumes.boot_words(mounts)}".strip()
+
+    def check_volumes(self, mounts: tuple[Mount, ...]) -> None:
+        """virtiofs, run as described in runtime/virtiofs.py: it needs root, and an rw volume
+        whose directory root owns is refused."""
+        if not mounts:
+            return
+        from mvm.runtime import virtiofs, volumes
+
+        virtiofs.check_host()
+        volumes.check_rw_owner(mounts)
 
     async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path, hypervisor_version: str) -> None:
         from mvm.runtime.backends import qemu_migration  # (asyncio: not before QEMU has started)
@@ -368,8 +398,13 @@ class QemuBackend(VmBackend):
         return [*super().runtime_files(paths), paths.boot_socket, paths.qmp_socket, paths.overlay, ram_path(paths)]
 
     def release(self, paths: VmPaths, record: VmRecord) -> bool:
-        """A supervisor killed with SIGKILL left its RAM file in tmpfs: guest memory."""
+        """A supervisor killed with SIGKILL left its RAM file in tmpfs: guest memory (and,
+        should PDEATHSIG have missed one, a virtiofsd)."""
         ram_path(paths).unlink(missing_ok=True)
+        if record.volumes:
+            from mvm.runtime import virtiofs
+
+            virtiofs.stop_stale(virtiofs.pid_file(paths.dir))
         return True
 
     def doctor(self, facts: HostFacts) -> BackendReport:
