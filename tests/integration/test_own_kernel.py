@@ -4,6 +4,7 @@ MVM_HOME, and real guests booted with it: no initramfs, every driver built in.""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,18 @@ def test_clones_of_a_snapshot_with_our_kernel_get_their_own_identity(mvmctl: Mvm
         mvmctl("down", "ownk-c1", "--force")
         mvmctl("down", "ownk-c2", "--force")
         mvmctl("snapshot", "rm", "ownk-snap")
+
+
+def test_volumes_mount_with_our_kernels_built_in_virtiofs(mvmctl: Mvmctl, own_image) -> None:
+    directory, _ = own_image
+    (directory / "ro").mkdir(exist_ok=True)
+    (directory / "ro" / "in.txt").write_text("from the host\n")
+    (directory / "rw").mkdir(exist_ok=True)
+    os.chown(directory / "rw", 1000, 1000)  # the workload's uid owns what it may write (docs/volumes.md)
+    proc = mvmctl("run", "--attached", str(directory), "--name", "ownk-vol", "-v", f"{directory / 'ro'}:/ro", "-v",
+                  f"{directory / 'rw'}:/rw:rw", "--", "sh", "-c",
+                  "cat /ro/in.txt; echo from-guest > /rw/out.txt; echo x > /ro/no.txt || echo refused")
+    assert proc.returncode == 0, proc.stderr
+    assert "from the host" in proc.stdout and "refused" in proc.stdout
+    assert (directory / "rw" / "out.txt").read_text() == "from-guest\n"
+    assert not (directory / "ro" / "no.txt").exists()
