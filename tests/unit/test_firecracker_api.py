@@ -553,3 +553,17 @@ def test_module_stays_lean() -> None:
     out = subprocess.run([__import__("sys").executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
+
+
+def test_an_image_of_our_kernel_boots_without_an_initrd_from_the_root_drive(tmp_path: Path) -> None:
+    """mvm's own kernel (every driver built in): no initrd_path, the kernel mounts /dev/vda itself."""
+    from dataclasses import replace
+
+    paths = vm(tmp_path)
+    for jailed in (False, True):
+        plan = fc_api.plan_boot(replace(image(tmp_path), initrd=None), paths, record("t1", 1, 256), jailed=jailed)
+        boot = {r.path: r.body for r in plan}["/boot-source"]
+        assert "initrd_path" not in boot
+        assert {"root=/dev/vda", "init=/init", "rw"} <= set(boot["boot_args"].split())
+    with_initrd = {r.path: r.body for r in fc_api.plan_boot(image(tmp_path), paths, record("t1", 1, 256))}
+    assert "root=/dev/vda" not in with_initrd["/boot-source"]["boot_args"]
