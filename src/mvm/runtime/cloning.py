@@ -29,7 +29,11 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
     """Save running VM ``name`` as snapshot ``tag``; it runs on afterwards unless ``stop``."""
     check_tag(tag)
     paths, record = lifecycle.require_vm(home, name)
-    backends.get(record.backend).require("snapshots", name)
+    backend = backends.get(record.backend)
+    backend.require("snapshots", name)
+    refused = backend.snapshot_refusal(record.arch)
+    if refused is not None:
+        raise UsageError(f"VM {name} cannot be snapshotted: {refused}", "boot such guests cold (`mvmctl up`)")
     if not record.running:
         raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
     store = SnapshotStore(home)
@@ -286,9 +290,9 @@ def template_to_clone(home: MvmHome, image: BootImage, *, hypervisor: str | None
         return None  # the common case, without touching backends or keys
     host = backends.Host(home)
     backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
-    if not backend.capabilities.snapshots:
+    if not backend.capabilities.snapshots or backend.snapshot_refusal(image.arch) is not None:
         return None
-    accel = backend.accel(host)
+    accel = backend.accel_for(image, host)
     found = (find_template(home, image, backend.name, accel) if make_as is None
              else template_for(home, image, make_as, backend.name, accel, announce))
     if found is None or vcpus not in (None, found.manifest.vcpus) or memory_mib not in (None, found.manifest.memory_mib):

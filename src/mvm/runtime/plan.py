@@ -92,7 +92,7 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
         artifact={"built": built, "key": image.key or None, "name": image.name,
                   "path": str(image.path) if built else None, "sealed": image.sealed,
                   "accessible": image.accessible, "kernel_release": image.kernel_release or None},
-        backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel(host),
+        backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel_for(image, host),
                  "isolation": choice.backend.capabilities.isolation},
         resources={"vcpus": vcpus or image.vcpus, "memory_mib": memory_mib or image.memory_mib,
                    "data_disk_bytes": image.data_disk_bytes},
