@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from mvm.core.arch import GuestArch, host_arch
@@ -19,6 +20,9 @@ from mvm.core.errors import BuildError
 from mvm.core.state import MvmHome
 
 UPDATE_TIMEOUT_S = 600
+# Lists older than this are fetched again before a resolution: nobody runs `apt-get update`
+# on a private state by hand, and stale lists name versions the archive has dropped.
+MAX_LIST_AGE_S = 24 * 3600
 
 
 def apt_state_dir(arch: GuestArch, home: MvmHome) -> Path:
@@ -44,12 +48,13 @@ def state_options(arch: GuestArch, home: MvmHome) -> list[str]:
 
 
 def ensure_lists(arch: GuestArch, home: MvmHome, *, refresh: bool = False) -> None:
-    """Fill the private package lists for ``arch`` once (or again with ``refresh``), from the
-    host's configured sources."""
+    """Fill the private package lists for ``arch`` from the host's configured sources: when
+    there are none, they are over a day old, or ``refresh`` asks."""
     if not foreign(arch):
         return
     state = apt_state_dir(arch, home)
-    if not refresh and glob.glob(str(state / "lists" / "*_Packages*")):
+    lists = glob.glob(str(state / "lists" / "*_Packages*"))
+    if not refresh and lists and time.time() - max(os.path.getmtime(p) for p in lists) < MAX_LIST_AGE_S:
         return
     (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)

@@ -29,11 +29,7 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
     """Save running VM ``name`` as snapshot ``tag``; it runs on afterwards unless ``stop``."""
     check_tag(tag)
     paths, record = lifecycle.require_vm(home, name)
-    backend = backends.get(record.backend)
-    backend.require("snapshots", name)
-    refused = backend.snapshot_refusal(record.arch)
-    if refused is not None:
-        raise UsageError(f"VM {name} cannot be snapshotted: {refused}", "boot such guests cold (`mvmctl up`)")
+    backends.get(record.backend).require("snapshots", name)
     if not record.running:
         raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
     store = SnapshotStore(home)
@@ -114,10 +110,10 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
     image = clone_image(home, snapshot)
     backend = backends.get(manifest.backend)
     host = backends.Host(home)
-    ok, why = backend.availability(host)
+    ok, why = backend.availability_for(image, host)
     if not ok:
         raise UsageError(f"snapshot {request.tag} needs {manifest.backend}, which is not available here: {why}")
-    accel = backend.accel(host)
+    accel = backend.accel_for(image, host)
     if accel != manifest.accel:
         raise SnapshotError(f"snapshot {request.tag} was taken under {manifest.accel}; this host runs {manifest.backend} "
                             f"under {accel}", "take a new snapshot on this host")
@@ -290,7 +286,7 @@ def template_to_clone(home: MvmHome, image: BootImage, *, hypervisor: str | None
         return None  # the common case, without touching backends or keys
     host = backends.Host(home)
     backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
-    if not backend.capabilities.snapshots or backend.snapshot_refusal(image.arch) is not None:
+    if not backend.capabilities.snapshots:
         return None
     accel = backend.accel_for(image, host)
     found = (find_template(home, image, backend.name, accel) if make_as is None

@@ -247,10 +247,6 @@ class VmBackend:
         """:meth:`accel` for this image (an emulated architecture is never under KVM)."""
         return self.accel(host)
 
-    def snapshot_refusal(self, arch: str) -> str | None:
-        """Why snapshots of a guest of ``arch`` are refused on this backend (None: they are not)."""
-        return None
-
     # -- starting ------------------------------------------------------------------------------
 
     def prepare_image(self, image: BootImage, progress: Progress | None = None) -> None:

@@ -289,9 +289,6 @@ class QemuBackend(VmBackend):
 
         return self.accel(host) if is_native(image.arch) else "tcg"
 
-    def snapshot_refusal(self, arch: str) -> str | None:
-        return qemu_guest_arch(arch).snapshots_refused
-
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
         if record.restore_from is not None:  # a clone: its writes go over the snapshot's frozen disk
             create_overlay(Path(record.restore_from) / "disk.qcow2", staged.overlay, "qcow2")
@@ -341,9 +338,6 @@ class QemuBackend(VmBackend):
 
     async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
         """Stop the VM and save it into ``dest``; it stays stopped until :meth:`resume`."""
-        refused = self.snapshot_refusal(record.arch)
-        if refused is not None:
-            raise UsageError(f"VM {record.name} cannot be snapshotted: {refused}", "boot such guests cold")
         if paths.data_disk.exists():
             raise UsageError(f"VM {record.name} has a data disk, which its snapshot's clones would have to share",
                              "snapshot a VM started without --data-disk")
