@@ -96,8 +96,8 @@ def test_an_aarch64_guest_snapshots_and_its_clones_get_their_own_identity(mvmctl
             assert "a clone of snapshot armsnap" in up.stdout and "aarch64" in up.stdout
         seen = []
         for clone in ("armclone1", "armclone2"):
-            out = mvmctl("exec", clone, "--", "sh", "-c", "cat /tmp/mark; uname -m; head -c 16 /dev/urandom | od -An -tx1",
-                         check=True).stdout.splitlines()
+            out = mvmctl("exec", clone, "--", "sh", "-c",
+                         "cat /tmp/mark; uname -m; head -c 16 /dev/urandom | od -An -tx1", check=True).stdout.splitlines()
             assert out[:2] == ["from-the-template", "aarch64"]
             seen.append(out[2])
         assert seen[0] != seen[1]  # the CRNG was reseeded in each clone

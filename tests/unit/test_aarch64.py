@@ -59,7 +59,8 @@ def test_an_unknown_arch_is_refused_naming_the_ones_mvm_builds() -> None:
 
 def test_the_arch_table_has_what_the_builder_and_runtime_need() -> None:
     arm = GUEST_ARCHES["aarch64"]
-    assert (arm.debian, arm.triplet, arm.kernel_metapackage) == ("arm64", "aarch64-linux-gnu", "linux-image-cloud-arm64")
+    assert (arm.debian, arm.triplet, arm.loader) == ("arm64", "aarch64-linux-gnu", "/lib/ld-linux-aarch64.so.1")
+    assert arm.kernel_metapackage == "linux-image-cloud-arm64"
     assert dict(arm.boot_budget_ms).keys() == {"tcg"}  # never KVM or a container here
     assert BOOT_BUDGET_MS == dict(GUEST_ARCHES["x86_64"].boot_budget_ms)
     assert host_arch() == "x86_64" and is_native("x86_64") and not is_native("aarch64")

@@ -121,7 +121,8 @@ def link_busybox_applets(tree: Path, native: bool = True) -> None:
     if not native:
         host_busybox = shutil.which("busybox")
         if host_busybox is None:
-            raise BuildError("assemble", "busybox is not installed on the host (its applet list names the guest's links)",
+            raise BuildError("assemble",
+                             "busybox is not installed on the host (its applet list names the guest's links)",
                              "run `mvmctl bootstrap` to install busybox-static")
         busybox = host_busybox
     listing = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout
@@ -288,7 +289,7 @@ def compile_python(tree: Path, arch: str = DEFAULT_ARCH) -> int:
     version = python.name.removeprefix("python")  # python3 -> python3.11
     jobs = _python_sources(tree, [f"/usr/lib/python{version}", "/usr/lib/python3/dist-packages", GUEST_DIR])
     if is_native(arch):
-        loader = in_tree(tree, "/lib64/ld-linux-x86-64.so.2")
+        loader = in_tree(tree, guest_arch(arch).loader)
         if loader is None:
             return 0
         triplet = guest_arch(arch).triplet

@@ -24,6 +24,7 @@ class GuestArch:
     name: str  # what mvm.toml's arch and `build --arch` say (uname -m in the guest)
     debian: str  # Debian's architecture name: the .debs' suffix, apt's APT::Architecture
     triplet: str  # the multiarch library directory (/lib/<triplet>)
+    loader: str  # the dynamic loader's path in the guest
     kernel_metapackage: str  # Debian's cloud kernel for it
     # p50 ms from QEMU's start to agent-ready, per accelerator it can run under (artifact.json's
     # bootBudgetMs). aarch64 here is always emulated: no KVM for another architecture.
@@ -31,13 +32,15 @@ class GuestArch:
 
 
 GUEST_ARCHES: dict[str, GuestArch] = {
-    "x86_64": GuestArch("x86_64", "amd64", "x86_64-linux-gnu", "linux-image-cloud-amd64",
-                        (("kvm", 300), ("tcg", 2500), ("container", 3000))),
-    # Measured on the reference host (2 cores, docs/aarch64.md): p50 agent-ready 2.25 s under
+    "x86_64": GuestArch(name="x86_64", debian="amd64", triplet="x86_64-linux-gnu", loader="/lib64/ld-linux-x86-64.so.2",
+                        kernel_metapackage="linux-image-cloud-amd64",
+                        boot_budget_ms=(("kvm", 300), ("tcg", 2500), ("container", 3000))),
+    # Measured on the reference host (2 cores, docs/aarch64.md): p50 agent-ready 2.3-2.6 s under
     # TCG (no PIT calibration, no ACPI); the budget is about twice that, for a loaded machine.
-    "aarch64": GuestArch("aarch64", "arm64", "aarch64-linux-gnu", "linux-image-cloud-arm64",
-                         (("tcg", 5000),)),
+    "aarch64": GuestArch(name="aarch64", debian="arm64", triplet="aarch64-linux-gnu",
+                         loader="/lib/ld-linux-aarch64.so.1", kernel_metapackage="linux-image-cloud-arm64", boot_budget_ms=(("tcg", 5000),)),
 }
+
 
 _MACHINE_ALIASES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
 

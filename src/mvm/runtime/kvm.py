@@ -82,7 +82,7 @@ def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
 
 
 def _probe_boot(image: BootImage, pvm: bool, hint: str) -> KvmProbe:
-    spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm",
+    spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm", arch=image.arch,
                          memory_mib=128, boot_args="mvm.probe")  # its initramfs marks on the console
     started = time.monotonic()
     proc = spawn_tied(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -250,8 +250,8 @@ class DockerBackend(VmBackend):
 
         if is_native(arch):
             return None
-        return (f"docker runs a container on the host's own CPU ({host_arch()}): a root tree built for {arch} would need "
-                "binfmt_misc with qemu-user, which mvm does not set up (use --hypervisor qemu)")
+        return (f"docker runs a container on the host's own CPU ({host_arch()}): a root tree built for {arch} "
+                "would need binfmt_misc with qemu-user, which mvm does not set up (use --hypervisor qemu)")
 
     def prepare_image(self, image: BootImage, progress: Progress | None = None) -> None:
         tag = image_tag(image.name, image.key)

@@ -280,7 +280,8 @@ class QemuBackend(VmBackend):
             return ok, why
         guest = qemu_guest_arch(image.arch)
         if shutil.which(guest.binary) is None:
-            return False, f"{guest.binary} is not installed, and runs {image.arch} guests (apt-get install {guest.package})"
+            return False, (f"{guest.binary} is not installed, and runs {image.arch} guests "
+                           f"(apt-get install {guest.package})")
         return ok, why
 
     def accel_for(self, image: BootImage, host: Host) -> str:
