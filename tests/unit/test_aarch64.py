@@ -230,3 +230,23 @@ def test_private_lists_are_fetched_when_missing_or_a_day_old_and_kept_otherwise(
         assert "arm64" in str(err) and "\n" not in str(err)
     else:  # fetched: real lists from the host's sources are there now
         assert any(p.name.endswith(("Packages", "Packages.lz4", "Packages.xz")) and p != fake for p in lists.iterdir())
+
+
+def test_the_runtime_reads_the_arch_the_builder_writes_and_a_dry_run_plans_with_it(tmp_path: Path) -> None:
+    from mvm.core.artifact import ArtifactMeta, ArtifactUids
+    from mvm.core.bootimage import ARTIFACT_FILE
+    from mvm.runtime import plan
+
+    workload = parse('arch = "aarch64"\n' + SHELL)
+    meta = ArtifactMeta(key="a" * 64, name=workload.name, builder_version="test", accessible=True, sealed=False,
+                        entrypoint_kind=workload.entrypoint.kind, uids=ArtifactUids(agent=990, entrypoint=0),
+                        rootless_entrypoint=False, expected_boot_ms=5000, kernel_release="6.1.0-57-cloud-arm64",
+                        vcpus=1, memory_mib=256, packages=[], workload=workload)
+    artifact = tmp_path / meta.key
+    artifact.mkdir()
+    (artifact / ARTIFACT_FILE).write_text(meta.to_json())
+    for name in ("vmlinux", "initrd.cpio", "rootfs.ext4"):
+        (artifact / name).write_bytes(b"")
+    assert BootImage.open(artifact).arch == "aarch64"
+    unbuilt = plan.unbuilt_image(tmp_path, json.loads(workload.canonical_json()))
+    assert unbuilt.arch == "aarch64"
