@@ -10,6 +10,12 @@ if ! command -v dockerd >/dev/null; then
     if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
     DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends docker.io </dev/null
 fi
+# The aarch64 guest's tests boot it under qemu-system-aarch64 (emulated; only they need it).
+if ! command -v qemu-system-aarch64 >/dev/null; then
+    echo "==> installing qemu-system-arm (apt) for the aarch64 guest's tests"
+    if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo -n); fi
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends qemu-system-arm </dev/null
+fi
 # The tests of mvm's own kernel compile it once per run (about 5 minutes on two cores).
 kernel_needs=()
 for need in gcc:gcc make:make flex:flex bison:bison bc:bc /usr/include/gelf.h:libelf-dev; do

@@ -24,7 +24,7 @@ from mvm.runtime.hosttools import (
 )
 
 ALL_BUT_E2FSPROGS = (
-    "qemu-system-x86", "qemu-utils", "busybox-static", "lz4", "cpio", "apt", "dpkg",
+    "qemu-system-x86", "qemu-utils", "qemu-system-arm", "busybox-static", "lz4", "cpio", "apt", "dpkg",
 )
 
 
@@ -54,12 +54,13 @@ def _debian_host(**overrides: object) -> PackageHost:
 def test_table_names_every_tool_once_with_its_package() -> None:
     names = [t.name for t in TOOLS]
     assert names == [
-        "qemu-system-x86_64", "qemu-img", "busybox", "mkfs.ext4", "debugfs", "e2fsck",
+        "qemu-system-x86_64", "qemu-img", "qemu-system-aarch64", "busybox", "mkfs.ext4", "debugfs", "e2fsck",
         "lz4", "cpio", "apt-get", "dpkg-deb",
     ]
     packages = {t.name: t.package for t in TOOLS}
     assert packages["busybox"] == "busybox-static"
     assert packages["qemu-system-x86_64"] == "qemu-system-x86"
+    assert packages["qemu-system-aarch64"] == "qemu-system-arm"
     assert {packages[n] for n in ("mkfs.ext4", "debugfs", "e2fsck")} == {"e2fsprogs"}
     assert all(t.needed_by for t in TOOLS)
 
@@ -192,7 +193,7 @@ def test_bootstrap_with_path_hidden_lists_the_packages(empty_path: Path) -> None
     # e2fsprogs is still found in the sbin fallback; everything else is gone.
     assert result.packages == ALL_BUT_E2FSPROGS
     assert set(result.missing) == {
-        "qemu-system-x86_64", "qemu-img", "busybox", "lz4", "cpio", "apt-get", "dpkg-deb",
+        "qemu-system-x86_64", "qemu-img", "qemu-system-aarch64", "busybox", "lz4", "cpio", "apt-get", "dpkg-deb",
     }
     # apt-get itself is hidden, so mvm cannot install and says what to install instead.
     assert result.status == "manual" and not result.installed

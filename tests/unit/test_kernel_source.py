@@ -36,7 +36,7 @@ def test_the_fragment_builds_in_what_the_guest_needs_and_no_modules() -> None:
 def test_the_config_digest_names_the_fragment_and_unsupported_arches_are_refused() -> None:
     assert kernel_source.config_digest("x86_64") == kernel_source.config_digest("x86_64")
     assert len(kernel_source.config_digest("x86_64")) == 64
-    with pytest.raises(BuildError, match="cannot boot aarch64 guests yet"):
+    with pytest.raises(BuildError, match="no aarch64 configuration yet"):
         kernel_source.config_digest("aarch64")
     with pytest.raises(BuildError, match="no kernel config for architecture 'riscv64'"):
         kernel_source.config_fragment("riscv64")

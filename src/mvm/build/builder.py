@@ -18,16 +18,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mvm.build import image, kernel, kernel_source, packages, rootfs
+from mvm.build import apt_arch, image, kernel, kernel_source, packages, rootfs
 from mvm.build.packages import DebCache, PackageLock
 from mvm.build.stamps import BUILDER_VERSION, guest_sources_digest
 from mvm.build.store import ArtifactStore
+from mvm.core.arch import guest_arch
 from mvm.core.artifact import Artifact, ArtifactHashes, ArtifactMeta, ArtifactUids
 from mvm.core.bootimage import (
     ARTIFACT_FILE,
-    BOOT_BUDGET_MS,
     DEBS_FILE,
-    EXPECTED_BOOT_MS,
     INITRD_FILE,
     KERNEL_CONFIG_FILE,
     KERNEL_FILE,
@@ -62,7 +61,7 @@ def store_key(workload: Workload, lock: PackageLock) -> str:
         "workload": json.loads(workload.canonical_json()),
         "lock": lock.model_dump(mode="json"),
         # ours is named by its config: a new config in the repository makes a new image
-        **({"kernel": kernel_source.config_digest("x86_64")} if workload.kernel == "mvm" else {}),
+        **({"kernel": kernel_source.config_digest(workload.arch)} if workload.kernel == "mvm" else {}),
     }, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -97,13 +96,16 @@ class Builder:
             return BuildResult(existing, cache_hit=True, lock_written=lock_is_new, seconds=seconds)
 
         with self._phase("download", f"{len(lock.all_debs())} packages", seconds):
-            self.debs.ensure(lock.all_debs())
+            target = guest_arch(lock.arch)
+            if self.debs.missing(lock.all_debs()):
+                apt_arch.ensure_lists(target, self.home)
+            self.debs.ensure(lock.all_debs(), apt_arch.state_options(target, self.home))
 
         with self.store.staging(key) as scratch:
             own_kernel = None
             if workload.kernel == "mvm":
                 with self._phase("kernel", "mvm's own kernel", seconds):
-                    own_kernel = kernel_source.ensure_kernel(self.home, "x86_64", self.progress)
+                    own_kernel = kernel_source.ensure_kernel(self.home, workload.arch, self.progress)
             with self._phase("assemble", "unpacking packages", seconds):
                 guest_kernel = kernel.prepare_kernel(self.debs.path(lock.kernel), lock.kernel, self.home.kernels)
                 meta = self._meta(workload, lock, key, guest_kernel.release)
@@ -117,7 +119,7 @@ class Builder:
                                            [self.debs.path(d) for d in lock.setpriv], workload, meta.to_json())
                 # After staging and pruning, so it compiles the final sources (extra files too).
                 self.progress("assemble", "compiling the guest's Python bytecode")
-                rootfs.compile_python(scratch / "root")
+                rootfs.compile_python(scratch / "root", workload.arch)
                 if own_kernel is None:
                     rootfs.stage_initramfs(scratch / "initramfs", scratch / "root" / "bin" / "busybox", guest_kernel)
 
@@ -163,23 +165,28 @@ class Builder:
     def _lock_for(self, workload: Workload, lock_path: Path) -> tuple[PackageLock, bool]:
         """The lock beside mvm.toml if it covers these packages; else a fresh resolution."""
         wanted = packages.requested_packages(workload.packages)
+        if workload.kernel == "mvm" and workload.arch not in kernel_source.BUILT_ARCHES:
+            raise BuildError("resolve", f"mvm's own kernel has no {workload.arch} configuration (only "
+                             f"{', '.join(kernel_source.BUILT_ARCHES)})",
+                             f'use kernel = "debian" (Debian\'s cloud kernel) for an {workload.arch} guest')
         if lock_path.is_file():
             lock = PackageLock.load(lock_path)
-            if lock.requested == wanted:
+            if lock.requested == wanted and lock.arch == workload.arch:
                 return lock, False
-            self.progress("resolve", "packages changed since mvm.lock; resolving again")
+            self.progress("resolve", "packages or architecture changed since mvm.lock; resolving again")
         else:
-            self.progress("resolve", f"resolving {len(wanted)} packages with apt")
-        return packages.resolve(workload.packages, self.home), True
+            self.progress("resolve", f"resolving {len(wanted)} {workload.arch} packages with apt")
+        return packages.resolve(workload.packages, self.home, workload.arch), True
 
     def _meta(self, workload: Workload, lock: PackageLock, key: str, release: str) -> ArtifactMeta:
+        budget = dict(guest_arch(workload.arch).boot_budget_ms)  # this architecture's own
         return ArtifactMeta(
             key=key, name=workload.name, builder_version=BUILDER_VERSION,
             accessible=workload.accessible, sealed=workload.sealed,
             entrypoint_kind=workload.entrypoint.kind,
             uids=ArtifactUids(agent=workload.uids.agent, entrypoint=workload.uids.entrypoint),
             rootless_entrypoint=workload.uids.entrypoint != 0,
-            agent_binary="real", expected_boot_ms=EXPECTED_BOOT_MS, boot_budget_ms=dict(BOOT_BUDGET_MS),
+            agent_binary="real", expected_boot_ms=max(budget.values()), boot_budget_ms=budget,
             kernel_release=release,
             vcpus=workload.vcpus, memory_mib=workload.memory_mib, data_disk_bytes=workload.data_disk_bytes,
             packages=lock.packages, workload=workload,

@@ -4,6 +4,11 @@
 Debian ships only the bzImage, whose payload is an LZ4 (legacy format) stream starting at
 the magic bytes ``02 21 4c 18``: decompressing that stream gives the ELF. The virtio drivers
 are modules in this kernel, so the few we need are kept beside it for the initramfs.
+
+Debian's arm64 cloud kernel ships its ``vmlinuz`` as a plain arm64 ``Image`` (an EFI stub,
+uncompressed; QEMU's ``-kernel`` takes it as it is); a gzip-compressed one is unpacked. Its
+virtio drivers are modules with the same names, virtio_mmio among them (``modules.builtin``
+has none of them), so the same list is loaded in the same order.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from mvm.core.errors import BuildError
 
 LZ4_LEGACY_MAGIC = b"\x02\x21\x4c\x18"
 ELF_MAGIC = b"\x7fELF"
+ARM64_IMAGE_MAGIC = b"ARM\x64"  # at offset 0x38 of an arm64 Image (Documentation/arm64/booting.rst)
+GZIP_MAGIC = b"\x1f\x8b"
 # Load order matters: the transport and ring before the drivers, failover before virtio_net.
 MODULES = (
     "virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio-rng",
@@ -101,6 +108,18 @@ def _unpack(deb_path: Path, out: Path) -> str:
 
 
 def _write_vmlinux(bzimage: bytes, out: Path) -> None:
+    """The kernel QEMU boots fastest: the ELF inside an x86 bzImage, or an arm64 Image."""
+    if bzimage.startswith(GZIP_MAGIC):
+        import zlib
+
+        try:
+            bzimage = zlib.decompress(bzimage, wbits=31)
+        except zlib.error as err:
+            raise BuildError("assemble", f"the kernel image is a damaged gzip stream ({err})",
+                             "delete the kernel package from the cache and build again") from None
+    if bzimage[0x38:0x3C] == ARM64_IMAGE_MAGIC:
+        out.write_bytes(bzimage)
+        return
     start = bzimage.find(LZ4_LEGACY_MAGIC)
     if start < 0:
         raise BuildError("assemble", "the kernel image has no LZ4 payload", "use Debian's cloud kernel")

@@ -14,13 +14,15 @@ import re
 import shutil
 import subprocess
 import tempfile
+import tomllib
 import urllib.parse
 from pathlib import Path
 
 import tomli_w
-import tomllib
 from pydantic import BaseModel, ValidationError
 
+from mvm.build import apt_arch
+from mvm.core.arch import DEFAULT_ARCH, GuestArch, guest_arch
 from mvm.core.artifact import LockedPackage
 from mvm.core.digest import sha256_file
 from mvm.core.errors import BuildError
@@ -32,7 +34,6 @@ BASE_PACKAGES = ("busybox-static", "python3-minimal", "libpython3.11-stdlib")
 # Only setpriv and its one library are taken from these: busybox's setpriv lacks
 # --reuid/--regid/--clear-groups.
 SETPRIV_PACKAGES = ("util-linux", "libcap-ng0")
-KERNEL_METAPACKAGE = "linux-image-cloud-amd64"
 LOCK_VERSION = 1
 
 # 'URI' FILE SIZE [HASH]: apt prints no hash at all for some archives (e.g. debian-security).
@@ -50,6 +51,7 @@ class PackageLock(BaseModel):
     packages: list[LockedPackage]
     setpriv: list[LockedPackage]
     kernel: LockedPackage
+    arch: str = DEFAULT_ARCH  # the guest architecture (core/arch.py) every package is for
 
     def all_debs(self) -> list[LockedPackage]:
         return [*self.packages, *self.setpriv, self.kernel]
@@ -73,13 +75,14 @@ def requested_packages(user_packages: tuple[str, ...]) -> list[str]:
     return sorted(set(BASE_PACKAGES) | set(user_packages))
 
 
-def _apt_options(work: Path) -> list[str]:
-    """apt with a private, empty view of 'installed', so it resolves the full closure."""
+def _apt_options(work: Path, state: list[str]) -> list[str]:
+    """apt with a private, empty view of 'installed', so it resolves the full closure;
+    ``state``: apt_arch.state_options for the guest's architecture."""
     status = work / "status"
     status.touch()
     (work / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     return [
-        "-q",
+        "-q", *state,
         "-o", f"Dir::State::status={status}",
         "-o", f"Dir::Cache::archives={work / 'archives'}",
         "-o", "APT::Install-Recommends=false",
@@ -132,11 +135,11 @@ def _parse_uris(output: str) -> list[tuple[str, str, str, str, int]]:
     return found
 
 
-def _pin(found: list[tuple[str, str, str, str, int]]) -> list[LockedPackage]:
+def _pin(found: list[tuple[str, str, str, str, int]], state: list[str]) -> list[LockedPackage]:
     """Add each package's SHA256 from the archive index (apt's URI list may give only MD5)."""
     specs = [f"{n}:{a}={v}" if a != "all" else f"{n}={v}" for n, v, a, _, _ in found]
     records: dict[tuple[str, str, str], str] = {}
-    for block in _run_apt(["apt-cache", "show", *specs], "resolve").split("\n\n"):
+    for block in _run_apt(["apt-cache", *state, "show", *specs], "resolve").split("\n\n"):
         fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line and not line[0].isspace())
         key = (fields.get("Package", ""), fields.get("Version", ""), fields.get("Architecture", ""))
         if "SHA256" in fields:
@@ -152,27 +155,34 @@ def _pin(found: list[tuple[str, str, str, str, int]]) -> list[LockedPackage]:
     return sorted(pinned, key=lambda d: d.name)
 
 
-def resolve(user_packages: tuple[str, ...], home: MvmHome) -> PackageLock:
-    """Resolve the guest's closure, setpriv's two packages and the kernel, without installing
-    (apt's scratch state in ``home``'s tmp/, not the system /tmp)."""
+def resolve(user_packages: tuple[str, ...], home: MvmHome, arch: str = DEFAULT_ARCH) -> PackageLock:
+    """Resolve the guest's closure, setpriv's two packages and the kernel for ``arch``, without
+    installing (apt's scratch state in ``home``'s tmp/, not the system /tmp)."""
     requested = requested_packages(user_packages)
+    target = guest_arch(arch)
+    apt_arch.ensure_lists(target, home)
+    state = apt_arch.state_options(target, home)
     with home.scratch("apt") as tmp:
-        opts = _apt_options(Path(tmp))
+        opts = _apt_options(Path(tmp), state)
         closure = _pin(_parse_uris(_run_apt(
-            ["apt-get", *opts, "--print-uris", "-y", "install", *requested], "resolve")))
+            ["apt-get", *opts, "--print-uris", "-y", "install", *requested], "resolve")), state)
         if not closure:
             raise BuildError("resolve", "apt resolved no packages", "run `apt-get update` and try again")
-    kernel_name = _kernel_package_name()
-    by_name = pin_packages([*SETPRIV_PACKAGES, kernel_name], home)
-    return PackageLock(requested=requested, packages=closure,
+    kernel_name = _kernel_package_name(target, state)
+    by_name = pin_packages([*SETPRIV_PACKAGES, kernel_name], home, arch)
+    return PackageLock(requested=requested, packages=closure, arch=target.name,
                        setpriv=[by_name[n] for n in SETPRIV_PACKAGES], kernel=by_name[kernel_name])
 
 
-def pin_packages(names: list[str], home: MvmHome) -> dict[str, LockedPackage]:
+def pin_packages(names: list[str], home: MvmHome, arch: str = DEFAULT_ARCH) -> dict[str, LockedPackage]:
     """These packages alone (no dependencies), pinned to the archive's current version."""
+    target = guest_arch(arch)
+    apt_arch.ensure_lists(target, home)
+    state = apt_arch.state_options(target, home)
     with home.scratch("apt") as tmp:
-        opts = _apt_options(Path(tmp))
-        found = _pin(_parse_uris(_run_apt(["apt-get", *opts, "--print-uris", "download", *names], "resolve", cwd=tmp)))
+        opts = _apt_options(Path(tmp), state)
+        found = _pin(_parse_uris(_run_apt(["apt-get", *opts, "--print-uris", "download", *names], "resolve", cwd=tmp)),
+                     state)
     by_name = {d.name: d for d in found}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -180,13 +190,13 @@ def pin_packages(names: list[str], home: MvmHome) -> dict[str, LockedPackage]:
     return by_name
 
 
-def _kernel_package_name() -> str:
-    out = _run_apt(["apt-cache", "depends", KERNEL_METAPACKAGE], "resolve")
+def _kernel_package_name(arch: GuestArch, state: list[str]) -> str:
+    out = _run_apt(["apt-cache", *state, "depends", arch.kernel_metapackage], "resolve")
     for line in out.splitlines():
         line = line.strip()
         if line.startswith("Depends: linux-image-"):
             return line.split(":", 1)[1].strip()
-    raise BuildError("resolve", f"{KERNEL_METAPACKAGE} names no kernel package",
+    raise BuildError("resolve", f"{arch.kernel_metapackage} names no kernel package",
                      "run `apt-get update` on a Debian host with the main archive configured")
 
 
@@ -206,13 +216,14 @@ class DebCache:
         path = self.path(deb)
         return path.is_file() and path.stat().st_size == deb.size
 
-    def ensure(self, debs: list[LockedPackage]) -> None:
-        """Every deb present and matching the lock; each file is hashed exactly once."""
+    def ensure(self, debs: list[LockedPackage], apt_state: list[str] | None = None) -> None:
+        """Every deb present and matching the lock; each file is hashed exactly once.
+        ``apt_state``: apt_arch.state_options for a guest architecture not the host's."""
         todo = self.missing(debs)
         self._verify_cached([d for d in debs if d not in todo])
-        self._download(todo)
+        self._download(todo, apt_state or [])
 
-    def _download(self, todo: list[LockedPackage]) -> None:
+    def _download(self, todo: list[LockedPackage], apt_state: list[str]) -> None:
         """Fetch ``todo``, check each sha256, and only then move it into place."""
         if not todo:
             return
@@ -221,7 +232,7 @@ class DebCache:
             specs = [f"{d.name}:{d.arch}={d.version}" if d.arch != "all" else f"{d.name}={d.version}" for d in todo]
             try:
                 proc = subprocess.run(
-                    ["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", *specs],
+                    ["apt-get", "-q", *apt_state, "-o", "APT::Sandbox::User=root", "download", *specs],
                     cwd=tmp, capture_output=True, text=True, stdin=subprocess.DEVNULL,
                     env={**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"},
                     timeout=DOWNLOAD_TIMEOUT_S)

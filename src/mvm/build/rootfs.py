@@ -20,6 +20,7 @@ import tarfile
 from pathlib import Path
 
 from mvm.build.kernel import MODULES, VOLUME_MODULES, Kernel
+from mvm.core.arch import DEFAULT_ARCH, guest_arch, is_native
 from mvm.core.errors import BuildError
 from mvm.core.workload import EntrypointKind, Workload
 from mvm.guest import AGENT_FILES, guest_file, protocol_source
@@ -28,8 +29,15 @@ UNPACK_TIMEOUT_S = 600  # one package unpacked (and a third of the bytecode comp
 
 PRUNE = ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian",
          "usr/share/bug", "usr/share/bash-completion", "usr/share/common-licenses")
-SETPRIV_FILES = ("./usr/bin/setpriv", "./lib/x86_64-linux-gnu/libcap-ng.so.0", "./lib/x86_64-linux-gnu/libcap-ng.so.0.0.0",
-                 "./usr/lib/x86_64-linux-gnu/libcap-ng.so.0", "./usr/lib/x86_64-linux-gnu/libcap-ng.so.0.0.0")
+
+
+def setpriv_files(triplet: str) -> tuple[str, ...]:
+    """setpriv and libcap-ng from their .debs, in the guest architecture's library directory."""
+    return ("./usr/bin/setpriv", f"./lib/{triplet}/libcap-ng.so.0", f"./lib/{triplet}/libcap-ng.so.0.0.0",
+            f"./usr/lib/{triplet}/libcap-ng.so.0", f"./usr/lib/{triplet}/libcap-ng.so.0.0.0")
+
+
+SETPRIV_FILES = setpriv_files("x86_64-linux-gnu")
 GUEST_DIR = "/usr/lib/mvm"
 # Test suites are never imported in a guest: not worth their bytecode.
 PYC_SKIP_DIRS = frozenset({"__pycache__", "test", "tests", "idle_test"})
@@ -102,13 +110,22 @@ def prune(tree: Path) -> None:
         shutil.rmtree(tree / rel, ignore_errors=True)
 
 
-def link_busybox_applets(tree: Path) -> None:
+def link_busybox_applets(tree: Path, native: bool = True) -> None:
     """Symlink busybox applets where Debian gave no real program of that name on PATH.
 
     A real program anywhere on PATH wins (util-linux's setpriv, not busybox's weaker one).
+    ``native``: the guest's busybox runs on this host; otherwise (an aarch64 guest here) the
+    applet list comes from the host's busybox-static, built from the same Debian source.
     """
-    busybox = tree / "bin" / "busybox"
-    listing = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True, check=True).stdout
+    busybox = str(tree / "bin" / "busybox")
+    if not native:
+        host_busybox = shutil.which("busybox")
+        if host_busybox is None:
+            raise BuildError("assemble",
+                             "busybox is not installed on the host (its applet list names the guest's links)",
+                             "run `mvmctl bootstrap` to install busybox-static")
+        busybox = host_busybox
+    listing = subprocess.run([busybox, "--list-full"], capture_output=True, text=True, check=True).stdout
     real = {entry.name for d in ("bin", "sbin", "usr/bin", "usr/sbin") if (tree / d).is_dir()
             for entry in (tree / d).iterdir()}
     for rel in sorted(listing.split()):
@@ -226,7 +243,37 @@ def _python_sources(tree: Path, roots: list[str]) -> list[tuple[str, str, str]]:
     return jobs
 
 
-def compile_python(tree: Path) -> int:
+def _guest_magic(tree: Path, version: str) -> str | None:
+    """The guest interpreter's bytecode magic (hex), read from its importlib source."""
+    import re
+
+    source = in_tree(tree, f"/usr/lib/{version}/importlib/_bootstrap_external.py")
+    if source is None:
+        return None
+    match = re.search(r"^MAGIC_NUMBER = \((\d+)\)\.to_bytes\(2, 'little'\) \+ b'\\r\\n'", source.read_text(), re.M)
+    return (int(match.group(1)).to_bytes(2, "little") + b"\r\n").hex() if match else None
+
+
+def _host_compiler(tree: Path, version: str) -> list[str]:
+    """argv of a host interpreter whose bytecode the guest's loads (same magic number): the
+    guest's own cannot run on a host of another architecture."""
+    import sys
+
+    wanted = _guest_magic(tree, version)
+    probe = "import importlib.util, sys; sys.stdout.write(importlib.util.MAGIC_NUMBER.hex())"
+    for candidate in dict.fromkeys(filter(None, (shutil.which(version), sys.executable))):
+        try:
+            magic = subprocess.run([candidate, "-I", "-c", probe], capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if wanted is not None and magic == wanted:
+            return [candidate, "-I", "-S", "-B"]
+    raise BuildError("assemble", f"no {version} on this host to compile the guest's bytecode with (the guest's "
+                     "own interpreter is for another architecture)", f"install {version} on the host (apt-get install "
+                     f"{version}-minimal)")
+
+
+def compile_python(tree: Path, arch: str = DEFAULT_ARCH) -> int:
     """Precompile the guest's Python (stdlib, dist-packages, /usr/lib/mvm) into __pycache__.
 
     Debian's .debs ship no .pyc (its maintainer scripts make them, and we run none), so without
@@ -237,17 +284,24 @@ def compile_python(tree: Path) -> int:
     name guest paths. Returns the number written; 0 if the tree has no python3.
     """
     python = in_tree(tree, "/usr/bin/python3")
-    loader = in_tree(tree, "/lib64/ld-linux-x86-64.so.2")
-    if python is None or loader is None:
+    if python is None:
         return 0
     version = python.name.removeprefix("python")  # python3 -> python3.11
-    libs = [p for p in (in_tree(tree, "/lib/x86_64-linux-gnu"), in_tree(tree, "/usr/lib/x86_64-linux-gnu")) if p]
     jobs = _python_sources(tree, [f"/usr/lib/python{version}", "/usr/lib/python3/dist-packages", GUEST_DIR])
-    # No site (Debian's sitecustomize is an absolute symlink: it would run the host's), no
-    # bytecode of its own, no cwd on sys.path, nothing from the host's environment.
-    env = {"PYTHONHOME": str(tree / "usr"), "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
-    argv = [str(loader), "--inhibit-cache", "--library-path", ":".join(map(str, libs)), str(python),
-            "-S", "-s", "-B", "-P", "-c", _COMPILE_DRIVER]
+    if is_native(arch):
+        loader = in_tree(tree, guest_arch(arch).loader)
+        if loader is None:
+            return 0
+        triplet = guest_arch(arch).triplet
+        libs = [p for p in (in_tree(tree, f"/lib/{triplet}"), in_tree(tree, f"/usr/lib/{triplet}")) if p]
+        # No site (Debian's sitecustomize is an absolute symlink: it would run the host's), no
+        # bytecode of its own, no cwd on sys.path, nothing from the host's environment.
+        env = {"PYTHONHOME": str(tree / "usr"), "PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+        argv = [str(loader), "--inhibit-cache", "--library-path", ":".join(map(str, libs)), str(python),
+                "-S", "-s", "-B", "-P", "-c", _COMPILE_DRIVER]
+    else:
+        env = {"PYTHONHASHSEED": "0", "LC_ALL": "C.UTF-8"}
+        argv = [*_host_compiler(tree, f"python{version}"), "-c", _COMPILE_DRIVER]
     try:
         proc = subprocess.run(argv, input=json.dumps(jobs), capture_output=True, text=True, env=env,
                               cwd=tree, umask=0o022, check=False, timeout=UNPACK_TIMEOUT_S * 3)
@@ -274,13 +328,13 @@ def stage_root(tree: Path, debs: list[Path], setpriv_debs: list[Path], workload:
     tree.mkdir(parents=True)
     unpack_debs(debs, tree)
     for deb in setpriv_debs:
-        extract_members(deb, SETPRIV_FILES, tree)
+        extract_members(deb, setpriv_files(guest_arch(workload.arch).triplet), tree)
     if not (tree / "usr/bin/setpriv").is_file():
         raise BuildError("assemble", "util-linux did not provide /usr/bin/setpriv")
     if not (tree / "bin/busybox").is_file():
         raise BuildError("assemble", "busybox-static did not provide /bin/busybox")
     prune(tree)
-    link_busybox_applets(tree)
+    link_busybox_applets(tree, native=is_native(workload.arch))
     return write_mvm_config(tree, workload, artifact_json)
 
 

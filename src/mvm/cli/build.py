@@ -85,12 +85,15 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--kernel", type=click.Choice(["debian", "mvm"]),
               help="The guest kernel (overrides mvm.toml's kernel): Debian's cloud kernel (the default), or mvm's "
                    "own, built first if it is not cached (see `mvmctl kernel build`).")
+@click.option("--arch", type=click.Choice(["x86_64", "aarch64"]),
+              help="The guest's CPU architecture (overrides mvm.toml's arch; default x86_64). aarch64 images are "
+                   "made from Debian's arm64 packages and run under qemu-system-aarch64, emulated on an x86_64 host.")
 @click.option("--no-cache", is_flag=True, help="Rebuild even when the store has this exact artifact.")
 @click.option("--hypervisor", type=click.Choice(["auto", *ALL_BACKENDS]),
               help="Also prepare the image for this backend (docker: import it) and check it can run here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the artifact record as JSON.")
 def build(directory: str | None, flake: str | None, vcpus: int | None, memory: str | None, data_disk: str | None,
-          kernel: str | None, no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
+          kernel: str | None, arch: str | None, no_cache: bool, hypervisor: str | None, as_json: bool) -> None:
     """Build the guest described by DIRECTORY/mvm.toml into a bootable image.
 
     DIRECTORY may instead be APP.py (or APP.py:NAME): a Python file whose `@mvm.app(...)`
@@ -103,7 +106,7 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
     """
     started = time.monotonic()
     directory = project_dir(directory, flake)
-    overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk, kernel=kernel)
+    overrides = ManifestOverrides(vcpus=vcpus, memory=memory, data_disk=data_disk, kernel=kernel, arch=arch)
     workload, result = build_workload(directory, overrides, no_cache=no_cache)
     meta = result.artifact.meta
     backend = prepare_backend(result, hypervisor) if hypervisor else None
@@ -116,7 +119,7 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
     took = time.monotonic() - started
     verb = "up to date (cache hit)" if result.cache_hit else "built"
     click.echo(f"{workload.name}: {verb} in {took:.2f}s — {kind}, {meta.entrypoint_kind.value} entrypoint, "
-               f"kernel {meta.kernel_release}")
+               f"{workload.arch}, kernel {meta.kernel_release}")
     click.echo(f"  artifact {result.artifact.path}")
     assert meta.hashes is not None
     click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from mvm.core.arch import is_native
 from mvm.core.manifest import load_declaration, load_manifest
 from mvm.core.sizes import MIB, format_size
 from mvm.core.workdir import declaration
@@ -68,6 +69,7 @@ def summary(workload: Workload) -> list[tuple[str, str]]:
         ("uids", f"agent {workload.uids.agent}, entrypoint {workload.uids.entrypoint}"),
         ("vcpus", str(workload.vcpus)),
         ("memory", format_size(workload.memory_mib * MIB)),
+        ("arch", workload.arch + ("" if is_native(workload.arch) else " (emulated on this host)")),
     ]
     if workload.data_disk_bytes is not None:
         rows.append(("data disk", format_size(workload.data_disk_bytes)))

@@ -210,7 +210,7 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
         origin = f"; a clone of snapshot {record.snapshot}" if record.snapshot else ""
         origin += "; network OPEN" if record.network == "open" else ""
         origin += f"; network allow-list ({len(record.allow)} entries)" if record.network == "allow-list" else ""
-        click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.vcpus} vCPU, "
+        click.echo(f"VM {vm_name} is up ({record.backend}/{record.accel}, {record.arch}, {record.vcpus} vCPU, "
                    f"{record.memory_mib} MiB; agent ready {ready / 1000:.2f} s after {record.backend} started{origin})")
         for forward in lifecycle.list_forwards(home, vm_name):
             click.echo(f"  {forward.host} -> guest port {forward.guest_port}")
@@ -260,15 +260,15 @@ def ls(as_json: bool) -> None:
     )
 
     table = Table(box=None, pad_edge=False)
-    for column in ("NAME", "STATE", "BACKEND", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):
+    for column in ("NAME", "STATE", "BACKEND", "ARCH", "MODE", "CPUS", "MEMORY", "UPTIME", "IMAGE"):
         table.add_column(column)
     for record in records:
         if isinstance(record, DamagedVm):
-            table.add_row(*map(Text, (record.name, "damaged", "-", "-", "-", "-", "-", printable(record.why))))
+            table.add_row(*map(Text, (record.name, "damaged", "-", "-", "-", "-", "-", "-", printable(record.why))))
             continue
         summary = _summary(record)
-        table.add_row(*map(Text, (record.name, summary["state_detail"], f"{record.backend}/{record.accel}", record.mode,
-                                  str(record.vcpus), format_size(record.memory_mib * 1024 * 1024),
+        table.add_row(*map(Text, (record.name, summary["state_detail"], f"{record.backend}/{record.accel}", record.arch,
+                                  record.mode, str(record.vcpus), format_size(record.memory_mib * 1024 * 1024),
                                   summary["uptime"] or "-", f"{record.artifact_name} ({record.artifact_key[:12]})")))
     Console(width=200).print(table)
 
@@ -287,7 +287,7 @@ def _summary(record: VmRecord | DamagedVm) -> dict[str, Any]:
     else:
         detail = record.state
     return {"name": record.name, "state": record.state, "state_detail": detail, "backend": record.backend,
-            "accel": record.accel, "mode": record.mode, "vcpus": record.vcpus, "memory_mib": record.memory_mib,
+            "accel": record.accel, "arch": record.arch, "mode": record.mode, "vcpus": record.vcpus, "memory_mib": record.memory_mib,
             "uptime": uptime, "exit_status": record.exit_status, "stop_reason": record.stop_reason,
             "image": record.artifact_name, "artifact": record.artifact_key, "suspended": record.suspended,
             "snapshot": record.snapshot}
@@ -331,7 +331,7 @@ def status(name: str, as_json: bool) -> None:
     click.echo(f"  backend     {record.backend} ({record.accel}), mode {record.mode}")
     click.echo(f"  image       {record.artifact_name} {record.artifact_key[:16]}"
                f" ({'sealed' if record.sealed else 'accessible'})")
-    click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB")
+    click.echo(f"  resources   {record.vcpus} vCPU, {record.memory_mib} MiB, {record.arch}")
     click.echo(f"  network     {record.network}" + NETWORK_NOTES.get(record.network, ""))
     if record.network == "allow-list":
         click.echo(f"  allow       {', '.join(record.allow) or '(nothing)'}")

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from pydantic import ValidationError
 
+from mvm.core.arch import GuestArchName
 from mvm.core.errors import BuildError, ManifestError, UsageError
 from mvm.core.manifest_guest import GuestSections
 from mvm.core.manifest_host import MAX_VCPUS, MIN_MEMORY_MIB, HostSections
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
 _TOP_KEYS = (
     "name", "vcpus", "memory_mib", "mem", "data_disk", "packages", "dev", "hypervisor",
     "flake", "profile", "entrypoint", "uids", "extra_files", "network", "volumes", "kernel",
+    "arch",
 )  # fmt: skip
 
 _NIX_FIX = "remove flake/profile to use mvm's built-in Debian builder"
@@ -60,6 +62,7 @@ class ManifestOverrides:
     memory: str | None = None
     data_disk: str | None = None
     kernel: str | None = None  # `build --kernel debian|mvm`
+    arch: str | None = None  # `build --arch x86_64|aarch64`
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,13 @@ class _Parser(GuestSections, HostSections):
                 raise UsageError(f"--kernel: {overrides.kernel!r} is not a kernel mvm knows",
                                  f"use one of {', '.join(get_args(KernelName))}")
             fields["kernel"] = overrides.kernel
+        if "arch" in data:
+            fields["arch"] = self.choice(data["arch"], get_args(GuestArchName), ("arch",))
+        if overrides.arch is not None:
+            if overrides.arch not in get_args(GuestArchName):
+                raise UsageError(f"--arch: {overrides.arch!r} is not a guest architecture mvm builds",
+                                 f"use one of {', '.join(get_args(GuestArchName))}")
+            fields["arch"] = overrides.arch
         return Workload(**fields)
 
     def nix(self, data: dict[str, Any]) -> None:

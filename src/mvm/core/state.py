@@ -185,6 +185,7 @@ class VmRecord:
     accessible: bool
     sealed: bool
     uids: dict[str, int]
+    arch: str = "x86_64"  # the guest's CPU architecture (its image's; core/arch.py)
     state: str = "starting"  # starting | running | paused | stopped
     created_at: float = field(default_factory=time.time)
     supervisor_pid: int | None = None
@@ -254,7 +255,7 @@ _OPTIONAL_STR = (str, type(None))
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "name": (str,), "artifact_key": (str,), "artifact_name": (str,), "backend": (str,), "accel": (str,),
     "mode": (str,), "vcpus": (int,), "memory_mib": (int,), "accessible": (bool,), "sealed": (bool,),
-    "uids": (dict,), "state": (str,), "created_at": (int, float), "supervisor_pid": _OPTIONAL_INT,
+    "uids": (dict,), "arch": (str,), "state": (str,), "created_at": (int, float), "supervisor_pid": _OPTIONAL_INT,
     "qemu_pid": _OPTIONAL_INT, "ready_at": _OPTIONAL_NUMBER, "stopped_at": _OPTIONAL_NUMBER,
     "stop_reason": _OPTIONAL_STR, "exit_status": _OPTIONAL_INT, "backend_id": _OPTIONAL_STR,
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),

@@ -14,6 +14,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mvm.core.arch import GuestArchName
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 AGENT_UID = 990
 SEALED_ENTRYPOINT_UID = 1000
@@ -138,6 +140,7 @@ class Workload(_Frozen):
     volumes: tuple[Volume, ...] = ()
     hypervisor: Hypervisor = "auto"
     kernel: KernelName = "debian"  # Debian's cloud kernel, or ours (build/kernel_source.py)
+    arch: GuestArchName = "x86_64"  # the guest's CPU (core/arch.py); aarch64 runs emulated here
 
     @property
     def accessible(self) -> bool:

@@ -115,10 +115,10 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
     image = clone_image(home, snapshot)
     backend = backends.get(manifest.backend)
     host = backends.Host(home)
-    ok, why = backend.availability(host)
+    ok, why = backend.availability_for(image, host)
     if not ok:
         raise UsageError(f"snapshot {request.tag} needs {manifest.backend}, which is not available here: {why}")
-    accel = backend.accel(host)
+    accel = backend.accel_for(image, host)
     if accel != manifest.accel:
         raise SnapshotError(f"snapshot {request.tag} was taken under {manifest.accel}; this host runs {manifest.backend} "
                             f"under {accel}", "take a new snapshot on this host")
@@ -293,7 +293,7 @@ def template_to_clone(home: MvmHome, image: BootImage, *, hypervisor: str | None
     backend = lifecycle.choose_backend(home, image, hypervisor, host).backend
     if not backend.capabilities.snapshots:
         return None
-    accel = backend.accel(host)
+    accel = backend.accel_for(image, host)
     found = (find_template(home, image, backend.name, accel) if make_as is None
              else template_for(home, image, make_as, backend.name, accel, announce))
     if found is None or vcpus not in (None, found.manifest.vcpus) or memory_mib not in (None, found.manifest.memory_mib):

@@ -22,7 +22,7 @@ from typing import Literal
 
 from mvm.core.errors import HostToolMissing, MvmError
 
-Need = Literal["builder", "qemu"]
+Need = Literal["builder", "qemu", "aarch64"]  # aarch64: only to run aarch64 guests
 
 # Debian's default PATH for ordinary users has no sbin directories, yet mkfs.ext4, debugfs
 # and e2fsck live there. Looking there after PATH keeps an installed tool from being
@@ -59,6 +59,10 @@ TOOLS: tuple[HostTool, ...] = (
     HostTool(
         "qemu-img", "qemu-utils", ("qemu",), "creates each VM's qcow2 overlay",
         ("--version",), r"qemu-img version (\S+)",
+    ),
+    HostTool(
+        "qemu-system-aarch64", "qemu-system-arm", ("aarch64",), "runs aarch64 guests (virt machine, emulated)",
+        ("--version",), r"QEMU emulator version (\S+)",
     ),
     HostTool(
         "busybox", "busybox-static", ("builder",), "the guest's shell and core utilities",

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from mvm.core.arch import is_native
 from mvm.core.bootimage import ARTIFACT_FILE, BootImage
 from mvm.core.state import MvmHome, write_json_atomic
 from mvm.runtime.backends import qemu
@@ -50,7 +51,7 @@ def _newest_image(home: MvmHome) -> BootImage | None:
     found = sorted(home.store.glob(f"*/{ARTIFACT_FILE}"), key=lambda p: p.stat().st_mtime)
     for path in reversed(found):
         image = BootImage.open(path.parent)
-        if image.initrd is not None:
+        if image.initrd is not None and is_native(image.arch):  # (an aarch64 image cannot probe x86 KVM)
             return image
     return None
 
@@ -81,7 +82,7 @@ def probe_kvm(home: MvmHome, *, run_if_needed: bool = True) -> KvmProbe:
 
 
 def _probe_boot(image: BootImage, pvm: bool, hint: str) -> KvmProbe:
-    spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm",
+    spec = qemu.QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=None, accel="kvm", arch=image.arch,
                          memory_mib=128, boot_args="mvm.probe")  # its initramfs marks on the console
     started = time.monotonic()
     proc = spawn_tied(spec.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

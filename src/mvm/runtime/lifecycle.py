@@ -82,7 +82,7 @@ def choose_backend(home: MvmHome, image: BootImage, requested: str | None,
     """--hypervisor, else mvm.toml's hypervisor, else the first available in priority order."""
     host = host or backends.Host(home)
     wanted = requested if requested not in (None, "auto") else image.hypervisor
-    return backends.select_backend(wanted, lambda backend: backend.availability(host))
+    return backends.select_backend(wanted, lambda backend: backend.availability_for(image, host))
 
 
 def check_argv(argv: list[str] | None) -> None:
@@ -154,7 +154,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     vm_backend = choose_backend(home, image, hypervisor, host).backend
     paths.check_socket_paths(vm_backend.socket_paths(paths))
     vm_backend.prepare_image(image, progress)
-    accel = vm_backend.accel(host)
+    accel = vm_backend.accel_for(image, host)
     home.vms.mkdir(parents=True, exist_ok=True)
     name_lock = os.open(home.name_lock(name), os.O_RDWR | os.O_CREAT, 0o600)
     os.fchmod(name_lock, 0o600)  # (one made by an older mvm was 0644)
@@ -186,6 +186,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         record.network = image.network_mode
         record.allow = list(image.allow) if image.network_mode == "allow-list" else []
         record.volumes = [mount.as_dict() for mount in mounts]
+        record.arch = image.arch
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
             record.vcpus, record.memory_mib = snapshot.manifest.vcpus, snapshot.manifest.memory_mib

@@ -44,7 +44,8 @@ class Plan:
             f"{'sealed' if self.artifact['sealed'] else 'accessible'})",
             f"  backend     {self.backend['name']} ({self.backend['accel']}, {self.backend['isolation']}): "
             f"{self.backend['reason']}",
-            f"  resources   {self.resources['vcpus']} vCPU, {self.resources['memory_mib']} MiB"
+            f"  resources   {self.resources['vcpus']} vCPU, {self.resources['memory_mib']} MiB, "
+            f"{self.artifact.get('arch', 'x86_64')}"
             + (f", data disk {self.resources['data_disk_bytes']} bytes" if self.resources["data_disk_bytes"] else ""),
             f"  runs        {shlex.join(self.entrypoint['argv']) or self.entrypoint['kind']} as uid "
             f"{self.entrypoint['uid']}" + (" (instead of the image's entrypoint)" if self.entrypoint["override"] else ""),
@@ -69,7 +70,7 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
         agent_uid=uids["agent"], entrypoint_uid=uids["entrypoint"], hypervisor=workload.get("hypervisor") or "auto",
         forwards=tuple(PortForward(f["host_addr"], f["host_port"], f["guest_port"]) for f in network["forward"]),
         network_mode=network.get("mode", "deny"), allow=tuple(network.get("allow") or ()),
-        volumes=declared_volumes(workload))
+        volumes=declared_volumes(workload), arch=workload.get("arch") or "x86_64")
 
 
 EFFECTIVE = {"deny": "deny: no network device",
@@ -100,8 +101,9 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
         name=name,
         artifact={"built": built, "key": image.key or None, "name": image.name,
                   "path": str(image.path) if built else None, "sealed": image.sealed,
-                  "accessible": image.accessible, "kernel_release": image.kernel_release or None},
-        backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel(host),
+                  "accessible": image.accessible, "kernel_release": image.kernel_release or None,
+                  "arch": image.arch},
+        backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel_for(image, host),
                  "isolation": choice.backend.capabilities.isolation},
         resources={"vcpus": vcpus or image.vcpus, "memory_mib": memory_mib or image.memory_mib,
                    "data_disk_bytes": image.data_disk_bytes},

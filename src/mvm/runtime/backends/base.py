@@ -227,6 +227,28 @@ class VmBackend:
         """What the record's ``accel`` says: kvm, tcg, container."""
         return "kvm"
 
+    # -- guest architectures (core/arch.py) -----------------------------------------------------
+
+    def arch_refusal(self, arch: str) -> str | None:
+        """Why this backend cannot run a guest of ``arch`` here (None: it can). By default a
+        backend runs only guests of the host's own CPU architecture."""
+        from mvm.core.arch import host_arch, is_native
+
+        if is_native(arch):
+            return None
+        return f"{self.name} runs only guests of the host's own architecture ({host_arch()}), not {arch}"
+
+    def availability_for(self, image: BootImage, host: Host) -> tuple[bool, str]:
+        """:meth:`availability` for this image: also whether it can run the image's architecture."""
+        refused = self.arch_refusal(image.arch)
+        if refused is not None:
+            return False, refused
+        return self.availability(host)
+
+    def accel_for(self, image: BootImage, host: Host) -> str:
+        """:meth:`accel` for this image (an emulated architecture is never under KVM)."""
+        return self.accel(host)
+
     # -- starting ------------------------------------------------------------------------------
 
     def prepare_image(self, image: BootImage, progress: Progress | None = None) -> None:

@@ -262,6 +262,14 @@ class DockerBackend(VmBackend):
     def accel(self, host: Host) -> str:
         return "container"
 
+    def arch_refusal(self, arch: str) -> str | None:
+        from mvm.core.arch import host_arch, is_native
+
+        if is_native(arch):
+            return None
+        return (f"docker runs a container on the host's own CPU ({host_arch()}): a root tree built for {arch} "
+                "would need binfmt_misc with qemu-user, which mvm does not set up (use --hypervisor qemu)")
+
     def prepare_image(self, image: BootImage, progress: Progress | None = None) -> None:
         tag = image_tag(image.name, image.key)
         if progress:

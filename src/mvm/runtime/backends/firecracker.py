@@ -345,6 +345,14 @@ class FirecrackerBackend(VmBackend):
     capabilities = Capabilities(snapshots=True, pause_resume=True, vsock=True, tap_networking=True,
                                 port_forwarding=True, detach=True, console=True, isolation="microvm")
 
+    def arch_refusal(self, arch: str) -> str | None:
+        from mvm.core.arch import host_arch, is_native
+
+        if is_native(arch):
+            return None
+        return (f"Firecracker runs guests of the host's own architecture ({host_arch()}) under KVM only, "
+                f"not {arch} (use --hypervisor qemu, which emulates it)")
+
     def availability(self, host: Host) -> tuple[bool, str]:
         if shutil.which(FIRECRACKER_BINARY) is None:  # decided without a KVM probe boot
             return False, f"no {FIRECRACKER_BINARY} binary on PATH; {NOT_EXERCISED}"

@@ -4,7 +4,8 @@ Every choice here was measured on a TCG host (see DESIGN.md, "This machine"): th
 vmlinux boots via PVH; ``tsc_early_khz`` stops one boot in ten from hanging in PIT
 calibration; virtio-rng stops the first /dev/random read stalling; the agent channel is a
 ``virtserialport`` (a ``virtconsole`` is a tty and mangles bytes); ACPI stays on because the
-kernel finds virtio-mmio devices only through it.
+kernel finds virtio-mmio devices only through it. What differs for an aarch64 guest
+(``-M virt``, its CPU model and console) is in qemu_arch.py.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from mvm.runtime.backends.base import (
     in_thread,
     join_reasons,
 )
+from mvm.runtime.backends.qemu_arch import QEMU_GUEST_ARCHES, qemu_guest_arch
 from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
@@ -49,10 +51,7 @@ AGENT_PORT_NAME = "org.mvm.agent"
 BOOT_PORT_NAME = "org.mvm.boot"
 QMP_TIMEOUT_S = 10.0
 TOOL_TIMEOUT_S = 120.0  # qemu-img, mkfs.ext4 for a VM's disks  # /init's boot markers: a port only root in the guest may open
-BOOT_ARGS = (
-    "console=ttyS0 quiet loglevel=3 tsc=reliable no_timer_check mitigations=off cryptomgr.notests "
-    "8250.nr_uarts=1 random.trust_cpu=on panic=-1"
-)
+BOOT_ARGS = QEMU_GUEST_ARCHES["x86_64"].boot_args
 
 
 def host_tsc_khz() -> int | None:
@@ -72,18 +71,21 @@ def host_tsc_khz() -> int | None:
     return round(float(match.group(1)) * 1000) if match else None
 
 
-def kernel_cmdline(accel: str) -> str:
-    args = BOOT_ARGS
-    khz = host_tsc_khz()
-    if khz and accel == "tcg":
-        args += f" tsc_early_khz={khz}"
+def kernel_cmdline(accel: str, arch: str = "x86_64") -> str:
+    guest = qemu_guest_arch(arch)
+    args = guest.boot_args
+    if guest.tsc_early_khz and accel == "tcg":
+        khz = host_tsc_khz()
+        if khz:
+            args += f" tsc_early_khz={khz}"
     return args
 
 
-def qemu_binary() -> str:
-    path = shutil.which(QEMU_BINARY)
+def qemu_binary(arch: str = "x86_64") -> str:
+    guest = qemu_guest_arch(arch)
+    path = shutil.which(guest.binary)
     if path is None:
-        raise HostToolMissing(QEMU_BINARY, "qemu-system-x86")
+        raise HostToolMissing(guest.binary, guest.package)
     return path
 
 
@@ -109,6 +111,7 @@ class QemuSpec:
     ram_file: Path | None = None
     ram_shared: bool = True
     incoming: bool = False  # -incoming defer: wait for a migration stream (a restore) over QMP
+    arch: str = "x86_64"  # the guest's CPU architecture: qemu_arch.py's table says how to run it
     extra_args: list[str] = field(default_factory=list)
 
     def root_args(self) -> str:
@@ -116,20 +119,21 @@ class QemuSpec:
         return "" if self.initrd is not None or self.root_disk is None else DIRECT_ROOT_ARGS
 
     def argv(self) -> list[str]:
-        machine = "microvm,isa-serial=on"
+        guest = qemu_guest_arch(self.arch)
+        machine = guest.machine
         memory: list[str] = []
         if self.ram_file is not None:
             machine += ",memory-backend=ram0"
             memory = ["-object", f"memory-backend-file,id=ram0,size={self.memory_mib}M,mem-path={self.ram_file},"
                                  f"share={'on' if self.ram_shared else 'off'}"]
         argv = [
-            qemu_binary(),
+            qemu_binary(self.arch),
             "-M", machine, *memory, "-accel", self.accel,
             "-m", str(self.memory_mib), "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-kernel", str(self.kernel), *(["-initrd", str(self.initrd)] if self.initrd is not None else []),
-            "-append", f"{kernel_cmdline(self.accel)} {self.root_args()} {self.boot_args}".strip(),
+            "-append", f"{kernel_cmdline(self.accel, self.arch)} {self.root_args()} {self.boot_args}".strip(),
             "-chardev", f"{self.console},id=console0" + (",signal=off" if self.console == "stdio" else ""),
             "-serial", "chardev:console0",
             "-device", "virtio-rng-device",
@@ -151,6 +155,8 @@ class QemuSpec:
             argv += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         if self.accel == "kvm":
             argv += ["-cpu", "host"]  # under TCG the default model is fastest (-cpu max is slower)
+        elif guest.tcg_cpu is not None:
+            argv += ["-cpu", guest.tcg_cpu]
         if self.incoming:
             argv += ["-incoming", "defer"]
         return argv + self.extra_args
@@ -242,7 +248,7 @@ def create_ram_file(path: Path, memory_mib: int) -> bool:
 def image_spec(image: BootImage, overlay: Path, accel: str, *, vcpus: int | None = None,
                memory_mib: int | None = None) -> QemuSpec:
     return QemuSpec(kernel=image.vmlinux, initrd=image.initrd, root_disk=overlay, accel=accel,
-                    vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib)
+                    vcpus=vcpus or image.vcpus, memory_mib=memory_mib or image.memory_mib, arch=image.arch)
 
 
 class QemuBackend(VmBackend):
@@ -265,6 +271,27 @@ class QemuBackend(VmBackend):
 
         return select_accel(host.home, may_probe=host.may_probe)[0]
 
+    def arch_refusal(self, arch: str) -> str | None:
+        if arch not in QEMU_GUEST_ARCHES:
+            return f"the QEMU backend has no machine for {arch} guests"
+        return None
+
+    def availability_for(self, image: BootImage, host: Host) -> tuple[bool, str]:
+        ok, why = super().availability_for(image, host)
+        if not ok:
+            return ok, why
+        guest = qemu_guest_arch(image.arch)
+        if shutil.which(guest.binary) is None:
+            return False, (f"{guest.binary} is not installed, and runs {image.arch} guests "
+                           f"(apt-get install {guest.package})")
+        return ok, why
+
+    def accel_for(self, image: BootImage, host: Host) -> str:
+        """KVM only for the host's own architecture (and only if the probe boot works)."""
+        from mvm.core.arch import is_native
+
+        return self.accel(host) if is_native(image.arch) else "tcg"
+
     def prepare(self, image: BootImage, record: VmRecord, staged: VmPaths) -> None:
         if record.restore_from is not None:  # a clone: its writes go over the snapshot's frozen disk
             create_overlay(Path(record.restore_from) / "disk.qcow2", staged.overlay, "qcow2")
@@ -275,6 +302,7 @@ class QemuBackend(VmBackend):
 
     def spawn(self, image: BootImage, record: VmRecord, paths: VmPaths) -> Spawned:
         spec = image_spec(image, paths.overlay, record.accel, vcpus=record.vcpus, memory_mib=record.memory_mib)
+        spec.arch = record.arch
         spec.agent_socket = paths.agent_socket
         spec.boot_socket = paths.boot_socket
         argv = encoded_argv(record)
@@ -422,6 +450,9 @@ class QemuBackend(VmBackend):
             accel = "tcg"
             why = (f"accel tcg (software emulation, slower) because {facts.kvm_phrase()}; "
                    "doctor boots no guest under TCG")
+        arm = facts.tools.get(QEMU_GUEST_ARCHES["aarch64"].binary)
+        aarch64 = ("aarch64 guests: " + (f"{arm.name} {arm.version or '(version unknown)'} (always tcg)" if arm.ok
+                                         else f"{arm.problem} (apt-get install {arm.package})")) if arm else ""
         return self.report(True, True, join_reasons(
-            f"{QEMU_BINARY} {system.version or '(version unknown)'} and qemu-img run (version check)", why),
+            f"{QEMU_BINARY} {system.version or '(version unknown)'} and qemu-img run (version check)", why, aarch64),
             accel=accel)
