@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import socket
 import subprocess
 import threading
 import time
@@ -207,6 +208,37 @@ def test_the_list_of_a_running_vm_changes_with_mvmctl_network(ctl: Mvmctl, vm: s
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "10.0.0.1/8:80" in bad.stderr, bad.stderr
     missing = ctl("network", NAME, "--deny", "127.0.0.1:1")
     assert missing.returncode != 0 and "is not on VM egress's list" in missing.stderr, missing.stderr
+
+
+def test_a_guest_program_that_reads_slowly_gets_the_whole_download(ctl: Mvmctl, vm: str) -> None:
+    """The host's bytes wait for the guest's acks (a window): a reader that sleeps before it
+    reads gets all 40 MiB, where the agent would otherwise cut it at its 16 MiB buffer."""
+    size = 40 << 20
+    source = socket.socket()
+    source.bind(("127.0.0.1", 0))
+    source.listen(1)
+    port = source.getsockname()[1]
+
+    def serve() -> None:
+        try:
+            conn, _ = source.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                conn.sendall(bytes(size))
+            except OSError:
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    entry = f"127.0.0.1:{port}"
+    ctl("network", NAME, "--allow", entry, check=True)
+    try:
+        got = guest(ctl, f"nc -w 30 127.0.0.1 {port} </dev/null | (sleep 4; wc -c)")
+        assert got.stdout.strip() == str(size), got.stderr
+    finally:
+        ctl("network", NAME, "--deny", entry)
+        source.close()
 
 
 def test_up_takes_the_mode_and_list_on_its_command_line(ctl: Mvmctl, servers: Servers, tmp_path: Path) -> None:
