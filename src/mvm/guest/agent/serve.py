@@ -42,6 +42,7 @@ def serve_fd(fd: int) -> None:
     decoder = protocol.Decoder()
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)
+    missing = 1  # bytes before the decoder can have another frame: until then, only stash
     try:
         while True:
             try:
@@ -50,8 +51,13 @@ def serve_fd(fd: int) -> None:
                 return
             if not got:
                 return
+            if got < missing:  # (most 4 KiB reads of a large frame: ~20 us less each under TCG)
+                decoder.stash(view[:got])
+                missing -= got
+                continue
             for frame in decode(decoder, view[:got], session.channel):
                 session.handle(frame)
+            missing = decoder.missing()
     finally:
         session.close()
 
