@@ -91,6 +91,30 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
     assert session not in vms(mvm_home)  # the client went away: its sandboxes went too
 
 
+def test_sandbox_create_with_an_allow_list(mvm_home: Path) -> None:
+    """One sandbox that may reach a server this test runs on 127.0.0.1, and nothing else."""
+    from tests.integration.test_network import LoopbackServer
+
+    listed, other = LoopbackServer(b"listed\n"), LoopbackServer(b"other\n")
+
+    async def body(client: ClientSession) -> None:
+        error, bad = await tool(client, "sandbox_create", network="allow-list", allow=["nonsense"])
+        assert error and "nonsense" in bad
+        error, made = await tool(client, "sandbox_create", network="allow-list", allow=[f"127.0.0.1:{listed.port}"])
+        assert not error and made["network"] == "allow-list", made
+        for port, expected in ((listed.port, "listed\n"), (other.port, "")):
+            error, ran = await tool(client, "sandbox_exec", sandbox=made["sandbox"],
+                                    command=f"nc -w 5 127.0.0.1 {port} </dev/null")
+            assert not error and ran["stdout"] == expected
+        assert other.connections == 0
+
+    try:
+        run_client(mvm_home, body)
+    finally:
+        listed.sock.close()
+        other.sock.close()
+
+
 def test_limits_busy_memory_and_idle(mvm_home: Path) -> None:
     async def body(client: ClientSession) -> None:
         slow = tool(client, "run", code="sleep 3; echo done", close=True)

@@ -66,6 +66,31 @@ def test_record_mode_writes_the_plan_and_boots_nothing(tmp_path: Path) -> None:
     assert via_run.returncode == 0 and json.loads(via_run.stdout)["calls"][0]["op"] == "create"
 
 
+def test_record_mode_writes_network_and_its_changes(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import mvm
+        from mvm.errors import UsageError
+        with mvm.Sandbox.create("base", timeout=60, network="allow-list", allow=["127.0.0.1:5432"]) as sbx:
+            sbx.network.allow("api.example.com:443", "*.example.org:443")
+            sbx.network.deny("127.0.0.1:5432")
+            try:
+                sbx.network.allow("no port here")
+            except UsageError as err:
+                print("refused:", err)
+    """)
+    home = tmp_path / "home"
+    proc = record(tmp_path, home, script)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("refused:") == 1 and "no port here" in proc.stderr
+    calls = json.loads(proc.stdout)["calls"]
+    assert [c["op"] for c in calls] == ["create", "network", "network", "kill"]
+    assert calls[0]["network"] == "allow-list" and calls[0]["allow"] == ["127.0.0.1:5432"]
+    assert calls[1]["allow"] == ["api.example.com:443", "*.example.org:443"] and "deny" not in calls[1]
+    assert calls[2]["deny"] == ["127.0.0.1:5432"]
+    assert load_plan(proc.stdout) == calls  # a plan replay accepts
+    assert not (home / "vms").exists()
+
+
 def test_a_bad_mode_is_one_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", "import mvm; mvm.Sandbox.create()"], capture_output=True, text=True,
                           env={**os.environ, "MVM_SDK_MODE": "dream", "MVM_HOME": str(tmp_path)}, timeout=60)
@@ -88,6 +113,7 @@ CREATE = {"op": "create", "sandbox": "s", "template": "base", "timeout": 60}
     (_plan({**CREATE, "shell": "rm -rf /"}), "unknown fields shell"),
     (_plan({**CREATE, "timeout": "60"}), "timeout is str"),
     (_plan(CREATE, {"op": "start", "sandbox": "s", "argv": []}), "non-empty list of strings"),
+    (_plan(CREATE, {"op": "network", "sandbox": "s", "allow": [443]}), "allow must be a list of strings"),
     (_plan(CREATE, {"op": "start", "sandbox": "s", "argv": ["ls"], "env": {"A": 1}}), "env must map strings"),
     (_plan(CREATE, {"op": "write", "sandbox": "s", "path": "/x", "mode": 420, "size": 1,
                     "sha256": hashlib.sha256(b"a").hexdigest(), "data": base64.b64encode(b"b").decode()}),

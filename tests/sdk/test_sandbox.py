@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 
 import mvm
-from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported
+from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported, UsageError
+from mvm.sdk.sandbox import NetworkInfo
 from tests.conftest import default_signals
+from tests.integration.test_network import LoopbackServer
 
 pytestmark = pytest.mark.vm
 
@@ -84,10 +86,39 @@ def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -
     assert info.deadline is not None and info.deadline > time.time()
     assert mvm.Sandbox.connect(sandbox.name).commands.run("true").exit_code == 0
     assert sandbox.name in {i.name for i in mvm.Sandbox.list()}
-    with pytest.raises(Unsupported, match="network device"):
-        mvm.Sandbox.create(network="open")
+    with pytest.raises(UsageError, match="not a network mode"):
+        mvm.Sandbox.create(network="closed")
     with pytest.raises(SandboxNotFound):
         mvm.Sandbox.connect("no-such-sandbox")
+
+
+def test_an_allow_list_sandbox_reaches_what_it_lists_and_nothing_else() -> None:
+    """Servers this test runs on the host's 127.0.0.1: the listed one answers inside the guest
+    at the same address; the other is refused until ``network.allow`` lists it."""
+    listed, other = LoopbackServer(b"listed\n"), LoopbackServer(b"other\n")
+    first, second = f"127.0.0.1:{listed.port}", f"127.0.0.1:{other.port}"
+
+    def nc(sbx: mvm.Sandbox, port: int) -> str:
+        return sbx.commands.run(f"nc -w 5 127.0.0.1 {port} </dev/null 2>&1").stdout
+
+    try:
+        with pytest.raises(UsageError, match="nonsense"):
+            mvm.Sandbox.create(network="allow-list", allow=["nonsense"])
+        with pytest.raises(UsageError, match="network mode is 'deny'"):
+            mvm.Sandbox.create(network="deny", allow=[first])
+        with mvm.Sandbox.create("base", network="allow-list", allow=[first], timeout=600) as sbx:
+            assert sbx.network.info() == NetworkInfo("allow-list", [first])
+            assert nc(sbx, listed.port) == "listed\n"
+            assert "other" not in nc(sbx, other.port) and other.connections == 0
+            assert sbx.network.allow(second) == [first, second]
+            assert nc(sbx, other.port) == "other\n"
+            assert sbx.network.deny(first) == [second]
+            served = listed.connections
+            assert "listed" not in nc(sbx, listed.port) and listed.connections == served
+            assert sbx.network.info() == NetworkInfo("allow-list", [second])
+    finally:
+        listed.sock.close()
+        other.sock.close()
 
 
 def test_a_started_command_streams_takes_stdin_and_can_be_killed(sandbox: mvm.Sandbox) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import click
 
-from mvm.core.bootimage import BootImage
-from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome
 from mvm.runtime import allow_list
 
@@ -23,16 +20,6 @@ def network_options(command: Callable[..., Any]) -> Callable[..., Any]:
                                 "repeatable), added to mvm.toml's.")(command)
     return click.option("--network", "network_mode", type=click.Choice(["deny", "allow-list", "open"]),
                         help="The network mode, instead of mvm.toml's [network] mode.")(command)
-
-
-def with_network(image: BootImage, mode: str | None, allow: tuple[str, ...]) -> BootImage:
-    """The image as started with --network/--allow (the same artifact: only how it runs)."""
-    mode = mode or image.network_mode
-    if allow and mode != "allow-list":
-        raise UsageError(f"--allow lists destinations, but the network mode is {mode!r}",
-                         "add --network allow-list")
-    entries = (*image.allow, *(a for a in allow if a not in image.allow)) if mode == "allow-list" else ()
-    return replace(image, network_mode=mode, allow=entries)
 
 
 @click.command()

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 
 import click
 
-from mvm.cli.network import network_options, with_network
+from mvm.cli.network import network_options
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.cli.terminal import raw_terminal, write_stdout
 from mvm.cli.vm import (
@@ -33,6 +33,7 @@ from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
+from mvm.runtime.allow_list import with_network
 from mvm.runtime.client import VmClient
 
 DETACH_KEY = b"\x1d"  # Ctrl-]: leave the console, which stops an attached VM

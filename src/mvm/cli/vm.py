@@ -13,13 +13,14 @@ from typing import Any
 import click
 
 from mvm.build import stamps
-from mvm.cli.network import network_options, with_network
+from mvm.cli.network import network_options
 from mvm.cli.project import FLAKE_OPTION, project_dir
 from mvm.core.bootimage import BootImage, PortForward, parse_host
 from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size, parse_mib
 from mvm.core.state import DamagedVm, MvmHome, VmRecord, check_vm_name_quietly
 from mvm.runtime import backends, lifecycle
+from mvm.runtime.allow_list import with_network
 from mvm.runtime.boot_phases import PHASES, boot_phases, step_origin, steps
 from mvm.runtime.client import VmClient
 from mvm.runtime.transfer import printable

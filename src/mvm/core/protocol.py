@@ -34,8 +34,11 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
                                               available}, disk:{total, free}, agent:{pid, uid},
                                               entrypoint:{pid, uid} | null}
     shutdown                               -> result {}, then the guest powers off
-    connect {host:loopback, port}          -> connected, then data (body: the guest's bytes) ...,
-                                              done when the guest side closes (a port forward)
+    connect {host:loopback, port}          -> connected {window}, then data (body: the guest's
+                                              bytes) ..., done when the guest side closes (a port
+                                              forward); ack {bytes} whenever another MiB of the
+                                              host's bytes has been written to the connection: the
+                                              host sends at most ``window`` bytes ahead of it
     send {id of the connect, eof?} (body)  the host's bytes for that connection (no reply)
     egress {listen:[[addr, port, host]], hosts:[[addr, name]]}
                                            -> egress-ready {failed:[...]}, then, on the same id
@@ -209,6 +212,22 @@ class Decoder:
             err.frames = frames
             raise
 
+    def missing(self) -> int:
+        """Bytes still to come before ``feed`` can return another frame (at least 1): a reader
+        may ``stash`` what arrives until then instead of feeding it piece by piece."""
+        if self._skip:
+            return 1
+        if len(self._buf) < _U32.size:
+            return _U32.size - len(self._buf)
+        (length,) = _U32.unpack_from(self._buf)
+        if length > MAX_FRAME or length < _U32.size:
+            return 1  # (feed reports it)
+        return max(1, _U32.size + length - len(self._buf))
+
+    def stash(self, data: bytes) -> None:
+        """Keep ``data`` for the frame in progress without looking for frames (see missing)."""
+        self._buf += data
+
     def _frames(self, frames: list[Frame]) -> list[Frame]:
         while True:
             if self._skip:
@@ -228,23 +247,29 @@ class Decoder:
                 raise ProtocolError(f"frame length {length} out of range")
             if len(self._buf) < _U32.size + length:
                 return frames
-            payload = bytes(self._buf[_U32.size : _U32.size + length])
-            del self._buf[: _U32.size + length]
-            frames.append(_parse(payload))
+            view = memoryview(self._buf)  # (the body is copied once, straight out of the buffer)
+            try:
+                frame = _parse_at(view, _U32.size, _U32.size + length)
+            finally:
+                view.release()
+                del self._buf[: _U32.size + length]
+            frames.append(frame)
 
 
-def _parse(payload: bytes) -> Frame:
-    (header_len,) = _U32.unpack_from(payload)
-    if header_len > MAX_HEADER or header_len > len(payload) - _U32.size:
+def _parse_at(buf: memoryview, start: int, end: int) -> Frame:
+    """The frame whose payload is ``buf[start:end]`` (slices are never kept: ``buf`` is released)."""
+    (header_len,) = _U32.unpack_from(buf, start)
+    if header_len > MAX_HEADER or header_len > end - start - _U32.size:
         raise ProtocolError(f"header length {header_len} out of range")
-    raw = payload[_U32.size : _U32.size + header_len]
+    raw = bytes(buf[start + _U32.size : start + _U32.size + header_len])
+    body = bytes(buf[start + _U32.size + header_len : end])
     try:
         header = _loads(raw)
     except (ValueError, RecursionError) as err:  # (RecursionError: a header nested thousands deep)
         raise ProtocolError(f"header is not JSON: {err}") from None
     if not isinstance(header, dict) or not isinstance(header.get("type"), str):
         raise ProtocolError("header must be an object with a string 'type'")
-    return Frame(header, payload[_U32.size + header_len :])
+    return Frame(header, body)
 
 
 def hello(role: str, **info: Any) -> bytes:

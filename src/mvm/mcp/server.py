@@ -92,7 +92,8 @@ class SandboxPool:
         with self.lock:
             self.inflight -= 1
 
-    def create(self, template: str, memory_mib: int | None = None) -> Session:
+    def create(self, template: str, memory_mib: int | None = None, network: str | None = None,
+               allow: list[str] | None = None) -> Session:
         memory = memory_mib or DEFAULT_MEMORY_MIB
         with self.lock:
             used = sum(s.memory_mib for s in self.sessions.values())
@@ -103,8 +104,8 @@ class SandboxPool:
             placeholder = Session(sandbox=None, memory_mib=memory)  # type: ignore[arg-type]
             self.sessions[f".reserving-{id(placeholder)}"] = placeholder  # counts while it boots
         try:
-            sandbox = Sandbox.create(template, memory=memory_mib, timeout=self.limits.session_max_s,
-                                     overcommit=self.limits.overcommit)
+            sandbox = Sandbox.create(template, memory=memory_mib, network=network, allow=allow,
+                                     timeout=self.limits.session_max_s, overcommit=self.limits.overcommit)
         finally:
             with self.lock:
                 self.sessions.pop(f".reserving-{id(placeholder)}", None)
@@ -179,7 +180,8 @@ def build_server(limits: Limits) -> FastMCP:
             reaper.cancel()
             await asyncio.to_thread(pool.destroy_all)  # the client went away: nothing of ours stays
 
-    server = SandboxServer("mvm", instructions="Run code in throwaway local microVM sandboxes (no network).",
+    server = SandboxServer("mvm", instructions="Run code in throwaway local microVM sandboxes (no network unless "
+                                                  "sandbox_create asks for an allow-list or open network).",
                            lifespan=lifespan)
     server.pool = pool
 
@@ -234,10 +236,13 @@ def build_server(limits: Limits) -> FastMCP:
         return await call(work)
 
     @server.tool()
-    async def sandbox_create(template: str = "base", memory_mib: int | None = None) -> dict[str, Any]:
-        """Start a sandbox ("base", "python", or a template directory); returns its name."""
-        session = await call(pool.create, template, memory_mib)
-        return {"sandbox": session.sandbox.name}
+    async def sandbox_create(template: str = "base", memory_mib: int | None = None, network: str | None = None,
+                             allow: list[str] | None = None) -> dict[str, Any]:
+        """Start a sandbox ("base", "python", or a template directory); returns its name.
+        `network`: "deny" (default: no network), "allow-list" (only the `allow` destinations,
+        host:port, *.domain:port or CIDR:port, checked by the host) or "open"."""
+        session = await call(pool.create, template, memory_mib, network, allow)
+        return {"sandbox": session.sandbox.name, "network": network or "deny", "allow": list(allow or [])}
 
     @server.tool()
     async def sandbox_exec(sandbox: str, command: str, timeout_secs: float = 60) -> dict[str, Any]:

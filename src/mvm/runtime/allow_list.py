@@ -5,13 +5,43 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable
+from dataclasses import replace
 
+from mvm.core.bootimage import BootImage
 from mvm.core.errors import UsageError, VmError
 from mvm.core.state import MvmHome
 from mvm.runtime import lifecycle
 from mvm.security.egress_policy import EntryError, parse_entry
 
 UPDATE_WAIT_S = 30.0
+
+
+def check_entries(entries: Iterable[str]) -> None:
+    """Each entry parses as the host will read it; otherwise one line naming it."""
+    for text in entries:
+        if not isinstance(text, str):
+            raise UsageError(f"allow entry {text!r} is not a string", "write host:port, *.domain:port or CIDR:port")
+        try:
+            parse_entry(text)
+        except EntryError as err:
+            raise UsageError(str(err).split(" (write ")[0], "write host:port, *.domain:port or CIDR:port") from None
+
+
+def with_network(image: BootImage, mode: str | None, allow: Iterable[str] = ()) -> BootImage:
+    """The image as started with another network mode and more allow entries (`up/run
+    --network/--allow`, the SDK's ``network=``/``allow=``): the same artifact, only how it runs."""
+    allow = tuple(allow)
+    mode = mode or image.network_mode
+    if mode not in lifecycle.NETWORK_MODES:
+        raise UsageError(f"network mode {mode!r} is not one of {', '.join(lifecycle.NETWORK_MODES)}",
+                         'use "deny" (no network), "allow-list" (only the listed destinations) or "open"')
+    if allow and mode != "allow-list":
+        raise UsageError(f"allow entries list destinations, but the network mode is {mode!r}",
+                         "add --network allow-list (in the SDK: network=\"allow-list\")")
+    check_entries(allow)
+    entries = (*image.allow, *(a for a in allow if a not in image.allow)) if mode == "allow-list" else ()
+    return replace(image, network_mode=mode, allow=entries)
 
 
 def current(home: MvmHome, name: str) -> tuple[str, list[str]]:
@@ -23,11 +53,7 @@ def current(home: MvmHome, name: str) -> tuple[str, list[str]]:
 def change(home: MvmHome, name: str, allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> list[str]:
     """Add ``allow`` and remove ``deny`` entries; returns the new list. New connections use
     it once this returns; connections already open run on."""
-    for text in allow:
-        try:
-            parse_entry(text)
-        except EntryError as err:
-            raise UsageError(str(err).split(" (write ")[0], "write host:port, *.domain:port or CIDR:port") from None
+    check_entries(allow)
     _, record = lifecycle.require_vm(home, name)
     if record.network != "allow-list":
         raise UsageError(f"VM {name} runs with network {record.network!r}, not 'allow-list': it has no list to change",

@@ -38,6 +38,7 @@ class AsyncSandbox(_InThreads):
         self.commands = _InThreads(sandbox.commands)
         self.files = _InThreads(sandbox.files)
         self.ports = _InThreads(sandbox.ports)
+        self.network = _InThreads(sandbox.network)
 
     @classmethod
     async def create(cls, template: str = "base", **options: Any) -> AsyncSandbox:

@@ -24,17 +24,18 @@ PLAN_MAX = 64 << 20
 _OPTIONAL = (type(None),)
 FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "create": {"template": (str,), "cpus": (int, *_OPTIONAL), "memory": (int, *_OPTIONAL),
-               "network": (str, *_OPTIONAL), "env": (dict, *_OPTIONAL), "timeout": (int, float),
+               "network": (str, *_OPTIONAL), "allow": (list, *_OPTIONAL), "env": (dict, *_OPTIONAL), "timeout": (int, float),
                "backend": (str, *_OPTIONAL), "workload_id": (str, *_OPTIONAL), "cold": (bool, *_OPTIONAL)},
     "start": {"argv": (list,), "env": (dict, *_OPTIONAL), "cwd": (str, *_OPTIONAL),
               "timeout": (int, float, *_OPTIONAL)},
     "write": {"path": (str,), "mode": (int,), "size": (int,), "sha256": (str,), "data": (str,)},
     "make_dir": {"path": (str,)},
     "remove": {"path": (str,), "recursive": (bool, *_OPTIONAL)},
+    "network": {"allow": (list, *_OPTIONAL), "deny": (list, *_OPTIONAL)},
     "kill": {},
 }
 REQUIRED = {"create": {"template", "timeout"}, "start": {"argv"}, "write": set(FIELDS["write"]),
-            "make_dir": {"path"}, "remove": {"path"}, "kill": set()}
+            "make_dir": {"path"}, "remove": {"path"}, "network": set(), "kill": set()}
 
 
 @dataclass
@@ -91,6 +92,10 @@ def _check_call(index: int, call: Any, created: set[str]) -> None:
         env = call.get(key)
         if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ModeError(f"{where} ({op}): env must map strings to strings")
+    for key in ("allow", "deny"):
+        entries = call.get(key)
+        if entries is not None and not all(isinstance(e, str) for e in entries):
+            raise ModeError(f"{where} ({op}): {key} must be a list of strings")
     if op == "write":
         try:
             data = base64.b64decode(call["data"], validate=True)
@@ -130,6 +135,11 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
                 elif op == "remove":
                     live[name].files.remove(args["path"], recursive=bool(args.get("recursive")))
                     step.detail = f"removed {args['path']}"
+                elif op == "network":
+                    entries = live[name].network.allow(*args.get("allow") or ())
+                    if args.get("deny"):
+                        entries = live[name].network.deny(*args["deny"])
+                    step.detail = f"allow-list now {', '.join(entries) or 'empty'}"
                 elif op == "kill":
                     live.pop(name).kill()
                     step.detail = "killed"

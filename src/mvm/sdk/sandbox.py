@@ -36,7 +36,7 @@ from mvm.errors import (
     UsageError,
     VmError,
 )
-from mvm.runtime import backends, cloning, lifecycle, transfer
+from mvm.runtime import allow_list, backends, cloning, lifecycle, transfer
 from mvm.runtime.client import AgentError, VmClient, current_surface, set_surface
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
 from mvm.sdk import record
@@ -240,6 +240,41 @@ class Ports:
             lifecycle.remove_forward(client, port, host_addr)
 
 
+@dataclass(frozen=True)
+class NetworkInfo:
+    mode: str  # "deny", "allow-list" or "open"
+    allow: list[str]  # the allow-list's entries (empty unless mode is "allow-list")
+
+
+class Network:
+    """``sandbox.network``: its network mode, and the destinations of an ``allow-list`` sandbox,
+    changed while it runs (as ``mvmctl network`` does). The host checks every connection the
+    guest opens against the list: new connections use the changed list, open ones run on."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def info(self) -> NetworkInfo:
+        mine = self._sandbox._record()
+        return NetworkInfo(mine.network, list(mine.allow))
+
+    def allow(self, *entries: str) -> list[str]:
+        """Add destinations (``host:port``, ``*.domain:port``, ``CIDR:port``); returns the new list."""
+        return self._change(entries, ())
+
+    def deny(self, *entries: str) -> list[str]:
+        """Remove destinations, written as listed; returns the new list."""
+        return self._change((), entries)
+
+    def _change(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> list[str]:
+        if self._sandbox._recording:
+            allow_list.check_entries(allow)
+            record.plan().add("network", self._sandbox.name, allow=list(allow) or None, deny=list(deny) or None)
+            return []
+        self._sandbox._record(running=True)
+        return allow_list.change(self._sandbox._home, self._sandbox.name, allow, deny)
+
+
 class Sandbox:
     """A running sandbox. Make one with :meth:`create`, or reach one with :meth:`connect`."""
 
@@ -251,13 +286,14 @@ class Sandbox:
         self.commands = Commands(self)
         self.files = Files(self)
         self.ports = Ports(self)
+        self.network = Network(self)
 
     # -- making and finding ----------------------------------------------------------------
 
     @classmethod
     def create(cls, template: str = "base", *, name: str | None = None, cpus: int | None = None,
-               memory: int | None = None, network: str | None = None, env: dict[str, str] | None = None,
-               timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
+               memory: int | None = None, network: str | None = None, allow: list[str] | None = None,
+               env: dict[str, str] | None = None, timeout: float = 300, backend: str | None = None, workload_id: str | None = None,
                cold: bool = False, mode: str | None = None, overcommit: bool = False) -> Sandbox:
         """Start a sandbox and return once its agent answers.
 
@@ -266,33 +302,48 @@ class Sandbox:
         the sandbox is a clone of it). A built-in is built on first use and saved as a template
         snapshot, so later sandboxes start from memory instead of booting (``cold=True``
         boots anyway). ``memory`` is in MiB. ``timeout``: its lifetime in seconds, enforced by
-        its supervisor even if this program dies. ``network``: only "deny" (no network device)
-        in this version. ``workload_id``: your label for it, kept in its record and shown by
+        its supervisor even if this program dies. ``network``: "deny" (the default, and the
+        template's unless it says otherwise: no network device), "allow-list" (only the ``allow``
+        destinations, ``host:port``, ``*.domain:port`` or ``CIDR:port``, checked and connected by
+        the host; ``127.0.0.1:PORT`` is the host's own loopback) or "open" (ordinary outbound
+        networking); a sandbox with a network other than its template's boots rather than clones.
+        ``workload_id``: your label for it, kept in its record and shown by
         ``info()``. ``mode="record"`` (or ``MVM_SDK_MODE=record``) boots nothing: this and the
         calls that change the guest are written into a plan (sdk/record.py). ``overcommit``:
         boot it even if ``cpus`` is more than the host's CPU threads or ``memory`` more than it
         has available less the headroom kept for the host (otherwise HostTooSmall, before
         booting).
         """
-        if network not in (None, "deny"):
-            raise Unsupported(f"network={network!r}: this version gives a sandbox no network device at all",
-                              'leave network out, or pass "deny"')
+        if network is not None and network not in lifecycle.NETWORK_MODES:
+            raise UsageError(f"network={network!r} is not a network mode",
+                             'pass "deny", "allow-list" (with allow=[...]) or "open"')
+        if allow is not None and (isinstance(allow, str) or not isinstance(allow, list | tuple)):
+            raise UsageError(f"allow={allow!r} is not a list of entries", 'write allow=["host:port", ...]')
+        if network is None and allow:
+            network = "allow-list"  # (allow= alone says what it means)
         if not 0 < timeout <= 7 * 24 * 3600:
             raise UsageError(f"timeout={timeout!r}: a sandbox's lifetime must be more than 0 and at most 7 days")
         home = MvmHome.default()
         vm_name = check_vm_name(name or f"sbx-{secrets.token_hex(4)}")
         if record.resolve_mode(mode) == "record":
+            if allow:
+                allow_list.check_entries(allow)
+            if allow and network != "allow-list":
+                raise UsageError(f"allow lists destinations, but network={network!r}", 'pass network="allow-list"')
             record.plan().add("create", vm_name, template=template, cpus=cpus, memory=memory, network=network,
-                              env=env, timeout=timeout, backend=backend, workload_id=workload_id, cold=cold or None)
+                              allow=list(allow) if allow else None, env=env, timeout=timeout, backend=backend, workload_id=workload_id, cold=cold or None)
             recorded = cls(vm_name, home, env)
             recorded._recording = True
             return recorded
-        tag = None if cold else _template_snapshot(home, template, backend, cpus, memory)
+        networked = network not in (None, "deny") or bool(allow)  # (a template snapshot has no network)
+        tag = None if cold or networked else _template_snapshot(home, template, backend, cpus, memory)
         if tag is not None:
             cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
                                                      ephemeral=True, workload_id=workload_id, overcommit=overcommit))
         else:
             image = _built_image(home, template)
+            if network is not None or allow:
+                image = allow_list.with_network(image, network, allow or ())
             lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
                          lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit,
                          workload_dir=template_dir(home, template))  # (where its mvm.toml's volumes may point)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 
 SEND_LIMIT = 16 << 20  # the host's bytes waiting for a guest service that does not read them
+WINDOW = 4 << 20  # what the host may send ahead of our acks (told in ``connected``); < SEND_LIMIT
+ACK_EVERY = 1 << 20  # bytes written to the guest connection between two acks
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -40,6 +42,7 @@ class Tunnel:
         self.sock: socket.socket | None = None
         self.outgoing: queue.Queue[bytes | None] = queue.Queue()  # None: shut the write side
         self.queued = 0
+        self.written, self.acked = 0, 0  # bytes of the host's written to the guest connection; last said
         self.lock = threading.Lock()
         self.closed = False
         self.pending = pending
@@ -67,7 +70,7 @@ class Tunnel:
         if self.closed:
             self.sock.close()
             return
-        channel.reply(self.id, "connected")
+        channel.reply(self.id, "connected", window=WINDOW)
         if self.pending is not None and self.pending.to_host:
             channel.reply(self.id, "data", self.pending.to_host)
         import threading
@@ -99,6 +102,10 @@ class Tunnel:
                 with self.lock:
                     self.queued -= len(data)
                 self.sock.sendall(data)
+                self.written += len(data)
+                if self.written - self.acked >= ACK_EVERY:
+                    self.acked = self.written
+                    self.session.channel.reply(self.id, "ack", bytes=self.written)
             self.sock.shutdown(socket.SHUT_WR)
             self.host_done.set()
             while not self.closed and self.outgoing.get() is not None:

@@ -27,22 +27,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+WINDOW_RANGE = (64 << 10, 64 << 20)  # what an agent's window is clamped to
+
+
 class TunnelEnd(Reader):
-    """The host end of one forwarded TCP connection: the agent's frames for it land here."""
+    """The host end of one forwarded TCP connection: the agent's frames for it land here.
+
+    An agent that says ``connected {window}`` acks (``ack {bytes}``) what it has written to the
+    guest connection; the relay then sends at most ``window`` bytes ahead of that, so a guest
+    program that reads slowly is waited for instead of being cut off at the agent's limit.
+    The guest's word only decides how fast we send: what the host holds stays bounded by
+    AgentLink.drain either way."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         super().__init__(writer)
         self.decoder = protocol.Decoder()
+        self.window: int | None = None  # None: an agent that does not ack (sends are not held back)
+        self.acked = 0
+        self.credit = asyncio.Event()
 
     def send(self, data: bytes) -> None:
         frames, _ = self.decoder.feed_all(data)
         for frame in frames:
-            if frame.type == "data" and not self.writer.is_closing():
+            number = frame.header.get("window" if frame.type == "connected" else "bytes")
+            valid = isinstance(number, int) and not isinstance(number, bool)
+            if frame.type == "connected" and valid:
+                self.window = min(max(number, WINDOW_RANGE[0]), WINDOW_RANGE[1])
+            elif frame.type == "ack" and valid:
+                self.acked = max(self.acked, number)
+                self.credit.set()
+            elif frame.type == "data" and not self.writer.is_closing():
                 self.writer.write(frame.body)
             elif frame.type == "eof" and not self.writer.is_closing() and self.writer.can_write_eof():
                 self.writer.write_eof()  # an egress client half-closed: it still reads the answer
             elif frame.type in ("done", "error"):  # the guest closed, or nothing listens there
                 self.writer.close()
+                self.credit.set()
+
+    async def room(self, sent: int) -> None:
+        """Wait while ``sent`` is more than the window ahead of the agent's last ack."""
+        while self.window is not None and sent - self.acked > self.window and not self.writer.is_closing():
+            self.credit.clear()
+            await self.credit.wait()
 
 
 async def relay(agent: AgentLink, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
@@ -52,10 +78,13 @@ async def relay(agent: AgentLink, reader: asyncio.StreamReader, writer: asyncio.
     each side has closed."""
     end = TunnelEnd(writer)
     agent.forward(end, protocol.Frame({"type": "connect", "id": 1, **connect}))
+    sent = 0
     try:
         while data := await reader.read(protocol.CHUNK):
             agent.forward(end, protocol.Frame({"type": "send", "id": 1}, data))
+            sent += len(data)
             await agent.drain()
+            await end.room(sent)
         agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
     except ConnectionError:
         agent.forward(end, protocol.Frame({"type": "send", "id": 1, "eof": True}))
