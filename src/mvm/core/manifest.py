@@ -219,20 +219,15 @@ class _Parser(GuestSections, HostSections):
             fields["hypervisor"] = self.choice(
                 data["hypervisor"], get_args(Hypervisor), ("hypervisor",)
             )
-        if "kernel" in data:
-            fields["kernel"] = self.choice(data["kernel"], get_args(KernelName), ("kernel",))
-        if overrides.kernel is not None:
-            if overrides.kernel not in get_args(KernelName):
-                raise UsageError(f"--kernel: {overrides.kernel!r} is not a kernel mvm knows",
-                                 f"use one of {', '.join(get_args(KernelName))}")
-            fields["kernel"] = overrides.kernel
-        if "arch" in data:
-            fields["arch"] = self.choice(data["arch"], get_args(GuestArchName), ("arch",))
-        if overrides.arch is not None:
-            if overrides.arch not in get_args(GuestArchName):
-                raise UsageError(f"--arch: {overrides.arch!r} is not a guest architecture mvm builds",
-                                 f"use one of {', '.join(get_args(GuestArchName))}")
-            fields["arch"] = overrides.arch
+        for key, choices, what in (("kernel", get_args(KernelName), "a kernel mvm knows"),
+                                   ("arch", get_args(GuestArchName), "a guest architecture mvm builds")):
+            if key in data:
+                fields[key] = self.choice(data[key], choices, (key,))
+            override = getattr(overrides, key)
+            if override is not None:  # `build --kernel/--arch` wins over the file
+                if override not in choices:
+                    raise UsageError(f"--{key}: {override!r} is not {what}", f"use one of {', '.join(choices)}")
+                fields[key] = override
         return Workload(**fields)
 
     def nix(self, data: dict[str, Any]) -> None:
