@@ -109,10 +109,21 @@ def test_sandbox_create_with_an_allow_list(mvm_home: Path) -> None:
         assert other.connections == 0
 
     try:
-        run_client(mvm_home, body)
+        run_client(mvm_home, body, MVM_MCP_NETWORK="deny,allow-list")
     finally:
         listed.sock.close()
         other.sock.close()
+
+
+def test_the_operator_decides_which_networks_a_model_may_ask_for(mvm_home: Path) -> None:
+    """By default a model gets no network at all: an allow-list could name the host's own services."""
+    async def body(client: ClientSession) -> None:
+        for network, allow in (("open", None), ("allow-list", ["127.0.0.1:5432"]), (None, ["127.0.0.1:5432"])):
+            error, refused = await tool(client, "sandbox_create", network=network, allow=allow)
+            assert error and "MVM_MCP_NETWORK=deny" in refused, refused
+        assert (await tool(client, "sandbox_list"))[1] == []
+
+    run_client(mvm_home, body)
 
 
 def test_limits_busy_memory_and_idle(mvm_home: Path) -> None:
@@ -156,6 +167,14 @@ def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
                           env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_MAX_INFLIGHT": bad},
                           stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_MAX_INFLIGHT" in proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["", "deny,mesh", "everything"])
+def test_a_bad_network_setting_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], stdin=subprocess.DEVNULL, capture_output=True,
+                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_NETWORK": bad},
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_NETWORK" in proc.stderr
 
 
 @pytest.mark.parametrize("bad", ["yes", "2", ""])

@@ -7,7 +7,9 @@ error at once, not a wait), MVM_MCP_MEM_CEILING_MIB of guest memory across its s
 call that would pass it is refused before anything starts), a session idle for
 MVM_MCP_SESSION_IDLE seconds is destroyed, and no sandbox lives past MVM_MCP_SESSION_MAX
 seconds: that is each sandbox's lifetime, kept by its supervisor, so even a SIGKILL of this
-server leaves nothing running for longer. Only sandboxes this server made are reachable, and
+server leaves nothing running for longer. The network modes a model may ask for are the
+operator's MVM_MCP_NETWORK (default "deny" only: an allow-list can name the host's own
+loopback services). Only sandboxes this server made are reachable, and
 all of them are destroyed when the client goes away.
 """
 
@@ -30,6 +32,7 @@ from mcp.types import Resource as MCPResource
 
 from mvm.core.errors import MvmError, UsageError
 from mvm.runtime.client import set_surface
+from mvm.runtime.lifecycle import NETWORK_MODES
 from mvm.sdk.sandbox import Sandbox
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout (and of stderr) a tool result carries
@@ -44,16 +47,26 @@ class Limits:
     session_idle_s: int = 300
     session_max_s: int = 3600
     overcommit: bool = False  # the operator's call (MVM_MCP_OVERCOMMIT=1), never the model's
+    # The network modes the model may ask for: the operator's call too (MVM_MCP_NETWORK=deny,allow-list,open).
+    # An allow-list may name the host's own loopback services, so even that is not the default.
+    network_modes: tuple[str, ...] = ("deny",)
 
     @classmethod
     def from_environment(cls) -> Limits:
-        values: dict[str, int | bool] = {}
+        values: dict[str, int | bool | tuple[str, ...]] = {}
         overcommit = os.environ.get("MVM_MCP_OVERCOMMIT")
         if overcommit is not None:
             if overcommit not in ("0", "1"):
                 raise UsageError(f"MVM_MCP_OVERCOMMIT={overcommit!r} is not 0 or 1",
                                  "unset it, or MVM_MCP_OVERCOMMIT=1 to let sandboxes ask for more than the host has")
             values["overcommit"] = overcommit == "1"
+        modes = os.environ.get("MVM_MCP_NETWORK")
+        if modes is not None:
+            listed = tuple(m.strip() for m in modes.split(",") if m.strip())
+            if not listed or any(m not in NETWORK_MODES for m in listed):
+                raise UsageError(f"MVM_MCP_NETWORK={modes!r} is not a list of {', '.join(NETWORK_MODES)}",
+                                 "unset it (deny only), or e.g. MVM_MCP_NETWORK=deny,allow-list")
+            values["network_modes"] = listed
         for name, env in (("max_inflight", "MVM_MCP_MAX_INFLIGHT"), ("mem_ceiling_mib", "MVM_MCP_MEM_CEILING_MIB"),
                           ("session_idle_s", "MVM_MCP_SESSION_IDLE"), ("session_max_s", "MVM_MCP_SESSION_MAX")):
             text = os.environ.get(env)
@@ -95,6 +108,10 @@ class SandboxPool:
     def create(self, template: str, memory_mib: int | None = None, network: str | None = None,
                allow: list[str] | None = None) -> Session:
         memory = memory_mib or DEFAULT_MEMORY_MIB
+        mode = network or ("allow-list" if allow else "deny")
+        if mode not in self.limits.network_modes:
+            raise ToolError(f"refused: network {mode!r} is not open to this server's clients (MVM_MCP_NETWORK="
+                            f"{','.join(self.limits.network_modes)}); the operator decides which modes a model may ask for")
         with self.lock:
             used = sum(s.memory_mib for s in self.sessions.values())
             if used + memory > self.limits.mem_ceiling_mib:
@@ -109,6 +126,11 @@ class SandboxPool:
         finally:
             with self.lock:
                 self.sessions.pop(f".reserving-{id(placeholder)}", None)
+        given = sandbox.network.info().mode  # a template directory may declare its own network
+        if given not in self.limits.network_modes:
+            sandbox.kill()
+            raise ToolError(f"refused: template {template!r} declares network {given!r}, which is not open to this "
+                            f"server's clients (MVM_MCP_NETWORK={','.join(self.limits.network_modes)})")
         session = Session(sandbox, memory)
         with self.lock:
             self.sessions[sandbox.name] = session
@@ -240,7 +262,8 @@ def build_server(limits: Limits) -> FastMCP:
                              allow: list[str] | None = None) -> dict[str, Any]:
         """Start a sandbox ("base", "python", or a template directory); returns its name.
         `network`: "deny" (default: no network), "allow-list" (only the `allow` destinations,
-        host:port, *.domain:port or CIDR:port, checked by the host) or "open"."""
+        host:port, *.domain:port or CIDR:port, checked by the host) or "open" — each only if the
+        operator opened it to this server (MVM_MCP_NETWORK; by default only "deny")."""
         session = await call(pool.create, template, memory_mib, network, allow)
         return {"sandbox": session.sandbox.name, "network": network or "deny", "allow": list(allow or [])}
 
