@@ -112,6 +112,21 @@ def test_the_digest_follows_every_input(tmp_path: Path) -> None:
     assert stamps.input_digest(elsewhere) not in (None, first)
 
 
+def test_a_new_kernel_config_misses_the_stamp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `kernel = "mvm"` image is built against build/kernel_configs/: changing them must not
+    leave `up` on a stamp of the image built with the old config."""
+    here = workload(tmp_path / "w")
+    first = stamps.input_digest(here)
+    configs = tmp_path / "build"
+    (configs / "kernel_configs").mkdir(parents=True)
+    (configs / "kernel_configs" / "x86_64.config").write_text("CONFIG_A=y\n")
+    monkeypatch.setattr(stamps, "__file__", str(configs / "stamps.py"))
+    with_a = stamps.input_digest(here)
+    assert with_a not in (None, first)
+    (configs / "kernel_configs" / "x86_64.config").write_text("CONFIG_A=y\n# CONFIG_B is not set\n")
+    assert stamps.input_digest(here) not in (None, first, with_a)
+
+
 def test_the_guest_digest_covers_every_agent_module(monkeypatch: pytest.MonkeyPatch) -> None:
     """The agent is a package: each of its modules is shipped and hashed, and moving code from
     one module to the next (same bytes, other files) is a change too."""

@@ -3,7 +3,8 @@
 Every store key (builder.store_key) covers the builder's version, the guest's sources, the
 workload and the package lock. A *stamp* goes one step earlier: it hashes the raw inputs of a
 workload (the bytes of mvm.toml and mvm.lock, and mvm.toml's real path, since relative
-paths in it resolve against its directory, and the builder's version and guest sources; for a
+paths in it resolve against its directory, and the builder's version, guest sources and our
+kernel's config fragments; for a
 Python declaration, the .py file's bytes, its lock and the chosen ``:NAME``) and
 remembers the key they built, in ``store/stamps/<digest>``.
 
@@ -44,6 +45,16 @@ def guest_sources_digest() -> str:
     return digest.hexdigest()
 
 
+def kernel_configs_digest() -> str:
+    """Our kernel's config fragments (build/kernel_configs/): a new config is a new kernel, so a
+    `kernel = "mvm"` workload must miss its stamp and build against it (cheap: a few small files)."""
+    digest = hashlib.sha256()
+    for config in sorted(Path(__file__).with_name("kernel_configs").glob("*.config")):
+        for part in (config.name.encode(), config.read_bytes()):
+            digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
 def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
     """The stamp digest of a workload; None if it has no mvm.toml or no mvm.lock yet (an
     unlocked workload is resolved against the package index, which a stamp cannot see).
@@ -61,7 +72,8 @@ def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
     declared = declaration(path)
     app = (declared[1] or "").encode() if declared else b""  # app.py:web and app.py:db differ
     for part in (b"stamp-1", BUILDER_VERSION.encode(), guest_sources_digest().encode(),
-                 os.path.realpath(file).encode(), manifest, lock, *((app,) if app else ())):
+                 kernel_configs_digest().encode(), os.path.realpath(file).encode(), manifest, lock,
+                 *((app,) if app else ())):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 
