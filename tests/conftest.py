@@ -19,6 +19,19 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
+def default_kernel() -> str:
+    """What an mvm.toml without `kernel` boots: tests of the boot path follow it (Debian's
+    kernel has an initramfs and says "cloud-amd64"; ours has neither)."""
+    from mvm.core.workload import Workload
+
+    return str(Workload.model_fields["kernel"].default)
+
+
+def initramfs_phases() -> tuple[str, ...]:
+    """The boot phases only an image with an initramfs (the default Debian kernel's) has."""
+    return ("initramfs", "root-mounted") if default_kernel() == "debian" else ()
+
+
 @dataclass
 class Mvmctl:
     """Runs the real CLI in a subprocess against one MVM_HOME (and the tests' dockerd)."""
