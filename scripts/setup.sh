@@ -20,6 +20,12 @@ fi
 need_apt=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v python3 >/dev/null || need_apt+=(python3)
+# A compiler and friends for mvm's own guest kernel (`mvmctl kernel build`), the default once built.
+for need in gcc:gcc make:make flex:flex bison:bison bc:bc xz:xz-utils /usr/include/gelf.h:libelf-dev; do
+    what=${need%%:*}
+    if [ "${what#/}" != "$what" ]; then [ -e "$what" ] || need_apt+=("${need#*:}")
+    else command -v "$what" >/dev/null || need_apt+=("${need#*:}"); fi
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "==> installing ${need_apt[*]} (apt)"
     "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" </dev/null

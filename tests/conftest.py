@@ -19,17 +19,19 @@ REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
 
-def default_kernel() -> str:
-    """What an mvm.toml without `kernel` boots: tests of the boot path follow it (Debian's
-    kernel has an initramfs and says "cloud-amd64"; ours has neither)."""
-    from mvm.core.workload import Workload
+def default_kernel(home: Path) -> str:
+    """What an mvm.toml without `kernel` boots in ``home`` (ours once it is built there, else
+    Debian's): tests of the boot path follow it (Debian's kernel has an initramfs and says
+    "cloud-amd64"; ours has neither)."""
+    from mvm.build import kernel_source
+    from mvm.core.state import MvmHome
 
-    return str(Workload.model_fields["kernel"].default)
+    return kernel_source.default_kernel(MvmHome(home))
 
 
-def initramfs_phases() -> tuple[str, ...]:
-    """The boot phases only an image with an initramfs (the default Debian kernel's) has."""
-    return ("initramfs", "root-mounted") if default_kernel() == "debian" else ()
+def initramfs_phases(home: Path) -> tuple[str, ...]:
+    """The boot phases only an image with an initramfs (Debian's kernel's) has."""
+    return ("initramfs", "root-mounted") if default_kernel(home) == "debian" else ()
 
 
 @dataclass
@@ -108,7 +110,23 @@ def mvm_home(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
         for built in Path(seed).glob("mvm-*"):
             if (built / "build.json").is_file():
                 shutil.copytree(built, home / "cache" / "kernels" / built.name)
+    _build_own_kernel(home)
     return home
+
+
+def _build_own_kernel(home: Path) -> None:
+    """Ours is the default once built (`kernel = "auto"`), as after scripts/setup.sh: build it
+    first, so the whole suite runs on the kernel users get. MVM_TEST_KERNEL=debian keeps
+    Debian's as the default instead (tests that need either kernel name it)."""
+    from mvm.build import kernel_source
+
+    if os.environ.get("MVM_TEST_KERNEL", "auto") == "debian" or kernel_source.missing_build_needs():
+        return
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "kernel", "build", "--json"],
+                          env={**os.environ, "MVM_HOME": str(home)}, capture_output=True, text=True,
+                          timeout=kernel_source.BUILD_TIMEOUT_S)
+    if proc.returncode != 0:
+        pytest.fail(f"mvmctl kernel build failed: {proc.stderr.strip()[-2000:]}")
 
 
 @pytest.fixture(scope="session")

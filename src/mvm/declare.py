@@ -108,6 +108,8 @@ class App:
     volumes: Sequence[Mapping[str, object]] | None = None
     extra_files: Mapping[str, Mapping[str, object]] | None = None
     hypervisor: str | None = None
+    kernel: str | None = None
+    arch: str | None = None
     function: Callable[..., object] | None = field(default=None, compare=False)
 
 
@@ -118,7 +120,8 @@ def app(*, name: str | None = None, source: LocalPath | None = None,
         uids: int | Mapping[str, int] | None = None, dev: bool | None = None,
         volumes: Sequence[Mapping[str, object]] | None = None,
         extra_files: Mapping[str, Mapping[str, object]] | None = None,
-        hypervisor: str | None = None) -> Callable[[F], F]:
+        hypervisor: str | None = None, kernel: Literal["auto", "debian", "mvm"] | None = None,
+        arch: Literal["x86_64", "aarch64"] | None = None) -> Callable[[F], F]:
     """Declare the workload this function belongs to; ``mvmctl up app.py`` builds and boots it.
 
     The arguments mean what mvm.toml's keys mean (``uids=1000`` is the entrypoint's uid,
@@ -126,7 +129,7 @@ def app(*, name: str | None = None, source: LocalPath | None = None,
     from the file's text and never runs it. Calling this only records the declaration.
     """
     declared = App(name, source, image, entrypoint, network, resources, uids, dev, volumes, extra_files,
-                   hypervisor)
+                   hypervisor, kernel, arch)
 
     def record(function: F) -> F:
         function.__mvm_app__ = App(**{**declared.__dict__, "function": function})  # type: ignore[attr-defined]

@@ -36,7 +36,7 @@ def test_hello_demo_prints_greeting_and_kernel(mvmctl: Mvmctl) -> None:
     proc = mvmctl("run", "--attached", str(EXAMPLES / "hello"))
     assert proc.returncode == 0, proc.stderr
     assert "Hello from hello, a microVM running Linux 6.1." in proc.stdout
-    suffix = "cloud-amd64" if default_kernel() == "debian" else "-mvm"
+    suffix = "cloud-amd64" if default_kernel(mvmctl.home) == "debian" else "-mvm"
     assert f"{suffix} as uid 1000" in proc.stdout
     assert "mvm-boot:" not in proc.stdout  # markers are for the host, not the user
 
@@ -198,7 +198,7 @@ def test_boot_report_and_agent_channel(mvmctl: Mvmctl, workload_dir) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "finished" in proc.stdout
     report = proc.stderr
-    for phase in ("kernel", *initramfs_phases(), "init", "agent-started", "agent-imported", "agent-ready",
+    for phase in ("kernel", *initramfs_phases(mvmctl.home), "init", "agent-started", "agent-imported", "agent-ready",
                   "entrypoint", "exit"):
         line = next(line for line in report.splitlines() if line.strip().startswith(phase + " "))
         assert re.fullmatch(rf"\s+{phase}\s+\d+ ms\s+[+-]\d+ ms after [a-z -]+", line), line

@@ -28,10 +28,12 @@ def staging_left(home: Path) -> list[Path]:
 
 
 def test_build_hello_writes_artifact_with_metadata(mvmctl: Mvmctl, mvm_home: Path, tmp_path: Path) -> None:
+    """Debian's kernel, with its initramfs (ours: test_own_kernel.py)."""
     directory = tmp_path / "hello"
     directory.mkdir()
     (directory / "mvm.toml").write_text((EXAMPLES / "hello" / "mvm.toml").read_text())
-    record = build_json(mvmctl, directory)
+    record = build_json(mvmctl, directory, "--kernel", "debian")
+    assert record["kernel"]["name"] == "debian"
     path = Path(record["path"])
     for name in ("vmlinux", "initrd.cpio", "rootfs.ext4", "artifact.json"):
         assert (path / name).is_file(), name

@@ -241,7 +241,7 @@ def test_boot_report_phases_are_in_order_and_complete(ctl: Mvmctl, sandbox: str)
         assert phases["kernel"] is None and phases["initramfs"] is None and phases["root-mounted"] is None
         chain = ["init", "agent-started", "agent-imported", "agent-ready"]
     else:
-        chain = ["kernel", *initramfs_phases(), "init", "agent-started", "agent-imported", "agent-ready"]
+        chain = ["kernel", *initramfs_phases(ctl.home), "init", "agent-started", "agent-imported", "agent-ready"]
         assert phases["kernel"] >= 0
     # (guest markers carry the guest's uptime, to 10 ms: neighbours may share a tick)
     assert all(phases[a] <= phases[b] for a, b in itertools.pairwise(chain)), phases

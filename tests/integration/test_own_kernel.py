@@ -59,6 +59,20 @@ def test_the_image_carries_our_kernel_and_its_config_and_no_initramfs(mvmctl: Mv
     assert again["cacheHit"] is True and again["name"] == ours[0]["name"]
 
 
+def test_once_built_ours_is_what_an_mvm_toml_without_kernel_boots(mvmctl: Mvmctl, own_image, workload_dir) -> None:
+    _, ours = own_image
+    directory = workload_dir("""
+        name = "autok"
+        [entrypoint]
+        command = ["/bin/true"]
+    """)
+    record = json.loads(mvmctl("build", str(directory), "--json", check=True).stdout)
+    assert record["kernel"] == ours["kernel"] and record["hashes"]["initrd"] is None
+    assert record["workload"]["kernel"] == "mvm"  # the artifact names what it boots, never "auto"
+    plan = json.loads(mvmctl("up", str(directory), "--dry-run", "--json", check=True).stdout)
+    assert plan["artifact"]["kernel"] == "mvm"
+
+
 def test_run_reports_the_guests_exit_status_and_only_its_output(mvmctl: Mvmctl, own_image) -> None:
     directory, _ = own_image
     proc = mvmctl("run", "--attached", str(directory), "--", "sh", "-c", "uname -r; exit 3")

@@ -40,6 +40,8 @@ import mvm
     volumes=[{"host": "./data", "guest": "/data", "readonly": False}],
     extra_files={"/etc/motd": {"content": "hi\\n", "mode": "0600"}},
     hypervisor="qemu",
+    kernel="mvm",
+    arch="x86_64",
 )
 def web():
     return "never called by mvmctl"
@@ -53,6 +55,8 @@ mem = "512M"
 data_disk = "1G"
 dev = false
 hypervisor = "qemu"
+kernel = "mvm"
+arch = "x86_64"
 
 [entrypoint]
 command = ["/usr/bin/python3", "-m", "http.server", "80"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mvm.build import kernel_source
+from mvm.build import kernel_source, stamps
 from mvm.core.errors import BuildError, ManifestError, UsageError
 from mvm.core.manifest import ManifestOverrides, load_manifest, parse_manifest
 from mvm.core.state import MvmHome
@@ -60,12 +60,44 @@ def test_the_cache_lists_only_complete_kernels(tmp_path: Path) -> None:
     assert cached is not None and cached.release == "6.1.1-mvm"
 
 
+def _cache_a_kernel(home: MvmHome, digest: str) -> Path:
+    built = home.kernels / f"mvm-x86_64-{digest[:12]}"
+    built.mkdir(parents=True)
+    (built / "vmlinux").write_bytes(b"\x7fELF")
+    (built / "build.json").write_text(json.dumps({"release": "6.1.1-mvm", "arch": "x86_64", "configDigest": digest,
+                                                  "source": "s.deb", "seconds": 1.0}))
+    return built
+
+
+def test_auto_picks_ours_only_once_this_home_has_it_built_for_the_current_config(tmp_path: Path) -> None:
+    home = MvmHome(tmp_path)
+    assert kernel_source.default_kernel(home) == "debian"  # never a compile on the way to a first boot
+    _cache_a_kernel(home, "0" * 64)  # a kernel of an older config is not ours any more
+    assert kernel_source.default_kernel(home) == "debian"
+    _cache_a_kernel(home, kernel_source.config_digest("x86_64"))
+    assert kernel_source.default_kernel(home) == "mvm"
+    assert kernel_source.default_kernel(home, "aarch64") == "debian"  # (no aarch64 config of ours)
+
+
+def test_a_kernel_built_since_a_stamp_was_written_misses_it(tmp_path: Path) -> None:
+    home = MvmHome(tmp_path / "home")
+    here = tmp_path / "w"
+    here.mkdir()
+    (here / "mvm.toml").write_text('name = "k"\n' + SHELL)
+    (here / "mvm.lock").write_text("{}")
+    before = stamps.input_digest(here, home=home)
+    assert before is not None and stamps.input_digest(here, home=home) == before
+    _cache_a_kernel(home, kernel_source.config_digest("x86_64"))
+    assert stamps.input_digest(here, home=home) not in (None, before)
+
+
 def test_mvm_toml_and_build_name_the_kernel(tmp_path: Path) -> None:
-    assert parse_manifest('name = "k"\n' + SHELL, base_dir=tmp_path).kernel == "debian"
+    assert parse_manifest('name = "k"\n' + SHELL, base_dir=tmp_path).kernel == "auto"
+    assert parse_manifest('name = "k"\nkernel = "debian"\n' + SHELL, base_dir=tmp_path).kernel == "debian"
     assert parse_manifest('name = "k"\nkernel = "mvm"\n' + SHELL, base_dir=tmp_path).kernel == "mvm"
     with pytest.raises(ManifestError) as info:
         parse_manifest('name = "k"\nkernel = "linux"\n' + SHELL, base_dir=tmp_path)
-    assert info.value.field == "kernel" and "debian | mvm" in str(info.value)
+    assert info.value.field == "kernel" and "auto | debian | mvm" in str(info.value)
     (tmp_path / "mvm.toml").write_text('name = "k"\n' + SHELL)
     assert load_manifest(tmp_path, overrides=ManifestOverrides(kernel="mvm")).kernel == "mvm"
     with pytest.raises(UsageError, match="--kernel: 'nope'"):

@@ -84,6 +84,7 @@ class Builder:
         """``lock_path``: the workload's package lock (core.workdir.lock_file); by default
         mvm.lock in ``manifest_dir``."""
         seconds: dict[str, float] = {}
+        workload = self.settle_kernel(workload)
         with self._phase("resolve", "reading mvm.lock", seconds):
             lock_path = lock_path or manifest_dir / LOCK_FILE
             lock, lock_is_new = self._lock_for(workload, lock_path)
@@ -161,6 +162,13 @@ class Builder:
                                  "free disk space (or point MVM_HOME elsewhere) and build again") from None
             raise BuildError(name, f"{err.strerror or err}: {err.filename or ''}".rstrip(": ")) from None
         seconds[name] = time.monotonic() - started
+
+    def settle_kernel(self, workload: Workload) -> Workload:
+        """``kernel = "auto"`` made concrete for this home, so the key and the artifact name the
+        kernel the image really boots."""
+        if workload.kernel != "auto":
+            return workload
+        return workload.model_copy(update={"kernel": kernel_source.default_kernel(self.home, workload.arch)})
 
     def _lock_for(self, workload: Workload, lock_path: Path) -> tuple[PackageLock, bool]:
         """The lock beside mvm.toml if it covers these packages; else a fresh resolution."""

@@ -35,7 +35,7 @@ BUILD_NEEDS = (
 )
 ARCHES = ("x86_64", "aarch64")
 BUILT_ARCHES = ("x86_64",)  # no aarch64 config yet: aarch64 guests boot Debian's arm64 cloud kernel
-KERNEL_NAMES = ("debian", "mvm")  # what mvm.toml's `kernel` and `build --kernel` accept
+KERNEL_NAMES = ("auto", "debian", "mvm")  # what mvm.toml's `kernel` and `build --kernel` accept
 _CONFIG_LINE = re.compile(r"^(CONFIG_[A-Z0-9_]+)=(.*)$")
 _UNSET_LINE = re.compile(r"^# (CONFIG_[A-Z0-9_]+) is not set$")
 
@@ -99,6 +99,15 @@ def cached_kernel(home: MvmHome, arch: str = "x86_64") -> BuiltKernel | None:
     """Ours for the config in this repository, if it was built already."""
     digest = config_digest(arch)
     return next((k for k in cached_kernels(home) if k.arch == arch and k.config_digest == digest), None)
+
+
+def default_kernel(home: MvmHome, arch: str = "x86_64") -> str:
+    """What ``kernel = "auto"`` (the default) builds with: ours once this home has it built for
+    ``arch`` (`mvmctl kernel build`, which scripts/setup.sh runs), else Debian's cloud kernel.
+
+    Never a compile on the way to a first boot: that takes minutes, and needs a compiler.
+    """
+    return "mvm" if arch in BUILT_ARCHES and cached_kernel(home, arch) is not None else "debian"
 
 
 def missing_build_needs() -> list[str]:

@@ -3,8 +3,8 @@
 Every store key (builder.store_key) covers the builder's version, the guest's sources, the
 workload and the package lock. A *stamp* goes one step earlier: it hashes the raw inputs of a
 workload (the bytes of mvm.toml and mvm.lock, and mvm.toml's real path, since relative
-paths in it resolve against its directory, and the builder's version, guest sources and our
-kernel's config fragments; for a
+paths in it resolve against its directory, and the builder's version, guest sources, our
+kernel's config fragments and which of our kernels are built; for a
 Python declaration, the .py file's bytes, its lock and the chosen ``:NAME``) and
 remembers the key they built, in ``store/stamps/<digest>``.
 
@@ -55,11 +55,24 @@ def kernel_configs_digest() -> str:
     return digest.hexdigest()
 
 
-def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
+def built_kernels(home: MvmHome) -> bytes:
+    """Which of our kernels this home has built: `kernel = "auto"` picks ours once it is there
+    (kernel_source.default_kernel), so a kernel built since a stamp was written must miss it.
+    A directory listing, to keep the builder's imports off this path."""
+    try:
+        names = sorted(d.name for d in home.kernels.iterdir() if d.name.startswith("mvm-") and
+                       (d / "build.json").is_file())
+    except OSError:
+        names = []
+    return "\n".join(names).encode()
+
+
+def input_digest(path: str | Path, manifest: bytes | None = None, home: MvmHome | None = None) -> str | None:
     """The stamp digest of a workload; None if it has no mvm.toml or no mvm.lock yet (an
     unlocked workload is resolved against the package index, which a stamp cannot see).
 
     ``manifest``: the mvm.toml bytes a build actually read, when recording after it.
+    ``home``: where the stamp lives, whose built kernels `kernel = "auto"` may choose.
     """
     file = manifest_file(path)
     try:
@@ -72,7 +85,8 @@ def input_digest(path: str | Path, manifest: bytes | None = None) -> str | None:
     declared = declaration(path)
     app = (declared[1] or "").encode() if declared else b""  # app.py:web and app.py:db differ
     for part in (b"stamp-1", BUILDER_VERSION.encode(), guest_sources_digest().encode(),
-                 kernel_configs_digest().encode(), os.path.realpath(file).encode(), manifest, lock,
+                 kernel_configs_digest().encode(), built_kernels(home) if home else b"",
+                 os.path.realpath(file).encode(), manifest, lock,
                  *((app,) if app else ())):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
@@ -83,7 +97,7 @@ def lookup(home: MvmHome, path: str | Path) -> BootImage | None:
 
     A hit does not move ``store/refs/<name>``: only builds do.
     """
-    digest = input_digest(path)
+    digest = input_digest(path, home=home)
     if digest is None:
         return None
     try:
@@ -101,7 +115,7 @@ def lookup(home: MvmHome, path: str | Path) -> BootImage | None:
 
 def record(home: MvmHome, path: str | Path, manifest: bytes, key: str) -> None:
     """Remember that the workload at ``path``, with ``manifest`` and its mvm.lock as it is now, built ``key``."""
-    digest = input_digest(path, manifest)
+    digest = input_digest(path, manifest, home)
     if digest is not None:
         write_atomic(home.stamps / digest, key + "\n")
     builds = [k for k in project_builds(home, path) if k != key]

@@ -11,6 +11,7 @@ import click
 from mvm.build.builder import BuildResult
 from mvm.build.project import build_project
 from mvm.cli.project import FLAKE_OPTION, project_dir
+from mvm.core.artifact import ArtifactMeta
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import BuildError
 from mvm.core.manifest import ManifestOverrides
@@ -82,9 +83,10 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--vcpus", type=int, help="vCPUs the image boots with by default (overrides mvm.toml).")
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
-@click.option("--kernel", type=click.Choice(["debian", "mvm"]),
-              help="The guest kernel (overrides mvm.toml's kernel): Debian's cloud kernel (the default), or mvm's "
-                   "own, built first if it is not cached (see `mvmctl kernel build`).")
+@click.option("--kernel", type=click.Choice(["auto", "debian", "mvm"]),
+              help="The guest kernel (overrides mvm.toml's kernel): auto (the default: mvm's own once `mvmctl kernel "
+                   "build` has built it, else Debian's), debian (Debian's cloud kernel, with an initramfs), or mvm "
+                   "(mvm's own, compiled first if it is not cached).")
 @click.option("--arch", type=click.Choice(["x86_64", "aarch64"]),
               help="The guest's CPU architecture (overrides mvm.toml's arch; default x86_64). aarch64 images are "
                    "made from Debian's arm64 packages and run under qemu-system-aarch64, emulated on an x86_64 host.")
@@ -125,8 +127,20 @@ def build(directory: str | None, flake: str | None, vcpus: int | None, memory: s
     click.echo(f"  rootfs.ext4 sha256 {meta.hashes.rootfs}")
     if result.lock_written:
         click.echo(f"  wrote {lock_file(directory)} ({len(meta.packages)} packages pinned)")
+    if hint := kernel_hint(workload, meta):
+        click.echo(f"  {hint}")
     if backend:
         click.echo(f"  runs on {backend}")
+
+
+def kernel_hint(workload: Workload, meta: ArtifactMeta) -> str | None:
+    """What to do when `kernel = "auto"` fell back to Debian's kernel where ours could be built."""
+    from mvm.build import kernel_source
+
+    if workload.kernel != "auto" or meta.kernel.get("name") != "debian" or workload.arch not in kernel_source.BUILT_ARCHES:
+        return None
+    return ("Debian's kernel: mvm's own boots faster and becomes the default once built "
+            "(`mvmctl kernel build`, minutes, once)")
 
 
 def prepare_backend(result: BuildResult, hypervisor: str) -> str:

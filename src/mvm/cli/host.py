@@ -133,7 +133,9 @@ def _print_kernels(posture: Posture, console: Console) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("default", Text(f"{kernels.default} (mvm.toml's kernel, or `build --kernel`, picks another)"))
+    which = "mvm's own" if kernels.default == "mvm" else "Debian's cloud kernel (until mvm's own is built)"
+    table.add_row("default", Text(f"{which} for x86_64 guests; aarch64 guests boot Debian's arm64 kernel "
+                                  "(mvm.toml's kernel, or `build --kernel`, picks another)"))
     if kernels.ours:
         table.add_row("mvm's own", Text(f"built: {kernels.ours} ({kernels.ours_release})", "green"))
     elif kernels.build_needs_missing:

@@ -17,18 +17,18 @@ def kernel() -> None:
     """mvm's own guest kernel: Debian's linux-source-6.1 with every driver the guest needs built in.
 
     \b
-      mvmctl kernel build           # minutes on two cores; cached by its config
+      mvmctl kernel build           # minutes on two cores, once; cached by its config
       mvmctl kernel ls
-      mvmctl build --kernel mvm     # an image that boots it (or kernel = "mvm" in mvm.toml)
 
-    Images built with it need no initramfs and load no modules, so they boot faster. The
-    default stays Debian's cloud kernel (`kernel = "debian"`).
+    Images built with it need no initramfs and load no modules, so they boot faster. Once it
+    is built, it is what an mvm.toml without `kernel` (kernel = "auto") boots; until then,
+    and for aarch64 guests, Debian's cloud kernel. kernel = "debian" or "mvm" picks one.
     """
 
 
 @kernel.command("build")
 @click.option("--arch", type=click.Choice(kernel_source.ARCHES), default="x86_64", show_default=True,
-              help="The guest architecture (aarch64 guests are not supported yet, so neither is their kernel).")
+              help="The guest architecture (no aarch64 config yet: aarch64 guests boot Debian's arm64 kernel).")
 @click.option("--json", "as_json", is_flag=True, help="Print what was built as JSON.")
 def build(arch: str, as_json: bool) -> None:
     """Build (or find in the cache) the kernel for the config in this version of mvm.

@@ -27,7 +27,7 @@ from mvm.core.manifest_wording import closest, field_name
 # The decorator's keywords and each helper's parameters; mvm.sdk.declare has the same names
 # (tests/unit/test_declaration.py keeps the two in step).
 APP_PARAMS = ("name", "source", "image", "entrypoint", "network", "resources", "uids", "dev",
-              "volumes", "extra_files", "hypervisor")
+              "volumes", "extra_files", "hypervisor", "kernel", "arch")
 HELPER_PARAMS: dict[str, tuple[str, ...]] = {
     "local_path": ("path",),
     "packages": ("names",),

@@ -22,7 +22,7 @@ SEALED_ENTRYPOINT_UID = 1000
 DEV_ENTRYPOINT_UID = 0
 
 Hypervisor = Literal["auto", "qemu", "docker", "firecracker", "apple-container", "libkrun", "lima"]
-KernelName = Literal["debian", "mvm"]
+KernelName = Literal["auto", "debian", "mvm"]
 
 
 class _Frozen(BaseModel):
@@ -139,7 +139,9 @@ class Workload(_Frozen):
     network: Network = Network()
     volumes: tuple[Volume, ...] = ()
     hypervisor: Hypervisor = "auto"
-    kernel: KernelName = "debian"  # Debian's cloud kernel, or ours (build/kernel_source.py)
+    # "auto": ours when this home has it built, else Debian's (build/kernel_source.default_kernel,
+    # settled before the store key is made, so an artifact always names the one it boots)
+    kernel: KernelName = "auto"
     arch: GuestArchName = "x86_64"  # the guest's CPU (core/arch.py); aarch64 runs emulated here
 
     @property

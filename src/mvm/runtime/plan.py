@@ -73,6 +73,16 @@ def unbuilt_image(directory: Path, workload: dict[str, Any]) -> BootImage:
         volumes=declared_volumes(workload), arch=workload.get("arch") or "x86_64")
 
 
+def _kernel_of(home: MvmHome, workload: dict[str, Any], arch: str) -> str:
+    """debian or mvm: what the image boots, or (not built yet) what `kernel = "auto"` would pick."""
+    kernel = workload.get("kernel") or "debian"  # (images from before `kernel` existed: Debian's)
+    if kernel == "auto":
+        from mvm.build import kernel_source
+
+        kernel = kernel_source.default_kernel(home, arch)
+    return str(kernel)
+
+
 EFFECTIVE = {"deny": "deny: no network device",
              "allow-list": "allow-list: no network device; the listed destinations, checked on the host",
              "open": "open: ordinary outbound networking"}
@@ -101,8 +111,8 @@ def make_plan(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None =
         name=name,
         artifact={"built": built, "key": image.key or None, "name": image.name,
                   "path": str(image.path) if built else None, "sealed": image.sealed,
-                  "accessible": image.accessible, "kernel_release": image.kernel_release or None,
-                  "arch": image.arch},
+                  "accessible": image.accessible, "kernel": _kernel_of(home, workload, image.arch),
+                  "kernel_release": image.kernel_release or None, "arch": image.arch},
         backend={"name": choice.name, "reason": choice.reason, "accel": choice.backend.accel_for(image, host),
                  "isolation": choice.backend.capabilities.isolation},
         resources={"vcpus": vcpus or image.vcpus, "memory_mib": memory_mib or image.memory_mib,

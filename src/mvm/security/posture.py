@@ -61,7 +61,7 @@ class SecurityState(BaseModel):
 class KernelState(BaseModel):
     """doctor's guest-kernel section: the default, and whether ours is built or could be."""
 
-    default: str  # what an mvm.toml without `kernel` boots
+    default: str  # what an mvm.toml without `kernel` (kernel = "auto") boots on an x86_64 guest: mvm or debian
     ours: str | None  # the cached build of the current config (cache/kernels/<name>), if any
     ours_release: str | None
     build_needs_missing: list[str]  # packages to install before `mvmctl kernel build` can compile
@@ -149,10 +149,9 @@ def host_posture(home: MvmHome, *, probe: bool = True) -> Posture:
 
 def kernel_state(home: MvmHome) -> KernelState:
     from mvm.build import kernel_source
-    from mvm.core.workload import Workload
 
     ours = kernel_source.cached_kernel(home)
-    return KernelState(default=str(Workload.model_fields["kernel"].default), ours=ours.name if ours else None,
+    return KernelState(default=kernel_source.default_kernel(home), ours=ours.name if ours else None,
                        ours_release=ours.release if ours else None,
                        build_needs_missing=kernel_source.missing_build_needs())
 
