@@ -56,6 +56,8 @@ def check_frozen(kind: str) -> None:
 def do_freeze(session: Session, frame: protocol.Frame) -> None:
     """/init starts its root helper, which waits for the identity line; once it is ready the
     guest may be saved, and every copy wakes up with the helper already waiting."""
+    import hashlib  # noqa: F401 - identity's, loaded before the save: no clone imports it under a cold TCG
+
     nonce = os.urandom(16).hex()
     _remove_status()
     _write_line(CONTROL_FIFO, f"freeze {nonce}")
@@ -90,7 +92,7 @@ def do_identity(session: Session, frame: protocol.Frame) -> None:
     if not 1e9 < host_time < 1e11:
         raise Refused("identity: time is not a plausible Unix time")
     _write_line(REQUEST_FIFO, f"identity {host_time:.6f} {hostname} {machine_id} {entropy}")
-    import hashlib  # (only a clone's first request needs it)
+    import hashlib  # (already loaded by freeze)
 
     # The helper answers with a digest of the entropy (fresh each time: a nonce), never any of
     # it: /run/mvm/identity is readable by the workload.

@@ -58,6 +58,9 @@ class AgentLink:
         self.connections = 0  # agent connections offered this boot: only the first is served
         self.own: dict[int, asyncio.Future[protocol.Frame]] = {}  # the supervisor's own requests
         self.streams: dict[int, Callable[[protocol.Frame], None]] = {}  # its own long-lived ones (egress)
+        # A clone is ready once it has both said hello and taken its identity (either order).
+        self.clone_hello: dict[str, Any] | None = None
+        self.identity_given = False
 
     @property
     def ready(self) -> bool:
@@ -84,6 +87,8 @@ class AgentLink:
             return
         writer.write(protocol.hello("host"))  # queued until the agent opens its port
         self.writer = writer
+        if self.sup.record.restore_from is not None:  # a clone: its identity goes right behind our
+            asyncio.get_running_loop().create_task(self.give_identity())  # hello (a round trip less)
         decoder = protocol.Decoder()
         try:
             while data := await reader.read(1 << 20):
@@ -116,7 +121,9 @@ class AgentLink:
                                        "`mvmctl build --no-cache`)", force=True)
                 return None
             if self.hello is None and self.sup.record.restore_from is not None:
-                asyncio.get_running_loop().create_task(self.give_identity(frame.header))
+                self.clone_hello = frame.header
+                if self.identity_given:
+                    self.become_ready(frame.header)
             elif self.hello is None:
                 self.hello = frame.header
                 self.on_ready(frame.header)
@@ -172,7 +179,7 @@ class AgentLink:
             raise VmError(f"the agent refused {header['type']!r}: {str(frame.header.get('message'))[:300]}")
         return frame.header
 
-    async def give_identity(self, hello: dict[str, Any]) -> None:
+    async def give_identity(self) -> None:
         """A clone's agent wakes up frozen: give it fresh entropy, the time and its own names
         before any client's request reaches it (they wait in ``pending`` meanwhile)."""
         try:
@@ -183,6 +190,11 @@ class AgentLink:
             self.sup.watch.request_stop(f"the clone could not be given its own identity: {err}", force=True)
             return
         self.sup.console.host_markers.append(BootMarker("identity", [], None, time.monotonic()))
+        self.identity_given = True
+        if self.clone_hello is not None and self.hello is None:
+            self.become_ready(self.clone_hello)
+
+    def become_ready(self, hello: dict[str, Any]) -> None:
         self.hello = hello
         self.on_ready(hello)
 
