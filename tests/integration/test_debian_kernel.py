@@ -34,6 +34,7 @@ def test_debians_kernel_boots_through_its_initramfs(mvmctl: Mvmctl, workload_dir
         if match:
             order.append((match.group(1), int(match.group(2))))
     phases = dict(order)
-    chain = ["kernel", "initramfs", "root-mounted", "init", "agent-started", "agent-ready"]
+    # (up to the entrypoint's start: a workload this short may end before its agent answers)
+    chain = ["kernel", "initramfs", "root-mounted", "init", "agent-started", "entrypoint"]
     assert all(phase in phases for phase in chain), proc.stderr
     assert [phases[p] for p in chain] == sorted(phases[p] for p in chain), proc.stderr
