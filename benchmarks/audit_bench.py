@@ -17,8 +17,13 @@ def bench_audit(bench: Bench) -> None:
     from mvm.security import audit
 
     off_env = {**bench.env, audit.OFF_FOR_BENCHMARK: "1"}
-    bench.mvm("up", str(bench.forever), "--name", "ba", "--hypervisor", "qemu")
-    subprocess.run([*MVMCTL, "up", str(bench.forever), "--name", "bo", "--hypervisor", "qemu"], env=off_env,
+    # A dev image for both: the switch never turns off a sealed VM's audit (docs/audit.md).
+    dev = bench.work / "forever-dev"
+    dev.mkdir(exist_ok=True)
+    (dev / "mvm.toml").write_text((bench.forever / "mvm.toml").read_text().replace("[entrypoint]",
+                                                                                  "dev = true\n\n[entrypoint]", 1))
+    bench.mvm("up", str(dev), "--name", "ba", "--hypervisor", "qemu")
+    subprocess.run([*MVMCTL, "up", str(dev), "--name", "bo", "--hypervisor", "qemu"], env=off_env,
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     time.sleep(1)
     try:
