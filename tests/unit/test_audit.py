@@ -283,3 +283,18 @@ def test_plan_run_is_recorded_with_the_plans_hash_steps_and_result(home: MvmHome
     assert runs[0]["detail"]["steps_run"] == 1 and runs[0]["detail"]["failed_op"] == "create"
     assert "not a format-1 plan" in runs[1]["detail"]["error"]
     assert mvmctl(home, "audit", "verify").returncode == 0
+
+
+def test_verify_warns_when_the_log_is_gone_but_a_chain_existed(home: MvmHome) -> None:
+    assert audit_verify.verify(home).warnings == []  # a new home: nothing to miss
+    shutil.rmtree(home.root)
+    write_chain(home, 3)
+    assert "3 records" in mvmctl(home, "audit", "verify").stdout  # (saves last-verify.json)
+    for path in audit.audit_dir(home).glob("*.jsonl"):
+        path.unlink()
+    (audit.audit_dir(home) / audit.HEAD).unlink()
+    emptied = mvmctl(home, "audit", "verify")
+    assert emptied.returncode == 0 and "counted 3: the log" in emptied.stderr, emptied.stderr
+    shutil.rmtree(audit.audit_dir(home))
+    gone = mvmctl(home, "audit", "verify")
+    assert gone.returncode == 0 and "this home has a host key" in gone.stderr, gone.stderr
