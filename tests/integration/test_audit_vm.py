@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -324,6 +325,17 @@ def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, t
     assert console["argv"] == ["/bin/sh", "-c", "echo $((6*7)); exit 4"] and console["pty"] is True
     printed = console["detail"].get("stdout_bytes", 0) + console["detail"].get("data_bytes", 0)
     assert console["exit_status"] == 4 and printed >= 3 and console["result"] == "ok"
+    # status flags a process whose effective uid the image does not name (its real uid is root's)
+    setuid = subprocess.Popen(mvmctl.argv("exec", "aud-dev", "--", "setpriv", "--euid", "4242", "sleep", "60"),
+                              env=mvmctl.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, flagged = time.monotonic() + 60, []
+        while not any("(sleep) runs as effective uid 4242, which the image does not name" in line for line in flagged):
+            assert setuid.poll() is None and time.monotonic() < deadline, (flagged, setuid.communicate())
+            flagged = json.loads(mvmctl("status", "--json", "aud-dev", check=True).stdout)["uid_check"]
+    finally:
+        setuid.kill()
+        setuid.wait()
     log_dir, kept = mvmctl.home / "audit", tmp_path / "kept-audit"
     try:
         log_dir.rename(kept)
