@@ -115,12 +115,15 @@ class Pruner:
         by `snapshot create` and `template build` are the user's: only `snapshot rm` removes them)."""
         from mvm.core.errors import MvmError
         from mvm.runtime import cloning
+        from mvm.security.audit import AuditError
 
         for saved in cloning.unneeded_snapshots(self.home):
             size = tree_size(saved.dir)
             if not self.report.dry_run:
                 try:
                     cloning.remove_snapshot(self.home, saved.tag)
+                except AuditError as err:  # removed, but its own record could not be written
+                    self.report.notes.append(f"snapshot {saved.tag}: {err.message}")
                 except MvmError as err:
                     self.keep("snapshot", saved.tag, err.message)
                     continue
