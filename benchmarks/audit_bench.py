@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from common import MVMCTL, Bench, alternate_commands, banner, fmt_ms, median, row, run_quiet
+from common import MVMCTL, Bench, alternate_commands, banner, dev_forever, fmt_ms, median, row, run_quiet
 
 
 def bench_audit(bench: Bench) -> None:
@@ -17,8 +17,9 @@ def bench_audit(bench: Bench) -> None:
     from mvm.security import audit
 
     off_env = {**bench.env, audit.OFF_FOR_BENCHMARK: "1"}
-    bench.mvm("up", str(bench.forever), "--name", "ba", "--hypervisor", "qemu")
-    subprocess.run([*MVMCTL, "up", str(bench.forever), "--name", "bo", "--hypervisor", "qemu"], env=off_env,
+    dev = dev_forever(bench)  # (both on a dev image: the switch never turns off a sealed VM's audit)
+    bench.mvm("up", str(dev), "--name", "ba", "--hypervisor", "qemu")
+    subprocess.run([*MVMCTL, "up", str(dev), "--name", "bo", "--hypervisor", "qemu"], env=off_env,
                    check=True, capture_output=True, stdin=subprocess.DEVNULL)
     time.sleep(1)
     try:

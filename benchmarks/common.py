@@ -64,6 +64,15 @@ def write_forever_workload(directory: Path) -> Path:
     return directory
 
 
+def dev_forever(bench: Bench) -> Path:
+    """The forever workload as an accessible (dev) image: the benchmark-only switches (audit
+    off, QEMU's seccomp off) are refused on a sealed one."""
+    directory = bench.work / "forever-dev"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "mvm.toml").write_text(FOREVER_TOML.replace("[entrypoint]", "dev = true\n\n[entrypoint]", 1))
+    return directory
+
+
 def run_quiet(argv: list[str], env: dict[str, str], check: bool = True) -> float:
     """Seconds from exec to exit."""
     started = time.perf_counter()

@@ -92,7 +92,7 @@ def raw_qemu_argv(env: dict[str, str], work: Path) -> list[str]:
 
 
 SECTIONS = ("build", "boot", "exec", "client", "memory", "docker", "restore", "sdk", "audit", "forward", "egress",
-            "kernel")
+            "kernel", "seccomp")
 
 
 def main() -> int:
@@ -203,6 +203,10 @@ def run_sections(bench: common.Bench, only: set[str]) -> None:
         import kernel_bench
 
         kernel_bench.bench_kernel(bench)
+    if "seccomp" in only:
+        import seccomp_bench
+
+        seccomp_bench.bench_seccomp(bench)
 
 
 def bench_run_boot(bench: common.Bench) -> None:

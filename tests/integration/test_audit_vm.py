@@ -8,8 +8,11 @@ import concurrent.futures
 import json
 import multiprocessing
 import shutil
+import socket
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -28,10 +31,18 @@ WORKLOAD = """
 SECRET = "42-s3cr3t-42"  # what the command prints; its argv spells it differently
 
 
+# The module's VM has an allow-list (one entry, never connected to) so that its list can change.
+NETWORK = """
+    [network]
+    mode = "allow-list"
+    allow = ["127.0.0.1:9"]
+"""
+
+
 @pytest.fixture(scope="module")
 def vm(mvmctl: Mvmctl, tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("aud")
-    (directory / "mvm.toml").write_text(WORKLOAD)
+    (directory / "mvm.toml").write_text(WORKLOAD + NETWORK)
     proc = mvmctl("up", "--hypervisor", "qemu", "--receipt", "--json", str(directory), check=True)
     yield "aud", json.loads(proc.stdout)["receipt"], directory
     mvmctl("down", "--force", "aud")
@@ -137,6 +148,112 @@ def test_an_sdk_sandbox_records_its_build_start_and_kill_as_the_sdk(mvmctl: Mvmc
     assert mine[3]["id"] == proc.stdout.strip()
 
 
+def records(mvmctl: Mvmctl, vm: str | None = None) -> list[dict]:
+    return json.loads(mvmctl("audit", "ls", "--json", *(["--vm", vm] if vm else []), check=True).stdout)
+
+
+def last_of(mvmctl: Mvmctl, operation: str, vm: str | None = None) -> dict:
+    found = [e for e in records(mvmctl, vm) if e["operation"] == operation]
+    assert found, f"no {operation} record"
+    return found[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_forwards_network_changes_pause_and_fs_changes_are_recorded(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    port = free_port()
+    mvmctl("forward", name, "-p", f"127.0.0.1:{port}:8080", check=True)
+    added = last_of(mvmctl, "forward", name)
+    assert added["result"] == "ok" and added["detail"]["host_port"] == port and added["detail"]["guest_port"] == 8080
+    assert added["actor"]["surface"] == "cli" and added["backend"] == "qemu"
+    mvmctl("forward", "rm", name, str(port), check=True)
+    removed = last_of(mvmctl, "forward-remove", name)
+    assert removed["result"] == "ok" and removed["detail"]["host_port"] == port and removed["seq"] > added["seq"]
+
+    mvmctl("network", name, "--allow", "127.0.0.1:7", check=True)
+    change = last_of(mvmctl, "network", name)
+    assert change["result"] == "ok" and change["detail"] == {"allow": ["127.0.0.1:7"], "deny": []}
+    mvmctl("network", name, "--deny", "127.0.0.1:7", check=True)
+    assert last_of(mvmctl, "network", name)["detail"] == {"allow": [], "deny": ["127.0.0.1:7"]}
+
+    for verb in ("pause", "resume"):
+        mvmctl(verb, name, check=True)
+        entry = last_of(mvmctl, verb, name)
+        assert entry["result"] == "ok" and entry["actor"]["surface"] == "cli" and entry["actor"]["uid"] >= 0
+
+    mvmctl("fs", name, "mkdir", "/tmp/audited", check=True)
+    made = last_of(mvmctl, "mkdir", name)
+    assert made["paths"] == ["/tmp/audited"] and made["result"] == "ok"
+    code = f"import mvm; mvm.Sandbox.connect({name!r}).files.rename('/tmp/audited', '/tmp/renamed')"
+    subprocess.run([sys.executable, "-c", code], env=mvmctl.env, timeout=120, check=True)
+    renamed = last_of(mvmctl, "rename", name)
+    assert renamed["paths"] == ["/tmp/audited", "/tmp/renamed"] and renamed["actor"]["surface"] == "sdk"
+    assert mvmctl("audit", "verify").returncode == 0
+
+
+def test_a_policy_holds_a_running_vms_list_and_its_refusal_is_recorded(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    policy = mvmctl.home / "policy.toml"
+    policy.write_text('# loopback only\n[network]\nallow_patterns = ["127.0.0.1:*"]\n')
+    try:
+        refused = mvmctl("network", name, "--allow", "192.0.2.1:80")  # (a name on the list; never connected to)
+        assert refused.returncode == 4, refused.stderr
+        assert f"refused by policy rule network.allow_patterns ({policy}:3)" in refused.stderr
+        assert "192.0.2.1:80" in refused.stderr and refused.stderr.count("\n") == 1
+        assert "192.0.2.1:80" not in json.loads(mvmctl("network", name, "--json", check=True).stdout)["allow"]
+        entry = last_of(mvmctl, "network", name)
+        assert entry["result"] == "refused" and entry["detail"]["rule"] == "network.allow_patterns"
+        assert entry["detail"]["where"] == f"{policy}:3" and entry["detail"]["allow"] == ["192.0.2.1:80"]
+        assert mvmctl("network", name, "--allow", "127.0.0.1:13", check=True).returncode == 0  # (what it admits)
+        mvmctl("network", name, "--deny", "127.0.0.1:13", check=True)
+    finally:
+        policy.unlink()
+
+
+def test_snapshot_create_clone_and_rm_are_recorded(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    mvmctl("snapshot", "create", name, "--tag", "aud-snap", check=True, timeout=600)
+    created = last_of(mvmctl, "snapshot-create", name)
+    assert created["result"] == "ok" and created["detail"]["tag"] == "aud-snap" and created["detail"]["files"]
+    mvmctl("up", "--snapshot", "aud-snap", "--name", "aud-clone", check=True, timeout=600)
+    try:
+        clone = last_of(mvmctl, "clone", "aud-clone")
+        assert clone["result"] == "ok" and clone["artifact"] == created["artifact"]
+    finally:
+        mvmctl("down", "--force", "aud-clone", check=True)
+    mvmctl("snapshot", "rm", "aud-snap", check=True)
+    removed = last_of(mvmctl, "snapshot-rm")
+    assert removed["result"] == "ok" and removed["detail"] == {"tag": "aud-snap", "sealed": True}
+
+
+def test_run_has_a_receipt_and_a_declarations_dry_run_is_a_plan_record(mvmctl: Mvmctl, vm, tmp_path: Path) -> None:
+    _, _, directory = vm
+    proc = mvmctl("run", "--attached", "--receipt", "--name", "aud-run", str(directory), "--", "/bin/sh", "-c",
+                  "exit 3", timeout=600)
+    assert proc.returncode == 3, proc.stderr
+    entry = show(mvmctl, receipt_of(proc.stderr))
+    assert entry["operation"] == "run" and entry["vm"] == "aud-run" and entry["argv"] == ["/bin/sh", "-c", "exit 3"]
+    assert entry["detail"] == {"mode": "attached"} and entry["result"] == "ok"
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent("""
+        import mvm
+
+        @mvm.app(name="aud-app", entrypoint=mvm.command(["/bin/sh", "-c", "sleep 1"]))
+        def app():
+            raise SystemExit("not called")
+    """))
+    plan = json.loads(mvmctl("run", "--dry-run", "--json", str(app), check=True).stdout)
+    assert plan["admission"]["admitted"] and plan["artifact"]["built"] is False
+    recorded = show(mvmctl, plan["admission"]["receipt"])
+    assert recorded["operation"] == "plan" and recorded["result"] == "admitted" and recorded["detail"]["dry_run"]
+    assert recorded["vm"] == "aud-app" and not (mvmctl.home / "vms" / "aud-app").exists()
+
+
 def append_from_another_process(home: str, count: int) -> None:
     for i in range(count):
         audit.append(MvmHome(Path(home)), {"operation": "test-append", "actor": audit.self_actor(), "detail": {"i": i}})
@@ -175,6 +292,17 @@ def test_a_sealed_vm_refuses_what_it_cannot_record(mvmctl: Mvmctl, vm, tmp_path:
         proc = mvmctl("exec", name, "--", "/bin/sh", "-c", "echo ran")
         assert proc.returncode != 0 and proc.stdout == "ran\n"
         assert "could not be written, which a sealed image does not allow" in proc.stderr
+        for verb in ("pause", "resume"):  # (done, but the client hears it was not recorded)
+            proc = mvmctl(verb, name)
+            assert proc.returncode != 0 and f"the {verb} was done but its audit record could not be written" \
+                in proc.stderr, proc.stderr
+        port = free_port()
+        proc = mvmctl("forward", name, "-p", f"127.0.0.1:{port}:8080")
+        assert proc.returncode != 0 and "forward refused: its audit record could not be written" in proc.stderr
+        assert mvmctl("forward", "ls", name, "--json", check=True).stdout.strip() == "[]"  # taken down again
+        proc = mvmctl("network", name, "--allow", "127.0.0.1:7")
+        assert proc.returncode != 0 and "network refused: its audit record could not be written" in proc.stderr
+        assert json.loads(mvmctl("network", name, "--json", check=True).stdout)["allow"] == ["127.0.0.1:9"]
         refused = mvmctl("up", "--name", "aud-unrecorded", str(directory))
         assert refused.returncode != 0 and "its audit record could not be written" in refused.stderr
         assert not (mvmctl.home / "vms" / "aud-unrecorded").exists()
@@ -182,6 +310,7 @@ def test_a_sealed_vm_refuses_what_it_cannot_record(mvmctl: Mvmctl, vm, tmp_path:
         shutil.rmtree(log_dir)
         kept.rename(log_dir)
     assert mvmctl("audit", "verify").returncode == 0
+    assert mvmctl("exec", name, "--", "true").returncode == 0  # (it runs again: the resume was done)
 
 
 def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, tmp_path: Path) -> None:
@@ -190,6 +319,23 @@ def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, t
     (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-dev"').replace("[entrypoint]",
                                                                                     "dev = true\n[entrypoint]"))
     mvmctl("up", str(project), check=True)
+    session = mvmctl("console", "aud-dev", "--command", "echo $((6*7)); exit 4")
+    assert session.returncode == 4 and "42" in session.stdout, session.stderr
+    console = last_of(mvmctl, "console", "aud-dev")
+    assert console["argv"] == ["/bin/sh", "-c", "echo $((6*7)); exit 4"] and console["pty"] is True
+    printed = console["detail"].get("stdout_bytes", 0) + console["detail"].get("data_bytes", 0)
+    assert console["exit_status"] == 4 and printed >= 3 and console["result"] == "ok"
+    # status flags a process whose effective uid the image does not name (its real uid is root's)
+    setuid = subprocess.Popen(mvmctl.argv("exec", "aud-dev", "--", "setpriv", "--euid", "4242", "sleep", "60"),
+                              env=mvmctl.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline, flagged = time.monotonic() + 60, []
+        while not any("(sleep) runs as effective uid 4242, which the image does not name" in line for line in flagged):
+            assert setuid.poll() is None and time.monotonic() < deadline, (flagged, setuid.communicate())
+            flagged = json.loads(mvmctl("status", "--json", "aud-dev", check=True).stdout)["uid_check"]
+    finally:
+        setuid.kill()
+        setuid.wait()
     log_dir, kept = mvmctl.home / "audit", tmp_path / "kept-audit"
     try:
         log_dir.rename(kept)
@@ -233,7 +379,7 @@ def test_a_dry_run_admits_or_refuses_and_starts_nothing(mvmctl: Mvmctl, vm, tmp_
     store = sorted(p.name for p in (mvmctl.home / "store").iterdir())
     plan = json.loads(mvmctl("up", "--dry-run", "--json", "--name", "aud-dry", str(directory), check=True).stdout)
     assert plan["backend"]["isolation"] and plan["artifact"]["sealed"] and plan["admission"]["admitted"]
-    assert plan["network"]["mode"] == "deny" and plan["entrypoint"]["uid"] == 1000
+    assert plan["network"]["mode"] == "allow-list" and plan["entrypoint"]["uid"] == 1000
     unbuilt = tmp_path / "unbuilt"
     unbuilt.mkdir()
     (unbuilt / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-new"') + "\n[network]\nmode = \"deny\"\n")

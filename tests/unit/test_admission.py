@@ -49,6 +49,11 @@ CASES = [
      plan(backend={"name": "docker", "isolation": "container"}), plan(), "backend.forbid", 2),
     ("# no open networks\n[network]\nopen = false\n",
      plan(network={"mode": "allow"}), plan(), "network.open", 3),
+    ("[network]\nopen = false\n", plan(network={"mode": "open"}), plan(), "network.open", 2),
+    ("[network]\nopen = false\n", plan(network={"mode": "allow-list", "allow": ["pypi.org:443"]}), plan(),
+     "network.open", 2),  # (open = false alone still means "deny" only, as it always did)
+    ("[network]\nopen = false\nallow_patterns = ['pypi.org:*']\n", plan(network={"mode": "open"}),
+     plan(network={"mode": "allow-list", "allow": ["pypi.org:443"]}), "network.open", 2),
     ("[network]\nallow_patterns = ['*.debian.org', 'pypi.org']\n",
      plan(network={"mode": "allow", "allow": ["deb.debian.org", "evil.example"]}),
      plan(network={"mode": "allow", "allow": ["deb.debian.org", "pypi.org"]}), "network.allow_patterns", 2),
@@ -69,7 +74,8 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("text", "refused", "admitted", "rule", "line"), CASES, ids=[c[3] for c in CASES])
+@pytest.mark.parametrize(("text", "refused", "admitted", "rule", "line"), CASES,
+                         ids=[f"{c[3]}-{i}" for i, c in enumerate(CASES)])
 def test_each_rule_refuses_what_breaks_it_and_admits_the_rest(home: MvmHome, tmp_path: Path, text: str,
                                                               refused: Plan, admitted: Plan, rule: str,
                                                               line: int) -> None:
@@ -127,3 +133,28 @@ def test_broad_paths() -> None:
     assert admission.is_broad("/") and admission.is_broad("/home/alice") and admission.is_broad("~")
     assert admission.is_broad("/etc/") and not admission.is_broad("/home/alice/project")
     assert not admission.is_broad("/srv/data")
+
+
+def test_a_running_vms_list_change_is_held_to_the_policy_and_a_refusal_recorded(home: MvmHome,
+                                                                                tmp_path: Path) -> None:
+    from mvm.core.state import VmRecord
+    from mvm.runtime.allow_list import admit_change
+
+    started_under = policy_file(tmp_path, "[network]\nallow_patterns = ['*.debian.org:443']\n")
+    vm = VmRecord(name="web", artifact_key="k" * 64, artifact_name="web", backend="qemu", accel="tcg",
+                  mode="detached", vcpus=1, memory_mib=256, accessible=False, sealed=True, uids={},
+                  network="allow-list", allow=["deb.debian.org:443"], policies=[str(started_under)])
+    admit_change(home, vm, ("security.debian.org:443",), (), {})  # matches: admitted, nothing written
+    with pytest.raises(admission.PolicyRefused) as caught:
+        admit_change(home, vm, ("evil.example:443",), (), {"allow": ["evil.example:443"]})
+    assert caught.value.rule == "network.allow_patterns" and caught.value.where == f"{started_under}:2"
+    [entry] = audit_verify.entries(home)
+    assert entry["operation"] == "network" and entry["result"] == "refused" and entry["vm"] == "web"
+    assert entry["detail"]["where"] == f"{started_under}:2" and entry["detail"]["allow"] == ["evil.example:443"]
+    home.root.mkdir(parents=True, exist_ok=True)  # the home's policy as it is now applies too
+    (home.root / "policy.toml").write_text("[network]\nopen = false\n")
+    unbound = dataclasses.replace(vm, policies=[])
+    with pytest.raises(admission.PolicyRefused) as caught:
+        admit_change(home, unbound, ("deb.debian.org:80",), (), {})
+    assert caught.value.rule == "network.open" and "allow_patterns" in caught.value.why
+    admit_change(home, vm, (), ("deb.debian.org:443",), {})  # open = false + allow_patterns: allow-list admitted

@@ -262,3 +262,39 @@ def test_the_cli_lists_filters_shows_verifies_and_exports(home: MvmHome, tmp_pat
     assert shown.returncode == 0 and json.loads(shown.stdout)["verifies"]
     moved = mvmctl(home, "receipt", "show", "--json", ids[0])  # the line after it is no longer its successor
     assert moved.returncode == 3 and "does not link to it" in json.loads(moved.stdout)["status"]
+
+
+def test_plan_run_is_recorded_with_the_plans_hash_steps_and_result(home: MvmHome, tmp_path: Path) -> None:
+    import hashlib
+
+    plan = tmp_path / "plan.json"  # (a template that is not there: the first step fails, nothing boots)
+    plan.write_text(json.dumps({"format": 1, "calls": [
+        {"op": "create", "sandbox": "s", "template": str(tmp_path / "nothing-here"), "timeout": 10},
+        {"op": "kill", "sandbox": "s"}]}))
+    ran = mvmctl(home, "plan", "run", str(plan))
+    assert ran.returncode == 1 and "FAIL #0 create" in ran.stdout
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{}")
+    assert mvmctl(home, "plan", "run", str(garbage)).returncode == 2
+    runs = [e for e in audit_verify.entries(home) if e["operation"] == "plan-run"]
+    assert [(e["result"], e["actor"]["surface"]) for e in runs] == [("failed", "cli"), ("error", "cli")]
+    assert runs[0]["detail"]["sha256"] == hashlib.sha256(plan.read_bytes()).hexdigest()
+    assert runs[0]["paths"] == [str(plan)] and runs[0]["detail"]["steps"] == 2
+    assert runs[0]["detail"]["steps_run"] == 1 and runs[0]["detail"]["failed_op"] == "create"
+    assert "not a format-1 plan" in runs[1]["detail"]["error"]
+    assert mvmctl(home, "audit", "verify").returncode == 0
+
+
+def test_verify_warns_when_the_log_is_gone_but_a_chain_existed(home: MvmHome) -> None:
+    assert audit_verify.verify(home).warnings == []  # a new home: nothing to miss
+    shutil.rmtree(home.root)
+    write_chain(home, 3)
+    assert "3 records" in mvmctl(home, "audit", "verify").stdout  # (saves last-verify.json)
+    for path in audit.audit_dir(home).glob("*.jsonl"):
+        path.unlink()
+    (audit.audit_dir(home) / audit.HEAD).unlink()
+    emptied = mvmctl(home, "audit", "verify")
+    assert emptied.returncode == 0 and "counted 3: the log" in emptied.stderr, emptied.stderr
+    shutil.rmtree(audit.audit_dir(home))
+    gone = mvmctl(home, "audit", "verify")
+    assert gone.returncode == 0 and "this home has a host key" in gone.stderr, gone.stderr

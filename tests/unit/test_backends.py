@@ -225,3 +225,25 @@ def test_status_flags_a_guest_process_under_a_uid_the_image_does_not_name() -> N
     flagged = _process_check(record, [[1, 0, "init"], [77, 4242, "miner\x1b[2J"], "junk", [8, "x", "y"]])
     assert len(flagged) == 1 and "PROCESS 77" in flagged[0] and "uid 4242" in flagged[0] and "\x1b" not in flagged[0]
     assert _process_check(record, None) == ["processes: the agent did not list them"]
+    setuid = _process_check(record, [[1, 0, "init", 0], [60, 1000, "sh", 1000], [61, 1000, "su", 4242]])
+    assert len(setuid) == 1 and "PROCESS 61" in setuid[0] and "effective uid 4242" in setuid[0]
+    both = _process_check(record, [[62, 4242, "x", 4243], [63, 1000, "y", True]])
+    assert len(both) == 1 and "PROCESS 62" in both[0] and "runs as uid 4242" in both[0]
+
+
+def test_qemu_seccomp_is_off_only_for_the_benchmark_on_a_dev_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mvm.runtime.backends import qemu
+
+    def record(sealed: bool) -> VmRecord:
+        return VmRecord(name="b", artifact_key="k" * 64, artifact_name="b", backend="qemu", accel="tcg",
+                        mode="detached", vcpus=1, memory_mib=256, accessible=not sealed, sealed=sealed, uids={})
+
+    spec = qemu.QemuSpec(kernel=Path("/k"), initrd=None, root_disk=None)
+    monkeypatch.setattr(qemu, "qemu_binary", lambda arch="x86_64": "/usr/bin/qemu-system-x86_64")
+    assert spec.argv()[spec.argv().index("-sandbox") + 1] == qemu.SANDBOX
+    assert qemu.seccomp_wanted(record(sealed=False)) and qemu.seccomp_wanted(record(sealed=True))
+    monkeypatch.setenv(qemu.SECCOMP_OFF_FOR_BENCHMARK, "1")
+    assert qemu.seccomp_wanted(record(sealed=True))  # a sealed image's QEMU always has its filter
+    assert not qemu.seccomp_wanted(record(sealed=False))
+    spec.seccomp = False
+    assert "-sandbox" not in spec.argv()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,41 @@ def test_the_host_check_says_the_numbers_and_overcommit_passes() -> None:
         check_fits(1, 2000, capacity=small)
     assert check_fits(2, 1976, capacity=small) is small
     assert check_fits(64, 1 << 20, overcommit=True, capacity=small) is small
+
+
+def audit_entries(home: MvmHome) -> list[dict]:
+    from mvm.security import audit
+
+    path = audit.audit_dir(home) / audit.CURRENT
+    return [json.loads(line)["entry"] for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def verify_with_mvmctl(home: MvmHome) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MVM_HOME": str(home.root), "PATH": os.defpath}
+    return subprocess.run([sys.executable, "-m", "mvm.cli.main", "audit", "verify"], capture_output=True, text=True,
+                          timeout=60, env=env, stdin=subprocess.DEVNULL, check=False)
+
+
+def test_prune_and_manifest_prune_each_write_one_record_of_what_they_removed(home: MvmHome) -> None:
+    artifact(home, KEY_A, size=8192)
+    stopped = home.vms / "old"
+    stopped.mkdir(parents=True)  # a VM directory with no record and no supervisor
+    pruning.prune(home, dry_run=True)
+    assert audit_entries(home) == []  # a dry run removes nothing and records nothing
+    report = pruning.prune(home)
+    [entry] = audit_entries(home)
+    assert entry["operation"] == "prune" and entry["result"] == "ok" and entry["actor"]["uid"] == os.getuid()
+    assert entry["detail"]["command"] == "prune" and entry["detail"]["freed_bytes"] == report.freed_bytes > 0
+    removed = {(r["kind"], r["path"]): r for r in entry["detail"]["removed"]}
+    assert removed[("artifact", str(home.store / KEY_A))]["bytes"] >= 8192
+    assert ("vm", str(stopped)) in removed and removed[("vm", str(stopped))]["name"] == "old (no record)"
+    assert entry["detail"]["removed_count"] == len(report.removed)
+
+    artifact(home, KEY_B)
+    report = pruning.remove_artifacts(home, [KEY_B], project="/src/proj")
+    entry = audit_entries(home)[-1]
+    assert entry["operation"] == "prune" and entry["detail"]["command"] == "manifest-prune"
+    assert entry["detail"]["project"] == "/src/proj" and not (home.store / KEY_B).exists()
+    assert [(r["kind"], r["path"]) for r in entry["detail"]["removed"]] == [("artifact", str(home.store / KEY_B))]
+    verified = verify_with_mvmctl(home)
+    assert verified.returncode == 0 and "2 records" in verified.stdout, verified.stderr

@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 
-from mvm.core.errors import UsageError
+from mvm.core.errors import MvmError, UsageError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,13 +64,21 @@ def run(plan_file: str, as_json: bool) -> None:
     Every call is checked before anything starts. Sandboxes the plan did not kill are killed
     when it ends. Exits 1 if a step failed.
     """
+    import hashlib
+
     from mvm.sdk.replay import load_plan, replay
 
     try:
         text = Path(plan_file).read_bytes()
     except OSError as err:
         raise UsageError(f"cannot read plan {plan_file}: {err.strerror}") from None
-    calls = load_plan(text)
+    started = time.monotonic()
+    audited = {"path": str(Path(plan_file).resolve()), "sha256": hashlib.sha256(text).hexdigest()}
+    try:
+        calls = load_plan(text)
+    except MvmError as err:
+        record_plan_run(started, audited, error=err)
+        raise
 
     def report(step) -> None:  # type: ignore[no-untyped-def]
         if not as_json:
@@ -79,11 +88,40 @@ def run(plan_file: str, as_json: bool) -> None:
                 for line in text.splitlines():
                     click.echo(f"       {stream}: {line}")
 
-    steps = replay(calls, report)
+    try:
+        steps = replay(calls, report)
+    except BaseException as err:
+        record_plan_run(started, {**audited, "steps": len(calls)}, error=err)
+        raise
+    failed = next((s for s in steps if not s.ok), None)
+    whole = bool(steps) and failed is None and len(steps) == len(calls)
+    record_plan_run(started, {**audited, "steps": len(calls), "steps_run": len(steps),
+                              **({"failed_step": failed.index, "failed_op": failed.op} if failed else {})},
+                    result="ok" if whole else "failed")
     if as_json:
         click.echo(json.dumps([asdict(s) for s in steps], indent=2))
-    if not steps or not all(s.ok for s in steps) or len(steps) != len(calls):
+    if not whole:
         raise SystemExit(1)
+
+
+def record_plan_run(started: float, detail: dict[str, object], *, result: str | None = None,
+                    error: BaseException | None = None) -> None:
+    """The ``plan-run`` audit record: which plan (path, sha256), how many steps, how it went.
+    The calls it replays are recorded on their own as the SDK's (surface ``sdk``), as they
+    would be from the program that was recorded; this record is the CLI's."""
+    from mvm.core.state import MvmHome
+    from mvm.runtime.client import current_surface, set_surface
+    from mvm.security import audit
+
+    surface = current_surface()
+    set_surface("cli")  # (importing the SDK made this process say "sdk")
+    try:
+        audit.record(MvmHome.default(), operation="plan-run", paths=[detail["path"]],
+                     result="error" if error is not None else result,
+                     duration_ms=round((time.monotonic() - started) * 1000, 3),
+                     detail={**detail, **({"error": str(error)[:300]} if error is not None else {})})
+    finally:
+        set_surface(surface)
 
 
 COMMANDS = [plan]

@@ -69,7 +69,7 @@ def manifest_prune(directory: str | None, dry_run: bool, as_json: bool) -> None:
     for file in sorted((home.store / "projects").glob("*")):
         if file != stamps.project_file(home, path) and (slots := stamps.read_slots(file)):
             others[slots[-1]] = "another project's newest build"
-    report = pruning.remove_artifacts(home, older, dry_run=dry_run, also_used=others)
+    report = pruning.remove_artifacts(home, older, dry_run=dry_run, also_used=others, project=str(path))
     if not dry_run:
         removed = {item.path for item in report.removed if item.kind == "artifact"}
         still = [k for k in older if str(home.store / k) not in removed and (home.store / k).is_dir()]

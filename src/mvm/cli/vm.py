@@ -379,14 +379,21 @@ def _uid_check(record: VmRecord, guest: dict[str, Any]) -> list[str]:
 
 def _process_check(record: VmRecord, listed: object) -> list[str]:
     """Every guest process must run as root (/init and its helpers), the agent's uid or the
-    entrypoint's: any other is flagged. (The list is the agent's word, checked as data.)"""
+    entrypoint's, by its real and by its effective uid (a setuid program keeps the real one):
+    any other is flagged. An entry is [pid, real uid, name] or, from newer agents, [pid, real
+    uid, name, effective uid]. (The list is the agent's word, checked as data.)"""
     if not isinstance(listed, list):
         return ["processes: the agent did not list them"]
     allowed = {0, *record.uids.values()}
-    odd = [p for p in listed[:PROCESS_CHECK_MAX] if isinstance(p, list) and len(p) == 3
-           and isinstance(p[1], int) and p[1] not in allowed]
-    lines = [f"PROCESS {printable(str(p[0]))} ({printable(str(p[2]))[:32]}) runs as uid {p[1]}, which the image "
-             f"does not name" for p in odd]
+    lines = []
+    for p in listed[:PROCESS_CHECK_MAX]:
+        if not (isinstance(p, list) and len(p) in (3, 4)
+                and all(isinstance(u, int) and not isinstance(u, bool) for u in p[1:2] + p[3:])):
+            continue
+        odd = [(kind, uid) for kind, uid in zip(("uid", "effective uid"), [p[1], *p[3:]], strict=False)
+               if uid not in allowed]
+        lines += [f"PROCESS {printable(str(p[0]))} ({printable(str(p[2]))[:32]}) runs as {kind} {uid}, which the "
+                  f"image does not name" for kind, uid in odd[:1]]
     more = " (the agent listed no more)" if len(listed) > PROCESS_CHECK_MAX else ""
     return lines or [f"processes: all {min(len(listed), PROCESS_CHECK_MAX)} run as root or the image's uids{more}"]
 

@@ -209,6 +209,7 @@ class VmRecord:
     network: str = "deny"  # deny (no network device) | allow-list (egress checked by the host) | open
     allow: list[str] = field(default_factory=list)  # an allow-list VM's entries, as `mvmctl network` left them
     volumes: list[dict[str, Any]] = field(default_factory=list)  # runtime/volumes.py Mount: {host, guest, readonly, tag}
+    policies: list[str] = field(default_factory=list)  # the `--policy` files it was admitted under (absolute)
 
     @property
     def running(self) -> bool:
@@ -261,7 +262,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "backend_released": (bool,), "markers": (list,), "services": (dict,), "forwards": (list,),
     "argv": (list, type(None)), "deadline": _OPTIONAL_NUMBER, "ephemeral": (bool,),
     "workload_id": _OPTIONAL_STR, "snapshot": _OPTIONAL_STR, "restore_from": _OPTIONAL_STR,
-    "suspended": _OPTIONAL_STR, "network": (str,), "allow": (list,),
+    "suspended": _OPTIONAL_STR, "network": (str,), "allow": (list,), "policies": (list,),
 }
 
 

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 from mvm.core.bootimage import BootImage
-from mvm.core.errors import UsageError, VmError
-from mvm.core.state import MvmHome
+from mvm.core.errors import MvmError, UsageError, VmError
+from mvm.core.state import MvmHome, VmRecord
 from mvm.runtime import lifecycle
 from mvm.security.egress_policy import EntryError, parse_entry
 
@@ -52,23 +52,58 @@ def current(home: MvmHome, name: str) -> tuple[str, list[str]]:
 
 def change(home: MvmHome, name: str, allow: tuple[str, ...] = (), deny: tuple[str, ...] = ()) -> list[str]:
     """Add ``allow`` and remove ``deny`` entries; returns the new list. New connections use
-    it once this returns; connections already open run on."""
+    it once this returns; connections already open run on.
+
+    The list it would leave is held to the admission policy first (the home's policy.toml as
+    it is now, and the ``--policy`` files the VM was started under), so a rule that refused
+    the entry at `up` refuses it here too (PolicyRefused; an audit record either way). On a
+    sealed VM a change whose record cannot be written is undone and fails (AuditError)."""
     check_entries(allow)
     _, record = lifecycle.require_vm(home, name)
     if record.network != "allow-list":
         raise UsageError(f"VM {name} runs with network {record.network!r}, not 'allow-list': it has no list to change",
                          'set [network] mode = "allow-list" in its mvm.toml and start it again')
-    started, error = time.monotonic(), None
+    started = time.monotonic()
+    detail: dict[str, object] = {"allow": list(allow), "deny": list(deny)}
+    admit_change(home, record, allow, deny, detail)
     try:
         with lifecycle.connect(home, name) as client:
             reply = client.call("egress_update", allow=list(allow), deny=list(deny), wait_s=UPDATE_WAIT_S)
     except VmError as err:
-        error = err
+        lifecycle.audit_action(home, "network", name=name, vm=record, started=started, error=err, detail=detail)
         raise
-    finally:
-        lifecycle.audit_action(home, "network", name=name, started=started, error=error,
-                               detail={"allow": list(allow), "deny": list(deny)})
+    try:
+        lifecycle.audit_action(home, "network", name=name, vm=record, started=started, sealed=record.sealed,
+                               detail=detail)
+    except MvmError:  # (a sealed VM's AuditError: its list goes back to what the chain last said)
+        undo_allow = [e for e in deny if e in record.allow]
+        undo_deny = [e for e in allow if e not in record.allow]
+        try:
+            with lifecycle.connect(home, name) as client:
+                client.call("egress_update", allow=undo_allow, deny=undo_deny, wait_s=UPDATE_WAIT_S)
+        except VmError:
+            pass
+        raise
     if reply.get("applied") is False:
         sys.stderr.write(f"mvmctl: warning: VM {name}'s agent has not said it listens where the new list says "
                          "(paused, or busy); the host checks the new list either way\n")
     return [str(e) for e in reply.get("allow") or []]
+
+
+def admit_change(home: MvmHome, record: VmRecord, allow: tuple[str, ...], deny: tuple[str, ...],
+                 detail: dict[str, object]) -> None:
+    """Hold the list ``change`` would leave to the [network] rules of the policies in force;
+    a refusal is written to the audit chain (as a ``network`` record, result ``refused``) and
+    raised, naming the rule and its file:line."""
+    from mvm.security import admission, audit
+
+    policies = [p for p in record.policies if isinstance(p, str)]  # (the record is a file: checked)
+    policy = admission.load(home.root, policies)
+    after = [e for e in record.allow if e not in deny] + [e for e in allow if e not in record.allow]
+    try:
+        admission.check_network(policy, "allow-list", after, changed=True)
+    except admission.PolicyRefused as err:
+        audit.record(home, operation="network", sealed=record.sealed, **audit.vm_fields(record), result="refused",
+                     paths=list(policy.files), detail={**detail, "rule": err.rule, "where": err.where,
+                                                       "why": err.why[:300]})
+        raise

@@ -151,8 +151,18 @@ def remove_snapshot(home: MvmHome, tag: str) -> None:
         if users:
             raise UsageError(f"snapshot {tag} is in use by running clone{'s' if len(users) > 1 else ''} "
                              f"{', '.join(users)}", f"`mvmctl down {users[0]}` first")
+        sealed = _snapshot_sealed(store, tag)
         store.remove(tag)
-    lifecycle.audit_action(home, "snapshot-rm", name=None, detail={"tag": tag})
+    lifecycle.audit_action(home, "snapshot-rm", name=None, sealed=sealed, detail={"tag": tag, "sealed": sealed})
+
+
+def _snapshot_sealed(store: SnapshotStore, tag: str) -> bool:
+    """Whether the snapshot was taken of a sealed image (its removal must then be recorded);
+    a manifest that cannot be read counts as sealed (doubt is strict)."""
+    try:
+        return store.load(tag, check_files=False).manifest.sealed
+    except MvmError:
+        return True
 
 
 def _refuse_suspended_name(home: MvmHome, name: str) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mvm.core.bootimage import BootImage, PortForward
-from mvm.core.errors import UsageError, VmError
+from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import (
     DamagedRecord,
     DamagedVm,
@@ -186,6 +186,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         record.network = image.network_mode
         record.allow = list(image.allow) if image.network_mode == "allow-list" else []
         record.volumes = [mount.as_dict() for mount in mounts]
+        record.policies = [str(Path(p).resolve()) for p in policies]  # (`mvmctl network` holds changes to them)
         record.arch = image.arch
         if snapshot is not None:
             record.snapshot, record.restore_from = snapshot.tag, str(snapshot.dir)
@@ -304,8 +305,11 @@ def _tail(path: Path) -> str:
 
 def add_forward(client: VmClient, forward: PortForward) -> list[dict[str, object]]:
     """The address was written by the user (or defaults to loopback): a non-loopback one is
-    what they asked for, which the supervisor wants said explicitly. Returns every forward."""
-    started, error = time.monotonic(), None
+    what they asked for, which the supervisor wants said explicitly. Returns every forward.
+    On a sealed VM a forward whose audit record cannot be written is taken down again and
+    the call fails (AuditError)."""
+    started, error, reply = time.monotonic(), None, {}
+    detail = {"host_addr": forward.host_addr, "host_port": forward.host_port, "guest_port": forward.guest_port}
     try:
         reply = client.call("forward", host_addr=forward.host_addr, host_port=forward.host_port,
                             guest_port=forward.guest_port, public=True)
@@ -313,11 +317,31 @@ def add_forward(client: VmClient, forward: PortForward) -> list[dict[str, object
         error = err
         raise
     finally:
-        if client.paths is not None:
-            audit_action(MvmHome(client.paths.dir.parent.parent), "forward", name=client.name, started=started,
-                         error=error, detail={"host_addr": forward.host_addr, "host_port": forward.host_port,
-                                              "guest_port": forward.guest_port})
+        try:
+            _audit_client_action(client, "forward", started, error, detail)
+        except MvmError:  # (the AuditError of a sealed VM: no forward runs unrecorded)
+            try:
+                client.call("unforward", host_addr=forward.host_addr, host_port=forward.host_port)
+            except VmError:
+                pass
+            raise
     return list(reply.get("forwards") or [])
+
+
+def _audit_client_action(client: VmClient, operation: str, started: float, error: BaseException | None,
+                         detail: dict[str, object]) -> str | None:
+    """The record of an action asked of a VM's supervisor by this process, strict (a failed
+    append raises AuditError) when the action worked and the VM runs a sealed image, or its
+    record cannot be read to say (an action that failed raises its own error either way)."""
+    if client.paths is None:
+        return None
+    home = MvmHome(client.paths.dir.parent.parent)
+    try:
+        vm: VmRecord | None = VmRecord.load(client.paths)
+    except (OSError, ValueError, TypeError, KeyError, MvmError):
+        vm = None
+    return audit_action(home, operation, name=client.name, vm=vm, started=started, error=error,
+                        sealed=error is None and (vm.sealed if vm is not None else True), detail=detail)
 
 
 def audit_action(home: MvmHome, operation: str, **fields: object) -> str | None:
@@ -330,8 +354,19 @@ def audit_action(home: MvmHome, operation: str, **fields: object) -> str | None:
 
 def remove_forward(client: VmClient, host_port: int, host_addr: str | None = None) -> list[dict[str, object]]:
     """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it listens on);
-    the connections it carries are closed. Returns the forwards left."""
-    return list(client.call("unforward", host_addr=host_addr, host_port=host_port).get("forwards") or [])
+    the connections it carries are closed. Returns the forwards left. Recorded as
+    ``forward-remove``; on a sealed VM a removal that cannot be recorded fails (AuditError),
+    though the forward is gone by then (closing a way in needs no undoing)."""
+    started, error, reply = time.monotonic(), None, {}
+    try:
+        reply = client.call("unforward", host_addr=host_addr, host_port=host_port)
+    except VmError as err:
+        error = err
+        raise
+    finally:
+        _audit_client_action(client, "forward-remove", started, error,
+                             {"host_addr": host_addr, "host_port": host_port})
+    return list(reply.get("forwards") or [])
 
 
 def list_forwards(home: MvmHome, name: str) -> list[PortForward]:

@@ -115,12 +115,15 @@ class Pruner:
         by `snapshot create` and `template build` are the user's: only `snapshot rm` removes them)."""
         from mvm.core.errors import MvmError
         from mvm.runtime import cloning
+        from mvm.security.audit import AuditError
 
         for saved in cloning.unneeded_snapshots(self.home):
             size = tree_size(saved.dir)
             if not self.report.dry_run:
                 try:
                     cloning.remove_snapshot(self.home, saved.tag)
+                except AuditError as err:  # removed, but its own record could not be written
+                    self.report.notes.append(f"snapshot {saved.tag}: {err.message}")
                 except MvmError as err:
                     self.keep("snapshot", saved.tag, err.message)
                     continue
@@ -343,19 +346,22 @@ def prune(home: MvmHome, *, dry_run: bool = False, disks: bool = False) -> Prune
     pruner.debs(kept)
     pruner.scratch()
     pruner.disks(disks, running)
+    record_prune(home, pruner.report, "prune", disks=disks)
     return pruner.report
 
 
 def remove_artifacts(home: MvmHome, keys: list[str], *, dry_run: bool = False,
-                     also_used: dict[str, str] | None = None) -> PruneReport:
+                     also_used: dict[str, str] | None = None, project: str | None = None) -> PruneReport:
     """`manifest-prune`: remove these artifacts unless a running VM, a snapshot, a ref or
-    ``also_used`` (key -> why) uses them; and the images a backend made from them."""
+    ``also_used`` (key -> why) uses them; and the images a backend made from them. ``project``
+    (the directory whose builds these are) goes into the audit record."""
     pruner = Pruner(home, dry_run)
     used, unknown = pruner.vms_in_use()
     refs = {k for f in _files(home.refs) if (k := _read_key(f))}
     _, damaged = pruner.referenced()
     if unknown or damaged:
         pruner.report.notes.append(f"no artifact was removed: {unknown or damaged}")
+        record_prune(home, pruner.report, "manifest-prune", project=project)
         return pruner.report
     snapshots, _ = pruner.snapshot_keys()
     for key in keys:
@@ -373,7 +379,27 @@ def remove_artifacts(home: MvmHome, keys: list[str], *, dry_run: bool = False,
     kept = {k for k in present if str(home.store / k) not in gone}
     pruner.stale_stamps(kept)
     pruner.images(kept)
+    record_prune(home, pruner.report, "manifest-prune", project=project)
     return pruner.report
+
+
+AUDIT_LISTED = 500  # removed items named in one record; the rest are counted (a record is one line)
+
+
+def record_prune(home: MvmHome, report: PruneReport, command: str, **detail: Any) -> str | None:
+    """One ``prune`` audit record per run (``command``: prune or manifest-prune): what went
+    (kind, name, bytes, path), so the chain says where a VM's files, an artifact or a snapshot
+    went. A dry run removes nothing and writes nothing; a failed append is warned about (the
+    removal is done by then, and no sealed VM's action depends on it)."""
+    if report.dry_run:
+        return None
+    from mvm.runtime.lifecycle import audit_action
+
+    removed = [asdict(r) for r in report.removed]
+    return audit_action(home, "prune", name=None, detail={
+        "command": command, **{k: v for k, v in detail.items() if v is not None},
+        "freed_bytes": report.freed_bytes, "removed_count": len(removed), "removed": removed[:AUDIT_LISTED],
+        "kept_count": len(report.kept), "notes": [n[:300] for n in report.notes[:20]]})
 
 
 def _entries(directory: Path) -> list[Path]:

@@ -10,8 +10,9 @@ table or key, or a value of the wrong type, is an error with its line, never ign
     [backend]
     forbid = ["docker"]                 # backends that may not run a VM (docker: reduced isolation)
     [network]
-    open = false                        # forbid any network mode but "deny"
-    allow_patterns = ["*.debian.org"]   # every [network] allow entry must match one (fnmatch)
+    open = false                        # forbid "open"; "allow-list" only with allow_patterns
+    allow_patterns = ["*.debian.org"]   # every allow entry must match one (fnmatch), at start
+                                        # and on every later change (`mvmctl network --allow`)
     [volumes]
     rw = false                          # forbid read-write volumes
     broad = false                       # forbid host paths like /, /home, /etc, a home directory
@@ -157,16 +158,7 @@ def check(policy: Policy, plan: dict[str, Any]) -> None:
         if backend in rule.value:
             raise PolicyRefused(rule.name, rule.where, f"the plan runs on {backend} "
                                 f"({plan['backend']['isolation']} isolation), which it forbids")
-    network = plan["network"]
-    for rule in policy.get("network", "open"):
-        if not rule.value and network["mode"] != "deny":
-            raise PolicyRefused(rule.name, rule.where, f"the image asks for network mode {network['mode']!r}; "
-                                "only \"deny\" is allowed")
-    for rule in policy.get("network", "allow_patterns"):
-        outside = [e for e in network["allow"] if not any(fnmatch.fnmatch(e, p) for p in rule.value)]
-        if outside:
-            raise PolicyRefused(rule.name, rule.where, f"allow-list entries {outside[:5]} match none of "
-                                f"{rule.value}")
+    check_network(policy, plan["network"]["mode"], plan["network"]["allow"])
     for mount in plan["mounts"]:
         for rule in policy.get("volumes", "rw"):
             if not rule.value and not mount["readonly"]:
@@ -187,6 +179,28 @@ def check(policy: Policy, plan: dict[str, Any]) -> None:
             if plan["resources"][field] > limit.value:
                 raise PolicyRefused(limit.name, limit.where, f"{plan['resources'][field]} {unit} is above the "
                                     f"limit of {limit.value}")
+
+
+def check_network(policy: Policy, mode: str, allow: list[str], *, changed: bool = False) -> None:
+    """The [network] rules, for a plan and for a running VM's list as `mvmctl network` (or the
+    SDK's ``network.allow``) would leave it (``changed``). ``open = false`` forbids "open";
+    it also forbids "allow-list" unless the policies give ``allow_patterns`` for its entries
+    (which is what a file with ``open = false`` alone always meant: "deny" only)."""
+    what = "the new allow-list would hold" if changed else "the image asks for"
+    patterns = policy.get("network", "allow_patterns")
+    for rule in policy.get("network", "open"):
+        if rule.value or mode == "deny" or (mode == "allow-list" and patterns):
+            continue
+        if mode == "allow-list":
+            raise PolicyRefused(rule.name, rule.where, "the image asks for network mode 'allow-list', and no "
+                                "[network] allow_patterns says which entries may be listed (add them to admit it)")
+        raise PolicyRefused(rule.name, rule.where, f"the image asks for network mode {mode!r}; only \"deny\" "
+                            "and an \"allow-list\" whose entries match [network] allow_patterns are allowed")
+    for rule in patterns:
+        outside = [e for e in allow if not any(fnmatch.fnmatch(e, p) for p in rule.value)]
+        if outside:
+            raise PolicyRefused(rule.name, rule.where, f"{what} entries {outside[:5]} that match none of "
+                                f"{rule.value}")
 
 
 def is_broad(host_path: str) -> bool:

@@ -167,6 +167,9 @@ class Checker:
 
 def verify(home: MvmHome, public_hex: str | None = None) -> Report:
     """Check the whole chain against ``public_hex`` (default: this home's key)."""
+    from mvm.security.host_key import KEY_FILE
+
+    key_existed = (home.keys / KEY_FILE).exists()  # (before host_key() makes one)
     public_hex = public_hex or audit.host_key(home).public_hex
     checker = Checker(public_hex)
     files = segment_files(home)
@@ -194,8 +197,24 @@ def verify(home: MvmHome, public_hex: str | None = None) -> Report:
         expected_segment = segment + 1
     if report.problem is None:
         _check_head(home, checker, files, report)
+        if report.records == 0:
+            _warn_of_a_vanished_chain(home, key_existed, report)
     report.ok = report.problem is None
     return report
+
+
+def _warn_of_a_vanished_chain(home: MvmHome, key_existed: bool, report: Report) -> None:
+    """No records at all is a whole (empty) chain, but not when there are signs that one existed:
+    an earlier verify counted records, or the home has a host key (made by the first append,
+    or by a snapshot: a warning, since which cannot be told)."""
+    earlier = audit.last_verify(home)
+    counted = earlier.get("records") if earlier else None
+    if isinstance(counted, int) and counted > 0:
+        report.warnings.append(f"there are no audit records, but the verify of {str(earlier.get('time'))[:30]} "
+                               f"counted {counted}: the log ({audit.audit_dir(home)}) was removed or emptied")
+    elif key_existed:
+        report.warnings.append(f"there are no audit records, but this home has a host key ({home.keys}): if "
+                               "actions were recorded, the log was removed (the key is also made by snapshots)")
 
 
 def _starts_late(path: Path, segment: int) -> bool:

@@ -144,8 +144,9 @@ PROCESSES_MAX = 512  # the reply must fit in a frame; `status` says when there w
 
 
 def processes() -> list[list[object]]:
-    """[pid, real uid, name] of every process (but kernel threads), for `status` to check that
-    nothing runs as a uid the image does not name."""
+    """[pid, real uid, name, effective uid] of every process (but kernel threads), for `status`
+    to check that nothing runs as a uid the image does not name (a setuid program changes only
+    the effective one)."""
     found: list[list[object]] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -157,7 +158,8 @@ def processes() -> list[list[object]]:
             continue  # gone meanwhile
         if fields.get("Kthread", "0").strip() == "1" or int(fields.get("PPid", "0").strip() or 0) == 2:
             continue
-        found.append([int(entry), int(fields["Uid"].split()[0]), fields.get("Name", "").strip()[:32]])
+        uids = fields["Uid"].split()
+        found.append([int(entry), int(uids[0]), fields.get("Name", "").strip()[:32], int(uids[1])])
         if len(found) > PROCESSES_MAX:
             break
     return found

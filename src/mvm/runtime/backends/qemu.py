@@ -89,6 +89,17 @@ def qemu_binary(arch: str = "x86_64") -> str:
     return path
 
 
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"  # QEMU's seccomp filter
+SECCOMP_OFF_FOR_BENCHMARK = "MVM_QEMU_SECCOMP_OFF_FOR_BENCHMARK"  # benchmarks/seccomp_bench.py only
+
+
+def seccomp_wanted(record: VmRecord) -> bool:
+    """QEMU runs under its seccomp filter, unless the benchmark of its cost turned it off in the
+    supervisor's environment for an accessible (dev) image; a sealed image's VM always has it
+    (and `doctor` names a running VM without it)."""
+    return record.sealed or os.environ.get(SECCOMP_OFF_FOR_BENCHMARK) != "1"
+
+
 @dataclass
 class QemuSpec:
     """Everything one QEMU boot needs; :meth:`argv` turns it into a command line."""
@@ -113,6 +124,7 @@ class QemuSpec:
     incoming: bool = False  # -incoming defer: wait for a migration stream (a restore) over QMP
     arch: str = "x86_64"  # the guest's CPU architecture: qemu_arch.py's table says how to run it
     extra_args: list[str] = field(default_factory=list)
+    seccomp: bool = True  # -sandbox on: off only for benchmarks/ on a dev image (see seccomp_wanted)
 
     def root_args(self) -> str:
         """Without an initramfs the kernel mounts the root disk and starts /init itself."""
@@ -131,7 +143,7 @@ class QemuSpec:
             "-M", machine, *memory, "-accel", self.accel,
             "-m", str(self.memory_mib), "-smp", str(self.vcpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-            "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            *(["-sandbox", SANDBOX] if self.seccomp else []),
             "-kernel", str(self.kernel), *(["-initrd", str(self.initrd)] if self.initrd is not None else []),
             "-append", f"{kernel_cmdline(self.accel, self.arch)} {self.root_args()} {self.boot_args}".strip(),
             "-chardev", f"{self.console},id=console0" + (",signal=off" if self.console == "stdio" else ""),
@@ -311,6 +323,7 @@ class QemuBackend(VmBackend):
         if record.network == "allow-list":  # no NIC: egress through the agent (guest/init, agent/egress.py)
             spec.boot_args = f"{spec.boot_args} mvm.egress=1".lstrip()
         spec.qmp_socket = paths.qmp_socket
+        spec.seccomp = seccomp_wanted(record)
         if record.network == "open":  # user-mode networking: out through QEMU's own stack, as the host's user
             spec.extra_args += ["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]
         if image.data_disk_bytes and record.restore_from is None:

@@ -88,7 +88,8 @@ class AuditTrail:
         self.sup = sup
         self.audit = audit
         self.home = MvmHome(Path(sup.paths.dir).parent.parent)  # (a VM lives in $MVM_HOME/vms/<name>)
-        self.off = audit.disabled_for_benchmark()
+        # (the benchmark-only switch never turns off a sealed VM's audit: it is refused there)
+        self.off = audit.disabled_for_benchmark() and not sup.record.sealed
         self.vm_fields = {"vm": sup.record.name, "artifact": sup.record.artifact_key, "backend": sup.record.backend,
                           "isolation": sup.backend.capabilities.isolation}
 
@@ -123,10 +124,12 @@ class AuditTrail:
             track.digest = hashlib.sha256()
         return track
 
-    def action(self, client: Reader, operation: str, error: str | None = None) -> None:
-        """A request the supervisor answers itself (pause, resume), recorded in the background."""
+    async def action(self, client: Reader, operation: str, error: str | None = None) -> str | None:
+        """A request the supervisor answers itself (pause, resume): recorded before the reply
+        goes out. Returns None, or why the record could not be written (the caller fails the
+        request on a sealed VM, see :meth:`refusal`)."""
         if self.off:
-            return
+            return None
         pid, uid = getattr(client, "peer", (None, None))
         surface = getattr(client, "surface", None)
         entry = {"operation": operation, "actor": {"uid": uid, "pid": pid,
@@ -135,7 +138,14 @@ class AuditTrail:
                  **self.vm_fields, "result": "error" if error else "ok"}
         if error:
             entry["detail"] = {"error": error[:300]}
-        asyncio.get_running_loop().run_in_executor(None, self.write, entry)
+        return await asyncio.to_thread(self.write, entry)
+
+    def refusal(self, operation: str, failure: str | None) -> str | None:
+        """The error to reply with when ``operation`` was done but not recorded on a sealed VM."""
+        if failure is None or not self.sup.record.sealed:
+            return None
+        return (f"the {operation} was done but its audit record could not be written, which a sealed image "
+                f"does not allow: {failure}")
 
     def finish(self, owner: Reader, track: Track, reply: dict[str, Any], body: bytes,
                result: str | None = None) -> None:

@@ -148,12 +148,16 @@ class Supervisor:
         try:
             await (self.backend.pause if paused else self.backend.resume)(self.paths, self.record)
         except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
+            await self.audit.action(client, "pause" if paused else "resume", str(err))
             client.send(protocol.error(request_id, f"{'pause' if paused else 'resume'} failed: {err}"))
-            self.audit.action(client, "pause" if paused else "resume", str(err))
             return
-        self.audit.action(client, "pause" if paused else "resume")
+        failure = await self.audit.action(client, "pause" if paused else "resume")
         self.record.state = "paused" if paused else ("running" if self.agent.ready else "starting")
         self.record.save(self.paths)
+        refused = self.audit.refusal("pause" if paused else "resume", failure)
+        if refused is not None:  # (the record says the state it is in; the client hears it was unrecorded)
+            client.send(protocol.error(request_id, refused))
+            return
         client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
 
     async def snapshot(self, client: Client, request_id: int | None, dest: Path, stop: bool) -> None:
