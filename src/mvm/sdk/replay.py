@@ -31,11 +31,12 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "write": {"path": (str,), "mode": (int,), "size": (int,), "sha256": (str,), "data": (str,)},
     "make_dir": {"path": (str,)},
     "remove": {"path": (str,), "recursive": (bool, *_OPTIONAL)},
+    "rename": {"src": (str,), "dst": (str,)},
     "network": {"allow": (list, *_OPTIONAL), "deny": (list, *_OPTIONAL)},
     "kill": {},
 }
 REQUIRED = {"create": {"template", "timeout"}, "start": {"argv"}, "write": set(FIELDS["write"]),
-            "make_dir": {"path"}, "remove": {"path"}, "network": set(), "kill": set()}
+            "make_dir": {"path"}, "remove": {"path"}, "rename": {"src", "dst"}, "network": set(), "kill": set()}
 
 
 @dataclass
@@ -135,6 +136,9 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
                 elif op == "remove":
                     live[name].files.remove(args["path"], recursive=bool(args.get("recursive")))
                     step.detail = f"removed {args['path']}"
+                elif op == "rename":
+                    live[name].files.rename(args["src"], args["dst"])
+                    step.detail = f"renamed {args['src']} to {args['dst']}"
                 elif op == "network":
                     entries = live[name].network.allow(*args.get("allow") or ())
                     if args.get("deny"):

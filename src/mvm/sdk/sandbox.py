@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import io
 import secrets
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
     CommandFailed,
     CommandTimeout,
+    ModeError,
     SandboxNotFound,
     SandboxStopped,
     Unsupported,
@@ -185,6 +187,9 @@ class Files:
             client.call("remove", path=path, recursive=recursive)
 
     def rename(self, src: str, dst: str) -> None:
+        if self._sandbox._recording:
+            record.plan().add("rename", self._sandbox.name, src=src, dst=dst)
+            return
         with self._sandbox._client() as client:
             client.call("rename", src=src, dst=dst)
 
@@ -196,6 +201,11 @@ class Files:
             client.call("mkdir", path=path, parents=True)
 
     def copy_in(self, host_path: str | Path, guest_path: str) -> None:
+        """Copy a host file or tree into the guest at ``guest_path``."""
+        if self._sandbox._recording:
+            raise ModeError(f"copy_in({str(host_path)!r}) on sandbox {self._sandbox.name}: a plan cannot carry a host "
+                            "tree (it would be read when the plan runs, not when it was reviewed)",
+                            "write its files with files.write (recorded with their bytes), or run in live mode")
         with self._sandbox._client() as client:
             transfer.copy_in(client, Path(host_path), guest_path)
 
@@ -219,13 +229,28 @@ class Ports:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
 
-    def forward(self, guest_port: int, host_port: int, *, host_addr: str = "127.0.0.1") -> str:
+    def forward(self, guest_port: int, host_port: int | None = None, *, host_addr: str = "127.0.0.1") -> str:
         """Listen on ``host_addr:host_port`` (loopback unless you name another address) and carry
-        each connection to ``guest_port`` on the guest's loopback; returns the host address."""
-        spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
-        with self._sandbox._client() as client:
-            lifecycle.add_forward(client, spec)
-        return spec.host
+        each connection to ``guest_port`` on the guest's loopback; returns the host address
+        (``ADDR:PORT``). ``host_port=None``: a free port on ``host_addr``, picked now."""
+        if self._sandbox._recording:
+            raise record.needs_live(self._sandbox.name, "ports.forward()")
+        if host_port is not None:
+            spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
+            with self._sandbox._client() as client:
+                lifecycle.add_forward(client, spec)
+            return spec.host
+        PortForward.parse(f"[{host_addr}]:1:{guest_port}")  # (the address and guest port, checked first)
+        for attempt in range(5):  # another program may take the free port before the supervisor listens
+            spec = PortForward.parse(f"[{host_addr}]:{_free_port(host_addr)}:{guest_port}")
+            try:
+                with self._sandbox._client() as client:
+                    lifecycle.add_forward(client, spec)
+                return spec.host
+            except AgentError as err:
+                if "another program listens there" not in str(err) or attempt == 4:
+                    raise
+        raise AssertionError("unreachable")
 
     def list(self) -> list[PortInfo]:
         self._sandbox._record(running=True)
@@ -352,8 +377,13 @@ class Sandbox:
         return sandbox
 
     @classmethod
-    def connect(cls, name: str) -> Sandbox:
-        """A running sandbox (or any VM) by name."""
+    def connect(cls, name: str, *, mode: str | None = None) -> Sandbox:
+        """A running sandbox (or any VM) by name. Not in record mode: a plan creates the
+        sandboxes it uses, and a connected one would be acted on live."""
+        if record.resolve_mode(mode) == "record":
+            raise ModeError(f"Sandbox.connect({name!r}) reaches a sandbox that is already running, and this is record "
+                            "mode (nothing may act live)",
+                            "record a Sandbox.create instead, or run the script in live mode")
         sandbox = cls(name, MvmHome.default())
         sandbox._record(running=True)
         return sandbox
@@ -398,11 +428,14 @@ class Sandbox:
         _LIVE.pop(self.name, None)
 
     def logs(self) -> str:
+        """Its console log (kernel and init messages) so far."""
+        if self._recording:
+            raise record.needs_live(self.name, "logs()")
         chunks: list[bytes] = []
         lifecycle.logs(self._home, self.name, chunks.append)
         return b"".join(chunks).decode(errors="replace")
 
-    def forward(self, guest_port: int, host_port: int) -> str:
+    def forward(self, guest_port: int, host_port: int | None = None) -> str:
         """The same as ``ports.forward`` (kept for programs written against it)."""
         return self.ports.forward(guest_port, host_port)
 
@@ -485,6 +518,14 @@ class Sandbox:
             raise
         except VmError as err:
             raise SandboxStopped(str(err)) from None
+
+
+def _free_port(host_addr: str) -> int:
+    """A TCP port nothing listens on at ``host_addr`` now (the kernel's pick)."""
+    family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host_addr, 0))
+        return int(probe.getsockname()[1])
 
 
 def _built_image(home: MvmHome, template: str) -> BootImage:
