@@ -184,3 +184,49 @@ def test_a_bad_overcommit_setting_is_refused_at_start(mvm_home: Path, bad: str) 
                           env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_OVERCOMMIT": bad},
                           stdin=subprocess.DEVNULL, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_OVERCOMMIT" in proc.stderr
+
+
+def test_templates_beyond_the_built_ins_are_the_operators_call(mvm_home: Path, tmp_path: Path) -> None:
+    """A snapshot holds a guest's memory and a directory's mvm.toml its volumes: by default a
+    model gets neither. Listed in MVM_MCP_TEMPLATES, they work, and a sandbox counts against
+    the memory ceiling with its template's own memory."""
+    directory = tmp_path / "big"
+    directory.mkdir()
+    (directory / "mvm.toml").write_text('name = "mcp-big"\nmemory_mib = 400\n\n[entrypoint]\n'
+                                        'command = ["/bin/sh", "-c", "while :; do sleep 3600; done"]\n')
+    found: dict[str, str] = {}
+
+    async def refused(client: ClientSession) -> None:
+        error, made = await tool(client, "sandbox_create")  # (the first one saves the built-in as a template)
+        assert not error
+        found["tag"] = next(p.name for p in (mvm_home / "snapshots").iterdir() if p.name.startswith("sdk-base-"))
+        for template in (str(directory), found["tag"], "/", str(directory / "..")):
+            error, why = await tool(client, "sandbox_create", template=template)
+            assert error and "MVM_MCP_TEMPLATES" in why, why
+            error, why = await tool(client, "run", code="true", env=template)
+            assert error and "MVM_MCP_TEMPLATES" in why, why
+        assert [s["sandbox"] for s in (await tool(client, "sandbox_list"))[1]] == [made["sandbox"]]
+
+    run_client(mvm_home, refused)
+
+    async def listed(client: ClientSession) -> None:
+        error, big = await tool(client, "sandbox_create", template=str(directory))
+        assert not error, big
+        error, ran = await tool(client, "sandbox_exec", sandbox=big["sandbox"],
+                                command="awk '/MemTotal/ {print $2}' /proc/meminfo")
+        assert 300 * 1024 < int(ran["stdout"]) <= 400 * 1024, ran  # booted from the directory's mvm.toml
+        error, why = await tool(client, "sandbox_create")  # 400 + 256 > 600: its template's 400 MiB counted
+        assert error and "would bring this server's sandboxes to 656 MiB" in why, why
+        await tool(client, "sandbox_destroy", sandbox=big["sandbox"])
+        error, clone = await tool(client, "run", code="hostname", env=found["tag"])
+        assert not error and clone["stdout"].strip() == clone["session"], clone
+
+    run_client(mvm_home, listed, MVM_MCP_TEMPLATES=f"{directory}, {found['tag']}", MVM_MCP_MEM_CEILING_MIB="600")
+
+
+@pytest.mark.parametrize("bad", ["", " , ", "/no/such/dir", "no-such-snapshot", "/"])
+def test_a_bad_templates_setting_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
+                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_TEMPLATES": bad},
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_TEMPLATES" in proc.stderr, proc.stderr
