@@ -10,12 +10,15 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import mvm
 from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported, UsageError
+from mvm.runtime.client import AgentError
 from mvm.sdk.sandbox import NetworkInfo
 from tests.conftest import default_signals
 from tests.integration.test_network import LoopbackServer
@@ -78,6 +81,60 @@ def test_files(sandbox: mvm.Sandbox, tmp_path: Path) -> None:
     assert not files.exists("/tmp/sdk/a.txt") and files.exists("/tmp/sdk/d.txt")
     assert files.copy_out("/tmp/sdk", tmp_path / "out") == []
     assert (tmp_path / "out" / "b.bin").read_bytes() == b"\x00\xff"
+
+
+def test_read_as_a_stream_and_list_to_a_depth(sandbox: mvm.Sandbox) -> None:
+    data = os.urandom(3 << 20)  # several protocol chunks
+    sandbox.files.write("/tmp/big.bin", data)
+    stream = sandbox.files.read("/tmp/big.bin", format="stream")
+    chunks = list(stream)
+    assert len(chunks) > 1 and all(isinstance(c, bytes) for c in chunks) and b"".join(chunks) == data
+    half_read = sandbox.files.read("/tmp/big.bin", format="stream")
+    assert len(next(half_read)) > 0
+    half_read.close()  # (its connection goes; the sandbox serves on)
+    with pytest.raises(AgentError, match="No such file"):  # at the call, before any chunk is asked for
+        sandbox.files.read("/tmp/not-there", format="stream")
+    with pytest.raises(UsageError, match="not a format"):
+        sandbox.files.read("/tmp/big.bin", format="lines")  # type: ignore[call-overload]
+
+    sandbox.commands.run("mkdir -p /tmp/tree/a/b/c && echo x > /tmp/tree/a/b/f && echo y > /tmp/tree/top", check=True)
+    paths = {d: [e["path"] for e in sandbox.files.list("/tmp/tree", depth=d)] for d in (1, 2, 3, 4)}
+    assert paths[1] == ["/tmp/tree/a", "/tmp/tree/top"]
+    assert paths[2] == ["/tmp/tree/a", "/tmp/tree/a/b", "/tmp/tree/top"]
+    assert paths[3] == ["/tmp/tree/a", "/tmp/tree/a/b", "/tmp/tree/a/b/c", "/tmp/tree/a/b/f", "/tmp/tree/top"]
+    assert paths[4] == paths[3]
+    assert [e["name"] for e in sandbox.files.list("/tmp/tree/", depth=3)][2:4] == ["c", "f"]
+    for bad in (0, 33, True, 1.5):
+        with pytest.raises(UsageError, match="depth is a whole number"):
+            sandbox.files.list("/tmp/tree", depth=bad)  # type: ignore[arg-type]
+
+
+def test_forward_to_a_free_host_port(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.make_dir("/tmp/www")
+    sandbox.files.write("/tmp/www/name", sandbox.name)
+    server = sandbox.commands.start("cd /tmp/www && exec python3 -m http.server 8123 --bind 127.0.0.1")
+    try:
+        address = sandbox.ports.forward(8123)
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        assert (host, int(port), 8123) in {(p.host_addr, p.host_port, p.guest_port) for p in sandbox.ports.list()}
+        deadline = time.monotonic() + 60
+        while True:  # (until the guest's server listens)
+            try:
+                with urllib.request.urlopen(f"http://{address}/name", timeout=10) as reply:
+                    assert reply.read().decode().strip() == sandbox.name
+                break
+            except (urllib.error.URLError, ConnectionError) as err:
+                assert not isinstance(err, urllib.error.HTTPError), err
+                assert time.monotonic() < deadline, "the forward never reached the guest's server"
+                time.sleep(0.3)
+        other = sandbox.ports.forward(8124)
+        assert other != address
+        sandbox.ports.remove(int(port))
+        sandbox.ports.remove(int(other.rsplit(":", 1)[1]))
+        assert sandbox.ports.list() == []
+    finally:
+        server.close()
 
 
 def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -> None:

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import atexit
 import io
+import itertools
 import secrets
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, overload
 
 from mvm.build import stamps
 from mvm.build.project import image_for
@@ -49,6 +50,8 @@ if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
     set_surface("sdk")  # a program that imports the SDK: its audit records say so
 
 OutputSink = Callable[[str], None]
+LIST_DEPTH_MAX = 32  # files.list(depth=...)
+LIST_LIMIT = 100_000  # entries one files.list returns at most
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
 
 
@@ -141,11 +144,47 @@ class Files:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
 
-    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
+    @overload
+    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
+    @overload
+    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
+    @overload
+    def read(self, path: str, *, format: Literal["stream"]) -> Iterator[bytes]: ...
+
+    def read(self, path: str, *, format: Literal["text", "bytes", "stream"] = "text") -> str | bytes | Iterator[bytes]:
+        """A guest file's contents: ``"text"`` (str), ``"bytes"``, or ``"stream"``: an iterator
+        of byte chunks as they arrive (a file bigger than you want in memory). A missing file
+        raises at the call, not at the first chunk; leaving a stream unfinished closes its
+        connection."""
+        if format not in ("text", "bytes", "stream"):
+            raise UsageError(f"files.read(format={format!r}) is not a format", 'pass "text", "bytes" or "stream"')
+        if format == "stream":
+            return self._stream(path)
         buffer = io.BytesIO()
         with self._sandbox._client() as client:
             client.read_file(path, buffer.write)
         return buffer.getvalue().decode() if format == "text" else buffer.getvalue()
+
+    def _stream(self, path: str) -> Iterator[bytes]:
+        client = self._sandbox._client()
+        try:
+            frames = client.replies(client.send({"type": "read", "path": path}))
+            first = next(frames)  # (an error reply raises here: a missing file is known at the call)
+        except BaseException:
+            client.close()
+            raise
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                for frame in itertools.chain([first], frames):
+                    if frame.type == "data":
+                        yield frame.body
+                    elif frame.type == "done":
+                        return
+                raise VmError(f"reading {path} in sandbox {self._sandbox.name} ended early")
+            finally:
+                client.close()
+        return chunks()
 
     def write(self, path: str, data: str | bytes | BinaryIO, *, mode: int = 0o644) -> int:
         """Write a file (a temporary file renamed into place: never seen half written); returns its size."""
@@ -161,10 +200,34 @@ class Files:
         for path, data in files.items():
             self.write(path, data)
 
-    def list(self, path: str) -> list[dict[str, Any]]:
-        """Entries of a directory: name, type (file, dir, link, other), size, mode, mtime."""
+    def list(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
+        """Entries of a directory: name, path, type (file, dir, link, other), size, mode, mtime.
+        ``depth`` > 1 goes that many levels into subdirectories (never through links), parents
+        before their entries; at most LIST_LIMIT entries in all (the guest could make a tree
+        without end), past which it raises."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= LIST_DEPTH_MAX:
+            raise UsageError(f"files.list(depth={depth!r}): depth is a whole number from 1 to {LIST_DEPTH_MAX}")
+        found: list[dict[str, Any]] = []
         with self._sandbox._client() as client:
-            return list(client.call("list", path=path)["entries"])
+            self._list_into(client, path.rstrip("/") or "/", depth, found)
+        return found
+
+    def _list_into(self, client: VmClient, path: str, depth: int, found: list[dict[str, Any]]) -> None:
+        for entry in client.call("list", path=path)["entries"]:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+                continue  # (not an entry a directory holds: a guest's lie)
+            child = f"{path.rstrip('/')}/{name}"
+            if len(found) >= LIST_LIMIT:
+                raise UsageError(f"files.list({path!r}) in sandbox {self._sandbox.name} passed {LIST_LIMIT} entries",
+                                 "list a narrower directory or a smaller depth")
+            item = {**entry, "path": child}
+            found.append(item)
+            if depth > 1 and entry.get("type") == "dir":
+                try:
+                    self._list_into(client, child, depth - 1, found)
+                except AgentError as err:  # (one the exec user may not read: said, not fatal)
+                    item["error"] = str(err)
 
     def info(self, path: str) -> dict[str, Any]:
         with self._sandbox._client() as client:
