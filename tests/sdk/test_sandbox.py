@@ -284,6 +284,61 @@ def test_the_async_twin_runs_four_sandboxes_at_once() -> None:
     assert {("up", "sdk"), ("write", "sdk"), ("exec", "sdk"), ("down", "sdk")} <= surfaces
 
 
+def test_the_async_twin_awaits_a_started_command_and_a_stream_without_blocking_the_loop(sandbox: mvm.Sandbox) -> None:
+    """While the guest's command runs, other coroutines run: the handle waits in a worker thread."""
+    async def main() -> tuple[list[tuple[str, str]], int, int, bytes]:
+        sbx = await mvm.AsyncSandbox.connect(sandbox.name)
+        beats = 0
+
+        async def heartbeat() -> None:
+            nonlocal beats
+            while True:
+                beats += 1
+                await asyncio.sleep(0.02)
+
+        beating = asyncio.create_task(heartbeat())
+        try:
+            async with await sbx.commands.start("read x; echo got $x; sleep 1; echo late >&2; exit 5") as handle:
+                assert isinstance(handle, mvm.AsyncCommandHandle) and handle.pid > 1
+                await handle.send_stdin("it\n")
+                await handle.close_stdin()
+                seen = [item async for item in handle]
+                before = beats
+                result = await handle.wait()
+            await asyncio.sleep(0.1)
+            assert beats > before  # (the loop ran on)
+            await sbx.files.write("/tmp/async.bin", b"z" * (2 << 20))
+            stream = await sbx.files.read("/tmp/async.bin", format="stream")
+            data = b"".join([chunk async for chunk in stream])
+        finally:
+            beating.cancel()
+        return seen, result.exit_code, beats, data
+
+    seen, code, beats, data = asyncio.run(main())
+    assert seen == [("stdout", "got it\n"), ("stderr", "late\n")] and code == 5
+    assert beats >= 25  # ~50 a second across the command's second of sleep
+    assert data == b"z" * (2 << 20)
+
+
+def test_the_async_twin_has_every_method_with_its_signature() -> None:
+    """Written out, not generated: an IDE shows them. Each has the sync one's parameters."""
+    import inspect
+
+    from mvm.sdk import aio, sandbox
+
+    pairs = [(sandbox.Sandbox, aio.AsyncSandbox), (sandbox.Commands, aio.AsyncCommands),
+             (sandbox.Files, aio.AsyncFiles), (sandbox.Ports, aio.AsyncPorts), (sandbox.Network, aio.AsyncNetwork),
+             (mvm.CommandHandle, aio.AsyncCommandHandle)]
+    for sync_class, async_class in pairs:
+        for name, method in inspect.getmembers(sync_class, callable):
+            if name.startswith("_") or name in ("start",) and sync_class is mvm.CommandHandle:
+                continue
+            assert name in async_class.__dict__, f"{async_class.__name__}.{name} is missing"
+            twin = getattr(async_class, name)
+            assert inspect.signature(twin).parameters.keys() == inspect.signature(method).parameters.keys(), name
+            assert name == "detach" or inspect.iscoroutinefunction(twin), f"{async_class.__name__}.{name} is not async"
+
+
 def test_the_async_twin_forks() -> None:
     async def main() -> list[str]:
         async with await mvm.AsyncSandbox.create(timeout=600) as sbx:
