@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import mvm
-from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported, UsageError
+from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, SandboxStopped, Unsupported, UsageError
 from mvm.runtime.client import AgentError
 from mvm.sdk.sandbox import NetworkInfo
 from tests.conftest import default_signals
@@ -137,6 +137,85 @@ def test_forward_to_a_free_host_port(sandbox: mvm.Sandbox) -> None:
         server.close()
 
 
+def test_copy_in_a_tree_and_write_from_a_file_object(sandbox: mvm.Sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "top.txt").write_text("top")
+    (tree / "sub" / "deep.bin").write_bytes(b"\x00deep\xff")
+    sandbox.files.copy_in(tree, "/tmp/copied")
+    assert [e["path"] for e in sandbox.files.list("/tmp/copied", depth=2)] == [
+        "/tmp/copied/sub", "/tmp/copied/sub/deep.bin", "/tmp/copied/top.txt"]
+    assert sandbox.files.read("/tmp/copied/sub/deep.bin", format="bytes") == b"\x00deep\xff"
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 2)
+    with big.open("rb") as source:
+        assert sandbox.files.write("/tmp/from-file.bin", source) == 2 << 20
+    assert sandbox.files.read("/tmp/from-file.bin", format="bytes") == big.read_bytes()
+
+
+def test_run_with_its_own_env_and_stderr_callback(sandbox: mvm.Sandbox) -> None:
+    errors: list[str] = []
+    result = sandbox.commands.run('echo "$GREETING $EXTRA" >&2; echo out', env={"EXTRA": "there", "GREETING": "hello"},
+                                  on_stderr=errors.append)
+    assert "".join(errors) == "hello there\n" == result.stderr and result.stdout == "out\n"
+    assert sandbox.commands.run('echo "$GREETING${EXTRA:-}"').stdout == "hi\n"  # (the sandbox's own env again)
+
+
+def test_a_directory_template_and_its_console_in_logs(tmp_path: Path) -> None:
+    """The base template's entrypoint prints nothing (and its kernel is quiet): a directory
+    template whose entrypoint says something, read back through logs()."""
+    (tmp_path / "mvm.toml").write_text('name = "sdk-logs"\n[entrypoint]\ncommand = ["/bin/sh", "-c", '
+                                       '"echo hello from the entrypoint; while :; do sleep 3600; done"]\n')
+    with mvm.Sandbox.create(str(tmp_path), timeout=600) as sbx:
+        deadline = time.monotonic() + 60
+        while "hello from the entrypoint" not in sbx.logs():
+            assert time.monotonic() < deadline, sbx.logs()[-2000:]
+            time.sleep(0.2)
+        assert sbx.commands.run("hostname").stdout.strip() == "sdk-logs"
+
+
+def test_the_python_template_has_debians_python_and_its_standard_library() -> None:
+    with mvm.Sandbox.create("python", timeout=600) as sbx:
+        result = sbx.commands.run(["python3", "-c", "import sqlite3, ssl, venv, json, sys; "
+                                   "print(sqlite3.sqlite_version, sys.version_info[0])"])
+        assert result.exit_code == 0 and result.stdout.split()[1] == "3", result
+        assert sbx.commands.run("python3 -m json.tool", stdin='{"a": [1]}').stdout == '{\n    "a": [\n        1\n    ]\n}\n'
+
+
+def test_pause_freezes_it_and_resume_thaws_it(sandbox: mvm.Sandbox) -> None:
+    """A guest counter: it advances between two reads a while apart, and not across a pause
+    of longer than that."""
+    counter = sandbox.commands.start("i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+                                     "mv /tmp/count.new /tmp/count; sleep 0.05; done")
+
+    def count() -> int:
+        return int(sandbox.files.read("/tmp/count") or 0)
+
+    try:
+        deadline = time.monotonic() + 30
+        while not sandbox.files.exists("/tmp/count"):
+            assert time.monotonic() < deadline
+        first = count()
+        time.sleep(1.5)
+        running = count() - first
+        assert running >= 3, f"the counter hardly runs ({running} in 1.5 s)"
+        before = count()
+        sandbox.pause()
+        try:
+            assert sandbox.info().state == "paused" and sandbox.is_running()
+            time.sleep(3)  # twice as long as the run above
+        finally:
+            sandbox.resume()
+        after = count()
+        assert after - before < running / 2, f"it counted {after - before} while paused ({running} running)"
+        assert sandbox.info().state == "running"
+        deadline = time.monotonic() + 30
+        while count() == after:  # and counts on
+            assert time.monotonic() < deadline, "the counter stopped after resume"
+    finally:
+        counter.close()
+
+
 def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -> None:
     info = sandbox.info()
     assert info.state == "running" and info.isolation == "microvm" and info.workload_id == "sdk-tests"
@@ -245,6 +324,44 @@ def test_leaving_the_block_on_an_exception_removes_the_sandbox() -> None:
         name = sbx.name
         raise RuntimeError("boom")
     assert gone(name, within=5)
+
+
+def test_ctrl_c_cleans_up_detach_keeps_and_a_killed_one_says_stopped() -> None:
+    """A program interrupted by SIGINT: the sandbox of its with block and the one left to exit
+    go; the detached one lives on (until its lifetime ends or it is killed)."""
+    program = textwrap.dedent("""
+        import mvm, time
+        kept = mvm.Sandbox.create(timeout=600)
+        kept.detach()
+        left = mvm.Sandbox.create(timeout=600)
+        with mvm.Sandbox.create(timeout=600) as block:
+            print(kept.name, left.name, block.name, flush=True)
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), preexec_fn=default_signals)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read() if proc.stderr else ""
+    kept, left, block = line.split()
+    os.kill(proc.pid, signal.SIGINT)
+    assert "KeyboardInterrupt" in proc.communicate(timeout=120)[1]
+    try:
+        assert gone(block, within=5) and gone(left, within=5)  # (already gone when the program ended)
+        detached = mvm.Sandbox.connect(kept)
+        assert detached.is_running() and detached.commands.run("true").exit_code == 0
+        handle = detached.commands.start("sleep 600")
+        detached.kill()
+        with pytest.raises(SandboxStopped):
+            handle.wait()
+        assert not detached.is_running()
+        for call in (lambda: detached.commands.run("true"), lambda: detached.files.read("/etc/passwd"),
+                     detached.info, detached.pause):
+            with pytest.raises(SandboxStopped, match="was killed"):
+                call()
+        assert gone(kept, within=5)
+    finally:
+        mvm.Sandbox.connect(kept).kill() if kept in {i.name for i in mvm.Sandbox.list()} else None
 
 
 def test_its_lifetime_ends_it_even_if_the_program_is_killed(tmp_path: Path) -> None:

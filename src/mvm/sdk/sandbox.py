@@ -371,6 +371,7 @@ class Sandbox:
         self.env = dict(env or {})
         self._home = home
         self._recording = False  # record mode: calls go into the plan (sdk/record.py)
+        self._killed = False  # by kill(): later calls say so (SandboxStopped), not "no such sandbox"
         self.commands = Commands(self)
         self.files = Files(self)
         self.ports = Ports(self)
@@ -481,6 +482,7 @@ class Sandbox:
             record.plan().add("kill", self.name)
             return
         _LIVE.pop(self.name, None)
+        self._killed = True
         try:
             lifecycle.down(self._home, self.name, force=True)
         except UsageError:  # (already gone: removed when it stopped)
@@ -542,6 +544,11 @@ class Sandbox:
 
     # -- under the hood ---------------------------------------------------------------------
 
+    def _refuse_if_killed(self) -> None:
+        if self._killed:
+            raise SandboxStopped(f"sandbox {self.name} was killed (kill() or the end of its with block)",
+                                 "create a new one")
+
     def _refuse_without_snapshots(self, what: str) -> VmRecord:
         mine = self._record(running=True)
         backend = backends.get(mine.backend)
@@ -559,6 +566,7 @@ class Sandbox:
     def _record(self, *, running: bool = False) -> VmRecord:
         if self._recording:
             raise record.needs_live(self.name, "this call")
+        self._refuse_if_killed()
         try:
             _, found = lifecycle.require_vm(self._home, self.name)
         except DamagedRecord:
@@ -572,6 +580,7 @@ class Sandbox:
     def _client(self) -> VmClient:
         if self._recording:
             raise record.needs_live(self.name, "this call")
+        self._refuse_if_killed()
         try:
             return lifecycle.connect(self._home, self.name)
         except UsageError:
