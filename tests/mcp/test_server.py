@@ -161,12 +161,32 @@ def test_a_sandbox_ends_at_the_session_maximum_even_while_used(mvm_home: Path) -
     run_client(mvm_home, body, MVM_MCP_SESSION_MAX="15", MVM_MCP_SESSION_IDLE="600")
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5"])
-def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+@pytest.mark.parametrize("limit", ["MVM_MCP_MAX_INFLIGHT", "MVM_MCP_MEM_CEILING_MIB", "MVM_MCP_SESSION_IDLE",
+                                   "MVM_MCP_SESSION_MAX"])
+@pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5", ""])
+def test_a_bad_limit_is_refused_at_start(mvm_home: Path, limit: str, bad: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
-                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_MAX_INFLIGHT": bad},
+                          env={**os.environ, "MVM_HOME": str(mvm_home), limit: bad},
                           stdin=subprocess.DEVNULL, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_MAX_INFLIGHT" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and f"{limit}={bad!r}" in proc.stderr, proc.stderr
+
+
+def test_timeouts_are_clamped_and_a_timeout_is_a_result_and_python_runs(mvm_home: Path) -> None:
+    async def body(client: ClientSession) -> None:
+        started = time.monotonic()
+        error, quick = await tool(client, "run", code="echo before; sleep 30", timeout_secs=0)
+        assert not error and quick["timed_out"] and quick["exit_code"] == 137 and quick["timeout_secs"] == 1, quick
+        assert quick["stdout"] == "before\n" and time.monotonic() - started < 30
+        session = quick["session"]
+        error, ran = await tool(client, "run", code="echo ok", session=session, timeout_secs=10000)
+        assert not error and ran["timeout_secs"] == 600 and not ran["timed_out"] and ran["stdout"] == "ok\n"
+        error, ran = await tool(client, "sandbox_exec", sandbox=session, command="true", timeout_secs=-5)
+        assert not error and ran["timeout_secs"] == 1
+        error, py = await tool(client, "run", code="import sys; print(sys.version_info[0]); sys.exit(4)",
+                               env="python", close=True)
+        assert not error and (py["stdout"], py["exit_code"], py["session"]) == ("3\n", 4, None), py
+
+    run_client(mvm_home, body)
 
 
 @pytest.mark.parametrize("bad", ["", "deny,mesh", "everything"])

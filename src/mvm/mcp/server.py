@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
@@ -279,14 +280,18 @@ def build_server(limits: Limits) -> FastMCP:
     def exec_in(session: Session, command: str | list[str], timeout_secs: float) -> dict[str, Any]:
         from mvm.errors import CommandTimeout
 
+        if not math.isfinite(timeout_secs):
+            raise ToolError(f"timeout_secs={timeout_secs!r} is not a number of seconds (1 to 600)")
         timeout = min(max(timeout_secs, 1), 600)
         try:
             result = session.sandbox.commands.run(command, timeout=timeout)
         except CommandTimeout as err:
-            return {"exit_code": 137, "timed_out": True, "stdout": _capped(err.stdout.decode(errors="replace")),
+            return {"exit_code": 137, "timed_out": True, "timeout_secs": timeout,
+                    "stdout": _capped(err.stdout.decode(errors="replace")),
                     "stderr": _capped(err.stderr.decode(errors="replace")), "sandbox": session.sandbox.name}
-        return {"exit_code": result.exit_code, "timed_out": False, "stdout": _capped(result.stdout),
-                "stderr": _capped(result.stderr), "sandbox": session.sandbox.name, "receipt": result.receipt_id}
+        return {"exit_code": result.exit_code, "timed_out": False, "timeout_secs": timeout,
+                "stdout": _capped(result.stdout), "stderr": _capped(result.stderr), "sandbox": session.sandbox.name,
+                "receipt": result.receipt_id}
 
     @server.tool()
     async def run(code: str, env: str = "shell", session: str | None = None, close: bool = False,
@@ -296,7 +301,7 @@ def build_server(limits: Limits) -> FastMCP:
         reuse that warm sandbox; `close` destroys it after this call (an unused one is destroyed
         after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
         receipt show ID`). stdout and stderr are capped at 64 KiB each;
-        timeout_secs is clamped to 1-600."""
+        timeout_secs is clamped to 1-600 (the result says what was used)."""
         def work() -> dict[str, Any]:
             current = pool.get(session) if session is not None else pool.create(ENVS.get(env, env))
             try:
