@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -179,4 +180,31 @@ def test_plan_run_carries_a_recorded_plan_out_live(tmp_path: Path, mvmctl: Mvmct
     assert all(s["ok"] for s in steps), steps
     assert steps[5]["stdout"] == "forty-two\nfinal\n" and steps[5]["exit_code"] == 0
     assert steps[6]["stderr"] == "done\n" and steps[6]["exit_code"] == 3
+    assert not [vm for vm in json.loads(mvmctl("ls", "--json").stdout) if vm["state"] == "running"]
+
+
+@pytest.mark.vm
+def test_plan_run_keeps_a_started_server_in_the_background(tmp_path: Path, mvmctl: Mvmctl) -> None:
+    """A script starts a server it never waits for: replayed, the plan goes on past it (the
+    server answers a later command) and ends, the server killed with its sandbox."""
+    script = textwrap.dedent("""
+        import mvm
+        with mvm.Sandbox.create("base", timeout=600) as sbx:
+            sbx.commands.start("echo serving; while :; do date +%s > /tmp/alive; sleep 0.2; done")
+            sbx.commands.start("sleep 100000")
+            sbx.commands.start("i=0; while [ ! -s /tmp/alive ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; "
+                               "test -s /tmp/alive && echo the server runs")
+    """)
+    proc = record(tmp_path, mvmctl.home, script)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "plan.json").write_text(proc.stdout)
+    started = time.monotonic()
+    ran = mvmctl("plan", "run", str(tmp_path / "plan.json"), timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert time.monotonic() - started < 120
+    lines = ran.stdout.splitlines()
+    assert sum("started" in line for line in lines) == 3, ran.stdout
+    assert "stdout: the server runs" in ran.stdout and "stdout: serving" in ran.stdout
+    assert sum("still running" in line and ": killed" in line for line in lines) == 2, ran.stdout
+    assert any("exited 0" in line for line in lines), ran.stdout
     assert not [vm for vm in json.loads(mvmctl("ls", "--json").stdout) if vm["state"] == "running"]
