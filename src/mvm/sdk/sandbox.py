@@ -386,8 +386,9 @@ class Sandbox:
                cold: bool = False, mode: str | None = None, overcommit: bool = False) -> Sandbox:
         """Start a sandbox and return once its agent answers.
 
-        ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
-        its standard library), a directory holding an mvm.toml, or the tag of a snapshot (then
+        ``template``: a built-in ("base": busybox, and the Python 3 the agent runs on, Debian's
+        python3-minimal with the standard library, so ``python3`` works in it too; "python":
+        adds Debian's full python3 package), a directory holding an mvm.toml, or the tag of a snapshot (then
         the sandbox is a clone of it). A built-in is built on first use and saved as a template
         snapshot, so later sandboxes start from memory instead of booting (``cold=True``
         boots anyway). ``memory`` is in MiB. ``timeout``: its lifetime in seconds, enforced by
