@@ -356,7 +356,7 @@ def test_ctrl_c_cleans_up_detach_keeps_and_a_killed_one_says_stopped() -> None:
             handle.wait()
         assert not detached.is_running()
         for call in (lambda: detached.commands.run("true"), lambda: detached.files.read("/etc/passwd"),
-                     detached.info, detached.pause):
+                     detached.info, detached.pause, detached.logs):
             with pytest.raises(SandboxStopped, match="was killed"):
                 call()
         assert gone(kept, within=5)

@@ -297,9 +297,9 @@ def build_server(limits: Limits) -> FastMCP:
     async def run(code: str, env: str = "shell", session: str | None = None, close: bool = False,
                   timeout_secs: float = 60) -> dict[str, Any]:
         """Run code in a sandbox: env "shell" (/bin/sh -c) or "python" (python3 -c), or a
-        template the operator opened to this server (run as shell). The result names its `session`: pass it again to
-        reuse that warm sandbox; `close` destroys it after this call (an unused one is destroyed
-        after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
+        template the operator opened to this server (run as shell). The result names its
+        `session`: pass it again to reuse that warm sandbox; `close` destroys it after this
+        call (an unused one is destroyed after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
         receipt show ID`). stdout and stderr are capped at 64 KiB each;
         timeout_secs is clamped to 1-600 (the result says what was used)."""
         def work() -> dict[str, Any]:

@@ -494,9 +494,10 @@ class Sandbox:
         _LIVE.pop(self.name, None)
 
     def logs(self) -> str:
-        """Its console log (kernel and init messages) so far."""
+        """Its console so far: the kernel's warnings and what its entrypoint printed."""
         if self._recording:
             raise record.needs_live(self.name, "logs()")
+        self._record()  # (SandboxStopped once killed, SandboxNotFound for no such sandbox)
         chunks: list[bytes] = []
         lifecycle.logs(self._home, self.name, chunks.append)
         return b"".join(chunks).decode(errors="replace")
