@@ -19,7 +19,7 @@ import pytest
 import mvm
 from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, SandboxStopped, Unsupported, UsageError
 from mvm.runtime.client import AgentError
-from mvm.sdk.sandbox import NetworkInfo
+from mvm.sdk.network import NetworkInfo
 from tests.conftest import default_signals
 from tests.integration.test_network import LoopbackServer
 
@@ -441,10 +441,10 @@ def test_the_async_twin_has_every_method_with_its_signature() -> None:
     """Written out, not generated: an IDE shows them. Each has the sync one's parameters."""
     import inspect
 
-    from mvm.sdk import aio, sandbox
+    from mvm.sdk import aio, files, network, sandbox
 
     pairs = [(sandbox.Sandbox, aio.AsyncSandbox), (sandbox.Commands, aio.AsyncCommands),
-             (sandbox.Files, aio.AsyncFiles), (sandbox.Ports, aio.AsyncPorts), (sandbox.Network, aio.AsyncNetwork),
+             (files.Files, aio.AsyncFiles), (network.Ports, aio.AsyncPorts), (network.Network, aio.AsyncNetwork),
              (mvm.CommandHandle, aio.AsyncCommandHandle)]
     for sync_class, async_class in pairs:
         for name, method in inspect.getmembers(sync_class, callable):

@@ -15,19 +15,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar, overload
 
+from mvm.sdk.files import Files
 from mvm.sdk.handles import CommandHandle
-from mvm.sdk.sandbox import (
-    CommandResult,
-    Commands,
-    Files,
-    Network,
-    NetworkInfo,
-    OutputSink,
-    PortInfo,
-    Ports,
-    Sandbox,
-    SandboxInfo,
-)
+from mvm.sdk.network import Network, NetworkInfo, PortInfo, Ports
+from mvm.sdk.sandbox import CommandResult, Commands, OutputSink, Sandbox, SandboxInfo
 
 T = TypeVar("T")
 L = TypeVar("L", bound="_Leaving")
@@ -147,7 +138,7 @@ class AsyncCommands:
 
 
 class AsyncFiles:
-    """``sandbox.files``, awaited (see :class:`~mvm.sdk.sandbox.Files`)."""
+    """``sandbox.files``, awaited (see :class:`~mvm.sdk.files.Files`)."""
 
     def __init__(self, files: Files) -> None:
         self._sync = files
@@ -197,7 +188,7 @@ class AsyncFiles:
 
 
 class AsyncPorts:
-    """``sandbox.ports``, awaited (see :class:`~mvm.sdk.sandbox.Ports`)."""
+    """``sandbox.ports``, awaited (see :class:`~mvm.sdk.network.Ports`)."""
 
     def __init__(self, ports: Ports) -> None:
         self._sync = ports
@@ -213,7 +204,7 @@ class AsyncPorts:
 
 
 class AsyncNetwork:
-    """``sandbox.network``, awaited (see :class:`~mvm.sdk.sandbox.Network`)."""
+    """``sandbox.network``, awaited (see :class:`~mvm.sdk.network.Network`)."""
 
     def __init__(self, network: Network) -> None:
         self._sync = network

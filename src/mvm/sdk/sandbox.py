@@ -13,20 +13,16 @@ Ctrl-C or the interpreter's exit kill it at once; ``detach()`` lets it live out 
 from __future__ import annotations
 
 import atexit
-import io
-import itertools
 import secrets
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, overload
 
 from mvm.build import stamps
 from mvm.build.project import image_for
-from mvm.core.bootimage import BootImage, PortForward, parse_host
+from mvm.core.bootimage import BootImage
 from mvm.core.home import check_vm_name
 from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
@@ -39,19 +35,19 @@ from mvm.errors import (
     UsageError,
     VmError,
 )
-from mvm.runtime import allow_list, backends, cloning, lifecycle, transfer
-from mvm.runtime.client import AgentError, VmClient, current_surface, set_surface
+from mvm.runtime import allow_list, backends, cloning, lifecycle
+from mvm.runtime.client import VmClient, current_surface, set_surface
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
 from mvm.sdk import record
+from mvm.sdk.files import Files
 from mvm.sdk.handles import CommandHandle
+from mvm.sdk.network import Network, Ports
 from mvm.sdk.templates import BUILT_IN, template_dir
 
 if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
     set_surface("sdk")  # a program that imports the SDK: its audit records say so
 
 OutputSink = Callable[[str], None]
-LIST_DEPTH_MAX = 32  # files.list(depth=...)
-LIST_LIMIT = 100_000  # entries one files.list returns at most
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
 
 
@@ -136,231 +132,6 @@ class Commands:
         return CommandHandle.start(self._sandbox._client(), argv, self._sandbox.name,
                                    env={**self._sandbox.env, **(env or {})} or None, cwd=cwd, timeout=timeout,
                                    on_stdout=on_stdout, on_stderr=on_stderr)
-
-
-class Files:
-    """``sandbox.files``: the guest's files, read and written as the image's exec uid."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    @overload
-    def read(self, path: str, *, format: Literal["text"] = "text") -> str: ...
-    @overload
-    def read(self, path: str, *, format: Literal["bytes"]) -> bytes: ...
-    @overload
-    def read(self, path: str, *, format: Literal["stream"]) -> Iterator[bytes]: ...
-
-    def read(self, path: str, *, format: Literal["text", "bytes", "stream"] = "text") -> str | bytes | Iterator[bytes]:
-        """A guest file's contents: ``"text"`` (str), ``"bytes"``, or ``"stream"``: an iterator
-        of byte chunks as they arrive (a file bigger than you want in memory). A missing file
-        raises at the call, not at the first chunk; leaving a stream unfinished closes its
-        connection."""
-        if format not in ("text", "bytes", "stream"):
-            raise UsageError(f"files.read(format={format!r}) is not a format", 'pass "text", "bytes" or "stream"')
-        if format == "stream":
-            return self._stream(path)
-        buffer = io.BytesIO()
-        with self._sandbox._client() as client:
-            client.read_file(path, buffer.write)
-        return buffer.getvalue().decode() if format == "text" else buffer.getvalue()
-
-    def _stream(self, path: str) -> Iterator[bytes]:
-        client = self._sandbox._client()
-        try:
-            frames = client.replies(client.send({"type": "read", "path": path}))
-            first = next(frames)  # (an error reply raises here: a missing file is known at the call)
-        except BaseException:
-            client.close()
-            raise
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                for frame in itertools.chain([first], frames):
-                    if frame.type == "data":
-                        yield frame.body
-                    elif frame.type == "done":
-                        return
-                raise VmError(f"reading {path} in sandbox {self._sandbox.name} ended early")
-            finally:
-                client.close()
-        return chunks()
-
-    def write(self, path: str, data: str | bytes | BinaryIO, *, mode: int = 0o644) -> int:
-        """Write a file (a temporary file renamed into place: never seen half written); returns its size."""
-        source = data.encode() if isinstance(data, str) else data
-        if self._sandbox._recording:
-            raw = source if isinstance(source, bytes) else source.read()
-            record.plan().add("write", self._sandbox.name, path=path, mode=mode, **record.file_fields(raw))
-            return len(raw)
-        with self._sandbox._client() as client:
-            return client.write_file(path, source, mode=mode)
-
-    def write_many(self, files: dict[str, str | bytes]) -> None:
-        for path, data in files.items():
-            self.write(path, data)
-
-    def list(self, path: str, depth: int = 1) -> list[dict[str, Any]]:
-        """Entries of a directory: name, path, type (file, dir, link, other), size, mode, mtime.
-        ``depth`` > 1 goes that many levels into subdirectories (never through links), parents
-        before their entries; at most LIST_LIMIT entries in all (the guest could make a tree
-        without end), past which it raises."""
-        if isinstance(depth, bool) or not isinstance(depth, int) or not 1 <= depth <= LIST_DEPTH_MAX:
-            raise UsageError(f"files.list(depth={depth!r}): depth is a whole number from 1 to {LIST_DEPTH_MAX}")
-        found: list[dict[str, Any]] = []
-        with self._sandbox._client() as client:
-            self._list_into(client, path.rstrip("/") or "/", depth, found)
-        return found
-
-    def _list_into(self, client: VmClient, path: str, depth: int, found: list[dict[str, Any]]) -> None:
-        for entry in client.call("list", path=path)["entries"]:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
-                continue  # (not an entry a directory holds: a guest's lie)
-            child = f"{path.rstrip('/')}/{name}"
-            if len(found) >= LIST_LIMIT:
-                raise UsageError(f"files.list({path!r}) in sandbox {self._sandbox.name} passed {LIST_LIMIT} entries",
-                                 "list a narrower directory or a smaller depth")
-            item = {**entry, "path": child}
-            found.append(item)
-            if depth > 1 and entry.get("type") == "dir":
-                try:
-                    self._list_into(client, child, depth - 1, found)
-                except AgentError as err:  # (one the exec user may not read: said, not fatal)
-                    item["error"] = str(err)
-
-    def info(self, path: str) -> dict[str, Any]:
-        with self._sandbox._client() as client:
-            return dict(client.call("stat", path=path)["stat"])
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.info(path)
-        except AgentError as err:
-            if err.errno == "ENOENT":
-                return False
-            raise
-        return True
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        if self._sandbox._recording:
-            record.plan().add("remove", self._sandbox.name, path=path, recursive=recursive)
-            return
-        with self._sandbox._client() as client:
-            client.call("remove", path=path, recursive=recursive)
-
-    def rename(self, src: str, dst: str) -> None:
-        if self._sandbox._recording:
-            record.plan().add("rename", self._sandbox.name, src=src, dst=dst)
-            return
-        with self._sandbox._client() as client:
-            client.call("rename", src=src, dst=dst)
-
-    def make_dir(self, path: str) -> None:
-        if self._sandbox._recording:
-            record.plan().add("make_dir", self._sandbox.name, path=path)
-            return
-        with self._sandbox._client() as client:
-            client.call("mkdir", path=path, parents=True)
-
-    def copy_in(self, host_path: str | Path, guest_path: str) -> None:
-        """Copy a host file or tree into the guest at ``guest_path``."""
-        if self._sandbox._recording:
-            raise ModeError(f"copy_in({str(host_path)!r}) on sandbox {self._sandbox.name}: a plan cannot carry a host "
-                            "tree (it would be read when the plan runs, not when it was reviewed)",
-                            "write its files with files.write (recorded with their bytes), or run in live mode")
-        with self._sandbox._client() as client:
-            transfer.copy_in(client, Path(host_path), guest_path)
-
-    def copy_out(self, guest_path: str, host_path: str | Path) -> list[str]:
-        """Copy a guest file or tree to the host, by the hostile-guest rules (README, "Threat
-        model"); returns the entries left out, with why."""
-        with self._sandbox._client() as client:
-            return transfer.copy_out(client, guest_path, Path(host_path))
-
-
-@dataclass(frozen=True)
-class PortInfo:
-    host_addr: str
-    host_port: int
-    guest_port: int
-
-
-class Ports:
-    """``sandbox.ports``: host TCP ports tunnelled to the guest's loopback (no guest NIC needed)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def forward(self, guest_port: int, host_port: int | None = None, *, host_addr: str = "127.0.0.1") -> str:
-        """Listen on ``host_addr:host_port`` (loopback unless you name another address) and carry
-        each connection to ``guest_port`` on the guest's loopback; returns the host address
-        (``ADDR:PORT``). ``host_port=None``: a free port on ``host_addr``, picked now."""
-        if self._sandbox._recording:
-            raise record.needs_live(self._sandbox.name, "ports.forward()")
-        if host_port is not None:
-            spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
-            with self._sandbox._client() as client:
-                lifecycle.add_forward(client, spec)
-            return spec.host
-        PortForward.parse(f"[{host_addr}]:1:{guest_port}")  # (the address and guest port, checked first)
-        for attempt in range(5):  # another program may take the free port before the supervisor listens
-            spec = PortForward.parse(f"[{host_addr}]:{_free_port(host_addr)}:{guest_port}")
-            try:
-                with self._sandbox._client() as client:
-                    lifecycle.add_forward(client, spec)
-                return spec.host
-            except AgentError as err:
-                if "another program listens there" not in str(err) or attempt == 4:
-                    raise
-        raise AssertionError("unreachable")
-
-    def list(self) -> list[PortInfo]:
-        self._sandbox._record(running=True)
-        return [PortInfo(f.host_addr, f.host_port, f.guest_port)
-                for f in lifecycle.list_forwards(self._sandbox._home, self._sandbox.name)]
-
-    def remove(self, host_port: int, *, host_addr: str | None = None) -> None:
-        """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it is on);
-        connections it carries are closed."""
-        _, port = parse_host(str(host_port))
-        with self._sandbox._client() as client:
-            lifecycle.remove_forward(client, port, host_addr)
-
-
-@dataclass(frozen=True)
-class NetworkInfo:
-    mode: str  # "deny", "allow-list" or "open"
-    allow: list[str]  # the allow-list's entries (empty unless mode is "allow-list")
-
-
-class Network:
-    """``sandbox.network``: its network mode, and the destinations of an ``allow-list`` sandbox,
-    changed while it runs (as ``mvmctl network`` does). The host checks every connection the
-    guest opens against the list: new connections use the changed list, open ones run on."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def info(self) -> NetworkInfo:
-        mine = self._sandbox._record()
-        return NetworkInfo(mine.network, list(mine.allow))
-
-    def allow(self, *entries: str) -> list[str]:
-        """Add destinations (``host:port``, ``*.domain:port``, ``CIDR:port``); returns the new list."""
-        return self._change(entries, ())
-
-    def deny(self, *entries: str) -> list[str]:
-        """Remove destinations, written as listed; returns the new list."""
-        return self._change((), entries)
-
-    def _change(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> list[str]:
-        if self._sandbox._recording:
-            allow_list.check_entries(allow)
-            record.plan().add("network", self._sandbox.name, allow=list(allow) or None, deny=list(deny) or None)
-            return []
-        self._sandbox._record(running=True)
-        return allow_list.change(self._sandbox._home, self._sandbox.name, allow, deny)
 
 
 class Sandbox:
@@ -592,14 +363,6 @@ class Sandbox:
             raise
         except VmError as err:
             raise SandboxStopped(str(err)) from None
-
-
-def _free_port(host_addr: str) -> int:
-    """A TCP port nothing listens on at ``host_addr`` now (the kernel's pick)."""
-    family = socket.AF_INET6 if ":" in host_addr else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host_addr, 0))
-        return int(probe.getsockname()[1])
 
 
 def _built_image(home: MvmHome, template: str) -> BootImage:
