@@ -23,7 +23,7 @@ TYPE_CHECKING = False  # (typing itself would cost `mvmctl exec` an import)
 
 __version__ = "0.1.0"
 _DECLARE = ("app", "command", "local_path", "network", "nix_packages", "packages", "resources", "services", "shell")
-__all__ = ["AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo", "__version__", "app",
+__all__ = ["AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo", "__version__", "app",
            "command", "local_path", "network", "nix_packages", "packages", "resources", "services", "shell"]
 
 if TYPE_CHECKING:
@@ -38,11 +38,11 @@ if TYPE_CHECKING:
         services,
         shell,
     )
-    from mvm.sdk import AsyncSandbox, CommandHandle, CommandResult, Sandbox, SandboxInfo
+    from mvm.sdk import AsyncCommandHandle, AsyncSandbox, CommandHandle, CommandResult, Sandbox, SandboxInfo
 
 
 def __getattr__(name: str) -> object:
-    if name in ("AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo"):
+    if name in ("AsyncCommandHandle", "AsyncSandbox", "CommandHandle", "CommandResult", "Sandbox", "SandboxInfo"):
         import mvm.sdk
 
         return getattr(mvm.sdk, name)

@@ -161,12 +161,32 @@ def test_a_sandbox_ends_at_the_session_maximum_even_while_used(mvm_home: Path) -
     run_client(mvm_home, body, MVM_MCP_SESSION_MAX="15", MVM_MCP_SESSION_IDLE="600")
 
 
-@pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5"])
-def test_a_bad_limit_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+@pytest.mark.parametrize("limit", ["MVM_MCP_MAX_INFLIGHT", "MVM_MCP_MEM_CEILING_MIB", "MVM_MCP_SESSION_IDLE",
+                                   "MVM_MCP_SESSION_MAX"])
+@pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5", ""])
+def test_a_bad_limit_is_refused_at_start(mvm_home: Path, limit: str, bad: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
-                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_MAX_INFLIGHT": bad},
+                          env={**os.environ, "MVM_HOME": str(mvm_home), limit: bad},
                           stdin=subprocess.DEVNULL, timeout=60)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_MAX_INFLIGHT" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and f"{limit}={bad!r}" in proc.stderr, proc.stderr
+
+
+def test_timeouts_are_clamped_and_a_timeout_is_a_result_and_python_runs(mvm_home: Path) -> None:
+    async def body(client: ClientSession) -> None:
+        started = time.monotonic()
+        error, quick = await tool(client, "run", code="echo before; sleep 30", timeout_secs=0)
+        assert not error and quick["timed_out"] and quick["exit_code"] == 137 and quick["timeout_secs"] == 1, quick
+        assert quick["stdout"] == "before\n" and time.monotonic() - started < 30
+        session = quick["session"]
+        error, ran = await tool(client, "run", code="echo ok", session=session, timeout_secs=10000)
+        assert not error and ran["timeout_secs"] == 600 and not ran["timed_out"] and ran["stdout"] == "ok\n"
+        error, ran = await tool(client, "sandbox_exec", sandbox=session, command="true", timeout_secs=-5)
+        assert not error and ran["timeout_secs"] == 1
+        error, py = await tool(client, "run", code="import sys; print(sys.version_info[0]); sys.exit(4)",
+                               env="python", close=True)
+        assert not error and (py["stdout"], py["exit_code"], py["session"]) == ("3\n", 4, None), py
+
+    run_client(mvm_home, body)
 
 
 @pytest.mark.parametrize("bad", ["", "deny,mesh", "everything"])
@@ -184,3 +204,49 @@ def test_a_bad_overcommit_setting_is_refused_at_start(mvm_home: Path, bad: str) 
                           env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_OVERCOMMIT": bad},
                           stdin=subprocess.DEVNULL, timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_OVERCOMMIT" in proc.stderr
+
+
+def test_templates_beyond_the_built_ins_are_the_operators_call(mvm_home: Path, tmp_path: Path) -> None:
+    """A snapshot holds a guest's memory and a directory's mvm.toml its volumes: by default a
+    model gets neither. Listed in MVM_MCP_TEMPLATES, they work, and a sandbox counts against
+    the memory ceiling with its template's own memory."""
+    directory = tmp_path / "big"
+    directory.mkdir()
+    (directory / "mvm.toml").write_text('name = "mcp-big"\nmemory_mib = 400\n\n[entrypoint]\n'
+                                        'command = ["/bin/sh", "-c", "while :; do sleep 3600; done"]\n')
+    found: dict[str, str] = {}
+
+    async def refused(client: ClientSession) -> None:
+        error, made = await tool(client, "sandbox_create")  # (the first one saves the built-in as a template)
+        assert not error
+        found["tag"] = next(p.name for p in (mvm_home / "snapshots").iterdir() if p.name.startswith("sdk-base-"))
+        for template in (str(directory), found["tag"], "/", str(directory / "..")):
+            error, why = await tool(client, "sandbox_create", template=template)
+            assert error and "MVM_MCP_TEMPLATES" in why, why
+            error, why = await tool(client, "run", code="true", env=template)
+            assert error and "MVM_MCP_TEMPLATES" in why, why
+        assert [s["sandbox"] for s in (await tool(client, "sandbox_list"))[1]] == [made["sandbox"]]
+
+    run_client(mvm_home, refused)
+
+    async def listed(client: ClientSession) -> None:
+        error, big = await tool(client, "sandbox_create", template=str(directory))
+        assert not error, big
+        error, ran = await tool(client, "sandbox_exec", sandbox=big["sandbox"],
+                                command="awk '/MemTotal/ {print $2}' /proc/meminfo")
+        assert 300 * 1024 < int(ran["stdout"]) <= 400 * 1024, ran  # booted from the directory's mvm.toml
+        error, why = await tool(client, "sandbox_create")  # 400 + 256 > 600: its template's 400 MiB counted
+        assert error and "would bring this server's sandboxes to 656 MiB" in why, why
+        await tool(client, "sandbox_destroy", sandbox=big["sandbox"])
+        error, clone = await tool(client, "run", code="hostname", env=found["tag"])
+        assert not error and clone["stdout"].strip() == clone["session"], clone
+
+    run_client(mvm_home, listed, MVM_MCP_TEMPLATES=f"{directory}, {found['tag']}", MVM_MCP_MEM_CEILING_MIB="600")
+
+
+@pytest.mark.parametrize("bad", ["", " , ", "/no/such/dir", "no-such-snapshot", "/"])
+def test_a_bad_templates_setting_is_refused_at_start(mvm_home: Path, bad: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "mvm.cli.main", "mcp"], capture_output=True, text=True,
+                          env={**os.environ, "MVM_HOME": str(mvm_home), "MVM_MCP_TEMPLATES": bad},
+                          stdin=subprocess.DEVNULL, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "MVM_MCP_TEMPLATES" in proc.stderr, proc.stderr

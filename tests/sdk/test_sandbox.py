@@ -10,13 +10,16 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import mvm
-from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, Unsupported, UsageError
-from mvm.sdk.sandbox import NetworkInfo
+from mvm.errors import CommandFailed, CommandTimeout, SandboxNotFound, SandboxStopped, Unsupported, UsageError
+from mvm.runtime.client import AgentError
+from mvm.sdk.network import NetworkInfo
 from tests.conftest import default_signals
 from tests.integration.test_network import LoopbackServer
 
@@ -78,6 +81,139 @@ def test_files(sandbox: mvm.Sandbox, tmp_path: Path) -> None:
     assert not files.exists("/tmp/sdk/a.txt") and files.exists("/tmp/sdk/d.txt")
     assert files.copy_out("/tmp/sdk", tmp_path / "out") == []
     assert (tmp_path / "out" / "b.bin").read_bytes() == b"\x00\xff"
+
+
+def test_read_as_a_stream_and_list_to_a_depth(sandbox: mvm.Sandbox) -> None:
+    data = os.urandom(3 << 20)  # several protocol chunks
+    sandbox.files.write("/tmp/big.bin", data)
+    stream = sandbox.files.read("/tmp/big.bin", format="stream")
+    chunks = list(stream)
+    assert len(chunks) > 1 and all(isinstance(c, bytes) for c in chunks) and b"".join(chunks) == data
+    half_read = sandbox.files.read("/tmp/big.bin", format="stream")
+    assert len(next(half_read)) > 0
+    half_read.close()  # (its connection goes; the sandbox serves on)
+    with pytest.raises(AgentError, match="No such file"):  # at the call, before any chunk is asked for
+        sandbox.files.read("/tmp/not-there", format="stream")
+    with pytest.raises(UsageError, match="not a format"):
+        sandbox.files.read("/tmp/big.bin", format="lines")  # type: ignore[call-overload]
+
+    sandbox.commands.run("mkdir -p /tmp/tree/a/b/c && echo x > /tmp/tree/a/b/f && echo y > /tmp/tree/top", check=True)
+    paths = {d: [e["path"] for e in sandbox.files.list("/tmp/tree", depth=d)] for d in (1, 2, 3, 4)}
+    assert paths[1] == ["/tmp/tree/a", "/tmp/tree/top"]
+    assert paths[2] == ["/tmp/tree/a", "/tmp/tree/a/b", "/tmp/tree/top"]
+    assert paths[3] == ["/tmp/tree/a", "/tmp/tree/a/b", "/tmp/tree/a/b/c", "/tmp/tree/a/b/f", "/tmp/tree/top"]
+    assert paths[4] == paths[3]
+    assert [e["name"] for e in sandbox.files.list("/tmp/tree/", depth=3)][2:4] == ["c", "f"]
+    for bad in (0, 33, True, 1.5):
+        with pytest.raises(UsageError, match="depth is a whole number"):
+            sandbox.files.list("/tmp/tree", depth=bad)  # type: ignore[arg-type]
+
+
+def test_forward_to_a_free_host_port(sandbox: mvm.Sandbox) -> None:
+    sandbox.files.make_dir("/tmp/www")
+    sandbox.files.write("/tmp/www/name", sandbox.name)
+    server = sandbox.commands.start("cd /tmp/www && exec python3 -m http.server 8123 --bind 127.0.0.1")
+    try:
+        address = sandbox.ports.forward(8123)
+        host, port = address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        assert (host, int(port), 8123) in {(p.host_addr, p.host_port, p.guest_port) for p in sandbox.ports.list()}
+        deadline = time.monotonic() + 60
+        while True:  # (until the guest's server listens)
+            try:
+                with urllib.request.urlopen(f"http://{address}/name", timeout=10) as reply:
+                    assert reply.read().decode().strip() == sandbox.name
+                break
+            except (urllib.error.URLError, ConnectionError) as err:
+                assert not isinstance(err, urllib.error.HTTPError), err
+                assert time.monotonic() < deadline, "the forward never reached the guest's server"
+                time.sleep(0.3)
+        other = sandbox.ports.forward(8124)
+        assert other != address
+        sandbox.ports.remove(int(port))
+        sandbox.ports.remove(int(other.rsplit(":", 1)[1]))
+        assert sandbox.ports.list() == []
+    finally:
+        server.close()
+
+
+def test_copy_in_a_tree_and_write_from_a_file_object(sandbox: mvm.Sandbox, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "top.txt").write_text("top")
+    (tree / "sub" / "deep.bin").write_bytes(b"\x00deep\xff")
+    sandbox.files.copy_in(tree, "/tmp/copied")
+    assert [e["path"] for e in sandbox.files.list("/tmp/copied", depth=2)] == [
+        "/tmp/copied/sub", "/tmp/copied/sub/deep.bin", "/tmp/copied/top.txt"]
+    assert sandbox.files.read("/tmp/copied/sub/deep.bin", format="bytes") == b"\x00deep\xff"
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(1 << 20) * 2)
+    with big.open("rb") as source:
+        assert sandbox.files.write("/tmp/from-file.bin", source) == 2 << 20
+    assert sandbox.files.read("/tmp/from-file.bin", format="bytes") == big.read_bytes()
+
+
+def test_run_with_its_own_env_and_stderr_callback(sandbox: mvm.Sandbox) -> None:
+    errors: list[str] = []
+    result = sandbox.commands.run('echo "$GREETING $EXTRA" >&2; echo out', env={"EXTRA": "there", "GREETING": "hello"},
+                                  on_stderr=errors.append)
+    assert "".join(errors) == "hello there\n" == result.stderr and result.stdout == "out\n"
+    assert sandbox.commands.run('echo "$GREETING${EXTRA:-}"').stdout == "hi\n"  # (the sandbox's own env again)
+
+
+def test_a_directory_template_and_its_console_in_logs(tmp_path: Path) -> None:
+    """The base template's entrypoint prints nothing (and its kernel is quiet): a directory
+    template whose entrypoint says something, read back through logs()."""
+    (tmp_path / "mvm.toml").write_text('name = "sdk-logs"\n[entrypoint]\ncommand = ["/bin/sh", "-c", '
+                                       '"echo hello from the entrypoint; while :; do sleep 3600; done"]\n')
+    with mvm.Sandbox.create(str(tmp_path), timeout=600) as sbx:
+        deadline = time.monotonic() + 60
+        while "hello from the entrypoint" not in sbx.logs():
+            assert time.monotonic() < deadline, sbx.logs()[-2000:]
+            time.sleep(0.2)
+        assert sbx.commands.run("hostname").stdout.strip() == "sdk-logs"
+
+
+def test_the_python_template_has_debians_python_and_its_standard_library() -> None:
+    with mvm.Sandbox.create("python", timeout=600) as sbx:
+        result = sbx.commands.run(["python3", "-c", "import sqlite3, ssl, venv, json, sys; "
+                                   "print(sqlite3.sqlite_version, sys.version_info[0])"])
+        assert result.exit_code == 0 and result.stdout.split()[1] == "3", result
+        assert sbx.commands.run("python3 -m json.tool", stdin='{"a": [1]}').stdout == '{\n    "a": [\n        1\n    ]\n}\n'
+
+
+def test_pause_freezes_it_and_resume_thaws_it(sandbox: mvm.Sandbox) -> None:
+    """A guest counter: it advances between two reads a while apart, and not across a pause
+    of longer than that."""
+    counter = sandbox.commands.start("i=0; while :; do i=$((i+1)); echo $i > /tmp/count.new; "
+                                     "mv /tmp/count.new /tmp/count; sleep 0.05; done")
+
+    def count() -> int:
+        return int(sandbox.files.read("/tmp/count") or 0)
+
+    try:
+        deadline = time.monotonic() + 30
+        while not sandbox.files.exists("/tmp/count"):
+            assert time.monotonic() < deadline
+        first = count()
+        time.sleep(1.5)
+        running = count() - first
+        assert running >= 3, f"the counter hardly runs ({running} in 1.5 s)"
+        before = count()
+        sandbox.pause()
+        try:
+            assert sandbox.info().state == "paused" and sandbox.is_running()
+            time.sleep(3)  # twice as long as the run above
+        finally:
+            sandbox.resume()
+        after = count()
+        assert after - before < running / 2, f"it counted {after - before} while paused ({running} running)"
+        assert sandbox.info().state == "running"
+        deadline = time.monotonic() + 30
+        while count() == after:  # and counts on
+            assert time.monotonic() < deadline, "the counter stopped after resume"
+    finally:
+        counter.close()
 
 
 def test_info_connect_list_and_what_this_version_refuses(sandbox: mvm.Sandbox) -> None:
@@ -190,6 +326,44 @@ def test_leaving_the_block_on_an_exception_removes_the_sandbox() -> None:
     assert gone(name, within=5)
 
 
+def test_ctrl_c_cleans_up_detach_keeps_and_a_killed_one_says_stopped() -> None:
+    """A program interrupted by SIGINT: the sandbox of its with block and the one left to exit
+    go; the detached one lives on (until its lifetime ends or it is killed)."""
+    program = textwrap.dedent("""
+        import mvm, time
+        kept = mvm.Sandbox.create(timeout=600)
+        kept.detach()
+        left = mvm.Sandbox.create(timeout=600)
+        with mvm.Sandbox.create(timeout=600) as block:
+            print(kept.name, left.name, block.name, flush=True)
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy(), preexec_fn=default_signals)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read() if proc.stderr else ""
+    kept, left, block = line.split()
+    os.kill(proc.pid, signal.SIGINT)
+    assert "KeyboardInterrupt" in proc.communicate(timeout=120)[1]
+    try:
+        assert gone(block, within=5) and gone(left, within=5)  # (already gone when the program ended)
+        detached = mvm.Sandbox.connect(kept)
+        assert detached.is_running() and detached.commands.run("true").exit_code == 0
+        handle = detached.commands.start("sleep 600")
+        detached.kill()
+        with pytest.raises(SandboxStopped):
+            handle.wait()
+        assert not detached.is_running()
+        for call in (lambda: detached.commands.run("true"), lambda: detached.files.read("/etc/passwd"),
+                     detached.info, detached.pause, detached.logs):
+            with pytest.raises(SandboxStopped, match="was killed"):
+                call()
+        assert gone(kept, within=5)
+    finally:
+        mvm.Sandbox.connect(kept).kill() if kept in {i.name for i in mvm.Sandbox.list()} else None
+
+
 def test_its_lifetime_ends_it_even_if_the_program_is_killed(tmp_path: Path) -> None:
     program = textwrap.dedent("""
         import mvm, sys, time
@@ -225,6 +399,61 @@ def test_the_async_twin_runs_four_sandboxes_at_once() -> None:
     assert report.ok, report.problem and report.problem.text()
     surfaces = {(e["operation"], e["actor"]["surface"]) for e in audit_verify.entries(MvmHome.default())}
     assert {("up", "sdk"), ("write", "sdk"), ("exec", "sdk"), ("down", "sdk")} <= surfaces
+
+
+def test_the_async_twin_awaits_a_started_command_and_a_stream_without_blocking_the_loop(sandbox: mvm.Sandbox) -> None:
+    """While the guest's command runs, other coroutines run: the handle waits in a worker thread."""
+    async def main() -> tuple[list[tuple[str, str]], int, int, bytes]:
+        sbx = await mvm.AsyncSandbox.connect(sandbox.name)
+        beats = 0
+
+        async def heartbeat() -> None:
+            nonlocal beats
+            while True:
+                beats += 1
+                await asyncio.sleep(0.02)
+
+        beating = asyncio.create_task(heartbeat())
+        try:
+            async with await sbx.commands.start("read x; echo got $x; sleep 1; echo late >&2; exit 5") as handle:
+                assert isinstance(handle, mvm.AsyncCommandHandle) and handle.pid > 1
+                await handle.send_stdin("it\n")
+                await handle.close_stdin()
+                seen = [item async for item in handle]
+                before = beats
+                result = await handle.wait()
+            await asyncio.sleep(0.1)
+            assert beats > before  # (the loop ran on)
+            await sbx.files.write("/tmp/async.bin", b"z" * (2 << 20))
+            stream = await sbx.files.read("/tmp/async.bin", format="stream")
+            data = b"".join([chunk async for chunk in stream])
+        finally:
+            beating.cancel()
+        return seen, result.exit_code, beats, data
+
+    seen, code, beats, data = asyncio.run(main())
+    assert seen == [("stdout", "got it\n"), ("stderr", "late\n")] and code == 5
+    assert beats >= 25  # ~50 a second across the command's second of sleep
+    assert data == b"z" * (2 << 20)
+
+
+def test_the_async_twin_has_every_method_with_its_signature() -> None:
+    """Written out, not generated: an IDE shows them. Each has the sync one's parameters."""
+    import inspect
+
+    from mvm.sdk import aio, files, network, sandbox
+
+    pairs = [(sandbox.Sandbox, aio.AsyncSandbox), (sandbox.Commands, aio.AsyncCommands),
+             (files.Files, aio.AsyncFiles), (network.Ports, aio.AsyncPorts), (network.Network, aio.AsyncNetwork),
+             (mvm.CommandHandle, aio.AsyncCommandHandle)]
+    for sync_class, async_class in pairs:
+        for name, method in inspect.getmembers(sync_class, callable):
+            if name.startswith("_") or name in ("start",) and sync_class is mvm.CommandHandle:
+                continue
+            assert name in async_class.__dict__, f"{async_class.__name__}.{name} is missing"
+            twin = getattr(async_class, name)
+            assert inspect.signature(twin).parameters.keys() == inspect.signature(method).parameters.keys(), name
+            assert name == "detach" or inspect.iscoroutinefunction(twin), f"{async_class.__name__}.{name} is not async"
 
 
 def test_the_async_twin_forks() -> None:

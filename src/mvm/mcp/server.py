@@ -9,7 +9,11 @@ MVM_MCP_SESSION_IDLE seconds is destroyed, and no sandbox lives past MVM_MCP_SES
 seconds: that is each sandbox's lifetime, kept by its supervisor, so even a SIGKILL of this
 server leaves nothing running for longer. The network modes a model may ask for are the
 operator's MVM_MCP_NETWORK (default "deny" only: an allow-list can name the host's own
-loopback services). Only sandboxes this server made are reachable, and
+loopback services), and so are the templates: the built-ins (base, python), plus the template
+directories and snapshot tags the operator lists in MVM_MCP_TEMPLATES (a snapshot holds a
+guest's memory, a directory's mvm.toml its volumes: a model must not pick either on its own).
+A sandbox counts against the memory ceiling with its template's own memory. Only sandboxes
+this server made are reachable, and
 all of them are destroyed when the client goes away.
 """
 
@@ -18,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mcp.server.fastmcp import FastMCP
@@ -37,7 +43,6 @@ from mvm.sdk.sandbox import Sandbox
 
 OUTPUT_CAP = 64 * 1024  # bytes of stdout (and of stderr) a tool result carries
 ENVS = {"shell": "base", "python": "python"}
-DEFAULT_MEMORY_MIB = 256  # what the built-in templates ask for
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,9 @@ class Limits:
     # The network modes the model may ask for: the operator's call too (MVM_MCP_NETWORK=deny,allow-list,open).
     # An allow-list may name the host's own loopback services, so even that is not the default.
     network_modes: tuple[str, ...] = ("deny",)
+    # Templates beyond the built-ins (MVM_MCP_TEMPLATES): resolved directory paths and snapshot tags.
+    template_dirs: tuple[str, ...] = ()
+    template_tags: tuple[str, ...] = ()
 
     @classmethod
     def from_environment(cls) -> Limits:
@@ -67,6 +75,9 @@ class Limits:
                 raise UsageError(f"MVM_MCP_NETWORK={modes!r} is not a list of {', '.join(NETWORK_MODES)}",
                                  "unset it (deny only), or e.g. MVM_MCP_NETWORK=deny,allow-list")
             values["network_modes"] = listed
+        templates = os.environ.get("MVM_MCP_TEMPLATES")
+        if templates is not None:
+            values["template_dirs"], values["template_tags"] = _allowed_templates(templates)
         for name, env in (("max_inflight", "MVM_MCP_MAX_INFLIGHT"), ("mem_ceiling_mib", "MVM_MCP_MEM_CEILING_MIB"),
                           ("session_idle_s", "MVM_MCP_SESSION_IDLE"), ("session_max_s", "MVM_MCP_SESSION_MAX")):
             text = os.environ.get(env)
@@ -76,6 +87,28 @@ class Limits:
                 raise UsageError(f"{env}={text!r} is not a whole number of at least 1", f"unset it, or e.g. {env}=4")
             values[name] = int(text)
         return cls(**values)  # type: ignore[arg-type]
+
+
+def _allowed_templates(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """MVM_MCP_TEMPLATES: each entry a directory holding an mvm.toml, or a snapshot of this MVM_HOME."""
+    from mvm.core.state import MvmHome
+    from mvm.runtime.snapshot import TAG
+
+    fix = "unset it (the built-ins only), or list directories with an mvm.toml and snapshot tags, comma-separated"
+    entries = [e.strip() for e in text.split(",") if e.strip()]
+    if not entries:
+        raise UsageError(f"MVM_MCP_TEMPLATES={text!r} lists no template", fix)
+    dirs, tags = [], []
+    snapshots = MvmHome.default().snapshots
+    for entry in entries:
+        if (Path(entry) / "mvm.toml").is_file():
+            dirs.append(str(Path(entry).resolve()))
+        elif TAG.fullmatch(entry) and (snapshots / entry).is_dir():
+            tags.append(entry)
+        else:
+            raise UsageError(f"MVM_MCP_TEMPLATES: {entry!r} is neither a directory with an mvm.toml nor a snapshot "
+                             f"tag of {snapshots.parent}", fix)
+    return tuple(dirs), tuple(tags)
 
 
 @dataclass
@@ -105,9 +138,29 @@ class SandboxPool:
         with self.lock:
             self.inflight -= 1
 
+    def template(self, template: str) -> tuple[str, int]:
+        """The template as Sandbox.create takes it, and the memory (MiB) its sandbox asks for;
+        ToolError unless it is a built-in or the operator listed it."""
+        from mvm.core.manifest import load_manifest
+        from mvm.core.state import MvmHome
+        from mvm.runtime.snapshot import SnapshotStore
+        from mvm.sdk.templates import BUILT_IN, template_dir
+
+        home = MvmHome.default()
+        if template in BUILT_IN:
+            return template, load_manifest(template_dir(home, template)).memory_mib
+        if template in self.limits.template_tags and not Path(template).exists():
+            return template, SnapshotStore(home).load(template, check_files=False).manifest.memory_mib
+        if template and str(Path(template).resolve()) in self.limits.template_dirs:
+            directory = str(Path(template).resolve())
+            return directory, load_manifest(directory).memory_mib
+        raise ToolError(f"refused: template {template[:200]!r} is not open to this server's clients (the built-ins "
+                        f"{', '.join(BUILT_IN)}, and what the operator lists in MVM_MCP_TEMPLATES)")
+
     def create(self, template: str, memory_mib: int | None = None, network: str | None = None,
                allow: list[str] | None = None) -> Session:
-        memory = memory_mib or DEFAULT_MEMORY_MIB
+        template, own_memory = self.template(template)
+        memory = memory_mib or own_memory
         mode = network or ("allow-list" if allow else "deny")
         if mode not in self.limits.network_modes:
             raise ToolError(f"refused: network {mode!r} is not open to this server's clients (MVM_MCP_NETWORK="
@@ -227,24 +280,28 @@ def build_server(limits: Limits) -> FastMCP:
     def exec_in(session: Session, command: str | list[str], timeout_secs: float) -> dict[str, Any]:
         from mvm.errors import CommandTimeout
 
+        if not math.isfinite(timeout_secs):
+            raise ToolError(f"timeout_secs={timeout_secs!r} is not a number of seconds (1 to 600)")
         timeout = min(max(timeout_secs, 1), 600)
         try:
             result = session.sandbox.commands.run(command, timeout=timeout)
         except CommandTimeout as err:
-            return {"exit_code": 137, "timed_out": True, "stdout": _capped(err.stdout.decode(errors="replace")),
+            return {"exit_code": 137, "timed_out": True, "timeout_secs": timeout,
+                    "stdout": _capped(err.stdout.decode(errors="replace")),
                     "stderr": _capped(err.stderr.decode(errors="replace")), "sandbox": session.sandbox.name}
-        return {"exit_code": result.exit_code, "timed_out": False, "stdout": _capped(result.stdout),
-                "stderr": _capped(result.stderr), "sandbox": session.sandbox.name, "receipt": result.receipt_id}
+        return {"exit_code": result.exit_code, "timed_out": False, "timeout_secs": timeout,
+                "stdout": _capped(result.stdout), "stderr": _capped(result.stderr), "sandbox": session.sandbox.name,
+                "receipt": result.receipt_id}
 
     @server.tool()
     async def run(code: str, env: str = "shell", session: str | None = None, close: bool = False,
                   timeout_secs: float = 60) -> dict[str, Any]:
         """Run code in a sandbox: env "shell" (/bin/sh -c) or "python" (python3 -c), or a
-        template directory (run as shell). The result names its `session`: pass it again to
-        reuse that warm sandbox; `close` destroys it after this call (an unused one is destroyed
-        after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
+        template the operator opened to this server (run as shell). The result names its
+        `session`: pass it again to reuse that warm sandbox; `close` destroys it after this
+        call (an unused one is destroyed after MVM_MCP_SESSION_IDLE seconds); `receipt` is the id of its audit record (`mvmctl
         receipt show ID`). stdout and stderr are capped at 64 KiB each;
-        timeout_secs is clamped to 1-600."""
+        timeout_secs is clamped to 1-600 (the result says what was used)."""
         def work() -> dict[str, Any]:
             current = pool.get(session) if session is not None else pool.create(ENVS.get(env, env))
             try:
@@ -260,7 +317,8 @@ def build_server(limits: Limits) -> FastMCP:
     @server.tool()
     async def sandbox_create(template: str = "base", memory_mib: int | None = None, network: str | None = None,
                              allow: list[str] | None = None) -> dict[str, Any]:
-        """Start a sandbox ("base", "python", or a template directory); returns its name.
+        """Start a sandbox ("base", "python", or a template directory or snapshot tag the operator
+        opened to this server, MVM_MCP_TEMPLATES); returns its name.
         `network`: "deny" (default: no network), "allow-list" (only the `allow` destinations,
         host:port, *.domain:port or CIDR:port, checked by the host) or "open" — each only if the
         operator opened it to this server (MVM_MCP_NETWORK; by default only "deny")."""

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from mvm.core import protocol
-from mvm.errors import SandboxStopped
+from mvm.errors import SandboxStopped, VmError
 from mvm.runtime.client import AgentError, VmClient
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class CommandHandle:
         while self._client is not None:
             try:
                 frame = next(iter(self._client.replies(self._id)))
-            except AgentError as err:
+            except VmError as err:  # (an AgentError, or the supervisor gone: the sandbox was killed)
                 self._finish(None, str(err))
                 raise SandboxStopped(f"{self.argv[0]} in sandbox {self.sandbox}: {err}") from None
             if frame.type in ("stdout", "stderr"):

@@ -3,7 +3,7 @@
 ``Sandbox.create(mode="record")`` (or ``MVM_SDK_MODE=record``) returns a sandbox whose
 calls are appended to a plan instead of acted on: its creation with every argument, the
 commands it starts, the files it writes (with their bytes, size and sha256), the
-directories it makes or removes, its kill. A call that needs a live guest (a command's
+directories it makes or removes, the renames, its kill. A call that needs a live guest (a command's
 output, a file's contents) raises :class:`~mvm.errors.ModeError`. At exit the plan is
 written as JSON to ``MVM_SDK_OUT_PATH``, or to stdout. Someone reviews it, and
 ``mvmctl plan run PLAN.json`` carries it out later (sdk/replay.py).

@@ -2,9 +2,12 @@
 
 A plan is read as hostile input: every call is checked for its fields and their types
 before anything starts, a write's bytes must match its recorded size and sha256, and a call
-naming a sandbox the plan did not create is refused. Then each call is made live, in order:
-a started command runs to its end (its output and exit code are reported), and sandboxes
-the plan did not kill are killed when it ends, as a live script's would be at its exit.
+naming a sandbox the plan did not create is refused. Then each call is made live, in order.
+A started command runs in the background, as it did in the script (a server started there
+may never end on its own): the plan goes on at once, and when its sandbox is killed, or the
+plan ends, the command is given GRACE_S seconds to finish, then killed; its step then reports
+its output and exit code. Sandboxes the plan did not kill are killed when it ends, as a live
+script's would be at its exit.
 """
 
 from __future__ import annotations
@@ -13,14 +16,20 @@ import base64
 import binascii
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from mvm.errors import ModeError
 from mvm.sdk.record import PLAN_FORMAT
 
+if TYPE_CHECKING:
+    from mvm.sdk.handles import CommandHandle
+
 PLAN_MAX = 64 << 20
+GRACE_S = 5.0  # how long a started command may take to end once its sandbox is about to go
 _OPTIONAL = (type(None),)
 FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "create": {"template": (str,), "cpus": (int, *_OPTIONAL), "memory": (int, *_OPTIONAL),
@@ -31,11 +40,12 @@ FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "write": {"path": (str,), "mode": (int,), "size": (int,), "sha256": (str,), "data": (str,)},
     "make_dir": {"path": (str,)},
     "remove": {"path": (str,), "recursive": (bool, *_OPTIONAL)},
+    "rename": {"src": (str,), "dst": (str,)},
     "network": {"allow": (list, *_OPTIONAL), "deny": (list, *_OPTIONAL)},
     "kill": {},
 }
 REQUIRED = {"create": {"template", "timeout"}, "start": {"argv"}, "write": set(FIELDS["write"]),
-            "make_dir": {"path"}, "remove": {"path"}, "network": set(), "kill": set()}
+            "make_dir": {"path"}, "remove": {"path"}, "rename": {"src", "dst"}, "network": set(), "kill": set()}
 
 
 @dataclass
@@ -48,6 +58,52 @@ class Step:
     exit_code: int | None = None
     stdout: str = ""
     stderr: str = ""
+
+
+@dataclass
+class _Started:
+    """A replayed ``start``: its handle, and the thread that collects its output."""
+
+    step: Step
+    handle: CommandHandle
+    outcome: list[Any] = field(default_factory=list)  # its CommandResult, or the error that ended it
+    thread: threading.Thread | None = None
+
+    def collect(self) -> None:
+        try:
+            self.outcome.append(self.handle.wait())
+        except Exception as err:  # noqa: BLE001 - reported in its step
+            self.outcome.append(err)
+
+
+def _finish(started: list[_Started], report: Callable[[Step], None]) -> None:
+    """Give each command GRACE_S seconds to end, kill those still running, and report each
+    step with its output."""
+    from mvm.core.errors import MvmError
+
+    deadline = time.monotonic() + GRACE_S
+    for run in started:
+        assert run.thread is not None
+        run.thread.join(max(0.0, deadline - time.monotonic()))
+        killed = run.thread.is_alive()
+        if killed:
+            try:
+                run.handle.kill()
+            except (MvmError, OSError, AssertionError):  # (it ended, and its handle closed, meanwhile)
+                pass
+            run.thread.join(GRACE_S)
+        step, argv0 = run.step, run.handle.argv[0]
+        outcome = run.outcome[0] if run.outcome else None
+        if outcome is None:
+            step.ok, step.detail = False, f"{argv0} did not answer a kill (it is killed with its sandbox)"
+        elif isinstance(outcome, Exception):
+            step.ok, step.detail = False, f"{argv0}: {outcome}"
+        else:
+            step.exit_code, step.stdout, step.stderr = outcome.exit_code, outcome.stdout, outcome.stderr
+            step.detail = (f"{argv0} was still running {GRACE_S:g} s after the plan was done with its sandbox: killed"
+                           if killed else f"{argv0} exited {outcome.exit_code}")
+        report(step)
+    started.clear()
 
 
 def load_plan(text: str | bytes) -> list[dict[str, Any]]:
@@ -111,6 +167,7 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
     from mvm.sdk.sandbox import Sandbox
 
     live: dict[str, Sandbox] = {}
+    started: dict[str, list[_Started]] = {}  # the commands running in each sandbox
     steps: list[Step] = []
     try:
         for index, call in enumerate(calls):
@@ -122,10 +179,13 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
                     live[name] = Sandbox.create(args.pop("template"), mode="live", **args)
                     step.detail = f"created as {live[name].name}"
                 elif op == "start":
-                    result = live[name].commands.run(args["argv"], env=args.get("env"), cwd=args.get("cwd"),
-                                                     timeout=args.get("timeout"))
-                    step.exit_code, step.stdout, step.stderr = result.exit_code, result.stdout, result.stderr
-                    step.detail = f"{args['argv'][0]} exited {result.exit_code}"
+                    handle = live[name].commands.start(args["argv"], env=args.get("env"), cwd=args.get("cwd"),
+                                                       timeout=args.get("timeout"))
+                    run = _Started(step, handle)
+                    run.thread = threading.Thread(target=run.collect, name=f"plan-{index}", daemon=True)
+                    run.thread.start()
+                    started.setdefault(name, []).append(run)
+                    step.detail = f"started {args['argv'][0]} (pid {handle.pid}); its end is reported later"
                 elif op == "write":
                     size = live[name].files.write(args["path"], base64.b64decode(args["data"]), mode=args["mode"])
                     step.detail = f"wrote {args['path']} ({size} bytes)"
@@ -135,12 +195,16 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
                 elif op == "remove":
                     live[name].files.remove(args["path"], recursive=bool(args.get("recursive")))
                     step.detail = f"removed {args['path']}"
+                elif op == "rename":
+                    live[name].files.rename(args["src"], args["dst"])
+                    step.detail = f"renamed {args['src']} to {args['dst']}"
                 elif op == "network":
                     entries = live[name].network.allow(*args.get("allow") or ())
                     if args.get("deny"):
                         entries = live[name].network.deny(*args["deny"])
                     step.detail = f"allow-list now {', '.join(entries) or 'empty'}"
                 elif op == "kill":
+                    _finish(started.pop(name, []), report)
                     live.pop(name).kill()
                     step.detail = "killed"
             except (MvmError, KeyError) as err:
@@ -150,6 +214,9 @@ def replay(calls: list[dict[str, Any]], report: Callable[[Step], None]) -> list[
             if not step.ok:
                 break
     finally:
-        for sandbox in live.values():
-            sandbox.kill()
+        for name, sandbox in live.items():
+            try:
+                _finish(started.pop(name, []), report)
+            finally:
+                sandbox.kill()
     return steps

@@ -13,34 +13,35 @@ Ctrl-C or the interpreter's exit kill it at once; ``detach()`` lets it live out 
 from __future__ import annotations
 
 import atexit
-import io
 import secrets
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
 
 from mvm.build import stamps
 from mvm.build.project import image_for
-from mvm.core.bootimage import BootImage, PortForward, parse_host
+from mvm.core.bootimage import BootImage
 from mvm.core.home import check_vm_name
 from mvm.core.state import DamagedRecord, MvmHome, VmRecord
 from mvm.errors import (
     CommandFailed,
     CommandTimeout,
+    ModeError,
     SandboxNotFound,
     SandboxStopped,
     Unsupported,
     UsageError,
     VmError,
 )
-from mvm.runtime import allow_list, backends, cloning, lifecycle, transfer
-from mvm.runtime.client import AgentError, VmClient, current_surface, set_surface
+from mvm.runtime import allow_list, backends, cloning, lifecycle
+from mvm.runtime.client import VmClient, current_surface, set_surface
 from mvm.runtime.snapshot import TAG as SNAPSHOT_TAG
 from mvm.sdk import record
+from mvm.sdk.files import Files
 from mvm.sdk.handles import CommandHandle
+from mvm.sdk.network import Network, Ports
 from mvm.sdk.templates import BUILT_IN, template_dir
 
 if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
@@ -133,148 +134,6 @@ class Commands:
                                    on_stdout=on_stdout, on_stderr=on_stderr)
 
 
-class Files:
-    """``sandbox.files``: the guest's files, read and written as the image's exec uid."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def read(self, path: str, *, format: Literal["text", "bytes"] = "text") -> str | bytes:
-        buffer = io.BytesIO()
-        with self._sandbox._client() as client:
-            client.read_file(path, buffer.write)
-        return buffer.getvalue().decode() if format == "text" else buffer.getvalue()
-
-    def write(self, path: str, data: str | bytes | BinaryIO, *, mode: int = 0o644) -> int:
-        """Write a file (a temporary file renamed into place: never seen half written); returns its size."""
-        source = data.encode() if isinstance(data, str) else data
-        if self._sandbox._recording:
-            raw = source if isinstance(source, bytes) else source.read()
-            record.plan().add("write", self._sandbox.name, path=path, mode=mode, **record.file_fields(raw))
-            return len(raw)
-        with self._sandbox._client() as client:
-            return client.write_file(path, source, mode=mode)
-
-    def write_many(self, files: dict[str, str | bytes]) -> None:
-        for path, data in files.items():
-            self.write(path, data)
-
-    def list(self, path: str) -> list[dict[str, Any]]:
-        """Entries of a directory: name, type (file, dir, link, other), size, mode, mtime."""
-        with self._sandbox._client() as client:
-            return list(client.call("list", path=path)["entries"])
-
-    def info(self, path: str) -> dict[str, Any]:
-        with self._sandbox._client() as client:
-            return dict(client.call("stat", path=path)["stat"])
-
-    def exists(self, path: str) -> bool:
-        try:
-            self.info(path)
-        except AgentError as err:
-            if err.errno == "ENOENT":
-                return False
-            raise
-        return True
-
-    def remove(self, path: str, *, recursive: bool = False) -> None:
-        if self._sandbox._recording:
-            record.plan().add("remove", self._sandbox.name, path=path, recursive=recursive)
-            return
-        with self._sandbox._client() as client:
-            client.call("remove", path=path, recursive=recursive)
-
-    def rename(self, src: str, dst: str) -> None:
-        with self._sandbox._client() as client:
-            client.call("rename", src=src, dst=dst)
-
-    def make_dir(self, path: str) -> None:
-        if self._sandbox._recording:
-            record.plan().add("make_dir", self._sandbox.name, path=path)
-            return
-        with self._sandbox._client() as client:
-            client.call("mkdir", path=path, parents=True)
-
-    def copy_in(self, host_path: str | Path, guest_path: str) -> None:
-        with self._sandbox._client() as client:
-            transfer.copy_in(client, Path(host_path), guest_path)
-
-    def copy_out(self, guest_path: str, host_path: str | Path) -> list[str]:
-        """Copy a guest file or tree to the host, by the hostile-guest rules (README, "Threat
-        model"); returns the entries left out, with why."""
-        with self._sandbox._client() as client:
-            return transfer.copy_out(client, guest_path, Path(host_path))
-
-
-@dataclass(frozen=True)
-class PortInfo:
-    host_addr: str
-    host_port: int
-    guest_port: int
-
-
-class Ports:
-    """``sandbox.ports``: host TCP ports tunnelled to the guest's loopback (no guest NIC needed)."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def forward(self, guest_port: int, host_port: int, *, host_addr: str = "127.0.0.1") -> str:
-        """Listen on ``host_addr:host_port`` (loopback unless you name another address) and carry
-        each connection to ``guest_port`` on the guest's loopback; returns the host address."""
-        spec = PortForward.parse(f"[{host_addr}]:{host_port}:{guest_port}")
-        with self._sandbox._client() as client:
-            lifecycle.add_forward(client, spec)
-        return spec.host
-
-    def list(self) -> list[PortInfo]:
-        self._sandbox._record(running=True)
-        return [PortInfo(f.host_addr, f.host_port, f.guest_port)
-                for f in lifecycle.list_forwards(self._sandbox._home, self._sandbox.name)]
-
-    def remove(self, host_port: int, *, host_addr: str | None = None) -> None:
-        """Stop forwarding ``host_port`` (on ``host_addr``, or whichever address it is on);
-        connections it carries are closed."""
-        _, port = parse_host(str(host_port))
-        with self._sandbox._client() as client:
-            lifecycle.remove_forward(client, port, host_addr)
-
-
-@dataclass(frozen=True)
-class NetworkInfo:
-    mode: str  # "deny", "allow-list" or "open"
-    allow: list[str]  # the allow-list's entries (empty unless mode is "allow-list")
-
-
-class Network:
-    """``sandbox.network``: its network mode, and the destinations of an ``allow-list`` sandbox,
-    changed while it runs (as ``mvmctl network`` does). The host checks every connection the
-    guest opens against the list: new connections use the changed list, open ones run on."""
-
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sandbox = sandbox
-
-    def info(self) -> NetworkInfo:
-        mine = self._sandbox._record()
-        return NetworkInfo(mine.network, list(mine.allow))
-
-    def allow(self, *entries: str) -> list[str]:
-        """Add destinations (``host:port``, ``*.domain:port``, ``CIDR:port``); returns the new list."""
-        return self._change(entries, ())
-
-    def deny(self, *entries: str) -> list[str]:
-        """Remove destinations, written as listed; returns the new list."""
-        return self._change((), entries)
-
-    def _change(self, allow: tuple[str, ...], deny: tuple[str, ...]) -> list[str]:
-        if self._sandbox._recording:
-            allow_list.check_entries(allow)
-            record.plan().add("network", self._sandbox.name, allow=list(allow) or None, deny=list(deny) or None)
-            return []
-        self._sandbox._record(running=True)
-        return allow_list.change(self._sandbox._home, self._sandbox.name, allow, deny)
-
-
 class Sandbox:
     """A running sandbox. Make one with :meth:`create`, or reach one with :meth:`connect`."""
 
@@ -283,6 +142,7 @@ class Sandbox:
         self.env = dict(env or {})
         self._home = home
         self._recording = False  # record mode: calls go into the plan (sdk/record.py)
+        self._killed = False  # by kill(): later calls say so (SandboxStopped), not "no such sandbox"
         self.commands = Commands(self)
         self.files = Files(self)
         self.ports = Ports(self)
@@ -297,8 +157,9 @@ class Sandbox:
                cold: bool = False, mode: str | None = None, overcommit: bool = False) -> Sandbox:
         """Start a sandbox and return once its agent answers.
 
-        ``template``: a built-in ("base": the default image; "python": with Debian's python3 and
-        its standard library), a directory holding an mvm.toml, or the tag of a snapshot (then
+        ``template``: a built-in ("base": busybox, and the Python 3 the agent runs on, Debian's
+        python3-minimal with the standard library, so ``python3`` works in it too; "python":
+        adds Debian's full python3 package), a directory holding an mvm.toml, or the tag of a snapshot (then
         the sandbox is a clone of it). A built-in is built on first use and saved as a template
         snapshot, so later sandboxes start from memory instead of booting (``cold=True``
         boots anyway). ``memory`` is in MiB. ``timeout``: its lifetime in seconds, enforced by
@@ -352,8 +213,13 @@ class Sandbox:
         return sandbox
 
     @classmethod
-    def connect(cls, name: str) -> Sandbox:
-        """A running sandbox (or any VM) by name."""
+    def connect(cls, name: str, *, mode: str | None = None) -> Sandbox:
+        """A running sandbox (or any VM) by name. Not in record mode: a plan creates the
+        sandboxes it uses, and a connected one would be acted on live."""
+        if record.resolve_mode(mode) == "record":
+            raise ModeError(f"Sandbox.connect({name!r}) reaches a sandbox that is already running, and this is record "
+                            "mode (nothing may act live)",
+                            "record a Sandbox.create instead, or run the script in live mode")
         sandbox = cls(name, MvmHome.default())
         sandbox._record(running=True)
         return sandbox
@@ -388,6 +254,7 @@ class Sandbox:
             record.plan().add("kill", self.name)
             return
         _LIVE.pop(self.name, None)
+        self._killed = True
         try:
             lifecycle.down(self._home, self.name, force=True)
         except UsageError:  # (already gone: removed when it stopped)
@@ -398,11 +265,15 @@ class Sandbox:
         _LIVE.pop(self.name, None)
 
     def logs(self) -> str:
+        """Its console so far: the kernel's warnings and what its entrypoint printed."""
+        if self._recording:
+            raise record.needs_live(self.name, "logs()")
+        self._record()  # (SandboxStopped once killed, SandboxNotFound for no such sandbox)
         chunks: list[bytes] = []
         lifecycle.logs(self._home, self.name, chunks.append)
         return b"".join(chunks).decode(errors="replace")
 
-    def forward(self, guest_port: int, host_port: int) -> str:
+    def forward(self, guest_port: int, host_port: int | None = None) -> str:
         """The same as ``ports.forward`` (kept for programs written against it)."""
         return self.ports.forward(guest_port, host_port)
 
@@ -446,6 +317,11 @@ class Sandbox:
 
     # -- under the hood ---------------------------------------------------------------------
 
+    def _refuse_if_killed(self) -> None:
+        if self._killed:
+            raise SandboxStopped(f"sandbox {self.name} was killed (kill() or the end of its with block)",
+                                 "create a new one")
+
     def _refuse_without_snapshots(self, what: str) -> VmRecord:
         mine = self._record(running=True)
         backend = backends.get(mine.backend)
@@ -463,6 +339,7 @@ class Sandbox:
     def _record(self, *, running: bool = False) -> VmRecord:
         if self._recording:
             raise record.needs_live(self.name, "this call")
+        self._refuse_if_killed()
         try:
             _, found = lifecycle.require_vm(self._home, self.name)
         except DamagedRecord:
@@ -476,6 +353,7 @@ class Sandbox:
     def _client(self) -> VmClient:
         if self._recording:
             raise record.needs_live(self.name, "this call")
+        self._refuse_if_killed()
         try:
             return lifecycle.connect(self._home, self.name)
         except UsageError:
