@@ -161,6 +161,37 @@ def test_a_sandbox_ends_at_the_session_maximum_even_while_used(mvm_home: Path) -
     run_client(mvm_home, body, MVM_MCP_SESSION_MAX="15", MVM_MCP_SESSION_IDLE="600")
 
 
+def test_a_killed_server_leaves_nothing_past_its_session_maximum(mvm_home: Path) -> None:
+    """SIGKILL gives the server no chance to clean up: each sandbox's own supervisor ends it."""
+    import psutil
+
+    made: list[str] = []
+
+    async def main() -> None:
+        async with stdio_client(server(mvm_home, MVM_MCP_SESSION_MAX="20", MVM_MCP_SESSION_IDLE="600")) as (read, write):
+            async with ClientSession(read, write) as client:
+                await client.initialize()
+                error, result = await tool(client, "run", code="echo up")
+                assert not error
+                made.append(result["session"])
+                ours = [p for p in psutil.Process().children(recursive=True)
+                        if "mcp" in p.cmdline() and "mvm.cli.main" in p.cmdline()]
+                assert len(ours) == 1, ours
+                ours[0].kill()
+                ours[0].wait(30)
+
+    try:
+        asyncio.run(main())
+    except BaseException as err:  # noqa: BLE001 - the client's streams end mid-session: expected
+        if isinstance(err, AssertionError):
+            raise
+    assert made and made[0] in vms(mvm_home)  # the server is gone, its sandbox not yet
+    deadline = time.monotonic() + 90
+    while made[0] in vms(mvm_home):
+        assert time.monotonic() < deadline, "the sandbox outlived its killed server's MVM_MCP_SESSION_MAX"
+        time.sleep(0.5)
+
+
 @pytest.mark.parametrize("limit", ["MVM_MCP_MAX_INFLIGHT", "MVM_MCP_MEM_CEILING_MIB", "MVM_MCP_SESSION_IDLE",
                                    "MVM_MCP_SESSION_MAX"])
 @pytest.mark.parametrize("bad", ["0", "-1", "many", "2.5", ""])
