@@ -71,6 +71,15 @@ def test_up_has_a_receipt_that_verifies(mvmctl: Mvmctl, vm) -> None:
     assert builds and builds[-1]["artifact"] == entry["artifact"] and builds[-1]["result"] == "ok"
 
 
+def test_a_refused_console_on_a_sealed_vm_is_recorded(mvmctl: Mvmctl, vm) -> None:
+    name, _, _ = vm
+    proc = mvmctl("console", name)
+    assert proc.returncode == 2 and "sealed image, which has no console" in proc.stderr
+    entry = last_of(mvmctl, "console", name)
+    assert entry["result"] == "error" and entry["detail"]["refused"] == "sealed"
+    assert mvmctl("audit", "verify").returncode == 0
+
+
 def test_exec_is_recorded_by_the_supervisor_without_its_output(mvmctl: Mvmctl, vm) -> None:
     name, _, _ = vm
     printed = "echo $((6*7))-s3cr3t-$((6*7))"

@@ -48,8 +48,11 @@ def console(name: str, command: str | None) -> None:
     home = MvmHome.default()
     _, record = lifecycle.require_vm(home, name)
     if record.sealed:
-        raise UsageError(f"VM {name} runs a sealed image, which has no console",
-                         "use `mvmctl exec`, or build with dev = true for an accessible image")
+        refused = UsageError(f"VM {name} runs a sealed image, which has no console",
+                             "use `mvmctl exec`, or build with dev = true for an accessible image")
+        # (a try at a sealed VM's console is worth knowing of afterwards: it is recorded too)
+        lifecycle.audit_action(home, "console", name=name, vm=record, error=refused, detail={"refused": "sealed"})
+        raise refused
     with lifecycle.connect(home, name) as client:
         result = interactive(client, ["/bin/sh", "-c", command] if command else None, kind="console")
     sys.exit(result.exit_status)
