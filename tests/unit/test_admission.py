@@ -158,3 +158,30 @@ def test_a_running_vms_list_change_is_held_to_the_policy_and_a_refusal_recorded(
         admit_change(home, unbound, ("deb.debian.org:80",), (), {})
     assert caught.value.rule == "network.open" and "allow_patterns" in caught.value.why
     admit_change(home, vm, (), ("deb.debian.org:443",), {})  # open = false + allow_patterns: allow-list admitted
+
+
+def test_a_dry_run_plans_the_network_options_and_holds_them_to_the_policy(tmp_path: Path) -> None:
+    """`up/run --dry-run --network/--allow` show the network the VM would really get, and a
+    policy refuses it as `up` would; nothing is built (the workload is planned from mvm.toml)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    work = tmp_path / "w"
+    work.mkdir()
+    (work / "mvm.toml").write_text('name = "dr"\n[entrypoint]\ncommand = ["/bin/true"]\n')
+    env = {**os.environ, "MVM_HOME": str(tmp_path / "home")}
+
+    def mvmctl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mvm.cli.main", *args], env=env, capture_output=True, text=True)
+
+    planned = mvmctl("run", "--dry-run", "--json", str(work), "--network", "allow-list", "--allow", "example.com:443")
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["network"]["mode"] == "allow-list" and plan["network"]["allow"] == ["example.com:443"]
+    assert plan["artifact"]["built"] is False and not (tmp_path / "home" / "store").exists()
+    (tmp_path / "policy.toml").write_text("[network]\nopen = false\n")
+    refused = mvmctl("up", "--dry-run", str(work), "--network", "open", "--policy", str(tmp_path / "policy.toml"))
+    assert refused.returncode == 4 and "network.open" in refused.stderr and "policy.toml:2" in refused.stderr
+    assert mvmctl("up", "--dry-run", str(work)).stdout.count("deny") >= 1

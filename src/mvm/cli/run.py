@@ -116,11 +116,9 @@ def run(ctx: click.Context, directory: str | None, flake: str | None, attached: 
     home = MvmHome.default()
     mounting = volume_options(project_dir(directory, flake), volume_specs, allow_broad_mount)
     if dry_run:
-        if network_mode or allow_entries:
-            raise UsageError("--network and --allow are not planned by --dry-run", "leave them out of the dry run")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
                    hypervisor=hypervisor, argv=argv, forwards=forwards, overcommit=overcommit, policies=policies,
-                   **mounting)
+                   network=(network_mode, allow_entries), **mounting)
         return
     image = with_network(boot_image(project_dir(directory, flake), home), network_mode, allow_entries)
     vm_name = name or image.name

@@ -77,9 +77,11 @@ POLICY_OPTION = click.option(
 
 def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *, policies: tuple[str, ...] = (),
                volumes: tuple[Any, ...] = (), workload_dir: Path | None = None, allow_broad_mount: bool = False,
-               **options: Any) -> None:
+               network: tuple[str | None, tuple[str, ...]] = (None, ()), **options: Any) -> None:
     """--dry-run: the admitted plan (or the rule that refuses it); nothing is started or built
-    (a workload not built yet is planned from its mvm.toml, and says so)."""
+    (a workload not built yet is planned from its mvm.toml, and says so). ``network``:
+    `--network`/`--allow`, planned over the image's own as `up` would start it."""
+    from mvm.runtime.allow_list import with_network
     from mvm.runtime.plan import admit, make_plan, unbuilt_image
 
     image, workload = stamps.lookup(home, directory), None
@@ -89,6 +91,7 @@ def print_plan(home: MvmHome, directory: str, name: str | None, as_json: bool, *
         parsed = load_manifest(directory)
         workload = json.loads(parsed.canonical_json())
         image = unbuilt_image(Path(directory), workload)
+    image = with_network(image, *network)
     mounts = lifecycle.check_volumes(home, image, volumes, workload_dir, allow_broad_mount)
     plan = admit(home, make_plan(home, image, name=name or image.name, workload=workload, mounts=mounts, **options),
                  policies, sealed=image.sealed, dry_run=True)
@@ -154,8 +157,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
     forwards = tuple(PortForward.parse(spec) for spec in publish)
     home = MvmHome.default()
     receipts: list[str] = []
-    if (network_mode or allow_entries) and (dry_run or snapshot_tag is not None):
-        raise UsageError("--network and --allow go with a boot from a workload, not with --dry-run or --snapshot",
+    if (network_mode or allow_entries) and snapshot_tag is not None:
+        raise UsageError("--network and --allow go with a boot from a workload, not with --snapshot",
                          "leave them out (a clone keeps its snapshot's network)")
     mounting = volume_options(project_dir(directory, flake), volume_specs, allow_broad_mount)
     if dry_run:
@@ -163,7 +166,8 @@ def up(directory: str | None, flake: str | None, detach: bool, name: str | None,
             raise UsageError("--dry-run plans a boot; a clone of a snapshot is not planned here",
                              "`mvmctl snapshot inspect TAG` shows what a clone would start from")
         print_plan(home, project_dir(directory, flake), name, as_json, vcpus=vcpus, memory_mib=memory_mib,
-                   hypervisor=hypervisor, forwards=forwards, overcommit=overcommit, policies=policies, **mounting)
+                   hypervisor=hypervisor, forwards=forwards, overcommit=overcommit, policies=policies,
+                   network=(network_mode, allow_entries), **mounting)
         return
     if snapshot_tag is not None:
         if volume_specs:
