@@ -147,14 +147,18 @@ def test_an_sdk_sandbox_records_its_build_start_and_kill_as_the_sdk(mvmctl: Mvmc
     project.mkdir()
     (project / "mvm.toml").write_text(WORKLOAD.replace('"aud"', '"aud-sdk"'))
     code = (f"import mvm; s = mvm.Sandbox.create({str(project)!r}, name='aud-sdk', timeout=300); "
-            "print(s.commands.run('true').receipt_id); s.kill()")
+            "print(s.commands.run('true').receipt_id); s.files.write('/tmp/x', 'y'); print(*s.receipts); s.kill()")
     proc = subprocess.run([sys.executable, "-c", code], env=mvmctl.env, capture_output=True, text=True, timeout=600,
                           check=True)
     mine = [e for e in json.loads(mvmctl("audit", "ls", "--json", check=True).stdout)
             if e.get("vm") == "aud-sdk" or str(project) in (e.get("paths") or [])]
     assert [(e["operation"], e["actor"]["surface"]) for e in mine] == [
-        ("build", "sdk"), ("plan", "sdk"), ("up", "sdk"), ("exec", "sdk"), ("down", "sdk")]
-    assert mine[3]["id"] == proc.stdout.strip()
+        ("build", "sdk"), ("plan", "sdk"), ("up", "sdk"), ("exec", "sdk"), ("write", "sdk"), ("down", "sdk")]
+    exec_id, receipts = proc.stdout.splitlines()
+    assert mine[3]["id"] == exec_id
+    # the sandbox's receipts: its start, the command, the file write (each verifies)
+    started, ran, wrote = receipts.split()
+    assert (started, ran, wrote) == (mine[2]["id"], exec_id, mine[4]["id"])
 
 
 def records(mvmctl: Mvmctl, vm: str | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import selectors
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableSequence
 
 from mvm.core import protocol
 from mvm.core.errors import VmError
@@ -91,7 +91,8 @@ class VmClient:
         self.name = name
         self.paths = paths
         self.sock = sock
-        self.receipts: list[str] = []  # ids of the audit records of what this client did
+        # ids of the audit records of what this client did (the SDK points it at its sandbox's)
+        self.receipts: MutableSequence[str] = []
         self.audit_warnings: list[str] = []  # why a record could not be written (dev images go on)
         self._decoder = protocol.Decoder()
         self._queued: list[protocol.Frame] = []

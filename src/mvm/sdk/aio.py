@@ -253,6 +253,11 @@ class AsyncSandbox(_Leaving):
     async def info(self) -> SandboxInfo:
         return await _off_loop(self._sync.info)
 
+    @property
+    def receipts(self) -> list[str]:
+        """As :attr:`Sandbox.receipts`."""
+        return self._sync.receipts
+
     async def is_running(self) -> bool:
         return await _off_loop(self._sync.is_running)
 

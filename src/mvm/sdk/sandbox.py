@@ -16,6 +16,7 @@ import atexit
 import secrets
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ if current_surface() == "cli":  # (MCP, on the SDK, says "mcp" itself)
     set_surface("sdk")  # a program that imports the SDK: its audit records say so
 
 OutputSink = Callable[[str], None]
+RECEIPTS_KEPT = 1000
 _LIVE: dict[str, Sandbox] = {}  # made by this process and not detached: killed at exit
 
 
@@ -143,6 +145,8 @@ class Sandbox:
         self._home = home
         self._recording = False  # record mode: calls go into the plan (sdk/record.py)
         self._killed = False  # by kill(): later calls say so (SandboxStopped), not "no such sandbox"
+        # ids of the audit records of what this object did, newest last (its clients append here)
+        self._receipts: deque[str] = deque(maxlen=RECEIPTS_KEPT)
         self.commands = Commands(self)
         self.files = Files(self)
         self.ports = Ports(self)
@@ -198,17 +202,21 @@ class Sandbox:
             return recorded
         networked = network not in (None, "deny") or bool(allow)  # (a template snapshot has no network)
         tag = None if cold or networked else _template_snapshot(home, template, backend, cpus, memory)
+        started: list[str] = []  # the id of the start's audit record
         if tag is not None:
             cloning.clone(home, cloning.CloneRequest(tag, vm_name, cpus, memory, backend, lifetime_s=timeout,
-                                                     ephemeral=True, workload_id=workload_id, overcommit=overcommit))
+                                                     ephemeral=True, workload_id=workload_id, overcommit=overcommit,
+                                                     on_receipt=started.append))
         else:
             image = _built_image(home, template)
             if network is not None or allow:
                 image = allow_list.with_network(image, network, allow or ())
             lifecycle.up(home, image, name=vm_name, vcpus=cpus, memory_mib=memory, hypervisor=backend,
                          lifetime_s=timeout, ephemeral=True, workload_id=workload_id, overcommit=overcommit,
-                         workload_dir=template_dir(home, template))  # (where its mvm.toml's volumes may point)
+                         workload_dir=template_dir(home, template),  # (where its mvm.toml's volumes may point)
+                         on_receipt=started.append)
         sandbox = cls(vm_name, home, env)
+        sandbox._receipts.extend(started)
         _LIVE[vm_name] = sandbox
         return sandbox
 
@@ -350,12 +358,20 @@ class Sandbox:
             raise SandboxStopped(f"sandbox {self.name} is stopped: {found.stop_reason}", "create a new one")
         return found
 
+    @property
+    def receipts(self) -> list[str]:
+        """The ids of the audit records of what this object did (its start, each command, file
+        write and read, ...), oldest first, up to the last 1000: `mvmctl receipt show ID`."""
+        return list(self._receipts)
+
     def _client(self) -> VmClient:
         if self._recording:
             raise record.needs_live(self.name, "this call")
         self._refuse_if_killed()
         try:
-            return lifecycle.connect(self._home, self.name)
+            client = lifecycle.connect(self._home, self.name)
+            client.receipts = self._receipts  # (appends are atomic: threads may share this object)
+            return client
         except UsageError:
             raise SandboxNotFound(f"there is no sandbox named {self.name} (its lifetime may have ended)",
                                   "create a new one") from None
