@@ -90,7 +90,7 @@ def test_status_cross_checks_uids_seen_in_the_guest(ctl: Mvmctl, sandbox: str) -
     assert report["guest"]["entrypoint"]["uid"] == 1000 == report["uids"]["entrypoint"]
     assert report["uid_check"][:2] == ["agent: uid 990 (matches the image)", "entrypoint: uid 1000 (matches the image)"]
     assert report["uid_check"][2].startswith("processes: all ") and len(report["uid_check"]) == 3
-    uids = {uid for _, uid, _ in report["guest"]["processes"]}
+    uids = {uid for _, uid, _, euid in report["guest"]["processes"] for uid in (uid, euid)}  # real, effective
     assert {990, 1000} <= uids <= {0, 990, 1000}  # every process of the guest, the agent's and the workload's
     assert report["guest"]["memory"]["total"] > 100 * 1024 * 1024
     human = ctl("status", sandbox, check=True).stdout

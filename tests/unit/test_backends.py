@@ -217,7 +217,7 @@ def test_an_image_without_the_real_agent_starts_only_when_allowed(tmp_path: Path
 
 
 def test_status_flags_a_guest_process_under_a_uid_the_image_does_not_name() -> None:
-    from mvm.cli.vm import _process_check
+    from mvm.cli.vm_state import _process_check
 
     record = _record("qemu")
     assert _process_check(record, [[1, 0, "init"], [50, 990, "python3"], [60, 1000, "sh"]]) == [

@@ -23,12 +23,12 @@ from mvm.cli.vm import (
     POLICY_OPTION,
     VOLUME_OPTION,
     boot_image,
-    boot_report_lines,
     note,
     print_plan,
     resources,
     volume_options,
 )
+from mvm.cli.vm_state import boot_report_lines
 from mvm.core.bootimage import PortForward
 from mvm.core.errors import UsageError
 from mvm.core.state import MvmHome, VmRecord
