@@ -243,3 +243,21 @@ def compare_to_hello(bench: Bench, *, mvm_label: str, mvm_times: list[float], pa
     row(f"ratio mvmctl up / {other}", f"{ratio:7.2f} x")
     bench.target(target, f"{ratio:.2f}x ({median(mvm_times):.2f} s vs {median(other_times):.2f} s)",
                  ratio <= limit, f"<= {limit:.2f}x")
+
+
+def reuse_cached_kernel(bench: Bench) -> str | None:
+    """Take mvm's own kernel from the user's cache when it has the current build (compiling
+    takes minutes), so the private home's default (`kernel = "auto"`) is what the user's is.
+    Returns its name, or None: then images in this run boot Debian's kernel."""
+    from mvm.build import kernel_source
+    from mvm.core.state import MvmHome
+
+    theirs = Path(os.environ.get("MVM_HOME") or Path.home() / ".mvm")
+    found = kernel_source.cached_kernel(MvmHome(theirs))
+    if found is None:
+        return None
+    target = MvmHome(bench.home).kernels
+    if not (target / found.name).exists():
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(found.directory, target / found.name)
+    return found.name

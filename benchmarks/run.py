@@ -124,6 +124,8 @@ def main() -> int:
         env["MVM_ACCEL"] = accel
         bench = common.Bench(work, env, args.rounds)
         print(f"accelerator: {accel} ({why}); {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}")
+        ours = common.reuse_cached_kernel(bench)
+        print(f"guest kernel (the default, kernel = \"auto\"): {ours or 'Debian cloud (mvm own is not built here)'}")
         try:
             if only & {"exec", "memory", "docker"}:
                 dockerd = start_dockerd(work / "dockerd")
