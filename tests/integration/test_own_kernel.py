@@ -55,6 +55,8 @@ def test_the_image_carries_our_kernel_and_its_config_and_no_initramfs(mvmctl: Mv
     ours = [r for r in rows if r["kind"] == "mvm" and r["current"]]  # (a seeded cache may hold older ones)
     assert len(ours) == 1 and ours[0]["release"] == record["kernelRelease"]
     assert ours[0]["name"] == record["kernel"]["build"]
+    built = json.loads((mvmctl.home / "cache" / "kernels" / ours[0]["name"] / "build.json").read_text())
+    assert built["sourceEdits"] == ["arch/x86/mm/init.c"]  # (kernel_configs/x86_64.edits.toml)
     again = json.loads(mvmctl("kernel", "build", "--json", check=True).stdout)
     assert again["cacheHit"] is True and again["name"] == ours[0]["name"]
 

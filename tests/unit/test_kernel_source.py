@@ -102,3 +102,32 @@ def test_mvm_toml_and_build_name_the_kernel(tmp_path: Path) -> None:
     assert load_manifest(tmp_path, overrides=ManifestOverrides(kernel="mvm")).kernel == "mvm"
     with pytest.raises(UsageError, match="--kernel: 'nope'"):
         load_manifest(tmp_path, overrides=ManifestOverrides(kernel="nope"))
+
+
+def test_the_source_edits_are_exact_and_part_of_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    edits = kernel_source.source_edits("x86_64")
+    assert [e.path for e in edits] == ["arch/x86/mm/init.c"] and "POISON_FREE_INITMEM" in edits[0].old
+    assert "POISON_FREE_INITMEM" not in edits[0].new and edits[0].why
+    tree = tmp_path / "linux"
+    (tree / "arch/x86/mm").mkdir(parents=True)
+    source = f"void free_init_pages(void)\n{{\n\t\t{edits[0].old}\n}}\n"
+    (tree / "arch/x86/mm/init.c").write_text(source)
+    kernel_source.apply_edits(tree, edits)
+    assert (tree / "arch/x86/mm/init.c").read_text() == source.replace(edits[0].old, edits[0].new)
+    with pytest.raises(BuildError, match="there 0 times, not once"):  # (applied already: the text moved)
+        kernel_source.apply_edits(tree, edits)
+    (tree / "arch/x86/mm/init.c").write_text(source + source)
+    with pytest.raises(BuildError, match="there 2 times"):
+        kernel_source.apply_edits(tree, edits)
+    before = kernel_source.config_digest("x86_64")
+    fake = tmp_path / "configs"
+    fake.mkdir()
+    for name in ("x86_64.config", "x86_64.edits.toml"):
+        (fake / name).write_bytes((kernel_source.CONFIG_DIR / name).read_bytes())
+    monkeypatch.setattr(kernel_source, "CONFIG_DIR", fake)
+    assert kernel_source.config_digest("x86_64") == before
+    (fake / "x86_64.edits.toml").write_text("")  # no edits: another kernel
+    assert kernel_source.config_digest("x86_64") != before
+    (fake / "x86_64.edits.toml").write_text("[[edit]]\npath = 1\n")
+    with pytest.raises(BuildError, match="malformed"):
+        kernel_source.source_edits("x86_64")

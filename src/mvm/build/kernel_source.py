@@ -82,10 +82,57 @@ def config_fragment(arch: str) -> Path:
     return CONFIG_DIR / f"{arch}.config"
 
 
+def edits_file(arch: str) -> Path:
+    return CONFIG_DIR / f"{arch}.edits.toml"
+
+
 def config_digest(arch: str) -> str:
-    """What names a build of ours before its source is known: the fragment and the recipe."""
-    material = config_fragment(arch).read_bytes() + f"\nrecipe {RECIPE_VERSION} {arch}\n".encode()
+    """What names a build of ours before its source is known: the fragment, the source edits
+    and the recipe."""
+    edits = edits_file(arch).read_bytes() if edits_file(arch).is_file() else b""
+    material = (config_fragment(arch).read_bytes() + b"\nedits\n" + edits
+                + f"\nrecipe {RECIPE_VERSION} {arch}\n".encode())
     return hashlib.sha256(material).hexdigest()
+
+
+@dataclass(frozen=True)
+class SourceEdit:
+    """One exact change to the source before it is configured (kernel_configs/<arch>.edits.toml)."""
+
+    path: str
+    old: str
+    new: str
+    why: str
+
+
+def source_edits(arch: str) -> list[SourceEdit]:
+    import tomllib
+
+    file = edits_file(arch)
+    if not file.is_file():
+        return []
+    try:
+        entries = tomllib.loads(file.read_text())["edit"]
+        return [SourceEdit(str(e["path"]), str(e["old"]), str(e["new"]), str(e["why"])) for e in entries]
+    except (tomllib.TOMLDecodeError, KeyError, TypeError) as err:
+        raise BuildError("kernel", f"{file.name} is malformed ({err})", "restore it from mvm's sources") from None
+
+
+def apply_edits(tree: Path, edits: list[SourceEdit]) -> None:
+    """Each edit's ``old`` text must be in its file exactly once: a source package whose code
+    moved fails the build, naming the edit, rather than being changed somewhere unintended."""
+    for edit in edits:
+        target = tree / edit.path
+        try:
+            text = target.read_text()
+        except OSError as err:
+            raise BuildError("kernel", f"source edit of {edit.path}: cannot read it ({err.strerror})",
+                             "the source package changed: look at the edit again") from None
+        found = text.count(edit.old)
+        if found != 1:
+            raise BuildError("kernel", f"source edit of {edit.path}: its text is there {found} times, not once",
+                             "the source package changed: look at the edit in kernel_configs/ again")
+        target.write_text(text.replace(edit.old, edit.new))
 
 
 def cached_kernels(home: MvmHome) -> list[BuiltKernel]:
@@ -167,6 +214,8 @@ def _build_in(scratch: Path, home: MvmHome, arch: str, source: Path, deb: Locked
     log = scratch / "make.log"
     say("kernel", "unpacking the source")
     tree = _unpack_source(source, scratch)
+    edits = source_edits(arch)
+    apply_edits(tree, edits)
     say("kernel", f"configuring (tinyconfig + kernel_configs/{arch}.config)")
     _configure(tree, config_fragment(arch), log)
     say("kernel", "compiling vmlinux (several minutes on two cores)")
@@ -179,6 +228,7 @@ def _build_in(scratch: Path, home: MvmHome, arch: str, source: Path, deb: Locked
     (out / "build.json").write_text(json.dumps({
         "release": release, "arch": arch, "configDigest": digest, "source": deb.filename,
         "sourceSha256": deb.sha256, "seconds": round(time.monotonic() - started, 1), "recipe": RECIPE_VERSION,
+        "sourceEdits": [edit.path for edit in edits],
     }, indent=2, sort_keys=True) + "\n")
     target = home.kernels / f"mvm-{arch}-{digest[:12]}"
     shutil.rmtree(target, ignore_errors=True)  # an incomplete one (no build.json) from a killed run

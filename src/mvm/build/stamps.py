@@ -46,10 +46,11 @@ def guest_sources_digest() -> str:
 
 
 def kernel_configs_digest() -> str:
-    """Our kernel's config fragments (build/kernel_configs/): a new config is a new kernel, so a
-    `kernel = "mvm"` workload must miss its stamp and build against it (cheap: a few small files)."""
+    """Our kernel's config fragments and source edits (build/kernel_configs/): a new config is a
+    new kernel, so a `kernel = "mvm"` workload must miss its stamp and build against it (cheap:
+    a few small files)."""
     digest = hashlib.sha256()
-    for config in sorted(Path(__file__).with_name("kernel_configs").glob("*.config")):
+    for config in sorted(p for p in Path(__file__).with_name("kernel_configs").iterdir() if p.is_file()):
         for part in (config.name.encode(), config.read_bytes()):
             digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
