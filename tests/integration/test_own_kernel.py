@@ -56,7 +56,7 @@ def test_the_image_carries_our_kernel_and_its_config_and_no_initramfs(mvmctl: Mv
     assert len(ours) == 1 and ours[0]["release"] == record["kernelRelease"]
     assert ours[0]["name"] == record["kernel"]["build"]
     built = json.loads((mvmctl.home / "cache" / "kernels" / ours[0]["name"] / "build.json").read_text())
-    assert built["sourceEdits"] == ["arch/x86/mm/init.c"]  # (kernel_configs/x86_64.edits.toml)
+    assert built["sourceEdits"] == ["arch/x86/mm/init.c", "arch/x86/kernel/apic/apic.c"]  # (x86_64.edits.toml)
     again = json.loads(mvmctl("kernel", "build", "--json", check=True).stdout)
     assert again["cacheHit"] is True and again["name"] == ours[0]["name"]
 
@@ -91,6 +91,7 @@ def test_exec_cp_sizes_network_and_boot_phases_with_our_kernel(mvmctl: Mvmctl, o
     mem_kib = int(lines[1].split()[1])
     assert 300 * 1024 < mem_kib <= 384 * 1024
     assert "root=/dev/vda" in out and "10.0.2.15/24" in out  # virtio_net is built in
+    assert "lapic_timer_period=4000000" in out  # told its APIC timer's period: no calibration wait
     # no device the guest was not given (an IPv6 kernel's default sit0 tunnel was one)
     assert mvmctl("exec", own_vm, "--", "ls", "/sys/class/net", check=True).stdout.split() == ["eth0", "lo"]
     (tmp_path / "in.bin").write_bytes(bytes(range(256)) * 512)

@@ -106,7 +106,9 @@ def test_mvm_toml_and_build_name_the_kernel(tmp_path: Path) -> None:
 
 def test_the_source_edits_are_exact_and_part_of_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     edits = kernel_source.source_edits("x86_64")
-    assert [e.path for e in edits] == ["arch/x86/mm/init.c"] and "POISON_FREE_INITMEM" in edits[0].old
+    assert [e.path for e in edits] == ["arch/x86/mm/init.c", "arch/x86/kernel/apic/apic.c"]
+    assert "POISON_FREE_INITMEM" in edits[0].old and 'early_param("lapic_timer_period"' in edits[1].new
+    edits = edits[:1]
     assert "POISON_FREE_INITMEM" not in edits[0].new and edits[0].why
     tree = tmp_path / "linux"
     (tree / "arch/x86/mm").mkdir(parents=True)
@@ -131,3 +133,17 @@ def test_the_source_edits_are_exact_and_part_of_the_digest(tmp_path: Path, monke
     (fake / "x86_64.edits.toml").write_text("[[edit]]\npath = 1\n")
     with pytest.raises(BuildError, match="malformed"):
         kernel_source.source_edits("x86_64")
+
+
+def test_the_apic_timer_period_qemu_passes_matches_the_configs_tick() -> None:
+    """QEMU's local APIC timer counts at 1 GHz, so the period per jiffy is 1e9 / CONFIG_HZ."""
+    from mvm.runtime.backends.qemu import LAPIC_TIMER_PERIOD_ARG, QemuSpec
+
+    fragment = kernel_source.config_fragment("x86_64").read_text()
+    hz = [int(line.removeprefix("CONFIG_HZ_").removesuffix("=y")) for line in fragment.splitlines()
+          if line.startswith("CONFIG_HZ_") and line.endswith("=y")]
+    assert hz == [250] and LAPIC_TIMER_PERIOD_ARG == f"lapic_timer_period={10**9 // hz[0]}"
+    ours = QemuSpec(kernel=Path("vmlinux"), initrd=None, root_disk=Path("root.ext4"))
+    assert LAPIC_TIMER_PERIOD_ARG in ours.root_args()
+    debian = QemuSpec(kernel=Path("vmlinux"), initrd=Path("initrd.cpio"), root_disk=Path("root.ext4"))
+    assert debian.root_args() == ""  # (Debian's kernel knows no such parameter)
