@@ -349,6 +349,12 @@ def test_a_dev_vm_goes_on_with_a_warning_when_it_cannot_record(mvmctl: Mvmctl, t
     finally:
         setuid.kill()
         setuid.wait()
+    # The supervisor records that exec once its command has been stopped, a moment after the
+    # client went: wait for the record, or it lands in the moved log's place below.
+    deadline = time.monotonic() + 60
+    while not any(e["operation"] == "exec" and "setpriv" in (e.get("argv") or []) for e in records(mvmctl, "aud-dev")):
+        assert time.monotonic() < deadline, "the killed exec was never recorded"
+        time.sleep(0.1)
     log_dir, kept = mvmctl.home / "audit", tmp_path / "kept-audit"
     try:
         log_dir.rename(kept)
