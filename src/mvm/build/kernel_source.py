@@ -35,7 +35,6 @@ BUILD_NEEDS = (
 )
 ARCHES = ("x86_64", "aarch64")
 BUILT_ARCHES = ("x86_64",)  # no aarch64 config yet: aarch64 guests boot Debian's arm64 cloud kernel
-KERNEL_NAMES = ("auto", "debian", "mvm")  # what mvm.toml's `kernel` and `build --kernel` accept
 _CONFIG_LINE = re.compile(r"^(CONFIG_[A-Z0-9_]+)=(.*)$")
 _UNSET_LINE = re.compile(r"^# (CONFIG_[A-Z0-9_]+) is not set$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import get_args
 
 import click
 
@@ -17,7 +18,7 @@ from mvm.core.errors import BuildError
 from mvm.core.manifest import ManifestOverrides
 from mvm.core.state import MvmHome
 from mvm.core.workdir import lock_file
-from mvm.core.workload import Workload
+from mvm.core.workload import KernelName, Workload
 from mvm.runtime.backends import ALL_BACKENDS
 
 
@@ -83,7 +84,7 @@ def build_workload(path: str, overrides: ManifestOverrides | None = None, *, no_
 @click.option("--vcpus", type=int, help="vCPUs the image boots with by default (overrides mvm.toml).")
 @click.option("--mem", "memory", metavar="SIZE", help="Guest memory, e.g. 512M or 1G (overrides mvm.toml).")
 @click.option("--data-disk", metavar="SIZE", help="Size of the /data disk each VM gets, e.g. 8G.")
-@click.option("--kernel", type=click.Choice(["auto", "debian", "mvm"]),
+@click.option("--kernel", type=click.Choice(get_args(KernelName)),
               help="The guest kernel (overrides mvm.toml's kernel): auto (the default: mvm's own once `mvmctl kernel "
                    "build` has built it, else Debian's), debian (Debian's cloud kernel, with an initramfs), or mvm "
                    "(mvm's own, compiled first if it is not cached).")
