@@ -183,6 +183,33 @@ def test_a_second_agent_connection_is_refused_and_logged(ctl: Mvmctl, target: st
     still_fine(ctl, target)
 
 
+def test_an_agent_killed_in_the_guest_ends_what_it_ran_and_stays_off_the_console(ctl: Mvmctl,
+                                                                                   workload_dir) -> None:
+    """A root workload (a dev image) kills the agent with a signal, from a command that agent
+    is running. That command ends with an error instead of waiting forever. On QEMU, /init's
+    restarted agent says hello on the channel the host still holds and serves the next command;
+    on Docker its one connection per boot is gone, and the next command is refused at once.
+    The shell's report of the death ("Bus error") goes to the agent's log, never onto the
+    console, where it would pass for the workload's output."""
+    name = up(ctl, workload_dir, "agentkill", extra="[uids]\nentrypoint = 0")
+    try:
+        agent = json.loads(ctl("status", name, "--json", check=True).stdout)["guest"]["agent"]["pid"]
+        killed = ctl("exec", name, "--", "kill", "-BUS", str(agent), timeout=60)
+        assert killed.returncode != 0 and "agent" in killed.stderr, killed
+        if ctl.hypervisor == "qemu":
+            assert ctl("exec", name, "--", "echo", "back", check=True, timeout=60).stdout == "back\n"
+            again = json.loads(ctl("status", name, "--json", check=True).stdout)["guest"]["agent"]["pid"]
+            assert again != agent
+            log = ctl("exec", name, "--", "cat", "/run/mvm-agent.log", check=True).stdout
+            assert "Bus error" in log, log
+        else:
+            refused = ctl("exec", name, "--", "echo", "back", timeout=30)
+            assert refused.returncode != 0 and "closed its channel" in refused.stderr, refused
+        assert "Bus error" not in ctl("logs", name, check=True).stdout
+    finally:
+        ctl("down", name, "--force")
+
+
 # -- floods -----------------------------------------------------------------------------------------
 
 

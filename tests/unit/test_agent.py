@@ -58,6 +58,7 @@ class Client:
         self.lock = threading.Lock()
         self.log: list[tuple[int | None, str]] = []
         self.next_id = 1
+        self.opening: protocol.Frame | None = None
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -117,6 +118,14 @@ class Client:
         request_id = self.new_id()
         self.send({"type": kind, "id": request_id, **fields}, body)
         return self.next(request_id)
+
+    def take_opening_hello(self) -> protocol.Frame:
+        """The agent speaks first on every connection (a host connected before it started learns
+        of it this way); its hello comes before any request is read."""
+        opening = self.next(None)
+        assert opening.type == "hello" and "id" not in opening.header, opening.header
+        self.opening = opening
+        return opening
 
     def hello(self) -> protocol.Frame:
         self.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "host"})
@@ -201,6 +210,7 @@ def spawn_agent(guest: Guest, **popen: Any) -> Iterator[Client]:
     theirs.close()
     client = Client(ours)
     try:
+        client.take_opening_hello()
         yield client
     finally:
         client.close()
@@ -253,6 +263,7 @@ def test_hello_and_ping(guest: Guest) -> None:
         pong = client.call("ping")
         assert pong.type == "pong" and pong.header["uptime"] >= hello.header["uptime"]
         assert client.hello().header["pid"] == hello.header["pid"]  # every hello is answered
+        assert client.opening is not None and client.opening.header["pid"] == hello.header["pid"]  # and it spoke first, unasked
 
 
 def test_refuses_root_without_the_test_flag(guest: Guest) -> None:
@@ -793,7 +804,9 @@ def port_agent(guest: Guest, **popen: Any) -> Iterator[tuple[socket.socket, subp
 def accept(server: socket.socket) -> Client:
     sock, _ = server.accept()
     sock.settimeout(None)
-    return Client(sock)
+    client = Client(sock)
+    client.take_opening_hello()
+    return client
 
 
 def test_host_disconnect_kills_running_execs_and_the_agent_comes_back(guest: Guest) -> None:

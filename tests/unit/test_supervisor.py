@@ -85,9 +85,9 @@ class FakeGuest:
     def mark(self, line: str) -> None:
         self.boot.sendall(line.encode() + b"\n")
 
-    def hello(self, version: int = protocol.PROTOCOL_VERSION) -> None:
+    def hello(self, version: int = protocol.PROTOCOL_VERSION, pid: int = 100) -> None:
         self.agent.sendall(protocol.encode({"type": "hello", "version": version, "role": "agent", "uid": 990,
-                                            "pid": 1, "uptime": 1.0}))
+                                            "pid": pid, "uptime": 1.0}))
 
     def agent_frame(self) -> protocol.Frame:
         """The next request the supervisor forwarded to the agent (its hello skipped)."""
@@ -174,13 +174,23 @@ def test_a_restarted_agent_fails_what_the_old_one_had_open(guest: FakeGuest) -> 
     client = guest.ready()
     request = client.send({"type": "exec", "argv": ["sleep", "9"]})
     guest.agent_frame()
-    guest.hello()  # the agent again: it was restarted in the guest
+    guest.hello(pid=101)  # another agent: /init restarted it in the guest
     with pytest.raises(AgentError, match="the guest's agent restarted"):
         list(client.replies(request))
     ping = client.send({"type": "ping"})
     frame = guest.agent_frame()  # forwarded to the new agent
     guest.reply({"type": "pong", "id": frame.id, "uptime": 2.0})
     assert [f.type for f in client.replies(ping)] == ["pong"]
+
+
+def test_the_same_agent_saying_hello_again_changes_nothing(guest: FakeGuest) -> None:
+    """The agent speaks first on its channel and answers our hello too: two hellos, one pid."""
+    client = guest.ready()
+    request = client.send({"type": "exec", "argv": ["true"]})
+    frame = guest.agent_frame()
+    guest.hello()
+    guest.reply({"type": "exit", "id": frame.id, "code": 0})
+    assert [f.type for f in client.replies(request)] == ["exit"]
 
 
 def test_an_agent_of_another_protocol_version_stops_the_vm(guest: FakeGuest) -> None:

@@ -10,7 +10,7 @@ import time
 from mvm.core import protocol
 
 from .channel import Channel
-from .session import Session
+from .session import Session, say_hello
 
 # socket is imported only where one is used (Docker's agent socket, Firecracker's vsock, tests):
 # QEMU's virtio-serial port is a plain device, and socket costs tens of ms under TCG.
@@ -39,6 +39,7 @@ def serve_fd(fd: int) -> None:
     (measured in the guest: 144-194 us per read against 10 us for a read into a kept buffer).
     """
     session = Session(Channel(fd))
+    say_hello(session.channel)
     decoder = protocol.Decoder()
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)

@@ -69,16 +69,22 @@ class Session:
             read.cancelled.set()
 
 
-@handles("hello")
-def do_hello(session: Session, frame: protocol.Frame) -> None:
-    # The host speaks first: what it writes is queued for us, while what we write with
-    # no host connected is lost. So every host hello gets our hello back.
+def say_hello(channel: Channel, request_id: int | None = None) -> None:
+    """Our hello: sent when a connection opens and again for every host hello. The host speaks
+    first, and what it writes is queued for us, while what we write with no host connected is
+    lost; but a host already connected (an agent /init restarted) sends no new hello, and
+    learns from ours, by its new pid, that what the old agent had open is gone."""
     info: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "uptime": system.uptime()}
     if system.IMPORTED:  # for the boot report's "agent-imported" phase (what the agent says: a hint)
         info["imported"] = system.IMPORTED[0]
-    if frame.id is not None:
-        info["id"] = frame.id
-    session.channel.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "agent", **info})
+    if request_id is not None:
+        info["id"] = request_id
+    channel.send({"type": "hello", "version": protocol.PROTOCOL_VERSION, "role": "agent", **info})
+
+
+@handles("hello")
+def do_hello(session: Session, frame: protocol.Frame) -> None:
+    say_hello(session.channel, frame.id)
 
 
 @handles("ping")

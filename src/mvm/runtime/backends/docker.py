@@ -39,6 +39,7 @@ from mvm.runtime.backends.base import (
     join_reasons,
     peer_uid,
 )
+from mvm.runtime.log_budget import LogBudget
 from mvm.runtime.process import spawn_tied
 
 if TYPE_CHECKING:
@@ -315,12 +316,14 @@ class DockerBackend(VmBackend):
 
         assert listen_fd is not None
         agent_uid = record.uids.get("agent")
+        refusals_logged = LogBudget("agent connections refused for their uid")
 
         async def from_agent_only(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             uid = peer_uid(writer)
             if uid != agent_uid:
-                print(f"mvm-supervisor: refused an agent connection from uid {uid} (the agent is {agent_uid})",
-                      file=sys.stderr, flush=True)
+                if refusals_logged.allow():
+                    print(f"mvm-supervisor: refused an agent connection from uid {uid} (the agent is {agent_uid})",
+                          file=sys.stderr, flush=True)
                 writer.close()
                 return
             await handler(reader, writer)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from mvm.core import protocol
 from mvm.core.errors import VmError
 from mvm.runtime.boot_markers import BootMarker, reported_uptime
+from mvm.runtime.log_budget import LogBudget
 from mvm.runtime.supervisor.audit_trail import Track
 from mvm.runtime.supervisor.clients import Reader
 from mvm.runtime.supervisor.vm_process import SHUTDOWN_ID
@@ -56,6 +57,8 @@ class AgentLink:
         self.next_id = 1
         self.pending: list[tuple[Reader, protocol.Frame]] = []  # requests before the agent is ready
         self.connections = 0  # agent connections offered this boot: only the first is served
+        self.refusals_logged = LogBudget("agent connections refused")  # (an agent restarted under
+        # Docker dials again every 50 ms, and gets this refusal every time)
         self.own: dict[int, asyncio.Future[protocol.Frame]] = {}  # the supervisor's own requests
         self.streams: dict[int, Callable[[protocol.Frame], None]] = {}  # its own long-lived ones (egress)
         # A clone is ready once it has both said hello and taken its identity (either order).
@@ -81,8 +84,9 @@ class AgentLink:
         in the guest can take the agent's place by connecting after it."""
         self.connections += 1
         if self.connections > 1:
-            print(f"mvm-supervisor: refused agent connection #{self.connections}: one per boot", file=sys.stderr,
-                  flush=True)
+            if self.refusals_logged.allow():
+                print(f"mvm-supervisor: refused agent connection #{self.connections}: one per boot",
+                      file=sys.stderr, flush=True)
             writer.close()
             return
         writer.write(protocol.hello("host"))  # queued until the agent opens its port
@@ -127,10 +131,13 @@ class AgentLink:
             elif self.hello is None:
                 self.hello = frame.header
                 self.on_ready(frame.header)
-            else:  # the agent was restarted in the guest: what the old one had open is gone
-                self.fail_all("the guest's agent restarted", prefix="")
+            elif frame.header.get("pid") != self.hello.get("pid"):
+                # /init restarted the agent (it died, or was killed): it speaks first on the
+                # channel we already hold, and what the old one had open is gone.
+                self.hello = frame.header
+                self.fail_all("the guest's agent restarted: what it was running is gone", prefix="")
                 self.sup.egress.start()
-            return None
+            return None  # (else the agent's answer to our hello, after its own)
         if frame.id == SHUTDOWN_ID and frame.type == "error":
             sup.watch.shutdown_refused.set()
             return None
@@ -220,6 +227,10 @@ class AgentLink:
     def forward(self, owner: Reader, frame: protocol.Frame) -> None:
         if self.hello is None:
             self.pending.append((owner, frame))
+            return
+        if self.writer is None:  # (Docker: its agent's one connection has closed; none may replace it)
+            if frame.type not in NO_REPLY and frame.id is not None:
+                owner.send(protocol.error(frame.id, "the guest's agent closed its channel"))
             return
         client_id = frame.id if frame.id is not None else -1
         if client_id in owner.failed_writes:

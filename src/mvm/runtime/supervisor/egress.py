@@ -12,10 +12,10 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 from mvm.core import protocol
+from mvm.runtime.log_budget import LogBudget
 from mvm.runtime.supervisor.forwards import relay
 from mvm.security.egress_policy import AllowEntry, EgressPolicy, EntryError, parse_entry
 
@@ -29,8 +29,6 @@ MAX_OPEN = 512  # egress connections open at once
 CONNECT_TIMEOUT_S = 10.0
 RESOLVE_TIMEOUT_S = 10.0
 APPLY_TIMEOUT_S = 10.0  # for the guest's agent to listen where a changed list says
-LOG_BURST = 20  # refusals logged one by one per LOG_WINDOW_S; the rest are counted
-LOG_WINDOW_S = 10.0
 
 
 def resolve(name: str, port: int) -> list[str]:
@@ -69,7 +67,7 @@ class Egress:
         self.stream_id: int | None = None
         self.dialing = 0
         self.open = 0
-        self.window_start, self.window_count, self.unlogged = 0.0, 0, 0
+        self.refusals_logged = LogBudget("egress refusals")
         self.waiting: list[asyncio.Future[None]] = []  # updates that answer once the guest has applied them
         self.settled = not self.on  # `up` is answered once the guest listens (or could not)
 
@@ -160,17 +158,9 @@ class Egress:
             self.log_refusal(f"{host}:{port}"[:300], reason)
 
     def log_refusal(self, destination: str, reason: str) -> None:
-        """supervisor.log and the audit log, at most LOG_BURST records per window (a guest that
-        hammers refused destinations cannot fill the host's disk); the rest are counted."""
-        now = time.monotonic()
-        if now - self.window_start > LOG_WINDOW_S:
-            if self.unlogged:
-                print(f"mvm-supervisor: egress refused {self.unlogged} more connections (not logged one by one)",
-                      file=sys.stderr, flush=True)
-            self.window_start, self.window_count, self.unlogged = now, 0, 0
-        self.window_count += 1
-        if self.window_count > LOG_BURST:
-            self.unlogged += 1
+        """supervisor.log and the audit log, within a budget (log_budget.py): a guest that
+        hammers refused destinations cannot fill the host's disk."""
+        if not self.refusals_logged.allow():
             return
         print(f"mvm-supervisor: egress refused {destination}: {reason}", file=sys.stderr, flush=True)
         audit = self.sup.audit
