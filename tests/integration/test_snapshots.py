@@ -222,7 +222,19 @@ def _edit_manifest(path: Path) -> None:
     path.write_text(json.dumps(signed))
 
 
+def _claim_another_qemu(snapshot: Path) -> None:
+    """A manifest, signed with the host's own key, of a snapshot made by another QEMU."""
+    from mvm.security.host_key import HostKey, canonical_json
+
+    manifest = snapshot / "manifest.json"
+    signed = json.loads(manifest.read_text())
+    signed["manifest"]["hypervisor_version"] = "6.0.0"
+    signed["signature"] = HostKey.load_or_create(snapshot.parent.parent / "keys").sign(canonical_json(signed["manifest"]))
+    manifest.write_text(json.dumps(signed))
+
+
 TAMPERING = {
+    "qemu-version": (_claim_another_qemu, "the snapshot was made by QEMU 6.0.0; this host runs QEMU"),
     "state": (lambda d: _flip_byte(d / "state"), "its file state does not match its signed manifest"),
     "ram": (lambda d: _flip_byte(d / "ram"), "its file ram does not match its signed manifest"),
     "disk": (lambda d: _flip_byte(d / "disk.qcow2"), "its file disk.qcow2 does not match its signed manifest"),

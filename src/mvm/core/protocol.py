@@ -56,7 +56,9 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
 
 from __future__ import annotations
 
+import os
 import struct
+import time
 
 TYPE_CHECKING = False  # typing costs an import on every `mvmctl exec`; annotations are strings
 if TYPE_CHECKING:
@@ -274,6 +276,18 @@ def _parse_at(buf: memoryview, start: int, end: int) -> Frame:
 
 def hello(role: str, **info: Any) -> bytes:
     return encode({"type": "hello", "version": PROTOCOL_VERSION, "role": role, **info})
+
+
+IDENTITY_ID = 1  # the channel id of a clone's identity request (the host's first request)
+
+
+def identity(hostname: str, *, resumed: bool) -> bytes:
+    """A clone's identity request (guest/agent/identity.py): fresh entropy, the host's time, its
+    own hostname and machine-id ("-": the same machine, resumed from disk, keeps its own)."""
+    import uuid
+
+    return encode({"type": "identity", "id": IDENTITY_ID, "entropy": os.urandom(64).hex(), "time": time.time(),
+                   "hostname": hostname, "machine_id": "-" if resumed else uuid.uuid4().hex})
 
 
 def error(request_id: int | None, message: str) -> bytes:

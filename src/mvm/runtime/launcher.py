@@ -75,10 +75,10 @@ def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_
     handover = LaunchSpec(vm_dir=str(paths.dir), qemu_pid=proc.pid, qemu_stdin=proc.stdin.fileno(),
                           qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned.spawned,
                           commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=image.expected_boot_ms,
-                          agent_listen_fd=spawned.agent_listen_fd)
+                          agent_listen_fd=spawned.agent_listen_fd, agent_fd=spawned.agent_fd,
+                          restored=spawned.restored)
     keep = {handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
-    if spawned.agent_listen_fd is not None:
-        keep.add(spawned.agent_listen_fd)
+    keep |= {fd for fd in (spawned.agent_listen_fd, spawned.agent_fd) if fd is not None}
     for fd in keep:
         os.set_inheritable(fd, True)
     for fd in _open_fds():

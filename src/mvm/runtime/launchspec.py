@@ -24,6 +24,8 @@ class LaunchSpec:
     lock_fd: int  # flock on supervisor.lock: held for as long as this process lives
     expected_boot_ms: int
     agent_listen_fd: int | None = None  # docker: the agent connects to us on this socket
+    agent_fd: int | None = None  # a clone's agent channel, connected, its hello and identity sent
+    restored: float | None = None  # time.monotonic() when the launcher had restored a clone (no restore then)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

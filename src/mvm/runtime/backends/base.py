@@ -147,6 +147,8 @@ class Spawned:
     process: subprocess.Popen
     spawned: float  # time.monotonic() just before the process was exec'd
     agent_listen_fd: int | None = None  # the agent dials us on this listening socket
+    agent_fd: int | None = None  # a clone's agent channel, already connected (its hello and identity sent)
+    restored: float | None = None  # time.monotonic() when spawn had restored the clone itself (no restore())
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -334,7 +336,8 @@ class VmBackend:
         raise self.refuse("snapshots", record.name)
 
     async def restore(self, paths: VmPaths, record: VmRecord, snapshot: Path, hypervisor_version: str) -> None:
-        """Load the VM just spawned (waiting for it) from ``snapshot`` and run it."""
+        """Load the VM just spawned (waiting for it) from ``snapshot`` and run it (unless
+        ``spawn`` already did: Spawned.restored)."""
         raise self.refuse("snapshots", record.name)
 
     def check_volumes(self, mounts: tuple[Mount, ...]) -> None:

@@ -341,8 +341,35 @@ class QemuBackend(VmBackend):
             self._volumes(spec, record, paths)
         argv = spec.argv()
         spawned = time.monotonic()
-        return Spawned(spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
-                       spawned)
+        process = spawn_tied(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if record.restore_from is None or saved_ram(record) is None:  # (a stream: the supervisor loads it)
+            return Spawned(process, spawned)
+        try:
+            agent_fd = self._restore_now(process, record, paths)
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        return Spawned(process, spawned, agent_fd=agent_fd, restored=time.monotonic())
+
+    @staticmethod
+    def _restore_now(process: subprocess.Popen, record: VmRecord, paths: VmPaths) -> int:
+        """A clone of a RAM-file snapshot, restored and running before the supervisor starts,
+        its hello and identity waiting on its agent's channel (backends/qemu_restore.py)."""
+        from mvm.core import protocol
+        from mvm.runtime.backends import qemu_restore
+
+        assert record.restore_from is not None
+        snapshot = Path(record.restore_from)
+        manifest = json.loads((snapshot / "manifest.json").read_text())["manifest"]
+        frames = protocol.hello("host") + protocol.identity(record.name, resumed=manifest.get("purpose") == "suspend")
+        try:
+            return qemu_restore.restore_ram_file_snapshot(
+                paths.qmp_socket, paths.agent_socket, snapshot / "state",
+                expected_version=str(manifest["hypervisor_version"]), agent_frames=frames,
+                alive=lambda: process.poll() is None)
+        except VmError as err:
+            raise VmError(f"could not restore snapshot {record.snapshot}: {err.message}", err.fix) from None
 
     @staticmethod
     def _memory(spec: QemuSpec, record: VmRecord, paths: VmPaths) -> None:

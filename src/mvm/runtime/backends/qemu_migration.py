@@ -19,10 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mvm.core.errors import VmError
-
-QMP_TIMEOUT_S = 10.0
-MIGRATION_TIMEOUT_S = 120.0  # a stream with a whole guest's RAM in it, written to disk
-POLL_S = 0.002
+from mvm.runtime.backends.qemu_restore import MIGRATION_TIMEOUT_S, POLL_S, QMP_TIMEOUT_S, version_text
 
 
 @asynccontextmanager
@@ -115,11 +112,6 @@ async def load(qmp: Any, state: Path, *, ram_file_kind: bool, expected_version: 
     status = await execute(qmp, "query-status")
     if status.get("status") != "running":
         await execute(qmp, "cont")
-
-
-def version_text(reply: dict[str, Any]) -> str:
-    q = reply.get("qemu", {})
-    return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{reply.get('package', '')}".strip()
 
 
 def copy_sparse(src: Path, dst: Path) -> None:

@@ -12,11 +12,9 @@ instead of an ever-growing buffer).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -54,7 +52,7 @@ class AgentLink:
         self.writer: asyncio.StreamWriter | None = None
         self.hello: dict[str, Any] | None = None
         self.routes: dict[int, Route] = {}  # channel id -> route
-        self.next_id = 1
+        self.next_id = protocol.IDENTITY_ID + 1  # (a clone's launcher may have sent that one)
         self.pending: list[tuple[Reader, protocol.Frame]] = []  # requests before the agent is ready
         self.connections = 0  # agent connections offered this boot: only the first is served
         self.refusals_logged = LogBudget("agent connections refused")  # (an agent restarted under
@@ -76,6 +74,11 @@ class AgentLink:
 
     async def serve(self) -> None:
         sup = self.sup
+        if sup.spec.agent_fd is not None:  # a clone's, connected by the launcher (backends/qemu_restore.py)
+            import socket
+
+            await self.serve_connection(*await asyncio.open_unix_connection(sock=socket.socket(fileno=sup.spec.agent_fd)))
+            return
         await sup.backend.serve_agent_channel(sup.paths, sup.record, sup.spec.agent_listen_fd,
                                               self.serve_connection)
 
@@ -89,10 +92,12 @@ class AgentLink:
                       file=sys.stderr, flush=True)
             writer.close()
             return
-        writer.write(protocol.hello("host"))  # queued until the agent opens its port
+        prequeued = self.sup.spec.agent_fd is not None  # (the launcher wrote our hello and the identity)
+        if not prequeued:
+            writer.write(protocol.hello("host"))  # queued until the agent opens its port
         self.writer = writer
         if self.sup.record.restore_from is not None:  # a clone: its identity goes right behind our
-            asyncio.get_running_loop().create_task(self.give_identity())  # hello (a round trip less)
+            asyncio.get_running_loop().create_task(self.give_identity(prequeued))  # hello (a round trip less)
         decoder = protocol.Decoder()
         try:
             while data := await reader.read(1 << 20):
@@ -173,26 +178,32 @@ class AgentLink:
         """A request of the supervisor's own (freeze, thaw, identity); its result's header, or
         VmError with the agent's error message."""
         channel_id, self.next_id = self.next_id, self.next_id + 1
+        return await self.answer(channel_id, header["type"], protocol.encode({**header, "id": channel_id}), timeout)
+
+    async def answer(self, channel_id: int, what: str, request: bytes | None,
+                     timeout: float = OWN_REQUEST_TIMEOUT_S) -> dict[str, Any]:
+        """The result of our own request ``channel_id``, sent now (``request``) or already."""
         future: asyncio.Future[protocol.Frame] = asyncio.get_running_loop().create_future()
         self.own[channel_id] = future
-        self.send(protocol.encode({**header, "id": channel_id}))
+        if request is not None:
+            self.send(request)
         try:
             frame = await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise VmError(f"the agent did not answer {header['type']!r} within {timeout:.0f} s") from None
+            raise VmError(f"the agent did not answer {what!r} within {timeout:.0f} s") from None
         finally:
             self.own.pop(channel_id, None)
         if frame.type == "error":
-            raise VmError(f"the agent refused {header['type']!r}: {str(frame.header.get('message'))[:300]}")
+            raise VmError(f"the agent refused {what!r}: {str(frame.header.get('message'))[:300]}")
         return frame.header
 
-    async def give_identity(self) -> None:
+    async def give_identity(self, prequeued: bool = False) -> None:
         """A clone's agent wakes up frozen: give it fresh entropy, the time and its own names
-        before any client's request reaches it (they wait in ``pending`` meanwhile)."""
+        before any client's request reaches it (they wait in ``pending`` meanwhile), unless
+        the launcher has already (``prequeued``): then only its answer is awaited."""
+        request = None if prequeued else protocol.identity(self.sup.record.name, resumed=self.sup.resumed_from_disk)
         try:
-            await self.ask({"type": "identity", "entropy": os.urandom(64).hex(), "time": time.time(),
-                            "hostname": self.sup.record.name,
-                            "machine_id": "-" if self.sup.resumed_from_disk else uuid.uuid4().hex})
+            await self.answer(protocol.IDENTITY_ID, "identity", request)
         except VmError as err:
             self.sup.watch.request_stop(f"the clone could not be given its own identity: {err}", force=True)
             return

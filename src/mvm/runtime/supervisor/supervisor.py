@@ -211,10 +211,11 @@ class Supervisor:
         try:
             manifest = json.loads((Path(record.restore_from) / "manifest.json").read_text())["manifest"]
             self.resumed_from_disk = manifest.get("purpose") == "suspend"
-            await self.backend.restore(self.paths, record, Path(record.restore_from),
-                                       str(manifest["hypervisor_version"]))
+            if self.spec.restored is None:  # (else the launcher restored it: backends/qemu_restore.py)
+                await self.backend.restore(self.paths, record, Path(record.restore_from),
+                                           str(manifest["hypervisor_version"]))
             self.console.host_markers.append(BootMarker("restored", [f"snapshot={record.snapshot}"], None,
-                                                        time.monotonic()))
+                                                        self.spec.restored or time.monotonic()))
         except Exception as err:  # noqa: BLE001 - any failure is the clone's stop reason
             await asyncio.sleep(0.1)  # when QEMU exited over it, its own last words say more
             detail = self.console.stderr_tail.decode(errors="replace").strip().splitlines()
