@@ -9,7 +9,9 @@ Messages (host -> agent requests; every reply carries the request's ``id``):
 
     hello {version, role:"host"}          -> hello {version, role:"agent", uid, pid, uptime, imported?}
                                               (imported: the guest's uptime once the agent had
-                                              loaded, for the boot report; only its word)
+                                              loaded, for the boot report; only its word).
+                                              The agent also says hello unasked when a connection
+                                              opens: a new pid means /init restarted it.
     ping                                   -> pong {uptime}
     exec {argv, env?, cwd?, uid?, stdin?:bool, pty?:bool, rows?, cols?, timeout?:s}
                                            -> started {pid}, then stdout / stderr (body: bytes,
