@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from mvm.core.errors import VmError
-from mvm.runtime.backends.qemu_restore import MIGRATION_TIMEOUT_S, POLL_S, QMP_TIMEOUT_S, version_text
+from mvm.runtime.backends.qemu_restore import MIGRATION_TIMEOUT_S, POLL_S, QMP_TIMEOUT_S, migration_done, version_text
 
 
 @asynccontextmanager
@@ -63,15 +63,7 @@ async def wait_migration(qmp: Any) -> None:
     """Until the migration (out or in) has completed; its error if it failed."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + MIGRATION_TIMEOUT_S
-    while True:
-        info = await execute(qmp, "query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise VmError(f"the migration {status}: {str(info.get('error-desc', 'no reason given'))[:300]}")
-        if loop.time() > deadline:
-            raise VmError(f"the migration did not finish within {MIGRATION_TIMEOUT_S:.0f} s (status {status})")
+    while not migration_done(await execute(qmp, "query-migrate"), loop.time() > deadline):
         await asyncio.sleep(POLL_S)
 
 

@@ -59,15 +59,7 @@ def restore_ram_file_snapshot(qmp_socket: Path, agent_socket: Path, state: Path,
                 os.close(fd)  # (QEMU has its own copy)
             execute(qmp, reader, "migrate-incoming", uri="fd:mvm-migration")
             migrated = time.monotonic() + MIGRATION_TIMEOUT_S
-            while True:
-                info = execute(qmp, reader, "query-migrate") or {}
-                status = info.get("status")
-                if status == "completed":
-                    break
-                if status in ("failed", "cancelled"):
-                    raise VmError(f"the migration {status}: {str(info.get('error-desc', 'no reason given'))[:300]}")
-                if time.monotonic() > migrated:
-                    raise VmError(f"the migration did not finish within {MIGRATION_TIMEOUT_S:.0f} s (status {status})")
+            while not migration_done(execute(qmp, reader, "query-migrate"), time.monotonic() > migrated):
                 time.sleep(POLL_S)
             # The source was stopped to be saved, and a restore keeps the state it was saved in.
             if (execute(qmp, reader, "query-status") or {}).get("status") != "running":
@@ -81,6 +73,19 @@ def restore_ram_file_snapshot(qmp_socket: Path, agent_socket: Path, state: Path,
         raise VmError(f"QEMU's QMP socket: {err.strerror or err}") from None
     finally:
         qmp.close()
+
+
+def migration_done(info: Any, late: bool) -> bool:
+    """Whether query-migrate's answer ``info`` says the migration (out or in) has completed;
+    its error if it failed, or if it is still going when it is ``late``."""
+    status = info.get("status") if isinstance(info, dict) else None
+    if status == "completed":
+        return True
+    if status in ("failed", "cancelled"):
+        raise VmError(f"the migration {status}: {str(info.get('error-desc', 'no reason given'))[:300]}")
+    if late:
+        raise VmError(f"the migration did not finish within {MIGRATION_TIMEOUT_S:.0f} s (status {status})")
+    return False
 
 
 def _dial(path: Path, deadline: float, alive: Any) -> socket.socket:
