@@ -266,6 +266,20 @@ def test_hello_and_ping(guest: Guest) -> None:
         assert client.opening is not None and client.opening.header["pid"] == hello.header["pid"]  # and it spoke first, unasked
 
 
+def test_nothing_runs_before_the_hosts_hello(guest: Guest, tmp_path: Path) -> None:
+    """What waits on the channel when an agent starts may have been sent to the agent /init
+    restarted this one after; the host has failed it already, so it must not run."""
+    marker = tmp_path / "ran"
+    with spawn_agent(guest) as client:
+        early = client.new_id()
+        client.send({"type": "exec", "id": early, "argv": ["touch", str(marker)]})
+        client.send({"type": "ping", "id": early + 1})
+        client.hello()  # answered after both earlier frames were read: they were dropped
+        assert client.pending(early) == [] and client.pending(early + 1) == []
+        client.ping()
+        assert not marker.exists()
+
+
 def test_refuses_root_without_the_test_flag(guest: Guest) -> None:
     proc = subprocess.run([*AGENT, "--fd", "0"], cwd=guest.lib, env=guest.env, capture_output=True,
                           text=True, timeout=WAIT, stdin=subprocess.DEVNULL, check=False)

@@ -41,7 +41,9 @@ from mvm.runtime.volumes import resolve as resolve_volumes
 if TYPE_CHECKING:
     from mvm.runtime.snapshot import Snapshot
 
-SUPERVISOR_START_S = 10.0  # the supervisor's socket appears within milliseconds; this is slack
+# The supervisor's socket appears within milliseconds; this is slack, and room for a clone's
+# restore, which the launcher does before it execs the supervisor (qemu_restore.RESTORE_TIMEOUT_S).
+SUPERVISOR_START_S = 30.0
 SUPERVISOR_EXIT_S = 5.0
 
 

@@ -2,8 +2,8 @@
 
 Whatever the guest can provoke at will (a refused egress connection, an agent connection that
 is not the agent's) is logged one line at a time up to a burst per window; the rest are
-counted and summed up in one line when the next window opens. A guest that hammers cannot
-fill the host's disk, and the log still says it happened.
+counted, and summed up in one line by the first event of that kind after the window. A
+guest that hammers cannot fill the host's disk, and the log still says it happened.
 """
 
 from __future__ import annotations

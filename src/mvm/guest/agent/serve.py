@@ -57,6 +57,10 @@ def serve_fd(fd: int) -> None:
                 missing -= got
                 continue
             for frame in decode(decoder, view[:got], session.channel):
+                if not session.greeted:  # (frames sent to an agent that died: not ours to run)
+                    if frame.type != "hello":
+                        continue
+                    session.greeted = True
                 session.handle(frame)
             missing = decoder.missing()
     finally:

@@ -30,6 +30,10 @@ class Session:
         self.uploads: dict[int | None, files.Upload] = {}
         self.reads: dict[int | None, files.Read] = {}
         self.failed_uploads: set[int | None] = set()  # ignore their frames until more:false
+        # Nothing is run before the host's hello on this connection: what waits on a channel
+        # when an agent starts may have been sent to the one /init restarted it after, and
+        # the host has already told its clients those requests failed.
+        self.greeted = False
 
     def handle(self, frame: protocol.Frame) -> None:
         handler = HANDLERS.get(frame.type)
@@ -72,8 +76,9 @@ class Session:
 def say_hello(channel: Channel, request_id: int | None = None) -> None:
     """Our hello: sent when a connection opens and again for every host hello. The host speaks
     first, and what it writes is queued for us, while what we write with no host connected is
-    lost; but a host already connected (an agent /init restarted) sends no new hello, and
-    learns from ours, by its new pid, that what the old agent had open is gone."""
+    lost; but a host already connected (an agent /init restarted) sends no new hello unasked.
+    It learns from ours, by its new pid, that what the old agent had open is gone, fails it,
+    and says hello again: until then this agent runs nothing (Session.greeted)."""
     info: dict[str, Any] = {"uid": os.getuid(), "pid": os.getpid(), "uptime": system.uptime()}
     if system.IMPORTED:  # for the boot report's "agent-imported" phase (what the agent says: a hint)
         info["imported"] = system.IMPORTED[0]

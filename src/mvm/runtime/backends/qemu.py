@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mvm.core.bootimage import BootImage
 from mvm.core.errors import HostToolMissing, UsageError, VmError
@@ -74,6 +74,14 @@ def host_tsc_khz() -> int | None:
             return round(float(match.group(1)) * 1000)
     match = re.search(r"^cpu MHz\s*:\s*([\d.]+)", Path("/proc/cpuinfo").read_text(), re.M)
     return round(float(match.group(1)) * 1000) if match else None
+
+
+def _last_line(stream: Any) -> str:
+    """The last line of what an exited process wrote to ``stream`` (a pipe), if any."""
+    if stream is None:
+        return ""
+    lines = stream.read(65536).decode(errors="replace").strip().splitlines()
+    return lines[-1][:300] if lines else ""
 
 
 def kernel_cmdline(accel: str, arch: str = "x86_64") -> str:
@@ -346,9 +354,12 @@ class QemuBackend(VmBackend):
             return Spawned(process, spawned)
         try:
             agent_fd = self._restore_now(process, record, paths)
-        except BaseException:
+        except BaseException as err:
             process.kill()
             process.wait()
+            said = _last_line(process.stderr) if isinstance(err, VmError) else ""
+            if said:  # QEMU's own last word says more (a stream it could not load, say)
+                raise VmError(f"{err.message} (QEMU said: {said})", err.fix) from None
             raise
         return Spawned(process, spawned, agent_fd=agent_fd, restored=time.monotonic())
 
@@ -362,11 +373,12 @@ class QemuBackend(VmBackend):
         assert record.restore_from is not None
         snapshot = Path(record.restore_from)
         manifest = json.loads((snapshot / "manifest.json").read_text())["manifest"]
-        frames = protocol.hello("host") + protocol.identity(record.name, resumed=manifest.get("purpose") == "suspend")
+        resumed = manifest.get("purpose") == "suspend"
         try:
             return qemu_restore.restore_ram_file_snapshot(
                 paths.qmp_socket, paths.agent_socket, snapshot / "state",
-                expected_version=str(manifest["hypervisor_version"]), agent_frames=frames,
+                expected_version=str(manifest["hypervisor_version"]),
+                agent_frames=lambda: protocol.hello("host") + protocol.identity(record.name, resumed=resumed),
                 alive=lambda: process.poll() is None)
         except VmError as err:
             raise VmError(f"could not restore snapshot {record.snapshot}: {err.message}", err.fix) from None

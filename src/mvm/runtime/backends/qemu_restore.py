@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,26 @@ from mvm.core.errors import VmError
 QMP_TIMEOUT_S = 10.0
 MIGRATION_TIMEOUT_S = 120.0  # a stream with a whole guest's RAM in it, written to disk
 POLL_S = 0.002
+RESTORE_TIMEOUT_S = 20.0  # a RAM-file snapshot's restore: device state only, milliseconds when all is well
 
 
 def restore_ram_file_snapshot(qmp_socket: Path, agent_socket: Path, state: Path, *, expected_version: str,
-                              agent_frames: bytes, alive: Any) -> int:
+                              agent_frames: Callable[[], bytes], alive: Callable[[], bool]) -> int:
     """Restore a QEMU just started with ``-incoming defer`` from a RAM-file snapshot's
-    ``state`` and run it, once ``agent_frames`` wait on the agent's channel. Returns that
-    channel's connection (the supervisor serves it as the agent's). ``alive()`` says whether
-    QEMU still runs (it may have refused its command line)."""
-    deadline = time.monotonic() + QMP_TIMEOUT_S
+    ``state`` and run it, once ``agent_frames()`` (made once QEMU has answered: its identity
+    carries the time) wait on the agent's channel. Returns that channel's connection (the
+    supervisor serves it as the agent's). ``alive()`` says whether QEMU still runs. All
+    within RESTORE_TIMEOUT_S, which `up` waits for (lifecycle.SUPERVISOR_START_S)."""
+    deadline = time.monotonic() + RESTORE_TIMEOUT_S
     qmp = _dial(qmp_socket, deadline, alive)
     try:
-        qmp.settimeout(QMP_TIMEOUT_S)
         reader = qmp.makefile("rb")
+
+        def execute(name: str, _fds: list[int] | None = None, **arguments: Any) -> Any:
+            qmp.settimeout(max(0.01, deadline - time.monotonic()))
+            return qmp_execute(qmp, reader, name, _fds, **arguments)
+
+        qmp.settimeout(max(0.01, deadline - time.monotonic()))
         greeting = _message(reader, "its greeting")
         try:
             version = version_text(greeting["QMP"]["version"])
@@ -46,36 +54,37 @@ def restore_ram_file_snapshot(qmp_socket: Path, agent_socket: Path, state: Path,
         if version != expected_version:
             raise VmError(f"the snapshot was made by QEMU {expected_version}; this host runs QEMU {version}",
                           "take a new snapshot with this QEMU")
-        agent = _dial(agent_socket, deadline, alive)  # (QEMU made it before its QMP socket)
         try:
-            agent.sendall(agent_frames)
-            execute(qmp, reader, "qmp_capabilities")
-            execute(qmp, reader, "migrate-set-capabilities",
-                    capabilities=[{"capability": "x-ignore-shared", "state": True}])
-            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            raise VmError(f"cannot read the snapshot's {state.name}: {err.strerror}") from None
+        try:
+            agent = _dial(agent_socket, deadline, alive)  # (QEMU made it before its QMP socket)
             try:
-                execute(qmp, reader, "getfd", _fds=[fd], fdname="mvm-migration")
+                agent.sendall(agent_frames())
+                execute("qmp_capabilities")
+                execute("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+                execute("getfd", [state_fd], fdname="mvm-migration")
+                execute("migrate-incoming", uri="fd:mvm-migration")
+                while not migration_done(execute("query-migrate"), time.monotonic() > deadline, RESTORE_TIMEOUT_S):
+                    time.sleep(POLL_S)
+                # The source was stopped to be saved, and a restore keeps the state it was saved in.
+                if (execute("query-status") or {}).get("status") != "running":
+                    execute("cont")
+                return agent.detach()
             finally:
-                os.close(fd)  # (QEMU has its own copy)
-            execute(qmp, reader, "migrate-incoming", uri="fd:mvm-migration")
-            migrated = time.monotonic() + MIGRATION_TIMEOUT_S
-            while not migration_done(execute(qmp, reader, "query-migrate"), time.monotonic() > migrated):
-                time.sleep(POLL_S)
-            # The source was stopped to be saved, and a restore keeps the state it was saved in.
-            if (execute(qmp, reader, "query-status") or {}).get("status") != "running":
-                execute(qmp, reader, "cont")
-            return agent.detach()
+                agent.close()
         finally:
-            agent.close()
+            os.close(state_fd)  # (QEMU has its own copy)
     except TimeoutError:
-        raise VmError(f"QEMU did not answer on QMP within {QMP_TIMEOUT_S:.0f} s") from None
+        raise VmError(f"QEMU did not restore the snapshot within {RESTORE_TIMEOUT_S:.0f} s") from None
     except OSError as err:
-        raise VmError(f"QEMU's QMP socket: {err.strerror or err}") from None
+        raise VmError(f"QEMU's QMP or agent socket: {err.strerror or err}") from None
     finally:
         qmp.close()
 
 
-def migration_done(info: Any, late: bool) -> bool:
+def migration_done(info: Any, late: bool, limit_s: float = MIGRATION_TIMEOUT_S) -> bool:
     """Whether query-migrate's answer ``info`` says the migration (out or in) has completed;
     its error if it failed, or if it is still going when it is ``late``."""
     status = info.get("status") if isinstance(info, dict) else None
@@ -84,7 +93,7 @@ def migration_done(info: Any, late: bool) -> bool:
     if status in ("failed", "cancelled"):
         raise VmError(f"the migration {status}: {str(info.get('error-desc', 'no reason given'))[:300]}")
     if late:
-        raise VmError(f"the migration did not finish within {MIGRATION_TIMEOUT_S:.0f} s (status {status})")
+        raise VmError(f"the migration did not finish within {limit_s:.0f} s (status {status})")
     return False
 
 
@@ -104,7 +113,7 @@ def _dial(path: Path, deadline: float, alive: Any) -> socket.socket:
             time.sleep(0.001)
 
 
-def execute(qmp: socket.socket, reader: Any, name: str, _fds: list[int] | None = None, **arguments: Any) -> Any:
+def qmp_execute(qmp: socket.socket, reader: Any, name: str, _fds: list[int] | None = None, **arguments: Any) -> Any:
     """One QMP command and its answer (events on the way are skipped)."""
     line = json.dumps({"execute": name, **({"arguments": arguments} if arguments else {})}).encode() + b"\n"
     if _fds:

@@ -138,9 +138,12 @@ class AgentLink:
                 self.on_ready(frame.header)
             elif frame.header.get("pid") != self.hello.get("pid"):
                 # /init restarted the agent (it died, or was killed): it speaks first on the
-                # channel we already hold, and what the old one had open is gone.
+                # channel we already hold, and what the old one had open is gone. What we sent
+                # it since the old one died is failed here, and the new agent ignores it: it
+                # runs nothing before the hello we send it now.
                 self.hello = frame.header
                 self.fail_all("the guest's agent restarted: what it was running is gone", prefix="")
+                self.send(protocol.hello("host"))
                 self.sup.egress.start()
             return None  # (else the agent's answer to our hello, after its own)
         if frame.id == SHUTDOWN_ID and frame.type == "error":
@@ -240,8 +243,12 @@ class AgentLink:
             self.pending.append((owner, frame))
             return
         if self.writer is None:  # (Docker: its agent's one connection has closed; none may replace it)
-            if frame.type not in NO_REPLY and frame.id is not None:
+            if frame.type not in NO_REPLY and frame.id is not None and frame.id not in owner.failed_writes:
                 owner.send(protocol.error(frame.id, "the guest's agent closed its channel"))
+                if frame.type == "write" and frame.header.get("more"):
+                    owner.failed_writes.add(frame.id)  # (one error for the whole upload)
+            elif frame.id in owner.failed_writes and not frame.header.get("more"):
+                owner.failed_writes.discard(frame.id)
             return
         client_id = frame.id if frame.id is not None else -1
         if client_id in owner.failed_writes:
