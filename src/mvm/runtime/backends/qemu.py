@@ -357,10 +357,11 @@ class QemuBackend(VmBackend):
         except BaseException as err:
             process.kill()
             process.wait()
-            said = _last_line(process.stderr) if isinstance(err, VmError) else ""
-            if said:  # QEMU's own last word says more (a stream it could not load, say)
-                raise VmError(f"{err.message} (QEMU said: {said})", err.fix) from None
-            raise
+            if not isinstance(err, VmError):
+                raise
+            said = _last_line(process.stderr)  # QEMU's own last word says more (a state it could not load)
+            raise VmError(f"could not restore snapshot {record.snapshot}: {err.message}"
+                          + (f" (QEMU said: {said})" if said else ""), err.fix) from None
         return Spawned(process, spawned, agent_fd=agent_fd, restored=time.monotonic())
 
     @staticmethod
@@ -374,14 +375,11 @@ class QemuBackend(VmBackend):
         snapshot = Path(record.restore_from)
         manifest = json.loads((snapshot / "manifest.json").read_text())["manifest"]
         resumed = manifest.get("purpose") == "suspend"
-        try:
-            return qemu_restore.restore_ram_file_snapshot(
-                paths.qmp_socket, paths.agent_socket, snapshot / "state",
-                expected_version=str(manifest["hypervisor_version"]),
-                agent_frames=lambda: protocol.hello("host") + protocol.identity(record.name, resumed=resumed),
-                alive=lambda: process.poll() is None)
-        except VmError as err:
-            raise VmError(f"could not restore snapshot {record.snapshot}: {err.message}", err.fix) from None
+        return qemu_restore.restore_ram_file_snapshot(
+            paths.qmp_socket, paths.agent_socket, snapshot / "state",
+            expected_version=str(manifest["hypervisor_version"]),
+            agent_frames=lambda: protocol.hello("host") + protocol.identity(record.name, resumed=resumed),
+            alive=lambda: process.poll() is None)
 
     @staticmethod
     def _memory(spec: QemuSpec, record: VmRecord, paths: VmPaths) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mvm.core.errors import VmError
-from mvm.runtime.backends.qemu_restore import MIGRATION_TIMEOUT_S, POLL_S, QMP_TIMEOUT_S, migration_done, version_text
+from mvm.runtime.backends.qemu_restore import MIGRATION_TIMEOUT_S, POLL_S, check_version, migration_done, version_text
+
+QMP_TIMEOUT_S = 10.0
 
 
 @asynccontextmanager
@@ -95,10 +97,7 @@ def _copy_files(ram_file: Path | None, dest: Path, disk: Path) -> None:
 
 async def load(qmp: Any, state: Path, *, ram_file_kind: bool, expected_version: str) -> None:
     """Feed ``state`` to a QEMU started with ``-incoming defer``, then run the guest."""
-    version = version_text(await execute(qmp, "query-version"))
-    if version != expected_version:
-        raise VmError(f"the snapshot was made by QEMU {expected_version}; this host runs QEMU {version}",
-                      "take a new snapshot with this QEMU")
+    check_version(await execute(qmp, "query-version"), expected_version)
     await set_ignore_shared(qmp, ram_file_kind)
     await migrate_through(qmp, os.open(state, os.O_RDONLY | os.O_CLOEXEC), "migrate-incoming")
     status = await execute(qmp, "query-status")

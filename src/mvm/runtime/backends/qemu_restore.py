@@ -23,7 +23,6 @@ from typing import Any
 
 from mvm.core.errors import VmError
 
-QMP_TIMEOUT_S = 10.0
 MIGRATION_TIMEOUT_S = 120.0  # a stream with a whole guest's RAM in it, written to disk
 POLL_S = 0.002
 RESTORE_TIMEOUT_S = 20.0  # a RAM-file snapshot's restore: device state only, milliseconds when all is well
@@ -48,12 +47,9 @@ def restore_ram_file_snapshot(qmp_socket: Path, agent_socket: Path, state: Path,
         qmp.settimeout(max(0.01, deadline - time.monotonic()))
         greeting = _message(reader, "its greeting")
         try:
-            version = version_text(greeting["QMP"]["version"])
-        except (KeyError, TypeError):
+            check_version(greeting["QMP"]["version"], expected_version)
+        except (KeyError, TypeError, AttributeError):
             raise VmError(f"QEMU's QMP greeting is not one: {str(greeting)[:200]}") from None
-        if version != expected_version:
-            raise VmError(f"the snapshot was made by QEMU {expected_version}; this host runs QEMU {version}",
-                          "take a new snapshot with this QEMU")
         try:
             state_fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as err:
@@ -109,7 +105,7 @@ def _dial(path: Path, deadline: float, alive: Any) -> socket.socket:
                 raise VmError(f"QEMU exited before it opened {path.name}") from None
             if time.monotonic() > deadline:
                 sock.close()
-                raise VmError(f"QEMU did not open {path.name} within {QMP_TIMEOUT_S:.0f} s") from None
+                raise VmError(f"QEMU did not open {path.name} within {RESTORE_TIMEOUT_S:.0f} s") from None
             time.sleep(0.001)
 
 
@@ -146,3 +142,11 @@ def _message(reader: Any, what: str) -> dict[str, Any]:
 def version_text(reply: dict[str, Any]) -> str:
     q = reply.get("qemu", {})
     return f"{q.get('major')}.{q.get('minor')}.{q.get('micro')}{reply.get('package', '')}".strip()
+
+
+def check_version(reply: dict[str, Any], expected: str) -> None:
+    """A snapshot loads only into the QEMU version that made it (``reply``: query-version's)."""
+    version = version_text(reply)
+    if version != expected:
+        raise VmError(f"the snapshot was made by QEMU {expected}; this host runs QEMU {version}",
+                      "take a new snapshot with this QEMU")

@@ -242,18 +242,16 @@ class AgentLink:
         if self.hello is None:
             self.pending.append((owner, frame))
             return
-        if self.writer is None:  # (Docker: its agent's one connection has closed; none may replace it)
-            if frame.type not in NO_REPLY and frame.id is not None and frame.id not in owner.failed_writes:
-                owner.send(protocol.error(frame.id, "the guest's agent closed its channel"))
-                if frame.type == "write" and frame.header.get("more"):
-                    owner.failed_writes.add(frame.id)  # (one error for the whole upload)
-            elif frame.id in owner.failed_writes and not frame.header.get("more"):
-                owner.failed_writes.discard(frame.id)
-            return
         client_id = frame.id if frame.id is not None else -1
         if client_id in owner.failed_writes:
             if not frame.header.get("more"):
                 owner.failed_writes.discard(client_id)
+            return
+        if self.writer is None:  # (Docker: its agent's one connection has closed; none may replace it)
+            if frame.type not in NO_REPLY and frame.id is not None:
+                owner.send(protocol.error(frame.id, "the guest's agent closed its channel"))
+                if frame.type == "write" and frame.header.get("more"):
+                    owner.failed_writes.add(frame.id)  # (one error for the whole upload)
             return
         channel_id = owner.open_requests.get(client_id)
         if channel_id is None:
