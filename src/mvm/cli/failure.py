@@ -4,6 +4,7 @@ a traceback. The click group and exec's fast path (which runs without click) bot
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from mvm.core.errors import MvmError
@@ -13,6 +14,9 @@ def report_failure(err: MvmError | KeyboardInterrupt) -> int:
     """Print the line for ``err``; returns the exit status mvmctl ends with."""
     if isinstance(err, KeyboardInterrupt):
         line, status = "mvmctl: interrupted", 130
+        # Stopping already: a second Ctrl-C (or one Python raises again while the exit unwinds)
+        # must not turn the reported end into a death by SIGINT with another status.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     else:
         line, status = f"mvmctl: error: {err}", err.exit_code
     sys.stderr.write(line + "\n")
