@@ -83,8 +83,11 @@ def as_exec_user(handler: Handler) -> Handler:
 
 
 def uptime() -> float:
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0])
+    fd = os.open("/proc/uptime", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return float(os.read(fd, 64).split()[0])
+    finally:
+        os.close(fd)
 
 
 def load() -> list[float]:
