@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 
+from mvm.runtime import log_budget
 from mvm.runtime.launchspec import LaunchSpec
 from mvm.runtime.supervisor.supervisor import Supervisor
 
@@ -38,5 +39,6 @@ def run_supervisor(spec: LaunchSpec) -> None:
         await supervisors[0].main()
 
     asyncio.run(body())
+    log_budget.flush_all()
     if supervisors and (supervisors[0].watch.remove_on_exit or supervisors[0].record.ephemeral):
         shutil.rmtree(spec.vm_dir, ignore_errors=True)
