@@ -187,19 +187,26 @@ def test_an_agent_killed_in_the_guest_ends_what_it_ran_and_stays_off_the_console
                                                                                    workload_dir) -> None:
     """A root workload (a dev image) kills the agent with a signal, from a command that agent
     is running. That command ends with an error instead of waiting forever. On QEMU, /init's
-    restarted agent says hello on the channel the host still holds and serves the next command;
-    on Docker its one connection per boot is gone, and the next command is refused at once.
+    restarted agent says hello on the channel the host still holds and serves the next command,
+    and what the dead agent had started (here a daemon that left its session) is gone with it.
+    On Docker its one connection per boot is gone, and the next command is refused at once.
     The shell's report of the death ("Bus error") goes to the agent's log, never onto the
     console, where it would pass for the workload's output."""
     name = up(ctl, workload_dir, "agentkill", extra="[uids]\nentrypoint = 0")
     try:
         agent = json.loads(ctl("status", name, "--json", check=True).stdout)["guest"]["agent"]["pid"]
+        daemon = ctl("exec", name, "--", "sh", "-c", "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+                     check=True, timeout=60).stdout.strip()
+        assert daemon.isdigit(), daemon
         killed = ctl("exec", name, "--", "kill", "-BUS", str(agent), timeout=60)
         assert killed.returncode != 0 and "agent" in killed.stderr, killed
         if ctl.hypervisor == "qemu":
             assert ctl("exec", name, "--", "echo", "back", check=True, timeout=60).stdout == "back\n"
             again = json.loads(ctl("status", name, "--json", check=True).stdout)["guest"]["agent"]["pid"]
             assert again != agent
+            left = ctl("exec", name, "--", "sh", "-c", f"kill -0 {daemon} 2>/dev/null && echo alive || echo gone",
+                       check=True, timeout=60).stdout
+            assert left == "gone\n", f"process {daemon}, started by the dead agent, outlived it"
             log = ctl("exec", name, "--", "cat", "/run/mvm-agent.log", check=True).stdout
             assert "Bus error" in log, log
         else:
