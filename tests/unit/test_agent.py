@@ -939,3 +939,29 @@ def test_init_reads_back_every_argv_the_host_writes(argv: list[str]) -> None:
 def test_init_gives_up_on_anything_else(encoded: str) -> None:
     """'["a","b"]' (another separator), '["a", ]', an object, a number: not what the host writes."""
     assert argv_through_init(encoded) is None
+
+
+def test_a_restarted_agent_reads_nothing_before_the_hosts_hello(guest: Guest, tmp_path: Path) -> None:
+    """A virtio-serial port outlives the agent reading it: the agent /init restarted may find
+    the tail of a frame sent to the one that died, whose body would read as a frame length
+    (here 0xffffffff). It skips to the host's hello instead, and serves what follows."""
+    marker = tmp_path / "ran"
+    with spawn_agent(guest) as client:
+        stale = protocol.encode({"type": "exec", "id": 7, "argv": ["touch", str(marker)]}, b"\xff" * 5000)
+        client.sock.sendall(stale[len(stale) // 2:])
+        client.hello()
+        client.ping()
+        assert client.pending(None) == [] and not marker.exists()
+
+
+@pytest.mark.parametrize("cut", range(len(protocol.HOST_HELLO) + 1))
+def test_the_hosts_hello_is_found_wherever_reads_split_it(cut: int) -> None:
+    from mvm.guest.agent.serve import BeforeHostHello
+
+    before = BeforeHostHello()
+    stream = b"\xff" * 3000 + protocol.HOST_HELLO + b"next"
+    split = 3000 + cut
+    first = before.skip(stream[:split])
+    found = first + stream[split:] if first is not None else before.skip(stream[split:])
+    assert found == protocol.HOST_HELLO + b"next"
+    assert len(before.tail) < len(protocol.HOST_HELLO)

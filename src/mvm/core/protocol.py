@@ -280,6 +280,13 @@ def hello(role: str, **info: Any) -> bytes:
     return encode({"type": "hello", "version": PROTOCOL_VERSION, "role": role, **info})
 
 
+# The host's hello, byte for byte: the first thing the host sends on a connection, and again
+# to an agent /init restarted. That agent may find the tail of a frame meant for the one that
+# died on its channel (a virtio-serial port outlives its reader), so it reads nothing as a
+# frame until these bytes (guest/agent/serve.py).
+HOST_HELLO = hello("host")
+
+
 IDENTITY_ID = 1  # the channel id of a clone's identity request (the host's first request)
 
 

@@ -30,6 +30,28 @@ def decode(decoder: protocol.Decoder, data: bytes, channel: Channel) -> list[pro
 READ_SIZE = 1 << 20
 
 
+class BeforeHostHello:
+    """Skips what a connection carries before the host's hello (protocol.HOST_HELLO).
+
+    That was sent to an agent that died: whole frames the host has failed already, or the
+    tail of one, whose body would be read as the next frame's length (a virtio-serial port
+    outlives its reader). So none of it is read as frames.
+    """
+
+    def __init__(self) -> None:
+        self.tail = b""  # the last bytes seen: the hello may be split across two reads
+
+    def skip(self, data: bytes | memoryview) -> bytes | None:
+        """The bytes from the host's hello on, once it has come; None until then."""
+        seen = self.tail + data
+        at = seen.find(protocol.HOST_HELLO)
+        if at < 0:
+            self.tail = seen[-(len(protocol.HOST_HELLO) - 1):]
+            return None
+        self.tail = b""
+        return seen[at:]
+
+
 def serve_fd(fd: int) -> None:
     """Serve one host connection on fd until it reads EOF (or fails).
 
@@ -44,6 +66,7 @@ def serve_fd(fd: int) -> None:
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)
     missing = 1  # bytes before the decoder can have another frame: until then, only stash
+    before_hello = BeforeHostHello()
     try:
         while True:
             try:
@@ -52,15 +75,17 @@ def serve_fd(fd: int) -> None:
                 return
             if not got:
                 return
-            if got < missing:  # (most 4 KiB reads of a large frame: ~20 us less each under TCG)
-                decoder.stash(view[:got])
+            data: bytes | memoryview = view[:got]
+            if not session.greeted:
+                from_hello = before_hello.skip(data)
+                if from_hello is None:
+                    continue
+                data, session.greeted = from_hello, True
+            elif got < missing:  # (most 4 KiB reads of a large frame: ~20 us less each under TCG)
+                decoder.stash(data)
                 missing -= got
                 continue
-            for frame in decode(decoder, view[:got], session.channel):
-                if not session.greeted:  # (frames sent to an agent that died: not ours to run)
-                    if frame.type != "hello":
-                        continue
-                    session.greeted = True
+            for frame in decode(decoder, data, session.channel):
                 session.handle(frame)
             missing = decoder.missing()
     finally:

@@ -30,9 +30,9 @@ class Session:
         self.uploads: dict[int | None, files.Upload] = {}
         self.reads: dict[int | None, files.Read] = {}
         self.failed_uploads: set[int | None] = set()  # ignore their frames until more:false
-        # Nothing is run before the host's hello on this connection: what waits on a channel
-        # when an agent starts may have been sent to the one /init restarted it after, and
-        # the host has already told its clients those requests failed.
+        # Nothing is read before the host's hello on this connection (serve.py): what waits on
+        # a channel when an agent starts may have been sent to the one /init restarted it
+        # after, and the host has already told its clients those requests failed.
         self.greeted = False
 
     def handle(self, frame: protocol.Frame) -> None:

@@ -378,7 +378,7 @@ class QemuBackend(VmBackend):
         return qemu_restore.restore_ram_file_snapshot(
             paths.qmp_socket, paths.agent_socket, snapshot / "state",
             expected_version=str(manifest["hypervisor_version"]),
-            agent_frames=lambda: protocol.hello("host") + protocol.identity(record.name, resumed=resumed),
+            agent_frames=lambda: protocol.HOST_HELLO + protocol.identity(record.name, resumed=resumed),
             alive=lambda: process.poll() is None)
 
     @staticmethod

@@ -94,7 +94,7 @@ class AgentLink:
             return
         prequeued = self.sup.spec.agent_fd is not None  # (the launcher wrote our hello and the identity)
         if not prequeued:
-            writer.write(protocol.hello("host"))  # queued until the agent opens its port
+            writer.write(protocol.HOST_HELLO)  # queued until the agent opens its port
         self.writer = writer
         if self.sup.record.restore_from is not None:  # a clone: its identity goes right behind our
             asyncio.get_running_loop().create_task(self.give_identity(prequeued))  # hello (a round trip less)
@@ -143,7 +143,7 @@ class AgentLink:
                 # runs nothing before the hello we send it now.
                 self.hello = frame.header
                 self.fail_all("the guest's agent restarted: what it was running is gone", prefix="")
-                self.send(protocol.hello("host"))
+                self.send(protocol.HOST_HELLO)
                 self.sup.egress.start()
             return None  # (else the agent's answer to our hello, after its own)
         if frame.id == SHUTDOWN_ID and frame.type == "error":
