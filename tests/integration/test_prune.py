@@ -89,7 +89,7 @@ def test_prune_keeps_what_a_running_vm_and_a_snapshot_use_and_removes_the_rest(
             unreference(home, key)  # only the VM, the snapshot, or nothing, keeps each now
         snapshot = home / "snapshots" / "s1"
         snapshot.mkdir(parents=True)
-        (snapshot / "manifest.json").write_text(json.dumps({"artifact_key": snap_key, "tag": "s1"}))
+        (snapshot / "manifest.json").write_text(json.dumps({"manifest": {"artifact_key": snap_key, "tag": "s1"}}))
         # scratch of a process that is gone, and of one that lives (this one); a .deb no lock names
         dead = home / "tmp" / "docker-import-999999999-abc"
         dead.mkdir(parents=True)

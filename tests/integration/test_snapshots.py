@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -180,10 +181,13 @@ def test_fork_makes_live_copies(mvmctl: Mvmctl, source: str) -> None:
         counter_advances(mvmctl, "kid-2")
         refused = mvmctl("snapshot", "rm", result["snapshot"])
         assert refused.returncode == 2 and "in use" in refused.stderr
+        again = mvmctl("fork", source, "--count", "1", "--name-prefix", "kid", "--json", timeout=600)
+        assert again.returncode == 0, again.stderr  # the next number, not a clash with kid-1
+        assert [c["name"] for c in json.loads(again.stdout)["copies"]] == ["kid-4"]
     finally:
-        for name in ("kid-1", "kid-2", "kid-3"):
+        for name in ("kid-1", "kid-2", "kid-3", "kid-4"):
             mvmctl("down", name, "--force")
-    # prune removes the snapshot this fork made, once no copy runs from it (and only that one).
+    # prune removes the snapshots the forks made, once no copy runs from them (and only those).
     pruned = json.loads(mvmctl("prune", "--json", check=True).stdout)
     removed = {(r["kind"], r["name"]) for r in pruned["removed"]}
     assert ("snapshot", result["snapshot"]) in removed and ("snapshot", "base") not in removed
@@ -359,6 +363,55 @@ def test_pause_to_disk_frees_the_vm_and_resume_brings_its_processes_back(mvmctl:
         mvmctl("down", "sleeper", "--force")
     assert not [r for r in json.loads(mvmctl("snapshot", "ls", "--json").stdout)
                 if r.get("source_vm") == "sleeper" and r.get("purpose") == "suspend" and r["clones"]]
+
+
+def test_a_suspended_clone_outlives_a_failed_resume_and_comes_back_with_its_forward(
+        mvmctl: Mvmctl, source: str, workload: Path) -> None:
+    """`pause --to-disk` of a clone marks it suspended (its supervisor's last save of the record
+    once raced that mark); neither `up` of its name nor `snapshot rm` of its save may take it;
+    a resume that fails (its forward's port is taken) leaves it suspended; the next one brings
+    it back, forward and all."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mvmctl("up", "--snapshot", "base", "--name", "susp", "-p", f"127.0.0.1:{port}:8000", check=True)
+    try:
+        sh(mvmctl, "susp", "echo kept > /tmp/suspend-marker")
+        mvmctl("pause", "susp", "--to-disk", check=True)
+        save = listed(mvmctl)["susp"]["suspended"]
+        assert listed(mvmctl)["susp"]["state_detail"] == "suspended (on disk)" and save
+        taken = mvmctl("up", str(workload), "--name", "susp", "--cold")
+        assert taken.returncode == 2 and "is suspended to disk" in taken.stderr, taken.stderr
+        kept = mvmctl("snapshot", "rm", save)
+        assert kept.returncode == 2 and "suspended to disk" in kept.stderr, kept.stderr
+        with socket.socket() as squatter:
+            squatter.bind(("127.0.0.1", port))
+            squatter.listen()
+            failed = mvmctl("resume", "susp")
+            assert failed.returncode != 0, failed.stdout
+        assert listed(mvmctl)["susp"]["suspended"] == save and snapshot_dir(mvmctl, save).is_dir()
+        assert not qemu_of_vm(mvmctl.home, "susp")
+        mvmctl("resume", "susp", check=True)
+        assert sh(mvmctl, "susp", "cat /tmp/suspend-marker").strip() == "kept"
+        assert f"127.0.0.1:{port}" in mvmctl("forward", "ls", "susp", check=True).stdout
+    finally:
+        mvmctl("down", "susp", "--force")
+
+
+def test_a_clone_runs_with_the_network_its_source_ran_with(mvmctl: Mvmctl, workload: Path) -> None:
+    """The image says no network; its VM was started `--network open`, so its saved devices
+    include a NIC: the clone runs open too (before, its restore failed on the missing NIC)."""
+    mvmctl("up", str(workload), "--name", "opened", "--cold", "--network", "open", check=True)
+    try:
+        mvmctl("snapshot", "create", "opened", "--tag", "opened", check=True)
+        mvmctl("up", "--snapshot", "opened", "--name", "opened-copy", check=True)
+        record = json.loads((mvmctl.home / "vms" / "opened-copy" / "record.json").read_text())
+        assert record["network"] == "open"
+        assert "eth0" in sh(mvmctl, "opened-copy", "ls /sys/class/net")
+    finally:
+        for name in ("opened-copy", "opened"):
+            mvmctl("down", name, "--force")
+        mvmctl("snapshot", "rm", "opened")
 
 
 def _gone(pid: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,17 +50,39 @@ def test_a_store_entry_that_is_a_link_is_unlinked_not_followed(home: MvmHome, tm
 
 def test_an_unreadable_snapshot_manifest_keeps_every_artifact(home: MvmHome) -> None:
     artifact(home, KEY_A)
-    for bad in ('{"artifact_key": 12}', "not json", json.dumps({"artifact_key": "../../etc"})):
-        (home.snapshots / "s").mkdir(parents=True, exist_ok=True)
-        (home.snapshots / "s" / "manifest.json").write_text(bad)
+    (home.snapshots / "s").mkdir(parents=True, exist_ok=True)
+    manifest = home.snapshots / "s" / "manifest.json"
+    for bad in ('{"manifest": {"artifact_key": 12}}', "not json", json.dumps({"artifact_key": KEY_A}),
+                json.dumps({"manifest": {"artifact_key": "../../etc"}}), None):
+        manifest.unlink(missing_ok=True)
+        if bad is None:
+            os.mkfifo(manifest)  # (read without O_NONBLOCK, this would hang prune)
+        else:
+            manifest.write_text(bad)
         report = pruning.prune(home)
         assert not [r for r in report.removed if r.kind == "artifact"]
         assert any("snapshot 's'" in note for note in report.notes)
-    (home.snapshots / "s" / "manifest.json").write_text(json.dumps({"artifact_key": KEY_A}))
+    manifest.unlink()
+    shutil.rmtree(home.snapshots / "s")
+    make_snapshot(home, "s", KEY_A)
     artifact(home, KEY_B)
     report = pruning.prune(home, dry_run=True)
+    assert report.notes == [] or not any("snapshot" in note for note in report.notes), report.notes
     assert [r.path for r in report.removed if r.kind == "artifact"] == [str(home.store / KEY_B)]
     assert report.freed_bytes >= 4096 and (home.store / KEY_B).is_dir()  # (a dry run)
+
+
+def make_snapshot(home: MvmHome, tag: str, key: str) -> None:
+    """A real one: signed with the home's key, as `snapshot create` writes it."""
+    from mvm.runtime.snapshot import SnapshotManifest, SnapshotStore
+
+    store = SnapshotStore(home)
+    staged = store.stage(tag)
+    (staged / "state").write_bytes(b"device state")
+    store.commit(staged, SnapshotManifest(
+        tag=tag, kind="stream", purpose="snapshot", created_at=1.8e9, source_vm="w", artifact_key=key,
+        artifact_name="w", backend="qemu", accel="tcg", hypervisor_version="7.2.22", vcpus=1, memory_mib=128,
+        uids={"agent": 990, "entrypoint": 1000}, sealed=True, accessible=False, argv=None))
 
 
 def test_refs_and_stamps_keep_what_they_name_and_stale_stamps_go(home: MvmHome) -> None:

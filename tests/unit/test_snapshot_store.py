@@ -61,6 +61,7 @@ def test_a_taken_tag_is_not_overwritten(tmp_path: Path) -> None:
     (lambda d: (d / "manifest.json").write_text("[]"), "holds no signed manifest"),
     (lambda d: (d / "manifest.json").write_bytes(b" " * (2 << 20)), "over 1 MiB"),
     (lambda d: (d / "manifest.json").unlink(), "cannot read its manifest"),
+    (lambda d: ((d / "manifest.json").unlink(), os.mkfifo(d / "manifest.json")), "is not a regular file"),
     (lambda d: _edit(d, lambda m: m.update(vcpus=64)), "signature does not match (it was edited)"),
     (lambda d: _edit(d, lambda m: m.update(tag="other"), resign=True), "its manifest is that of snapshot 'other'"),
     (lambda d: _edit(d, lambda m: m.update(kind="mystery"), resign=True), "kind 'mystery'"),
@@ -68,6 +69,7 @@ def test_a_taken_tag_is_not_overwritten(tmp_path: Path) -> None:
     (lambda d: _edit(d, lambda m: m["files"].update(passwd=m["files"]["ram"]), resign=True),
      "file 'passwd' is not one a snapshot has"),
     (lambda d: _edit(d, lambda m: m.update(format=2), resign=True), "format '2' is not 1"),
+    (lambda d: _edit(d, lambda m: m.update(network="everywhere"), resign=True), "network 'everywhere'"),
 ])
 def test_damage_is_refused_with_what_is_wrong(tmp_path: Path, damage, message: str) -> None:
     home = MvmHome(tmp_path)
@@ -124,3 +126,20 @@ def test_hostile_manifest_bodies_raise_value_error_only(body) -> None:
 def test_bad_tags(tag: str) -> None:
     with pytest.raises(Exception, match="snapshot tag"):
         check_tag(tag)
+
+
+def test_a_copy_leaves_holes_for_zeros_even_where_the_source_has_them_written(tmp_path: Path) -> None:
+    """A RAM file an incoming migration filled is allocated throughout, though mostly zeros:
+    its snapshot keeps only what is not zero (and reads back the same bytes)."""
+    from mvm.runtime.backends.qemu_migration import copy_sparse
+
+    src = tmp_path / "ram"
+    data = bytearray(8 << 20)  # 8 MiB, written out in full (no holes in the source)
+    data[3 << 20: (3 << 20) + 5] = b"guest"
+    data[-1] = 7
+    src.write_bytes(bytes(data))
+    os.fsync(os.open(src, os.O_RDONLY))
+    copy_sparse(src, tmp_path / "copy")
+    copied = tmp_path / "copy"
+    assert copied.read_bytes() == bytes(data)
+    assert copied.stat().st_blocks * 512 <= 2 * (1 << 16) < src.stat().st_blocks * 512

@@ -10,10 +10,11 @@ from typing import Any
 import click
 
 from mvm.cli.project import FLAKE_OPTION, project_dir
+from mvm.core.errors import UsageError
 from mvm.core.sizes import format_size
 from mvm.core.state import MvmHome
 from mvm.runtime import cloning
-from mvm.runtime.snapshot import Snapshot, SnapshotStore
+from mvm.runtime.snapshot import TAG, Snapshot, SnapshotStore
 
 SECRET_NOTE = ("The files hold the guest's memory, and with it any secret the guest held: they are "
                "private to you (0600) under $MVM_HOME/snapshots/.")
@@ -149,6 +150,9 @@ def template_build(directory: str | None, flake: str | None, tag: str | None) ->
     home = MvmHome.default()
     image = boot_image(project_dir(directory, flake), home)
     started = time.monotonic()
+    if tag is None and not TAG.fullmatch(f"{image.name}-template"):
+        raise UsageError(f"the default template tag {image.name + '-template'!r} is not a valid tag",
+                         "give one with --tag (1-64 lowercase letters, digits, '.', '_' or '-')")
     saved = cloning.build_template(home, image, tag or f"{image.name}-template", progress=note)
     click.echo(f"template {saved.tag} of image {image.name}: {format_size(saved.size)} on disk, "
                f"{time.monotonic() - started:.1f} s; `mvmctl up` of this image now starts from it")

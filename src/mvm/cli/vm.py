@@ -237,6 +237,9 @@ def down(name: str, force: bool, timeout: float, purge: bool) -> None:
         click.echo(f"VM {name}'s kept data disk is removed")
     elif isinstance(record, DamagedVm):
         click.echo(f"VM {name} is removed (its record was damaged: {record.why})")
+    elif record.suspended:
+        click.echo(f"VM {name} is removed, with what `pause --to-disk` saved of it"
+                   + ("; its data disk too" if purge else ""))
     else:
         click.echo(f"VM {name} is down ({record.stop_reason or 'stopped'})"
                    + ("; its data disk is removed" if purge else ""))

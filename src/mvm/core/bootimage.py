@@ -37,6 +37,9 @@ BOOT_BUDGET_MS = dict(GUEST_ARCHES[DEFAULT_ARCH].boot_budget_ms)
 EXPECTED_BOOT_MS = max(BOOT_BUDGET_MS.values())
 
 
+NETWORK_MODES = ("deny", "allow-list", "open")  # a BootImage's network_mode
+
+
 @dataclass(frozen=True)
 class PortForward:
     """A host TCP port forwarded to a port on the guest's loopback."""

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import secrets
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
-from mvm.core.state import MvmHome, VmRecord, check_vm_name
+from mvm.core.home import VM_NAME_MAX
+from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, check_vm_name_quietly
 from mvm.runtime import backends, lifecycle
+from mvm.runtime.allow_list import check_entries
 from mvm.runtime.client import VmClient
 from mvm.runtime.snapshot import Snapshot, SnapshotError, SnapshotManifest, SnapshotStore, check_tag
 
@@ -32,6 +37,8 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
     backends.get(record.backend).require("snapshots", name)
     if not record.running:
         raise VmError(f"VM {name} is stopped: only a running VM can be snapshotted", "`mvmctl up` starts it")
+    if record.state == "paused":  # (its agent cannot take the freeze every snapshot starts with)
+        raise VmError(f"VM {name} is paused: only a running VM can be saved ({purpose})", f"`mvmctl resume {name}` first")
     if record.volumes:
         shared = ", ".join(str(v.get("host")) for v in record.volumes)
         raise UsageError(f"VM {name} has a live volume ({shared}), so it cannot be saved ({purpose}): its state would "
@@ -51,7 +58,8 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
                 artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"], backend=reply["backend"],
                 accel=reply["accel"], hypervisor_version=reply["hypervisor_version"], vcpus=reply["vcpus"],
                 memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
-                accessible=reply["accessible"], argv=reply["argv"])
+                accessible=reply["accessible"], argv=reply["argv"], network=reply["network"],
+                allow=reply["allow"])
             saved = store.commit(staged, manifest)
         except BaseException as err:
             shutil.rmtree(staged, ignore_errors=True)
@@ -68,13 +76,20 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
 
 def clone_image(home: MvmHome, snapshot: Snapshot) -> BootImage:
     """The image the snapshot was taken of, which must still be in the store: its kernel and
-    its root filesystem (the frozen disk's backing file) are part of the snapshot."""
-    path = home.store / snapshot.manifest.artifact_key  # (a checked key: 64 hex digits)
+    its root filesystem (the frozen disk's backing file) are part of the snapshot. It runs
+    with the network its VM had (`up --network`, `mvmctl network`), not the image's own."""
+    manifest = snapshot.manifest
+    path = home.store / manifest.artifact_key  # (a checked key: 64 hex digits)
     if not path.is_dir():
-        raise SnapshotError(f"snapshot {snapshot.tag} was taken of image {snapshot.manifest.artifact_name} "
-                            f"({snapshot.manifest.artifact_key[:12]}), which is no longer in the store",
+        raise SnapshotError(f"snapshot {snapshot.tag} was taken of image {manifest.artifact_name} "
+                            f"({manifest.artifact_key[:12]}), which is no longer in the store",
                             f"rebuild that image, or `mvmctl snapshot rm {snapshot.tag}`")
-    return BootImage.open(path)
+    image = BootImage.open(path)
+    if manifest.network is None:  # (an older manifest: its VM ran as the image says, or could not be cloned)
+        return image
+    check_entries(manifest.allow)
+    return replace(image, network_mode=manifest.network,
+                   allow=tuple(manifest.allow) if manifest.network == "allow-list" else ())
 
 
 @dataclass
@@ -101,8 +116,6 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
     with its own identity. Fails before anything starts if the snapshot cannot be used."""
     check_vm_name(request.name)
     snapshot = SnapshotStore(home).load(request.tag)
-    if not request.replace_suspended:
-        _refuse_suspended_name(home, request.name)
     manifest = snapshot.manifest
     for what, asked, saved in (("--cpus", request.vcpus, manifest.vcpus),
                                ("--memory", request.memory_mib, manifest.memory_mib)):
@@ -125,7 +138,7 @@ def clone(home: MvmHome, request: CloneRequest, progress: Callable[[str], None] 
     return lifecycle.up(home, image, name=request.name, hypervisor=manifest.backend, progress=progress,
                         forwards=request.forwards, argv=manifest.argv, lifetime_s=request.lifetime_s,
                         policies=request.policies, on_receipt=request.on_receipt, overcommit=request.overcommit, ephemeral=request.ephemeral,
-                        workload_id=request.workload_id, snapshot=snapshot,
+                        workload_id=request.workload_id, snapshot=snapshot, resumes=request.replace_suspended,
                         operation="resume-from-disk" if request.replace_suspended else "clone")
 
 
@@ -151,6 +164,10 @@ def remove_snapshot(home: MvmHome, tag: str) -> None:
         if users:
             raise UsageError(f"snapshot {tag} is in use by running clone{'s' if len(users) > 1 else ''} "
                              f"{', '.join(users)}", f"`mvmctl down {users[0]}` first")
+        waiting = [r.name for r in lifecycle.list_vms(home) if isinstance(r, VmRecord) and r.suspended == tag]
+        if waiting:
+            raise UsageError(f"snapshot {tag} holds VM {waiting[0]}, suspended to disk",
+                             f"`mvmctl resume {waiting[0]}`, or `mvmctl down {waiting[0]}` (which removes it)")
         sealed = _snapshot_sealed(store, tag)
         store.remove(tag)
     lifecycle.audit_action(home, "snapshot-rm", name=None, sealed=sealed, detail={"tag": tag, "sealed": sealed})
@@ -163,12 +180,6 @@ def _snapshot_sealed(store: SnapshotStore, tag: str) -> bool:
         return store.load(tag, check_files=False).manifest.sealed
     except MvmError:
         return True
-
-
-def _refuse_suspended_name(home: MvmHome, name: str) -> None:
-    record = lifecycle.settle(home.vm(name))
-    if record is not None and record.suspended and not record.running:
-        raise UsageError(f"VM {name} is suspended to disk", f"`mvmctl resume {name}`, or `mvmctl down {name}` first")
 
 
 def unneeded_snapshots(home: MvmHome) -> list[Snapshot]:
@@ -200,22 +211,62 @@ def suspend_vm(home: MvmHome, name: str) -> Snapshot:
         raise UsageError(f"VM {name} is removed as soon as it stops (an SDK sandbox), so it cannot be suspended",
                          "pause it without --to-disk")
     sweep_unused_snapshots(home)
-    saved = snapshot_vm(home, name, f"suspend-{name}-{time.time_ns() // 1_000_000:x}", stop=True, purpose="suspend")
-    lifecycle.wait_supervisor_gone(paths)
-    record = VmRecord.load(paths)
-    record.suspended = saved.tag
-    record.stop_reason = f"suspended to disk (`mvmctl resume {name}`)"
-    record.save(paths)
+    with _interrupt_after():  # (once the VM is told to stop, its save is all there is of it)
+        saved = snapshot_vm(home, name, f"suspend-{name}-{time.time_ns() // 1_000_000:x}", stop=True,
+                            purpose="suspend")
+        # Its supervisor saves the record a last time as it stops: mark it suspended after that.
+        lifecycle.wait_supervisor_exit(paths, record)
+        record = VmRecord.load(paths)
+        record.suspended = saved.tag
+        record.stop_reason = "suspended to disk"
+        record.save(paths)
     return saved
 
 
 def resume_suspended(home: MvmHome, name: str) -> VmRecord:
-    _, record = lifecycle.require_vm(home, name)
+    """Start the suspended VM ``name`` again from its save, with its forwards; if that fails
+    or is interrupted, it stays suspended (a restore never changes the save)."""
+    paths, record = lifecycle.require_vm(home, name)
     if not record.suspended or record.running:
         raise UsageError(f"VM {name} is not suspended to disk", "`mvmctl resume` thaws a paused VM")
-    resumed = clone(home, CloneRequest(tag=record.suspended, name=name, replace_suspended=True,
-                                       ephemeral=record.ephemeral, workload_id=record.workload_id))
-    return resumed
+    lifetime = None if record.deadline is None else max(1.0, record.deadline - time.time())
+    request = CloneRequest(tag=record.suspended, name=name, replace_suspended=True, ephemeral=record.ephemeral,
+                           workload_id=record.workload_id, forwards=tuple(lifecycle.recorded_forwards(record)),
+                           policies=tuple(record.policies), lifetime_s=lifetime)
+    try:
+        return clone(home, request)
+    except BaseException:
+        _keep_suspended(paths, record)
+        raise
+
+
+def _keep_suspended(paths: VmPaths, record: VmRecord) -> None:
+    """Put the suspended VM's record back after its resume failed: the start that failed may
+    have removed it (its supervisor tidies up what it started)."""
+    lifecycle.wait_supervisor_exit(paths, record)
+    current = lifecycle.reconcile(paths)
+    if current is not None and (current.running or current.suspended == record.suspended):
+        return  # (still there; or a VM of that name runs, started by someone else meanwhile)
+    shutil.rmtree(paths.dir, ignore_errors=True)
+    paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    record.save(paths)
+
+
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Ctrl-C is held until the block ends (then raised): a step that must not be cut short.
+    Only in the main thread, where Python delivers signals (the SDK may call from others)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -229,13 +280,17 @@ def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
             progress: Callable[[str], None] | None = None, lifetime_s: float | None = None,
             ephemeral: bool = False) -> tuple[Snapshot, list[ForkResult]]:
     """``count`` live copies of running VM ``name``, through a snapshot kept as long as any of
-    them runs (`mvmctl snapshot rm` refuses it until then). Each copy succeeds or fails alone."""
+    them runs (`mvmctl snapshot rm` refuses it until then). Each copy succeeds or fails alone.
+    They are named PREFIX-N with the first numbers no VM has, so forking again adds copies."""
     if not 1 <= count <= 64:
         raise UsageError(f"--count {count} is out of range", "fork 1 to 64 copies at a time")
     prefix = prefix or f"{name}-fork"
-    names = [f"{prefix}-{i}" for i in range(1, count + 1)]
-    for vm_name in names:
-        check_vm_name(vm_name)
+    taken = {vm.name for vm in lifecycle.list_vms(home)}
+    names = [n for n in (f"{prefix}-{i}" for i in range(1, count + len(taken) + 1)) if n not in taken][:count]
+    if check_vm_name_quietly(names[-1]) is None:  # (the longest)
+        raise UsageError(f"the copies' names ({names[0]}, ...) are not valid VM names",
+                         f"give a shorter --name-prefix (VM names are up to {VM_NAME_MAX} lowercase letters, "
+                         "digits, '.', '_' or '-')")
     sweep_unused_snapshots(home)
     tag = check_tag(f"fork-{name}-{time.time_ns() // 1_000_000:x}")
     snapshot = snapshot_vm(home, name, tag, purpose="fork")
@@ -252,20 +307,26 @@ def fork_vm(home: MvmHome, name: str, count: int, *, prefix: str | None = None,
 def build_template(home: MvmHome, image: BootImage, tag: str, *, hypervisor: str | None = None,
                    progress: Callable[[str], None] | None = None) -> Snapshot:
     """Boot ``image`` until its agent answers, save it as template ``tag`` and stop it. An
-    older template of that tag is replaced (unless a clone still runs from it)."""
+    older template of that tag is replaced (unless a clone still runs from it) once the new
+    one's VM is up: a boot that fails leaves the old one."""
     check_tag(tag)
+    if image.data_disk_bytes:
+        raise UsageError(f"image {image.name} has a data disk (/data), which a template's clones would have to share",
+                         "make templates of images without one (mvm.toml's data_disk, `build --data-disk`)")
     store = SnapshotStore(home)
-    if store.dir(tag).exists():
+    replaces = store.dir(tag).exists()
+    if replaces:
         try:
             old = store.load(tag, check_files=False)
         except SnapshotError:
             old = None
         if old is None or old.manifest.purpose != "template":
             raise UsageError(f"snapshot {tag} exists and is not a template", "pick another --tag")
-        remove_snapshot(home, tag)
     name = f"template-{secrets.token_hex(4)}"
     lifecycle.up(home, image, name=name, hypervisor=hypervisor, progress=progress, ephemeral=True)
     try:
+        if replaces:
+            remove_snapshot(home, tag)
         return snapshot_vm(home, name, tag, stop=True, purpose="template")
     finally:
         try:

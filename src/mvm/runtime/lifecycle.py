@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mvm.core.bootimage import BootImage, PortForward
+from mvm.core.bootimage import NETWORK_MODES, BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.state import (
     DamagedRecord,
@@ -99,9 +99,6 @@ def check_argv(argv: list[str] | None) -> None:
                          "limit of the kernel command line", "put a script in the image and run that")
 
 
-NETWORK_MODES = ("deny", "allow-list", "open")
-
-
 def refuse_stub_agent(image: BootImage, allow_stub: bool) -> None:
     """A sealed image is trusted to carry mvm's real agent (its artifact says so); one that does
     not (a test's stub, or an artifact that records nothing) starts only when asked to."""
@@ -132,14 +129,15 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
              snapshot: Snapshot | None = None, policies: tuple[str | Path, ...] = (),
              forwards: tuple[PortForward, ...] = (), overcommit: bool = False, allow_stub: bool = False,
              volumes: tuple[VolumeRequest, ...] = (), workload_dir: Path | None = None,
-             allow_broad_mount: bool = False) -> Launch:
+             allow_broad_mount: bool = False, resumes: bool = False) -> Launch:
     """Register ``name`` and boot ``image`` under a new supervisor (running ``argv`` instead of
     its entrypoint when given). ``lifetime_s``: its supervisor stops it that long after now;
     ``ephemeral``: nothing of it is kept once it stops; ``snapshot``: start from it instead of
     booting (runtime/cloning.py has checked it fits); ``overcommit``: boot it even if it asks
     for more than the host has (runtime/sizing.py); ``volumes`` (besides mvm.toml's) are checked
     against ``workload_dir`` (runtime/volumes.py). The plan is admitted first (the home's
-    policy and ``policies``; ``forwards`` are the ones `up` will add)."""
+    policy and ``policies``; ``forwards`` are the ones `up` will add). A VM suspended to disk
+    is replaced only by its own resume (``resumes``)."""
     from mvm.runtime import plan
 
     check_vm_name(name)
@@ -169,10 +167,12 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         existing = settle(paths)
         if existing is not None and existing.running:
             raise UsageError(f"VM {name} is already running", f"`mvmctl down {name}` first, or pick another --name")
+        if existing is not None and existing.suspended and not resumes:
+            raise UsageError(f"VM {name} is suspended to disk", f"`mvmctl resume {name}`, or `mvmctl down {name}` first")
         if existing is not None:
             # Stopped, but its supervisor may still be tidying up by path (an attached `run`
             # returns on the exit frame, before that): let it finish before the name is reused.
-            _wait_supervisor_exit(paths, existing)
+            wait_supervisor_exit(paths, existing)
         shutil.rmtree(paths.dir, ignore_errors=True)
         _sweep_abandoned_starts(home, name)
         # Registered out of sight until the supervisor exists (see launcher.launch); 0700:
@@ -217,7 +217,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
     except BaseException:
         launch.abandon()
         launch.client.close()
-        _wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
+        wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
         raise
     return launch
 
@@ -374,15 +374,18 @@ def remove_forward(client: VmClient, host_port: int, host_addr: str | None = Non
 def list_forwards(home: MvmHome, name: str) -> list[PortForward]:
     """A running VM's forwards, from its record (a stopped VM has none)."""
     _, record = require_vm(home, name)
-    if not record.running:
-        return []
+    return recorded_forwards(record) if record.running else []
+
+
+def recorded_forwards(record: VmRecord) -> list[PortForward]:
+    """The forwards a record lists (a suspended VM's are set up again when it resumes)."""
     found = []
     for entry in record.forwards:  # (the record is a file under $MVM_HOME: checked, not trusted)
         try:
             found.append(PortForward(str(entry["host_addr"]), int(entry["host_port"]), int(entry["guest_port"])))
         except (KeyError, TypeError, ValueError):
-            raise VmError(f"the record of VM {name} holds a forward that is not one: {str(entry)[:80]}",
-                          f"`mvmctl down {name}` and start it again") from None
+            raise VmError(f"the record of VM {record.name} holds a forward that is not one: {str(entry)[:80]}",
+                          f"`mvmctl down {record.name}` and start it again") from None
     return found
 
 
@@ -391,7 +394,7 @@ def add_start_forwards(launch: Launch, image: BootImage, forwards: tuple[PortFor
     (before the caller commits: one that cannot listen fails the start). The ready reply."""
     reply = launch.client.call("ready")
     if reply.get("state") == "running":
-        for forward in [*image.forwards, *forwards]:
+        for forward in dict.fromkeys([*image.forwards, *forwards]):  # (a resumed VM's list holds the image's)
             add_forward(launch.client, forward)
     return reply
 
@@ -403,7 +406,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
        operation: str = "up", on_receipt: Callable[[str], None] | None = None,
        policies: tuple[str | Path, ...] = (), overcommit: bool = False, allow_stub: bool = False,
        volumes: tuple[VolumeRequest, ...] = (), workload_dir: Path | None = None,
-       allow_broad_mount: bool = False) -> VmRecord:
+       allow_broad_mount: bool = False, resumes: bool = False) -> VmRecord:
     """Start a detached VM and return once its agent answers (or it has already finished).
 
     Port forwards (the image's and ``forwards``) are set up before the VM is committed: one
@@ -417,7 +420,7 @@ def up(home: MvmHome, image: BootImage, *, name: str, vcpus: int | None = None, 
                           hypervisor=hypervisor, progress=progress, argv=argv, lifetime_s=lifetime_s,
                           ephemeral=ephemeral, workload_id=workload_id, snapshot=snapshot, policies=policies,
                           forwards=forwards, overcommit=overcommit, allow_stub=allow_stub, volumes=volumes,
-                          workload_dir=workload_dir, allow_broad_mount=allow_broad_mount)
+                          workload_dir=workload_dir, allow_broad_mount=allow_broad_mount, resumes=resumes)
     except Exception as err:
         audit_action(home, operation, name=name, image=image, started=started, error=err, argv=argv)
         raise
@@ -501,16 +504,28 @@ def down(home: MvmHome, name: str, *, force: bool = False, timeout: float = 10.0
     started = time.monotonic()
     record = _until_stopped(paths, record, "stop", force=force, timeout=timeout, reason="stopped by `mvmctl down`")
     shutil.rmtree(paths.dir, ignore_errors=True)
-    if record.suspended:  # what `pause --to-disk` saved goes with it
-        from mvm.runtime.snapshot import SnapshotError, SnapshotStore
-
-        try:
-            SnapshotStore(home).remove(record.suspended)
-        except SnapshotError:
-            pass
+    if record.suspended:
+        _drop_suspend_save(home, name, record.suspended)
     audit_action(home, "down", name=name, vm=record, started=started, exit_status=record.exit_status,
                  detail={"force": force, "stop_reason": record.stop_reason})
     return record
+
+
+def _drop_suspend_save(home: MvmHome, name: str, tag: str) -> None:
+    """What `pause --to-disk` saved of VM ``name`` goes with it; unless a clone runs from it
+    (`fork`, `pause --to-disk` and `prune` remove it once none does), or the record names a
+    snapshot that is not that save (the record is a file: a damaged one is not followed)."""
+    from mvm.runtime.snapshot import SnapshotStore
+
+    store = SnapshotStore(home)
+    try:
+        with store.locked(tag):
+            manifest = store.load(tag, check_files=False).manifest
+            in_use = any(isinstance(r, VmRecord) and r.running and r.snapshot == tag for r in list_vms(home))
+            if manifest.purpose == "suspend" and manifest.source_vm == name and not in_use:
+                store.remove(tag)
+    except MvmError:
+        pass  # no such snapshot (or no such tag): nothing to remove
 
 
 def _stop_unknown_supervisor(paths: VmPaths) -> None:
@@ -540,7 +555,7 @@ def _until_stopped(paths: VmPaths, record: VmRecord, request: str, **fields: obj
             client.call(request, **fields)
     except VmError:
         pass  # it stopped on its own meanwhile, or its supervisor died: both fine
-    _wait_supervisor_exit(paths, record)
+    wait_supervisor_exit(paths, record)
     return reconcile(paths) or record
 
 
@@ -550,10 +565,10 @@ def wait_supervisor_gone(paths: VmPaths) -> None:
     its container is gone)."""
     record = reconcile(paths)
     if record is not None and not record.running:
-        _wait_supervisor_exit(paths, record)
+        wait_supervisor_exit(paths, record)
 
 
-def _wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
+def wait_supervisor_exit(paths: VmPaths, record: VmRecord) -> None:
     deadline = time.monotonic() + SUPERVISOR_EXIT_S
     while paths.supervisor_alive():
         if time.monotonic() > deadline:

@@ -30,6 +30,7 @@ from mvm.core.errors import MvmError
 from mvm.core.state import DamagedRecord, MvmHome, VmPaths
 from mvm.runtime import backends
 from mvm.runtime.process import pid_alive
+from mvm.runtime.snapshot import read_signed
 
 KEY = re.compile(r"[0-9a-f]{64}")
 SCRATCH = re.compile(r"^[a-z-]+-(\d+)-")  # home.scratch(): <purpose>-<pid>-*
@@ -224,13 +225,11 @@ class Pruner:
             for snapshot in sorted(self.home.snapshots.iterdir()):
                 if snapshot.name.startswith(".") or not snapshot.is_dir():
                     continue  # (one being written: taken from a running VM, whose artifact is kept anyway)
-                manifest = snapshot / "manifest.json"
                 try:
-                    data = json.loads(manifest.read_text())
-                    key = data["artifact_key"]
+                    key = read_signed(snapshot / "manifest.json")["manifest"].get("artifact_key")
                     if not isinstance(key, str) or not KEY.fullmatch(key):
                         raise ValueError(f"artifact_key is {str(key)[:40]!r}")
-                except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+                except (OSError, ValueError) as err:
                     why = f"snapshot {snapshot.name[:60]!r} has no readable manifest ({type(err).__name__}: {str(err)[:80]})"
                     return keys, why
                 keys.add(key)

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mvm.core.bootimage import NETWORK_MODES
 from mvm.core.digest import sha256_file
 from mvm.core.errors import MvmError, UsageError
 from mvm.core.state import MvmHome
@@ -84,6 +85,11 @@ class SnapshotManifest:
     argv: list[str] | None
     files: dict[str, SnapshotFile] = field(default_factory=dict)
     format: int = FORMAT
+    # How the VM's network ran when it was saved (`up --network`, `mvmctl network`): a clone
+    # runs the same, and must (the NIC is part of the saved devices). None: an older manifest,
+    # whose clones run as the image says.
+    network: str | None = None
+    allow: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,7 +128,12 @@ class SnapshotManifest:
                             and all(isinstance(x, int) for x in entry["stat"]))):
                 raise ValueError(f"the entry of file {name!r} is malformed")
             files[name] = SnapshotFile(entry["size"], entry["sha256"], entry["stat"])
-        return cls(**{**{k: data[k] for k in types}, "files": files})
+        network, allow = data.get("network"), data.get("allow", [])
+        if network is not None and network not in NETWORK_MODES:
+            raise ValueError(f"network {str(network)[:20]!r} is not a network mode")
+        if not (isinstance(allow, list) and all(isinstance(a, str) for a in allow)):
+            raise ValueError("allow must be a list of strings")
+        return cls(**{**{k: data[k] for k in types}, "files": files, "network": network, "allow": allow})
 
 
 @dataclass
@@ -147,6 +158,23 @@ class Snapshot:
 class DamagedSnapshot:
     tag: str
     reason: str
+
+
+def read_signed(path: Path) -> dict[str, Any]:
+    """A manifest.json as JSON ({"manifest": ..., "signature": ...}), not yet checked. Whoever
+    has the uid could have put anything there: a FIFO would block an open (O_NONBLOCK), a
+    device or a huge file a read; a symlink could point anywhere (O_NOFOLLOW)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("the manifest is not a regular file")
+        raw = f.read(MANIFEST_MAX + 1)
+    if len(raw) > MANIFEST_MAX:
+        raise ValueError("the manifest is over 1 MiB")
+    signed = json.loads(raw)
+    if not isinstance(signed, dict) or not isinstance(signed.get("manifest"), dict):
+        raise ValueError("the file holds no signed manifest")
+    return signed
 
 
 def _stat_key(path: Path) -> list[int]:
@@ -230,20 +258,11 @@ class SnapshotStore:
         return snapshot
 
     def _read_manifest(self, directory: Path, tag: str) -> SnapshotManifest:
-        path = directory / MANIFEST
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as f:
-                raw = f.read(MANIFEST_MAX + 1)
+            signed = read_signed(directory / MANIFEST)
         except OSError as err:
             raise SnapshotError(f"snapshot {tag}: cannot read its manifest ({err.strerror})",
                                 f"remove it: `mvmctl snapshot rm {tag}`") from None
-        try:
-            if len(raw) > MANIFEST_MAX:
-                raise ValueError("the manifest is over 1 MiB")
-            signed = json.loads(raw)
-            if not isinstance(signed, dict) or not isinstance(signed.get("manifest"), dict):
-                raise ValueError("the file holds no signed manifest")
         except ValueError as err:
             raise SnapshotError(f"snapshot {tag}: its manifest is damaged ({str(err)[:120]})",
                                 f"remove it: `mvmctl snapshot rm {tag}`") from None

@@ -430,8 +430,8 @@ class QemuBackend(VmBackend):
     async def snapshot(self, paths: VmPaths, record: VmRecord, dest: Path) -> dict[str, str]:
         """Stop the VM and save it into ``dest``; it stays stopped until :meth:`resume`."""
         if paths.data_disk.exists():
-            raise UsageError(f"VM {record.name} has a data disk, which its snapshot's clones would have to share",
-                             "snapshot a VM started without --data-disk")
+            raise UsageError(f"VM {record.name} has a data disk (/data), which its snapshot's clones would have to share",
+                             "snapshot a VM of an image without one (mvm.toml's data_disk, `build --data-disk`)")
         # RAM in a shared file of its own: saved as a file; else (a private map of a snapshot's
         # file, or anonymous memory) inside the migration stream.
         shared = ram_path(paths) if saved_ram(record) is None and ram_path(paths).exists() else None

@@ -201,7 +201,8 @@ class Supervisor:
         record = self.record
         return {"artifact_key": record.artifact_key, "artifact_name": record.artifact_name, "backend": record.backend,
                 "accel": record.accel, "vcpus": record.vcpus, "memory_mib": record.memory_mib, "uids": record.uids,
-                "sealed": record.sealed, "accessible": record.accessible, "argv": record.argv}
+                "sealed": record.sealed, "accessible": record.accessible, "argv": record.argv,
+                "network": record.network, "allow": list(record.allow)}
 
     async def restore(self) -> None:
         """A clone: load the snapshot into the QEMU just started. The agent channel is served
