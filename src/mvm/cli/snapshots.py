@@ -84,7 +84,8 @@ def inspect(tag: str) -> None:
     home = MvmHome.default()
     saved = SnapshotStore(home).load(tag)
     body = saved.manifest.to_dict()
-    body["verified"] = "signature and sha256 of every file match"
+    body["verified"] = ("signature and sha256 of every file match (hypervisor_version is checked against the "
+                        "QEMU that loads it, as a clone starts)")
     body["clones"] = cloning.clones_by_snapshot(home).get(tag, [])
     click.echo(json.dumps(body, indent=2))
 

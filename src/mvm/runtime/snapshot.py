@@ -309,6 +309,7 @@ class SnapshotStore:
     def list(self) -> list[Snapshot | DamagedSnapshot]:
         if not self.root.is_dir():
             return []
+        self.sweep_staging()  # (what a killed `snapshot create` left holds guest memory: not kept for long)
         found: list[Snapshot | DamagedSnapshot] = []
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith(".") or not entry.is_dir() or not TAG.fullmatch(entry.name):
