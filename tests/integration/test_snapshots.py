@@ -398,6 +398,28 @@ def test_a_suspended_clone_outlives_a_failed_resume_and_comes_back_with_its_forw
         mvmctl("down", "susp", "--force")
 
 
+def test_ctrl_c_during_pause_to_disk_waits_for_the_save(mvmctl: Mvmctl, source: str) -> None:
+    """Once the VM is told to stop, its save is all there is of it: a Ctrl-C in the middle is
+    held until the save is committed and the VM marked suspended, then ends the command."""
+    mvmctl("up", "--snapshot", "base", "--name", "intr", check=True)
+    try:
+        pause = subprocess.Popen(mvmctl.argv("pause", "intr", "--to-disk"), env=mvmctl.env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals)
+        deadline = time.monotonic() + WAIT_S
+        while not list((mvmctl.home / "snapshots").glob(".suspend-intr-*.staging-*/state")):
+            assert pause.poll() is None and time.monotonic() < deadline, pause.communicate()
+            time.sleep(0.005)
+        pause.send_signal(signal.SIGINT)
+        _, err = pause.communicate(timeout=WAIT_S)
+        assert pause.returncode == 130, err
+        vm = listed(mvmctl)["intr"]
+        assert vm["state_detail"] == "suspended (on disk)" and snapshot_dir(mvmctl, vm["suspended"]).is_dir()
+        mvmctl("resume", "intr", check=True)
+        counter_advances(mvmctl, "intr")
+    finally:
+        mvmctl("down", "intr", "--force")
+
+
 def test_a_clone_runs_with_the_network_its_source_ran_with(mvmctl: Mvmctl, workload: Path) -> None:
     """The image says no network; its VM was started `--network open`, so its saved devices
     include a NIC: the clone runs open too (before, its restore failed on the missing NIC)."""

@@ -14,7 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,16 +51,18 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
             raise UsageError(f"snapshot {tag} already exists", f"`mvmctl snapshot rm {tag}` first, or pick another tag")
         staged = store.stage(tag)
         try:
-            with VmClient.connect(paths) as client:
-                reply = client.call("snapshot", dir=str(staged), stop=stop, wait_s=SNAPSHOT_WAIT_S)
-            manifest = SnapshotManifest(
-                tag=tag, kind=reply["kind"], purpose=purpose, created_at=time.time(), source_vm=name,
-                artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"], backend=reply["backend"],
-                accel=reply["accel"], hypervisor_version=reply["hypervisor_version"], vcpus=reply["vcpus"],
-                memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
-                accessible=reply["accessible"], argv=reply["argv"], network=reply["network"],
-                allow=reply["allow"])
-            saved = store.commit(staged, manifest)
+            # (a VM told to stop is gone once saved: Ctrl-C waits for the save to be committed)
+            with _interrupt_after() if stop else nullcontext():
+                with VmClient.connect(paths) as client:
+                    reply = client.call("snapshot", dir=str(staged), stop=stop, wait_s=SNAPSHOT_WAIT_S)
+                manifest = SnapshotManifest(
+                    tag=tag, kind=reply["kind"], purpose=purpose, created_at=time.time(), source_vm=name,
+                    artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"],
+                    backend=reply["backend"], accel=reply["accel"], hypervisor_version=reply["hypervisor_version"],
+                    vcpus=reply["vcpus"], memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
+                    accessible=reply["accessible"], argv=reply["argv"], network=reply["network"],
+                    allow=reply["allow"])
+                saved = store.commit(staged, manifest)
         except BaseException as err:
             shutil.rmtree(staged, ignore_errors=True)
             if isinstance(err, Exception):
@@ -252,21 +254,31 @@ def _keep_suspended(paths: VmPaths, record: VmRecord) -> None:
     record.save(paths)
 
 
+_HOLDING: list[int] = []  # Ctrl-Cs held by the _interrupt_after block that is open (blocks nest into it)
+
+
 @contextmanager
 def _interrupt_after() -> Iterator[None]:
     """Ctrl-C is held until the block ends (then raised): a step that must not be cut short.
-    Only in the main thread, where Python delivers signals (the SDK may call from others)."""
-    if threading.current_thread() is not threading.main_thread():
+    Only in the main thread, where Python delivers signals (the SDK may call from others),
+    and not where SIGINT is ignored (a background job)."""
+    held = signal.getsignal(signal.SIGINT)
+    if (threading.current_thread() is not threading.main_thread() or held is signal.SIG_IGN
+            or held is _hold):
         yield
         return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    _HOLDING.clear()
+    signal.signal(signal.SIGINT, _hold)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
+        signal.signal(signal.SIGINT, held)
+    if _HOLDING:
         raise KeyboardInterrupt
+
+
+def _hold(signum: int, frame: object) -> None:
+    _HOLDING.append(signum)
 
 
 @dataclass
