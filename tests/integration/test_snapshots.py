@@ -398,6 +398,31 @@ def test_a_suspended_clone_outlives_a_failed_resume_and_comes_back_with_its_forw
         mvmctl("down", "susp", "--force")
 
 
+def test_kill9_of_resume_leaves_the_vm_suspended(mvmctl: Mvmctl, source: str) -> None:
+    """A resume killed once its QEMU runs: the suspended VM's directory was only set aside, and
+    its supervisor, never told to keep the new start, puts it back."""
+    mvmctl("up", "--snapshot", "base", "--name", "k9r", check=True)
+    try:
+        mvmctl("pause", "k9r", "--to-disk", check=True)
+        save = listed(mvmctl)["k9r"]["suspended"]
+        resume = subprocess.Popen(mvmctl.argv("resume", "k9r"), env=mvmctl.env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_signals)
+        deadline = time.monotonic() + WAIT_S
+        while not qemu_of_vm(mvmctl.home, "k9r"):
+            assert resume.poll() is None and time.monotonic() < deadline, resume.communicate()
+            time.sleep(0.002)
+        resume.send_signal(signal.SIGKILL)
+        resume.communicate()
+        while qemu_of_vm(mvmctl.home, "k9r") or listed(mvmctl).get("k9r", {}).get("suspended") != save:
+            assert time.monotonic() < deadline, listed(mvmctl).get("k9r")
+            time.sleep(0.05)
+        assert not [p for p in (mvmctl.home / "vms").glob(".k9r.*") if p.name != ".k9r.lock"]  # (the name's lock)
+        mvmctl("resume", "k9r", check=True)
+        counter_advances(mvmctl, "k9r")
+    finally:
+        mvmctl("down", "k9r", "--force")
+
+
 def test_ctrl_c_during_pause_to_disk_waits_for_the_save(mvmctl: Mvmctl, source: str) -> None:
     """Once the VM is told to stop, its save is all there is of it: a Ctrl-C in the middle is
     held until the save is committed and the VM marked suspended, then ends the command."""

@@ -21,12 +21,15 @@ from mvm.runtime import backends
 from mvm.runtime.launchspec import LaunchSpec
 
 
-def launch(paths: VmPaths, staged: Path, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int) -> int:
+def launch(paths: VmPaths, staged: Path, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int,
+           replaced: Path | None = None) -> int:
     """Returns the supervisor's pid. A double fork, so it is nobody's child and has no terminal.
 
     The VM was registered in the hidden directory ``staged``; the supervisor renames it to
     ``paths.dir``, so a caller killed before this fork leaves no VM behind, only a hidden
-    directory that the next start of that name sweeps away.
+    directory that the next start of that name sweeps away. A resume moves the suspended VM's
+    directory to ``replaced`` first, which the supervisor removes once the start is committed
+    and puts back if it is abandoned.
     """
     read_pid, write_pid = os.pipe()
     first = os.fork()
@@ -44,9 +47,11 @@ def launch(paths: VmPaths, staged: Path, image: BootImage, record: VmRecord, loc
             os.write(write_pid, str(second).encode())
             os._exit(0)
         os.close(write_pid)
+        if replaced is not None:
+            os.rename(paths.dir, replaced)
         os.rename(staged, paths.dir)
         _redirect_stdio(paths)
-        _become_supervisor(paths, image, record, lock_fd, commit_fd)
+        _become_supervisor(paths, image, record, lock_fd, commit_fd, replaced)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
         traceback.print_exc()
     os._exit(1)
@@ -62,7 +67,8 @@ def _redirect_stdio(paths: VmPaths) -> None:
     os.close(devnull)
 
 
-def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int) -> None:
+def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_fd: int, commit_fd: int,
+                       replaced: Path | None) -> None:
     try:
         spawned = backends.get(record.backend).spawn(image, record, paths)
     except Exception as err:  # noqa: BLE001 - any failure here is the VM's stop reason
@@ -76,7 +82,7 @@ def _become_supervisor(paths: VmPaths, image: BootImage, record: VmRecord, lock_
                           qemu_stdout=proc.stdout.fileno(), qemu_stderr=proc.stderr.fileno(), spawned=spawned.spawned,
                           commit_fd=commit_fd, lock_fd=lock_fd, expected_boot_ms=image.expected_boot_ms,
                           agent_listen_fd=spawned.agent_listen_fd, agent_fd=spawned.agent_fd,
-                          restored=spawned.restored)
+                          restored=spawned.restored, replaced=None if replaced is None else str(replaced))
     keep = {handover.qemu_stdin, handover.qemu_stdout, handover.qemu_stderr, commit_fd, lock_fd}
     keep |= {fd for fd in (spawned.agent_listen_fd, spawned.agent_fd) if fd is not None}
     for fd in keep:

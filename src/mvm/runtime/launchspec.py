@@ -26,6 +26,7 @@ class LaunchSpec:
     agent_listen_fd: int | None = None  # docker: the agent connects to us on this socket
     agent_fd: int | None = None  # a clone's agent channel, connected, its hello and identity sent
     restored: float | None = None  # time.monotonic() when the launcher had restored a clone (no restore then)
+    replaced: str | None = None  # a resumed VM's suspended directory, set aside until `up` commits (launcher.py)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -173,7 +173,13 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
             # Stopped, but its supervisor may still be tidying up by path (an attached `run`
             # returns on the exit frame, before that): let it finish before the name is reused.
             wait_supervisor_exit(paths, existing)
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        # A suspended VM being resumed is set aside, not removed, until its start is committed
+        # (launcher.launch; the supervisor removes it then, or puts it back if abandoned).
+        replaced = home.vms / f".{name}.resuming" if existing is not None and existing.suspended else None
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)  # (one a supervisor that crashed left)
+        else:
+            shutil.rmtree(paths.dir, ignore_errors=True)
         _sweep_abandoned_starts(home, name)
         # Registered out of sight until the supervisor exists (see launcher.launch); 0700:
         # sockets inside, only the owner may drive the VM.
@@ -203,7 +209,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
                 new_disk = data_disks.keep_new(home, vm_backend, staged, name)
             write_json_atomic(staged.mode, {"mode": mode})
             record.save(staged)
-            launch = _fork_supervisor(paths, staged, image, record, name_lock)
+            launch = _fork_supervisor(paths, staged, image, record, name_lock, replaced)
         except BaseException:
             shutil.rmtree(staged.dir, ignore_errors=True)
             _remove_new_disk(new_disk)
@@ -265,7 +271,7 @@ def settle(paths: VmPaths) -> VmRecord | None:
 
 
 def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: VmRecord,
-                     name_lock: int) -> Launch:
+                     name_lock: int, replaced: Path | None = None) -> Launch:
     from mvm.runtime import launcher
 
     # The supervisor lock is taken here and inherited, so the VM is never without a live owner.
@@ -273,7 +279,7 @@ def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: 
     fcntl.flock(lock, fcntl.LOCK_EX)
     commit_read, commit_write = os.pipe()
     try:
-        pid = launcher.launch(paths, staged.dir, image, record, lock, commit_read)
+        pid = launcher.launch(paths, staged.dir, image, record, lock, commit_read, replaced)
     finally:
         os.close(commit_read)
         os.close(lock)
@@ -291,6 +297,8 @@ def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: 
                 detail = _tail(paths.supervisor_log)
                 shutil.rmtree(paths.dir, ignore_errors=True)
                 shutil.rmtree(staged.dir, ignore_errors=True)
+                if replaced is not None and replaced.is_dir():
+                    os.rename(replaced, paths.dir)  # (the suspended VM it was to resume)
                 raise VmError(f"the supervisor of VM {paths.name} (pid {pid}) did not start: "
                               f"{record.stop_reason or detail or 'no reason given'}") from None
             time.sleep(0.005)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -129,6 +130,8 @@ class Supervisor:
         data = os.read(self.spec.commit_fd, 16)
         if data:
             self.committed = True
+            if self.spec.replaced is not None:  # the suspended VM this one resumed: it is this one now
+                shutil.rmtree(self.spec.replaced, ignore_errors=True)
         if not data or self.committed:
             asyncio.get_running_loop().remove_reader(self.spec.commit_fd)
         if not data and not self.committed:
