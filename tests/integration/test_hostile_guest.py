@@ -332,6 +332,12 @@ def test_cp_out_never_writes_through_a_symlink_at_the_destination(ctl: Mvmctl, t
     proc = ctl("cp", f"{target}:/etc/mvm/name", str(trap))
     assert proc.returncode == 2 and "is a symlink" in proc.stderr and proc.stderr.count("\n") == 1
     assert victim.read_text() == "keep me\n" and trap.is_symlink()
+    # A device would never end, and a directory does not go onto a file: one line each, nothing left.
+    endless = ctl("cp", f"{target}:/dev/zero", str(tmp_path / "zero"))
+    assert endless.returncode == 2 and "not a regular file" in endless.stderr and endless.stderr.count("\n") == 1
+    onto_file = ctl("cp", f"{target}:/etc/mvm", str(victim))
+    assert onto_file.returncode == 2 and "is a file on the host" in onto_file.stderr, onto_file.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trap", "victim"]
 
 
 # -- hangs ----------------------------------------------------------------------------------------

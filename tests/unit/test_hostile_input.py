@@ -118,3 +118,94 @@ def test_any_manifest_parses_or_fails_with_one_line(tmp_path_factory, document: 
         parse_manifest(text, base_dir=tmp_path_factory.getbasetemp())
     except MvmError as err:
         assert "\n" not in str(err)
+
+
+def _path_max_escape(target: str, depth: int = 16) -> bytes:
+    """The CVE-2025-4517 shape: directories with 247-character names, each also reached through
+    a one-letter link, so the link-expanded path passes PATH_MAX and realpath stops resolving
+    (and so stops seeing that it leaves); then a link up out of the copy, and a file through it."""
+    out = io.BytesIO()
+    long_name, steps, path = "d" * 247, "abcdefghijklmnop"[:depth], ""
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for step in steps:
+            directory = tarfile.TarInfo(os.path.join(path, long_name))
+            directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(directory)
+            link = tarfile.TarInfo(os.path.join(path, step))
+            link.type, link.linkname = tarfile.SYMTYPE, long_name
+            tar.addfile(link)
+            path = os.path.join(path, long_name)
+        deep = tarfile.TarInfo(os.path.join("/".join(steps), "l" * 254))
+        deep.type, deep.linkname = tarfile.SYMTYPE, "../" * len(steps)
+        tar.addfile(deep)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, deep.name + "/.." * depth + "/" + target.lstrip("/")
+        tar.addfile(escape)
+        content = b"written by the guest\n"
+        payload = tarfile.TarInfo("escape/pwned.txt")
+        payload.size, payload.mode = len(content), 0o644
+        tar.addfile(payload, io.BytesIO(content))
+    return out.getvalue()
+
+
+def test_a_chain_of_long_links_does_not_carry_a_file_out_of_the_copy(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    target = tmp_path / "a" / "b" / "dest"
+    target.mkdir(parents=True)
+    skipped = extract_safely(io.BytesIO(_path_max_escape(str(victim))), target)
+    assert list(victim.iterdir()) == []
+    assert (target / "escape" / "pwned.txt").is_file()  # (links come last: "escape" was a directory by then)
+    assert "escape: something is already at that path" in skipped, skipped
+    assert any(line.startswith("a/b/c/") for line in skipped), skipped  # (the link up: not made)
+    assert not [p for p in target.rglob("*") if p.is_symlink() and not _inside(p, target)]
+
+
+def _inside(link: Path, root: Path) -> bool:
+    try:
+        return link.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):
+        return True  # (a loop or a name too long: leads nowhere)
+
+
+def test_an_ordinary_tree_comes_out_whole(tmp_path: Path) -> None:
+    """Links that stay inside (also through ..) are kept; a file is never written through one
+    (links are made last: a file under a link's name makes a directory there instead)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, kind, extra in [("./", tarfile.DIRTYPE, ""), ("etc/", tarfile.DIRTYPE, ""),
+                                  ("usr/share/doc/", tarfile.DIRTYPE, ""), ("usr/share/doc/readme", tarfile.REGTYPE, "hi"),
+                                  ("etc/readme", tarfile.SYMTYPE, "../usr/share/doc/readme"),
+                                  ("etc/doc", tarfile.SYMTYPE, "../usr/share/doc"),
+                                  ("etc/doc/through-a-link", tarfile.REGTYPE, "no")]:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = kind, 0o755
+            data = extra.encode() if kind == tarfile.REGTYPE else b""
+            if kind == tarfile.SYMTYPE:
+                info.linkname = extra
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    target = tmp_path / "dest"
+    target.mkdir()
+    skipped = extract_safely(io.BytesIO(out.getvalue()), target)
+    assert (target / "etc" / "readme").read_text() == "hi"
+    assert skipped == ["etc/doc: something is already at that path"]
+    assert (target / "etc" / "doc" / "through-a-link").read_text() == "no"
+    assert not (target / "usr" / "share" / "doc" / "through-a-link").exists()
+
+
+def test_a_link_through_another_link_that_climbs_out_is_not_kept(tmp_path: Path) -> None:
+    """Each of these looks inside when read alone: x/y/s leads to the top of the copy, and
+    t to x/y/s/.. (x/y, by the letters); followed as the kernel would, t leads out."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name, kind, linkname in [("x/y", tarfile.DIRTYPE, ""), ("x/y/s", tarfile.SYMTYPE, "../.."),
+                                     ("t", tarfile.SYMTYPE, "x/y/s/..")]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, linkname
+            tar.addfile(info)
+    target = tmp_path / "dest"
+    target.mkdir()
+    skipped = extract_safely(io.BytesIO(out.getvalue()), target)
+    assert skipped == ["t: a link that leads out of the copy (x/y/s/..)"]
+    assert os.readlink(target / "x" / "y" / "s") == "../.." and not (target / "t").is_symlink()

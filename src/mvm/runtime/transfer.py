@@ -3,13 +3,14 @@
 What comes out of a guest is hostile: its names, modes, links and sizes were chosen by
 whatever runs there. So a copy out keeps permission bits only (no setuid, setgid or sticky
 bit, and the host's umask applies), never creates a device, a link that leads outside the
-destination or a path that climbs out of it (tarfile's ``data`` filter, member by member, so
-one bad entry is skipped and named instead of failing the rest), and never writes through a
-symlink already at the destination.
+destination or a path that climbs out of it (member by member, so one bad entry is skipped
+and named instead of failing the rest), and never writes through a symlink, in the archive or
+already at the destination.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tarfile
@@ -79,8 +80,12 @@ def copy_out(client: VmClient, source: str, dest: Path) -> list[str]:
     skipped (one line each), for the caller to show."""
     target = dest / PurePosixPath(source).name if dest.is_dir() and not dest.is_symlink() else dest
     _refuse_symlink(target)
-    if guest_type(client, source) == "dir":
+    kind = guest_type(client, source)
+    if kind == "dir":
         return _copy_dir_out(client, source, target)
+    if kind not in ("file", "link"):  # (a device such as /dev/zero would never end)
+        raise UsageError(f"{printable(source)} in the VM is not a regular file, a directory or a link to one",
+                         "copy a file or a directory")
     umask = _umask()
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         try:
@@ -97,6 +102,9 @@ def copy_out(client: VmClient, source: str, dest: Path) -> list[str]:
 
 
 def _copy_dir_out(client: VmClient, source: str, target: Path) -> list[str]:
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"{target} is a file on the host; {printable(source)} in the VM is a directory",
+                         "name a directory (or a path that does not exist yet) as the destination")
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile() as archive:
         result = client.exec(["tar", "-c", "-f", "-", "-C", source, "."], stdout=archive.write)
@@ -112,56 +120,201 @@ def _copy_dir_out(client: VmClient, source: str, target: Path) -> list[str]:
 
 
 def extract_safely(archive: BinaryIO, target: Path) -> list[str]:
-    """Unpack a tar stream made by the guest into ``target``. Each member goes through tarfile's
-    ``data`` filter (no absolute paths, nothing outside ``target``, no devices, links that stay
-    inside) and is then created here, not by tarfile: a member never replaces or follows what
-    is already at its path, hard links are not made, and modes lose setuid/setgid/sticky and
-    obey the umask. Returns the members left out, each with why."""
+    """Unpack a tar stream made by the guest into ``target``; returns the members left out,
+    each with why.
+
+    Nothing here resolves a path the guest wrote: every member's directories are opened one
+    component at a time from a descriptor of ``target`` with O_NOFOLLOW, so a symlink in the
+    archive (or already there) is never passed through, whatever its length (tarfile's
+    ``data`` filter checked with realpath, which long chains of links get past:
+    CVE-2025-4517). Names that are absolute or hold ``..`` are refused; a member never
+    replaces what is at its path; hard links, devices and FIFOs are not made; modes lose
+    setuid/setgid/sticky and obey the umask. Symlinks are made last, and one whose target,
+    followed link by link in what was unpacked, would lead out of ``target`` is removed."""
     skipped: list[str] = []
+    links: list[tuple[list[str], str, str]] = []  # (path, target, the member's name)
     umask = _umask()
-    dest = os.path.realpath(target)
+    root = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         with tarfile.open(fileobj=archive, mode="r|") as tar:
             for member in tar:
-                why = _extract_member(tar, member, dest, umask)
+                parts, why = _member_parts(member.name)
+                if why is None and not parts:
+                    continue  # the destination itself ("."): it exists already
+                if why is None and member.issym():
+                    if member.linkname.startswith("/") or "\0" in member.linkname:
+                        why = "a link to an absolute path (it would lead out of the copy)"
+                    else:
+                        links.append((parts, member.linkname, member.name))
+                        continue
+                if why is None:
+                    why = _extract_member(tar, member, root, parts, umask)
                 if why:
                     skipped.append(f"{member.name}: {why}")
+        made = []
+        for parts, linkname, name in links:
+            why = _make_link(root, parts, linkname)
+            if why:
+                skipped.append(f"{name}: {why}")
+            else:
+                made.append((parts, linkname, name))
+        real_root = os.path.realpath(target)
+        for parts, linkname, name in made:
+            if not _stays_inside(real_root, parts):
+                _remove_link(root, parts)
+                skipped.append(f"{name}: a link that leads out of the copy ({linkname})")
     except (KeyError, ValueError, EOFError, RecursionError) as err:
         raise tarfile.ReadError(str(err)) from None
+    finally:
+        os.close(root)
     return skipped
 
 
-def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: str, umask: int) -> str | None:
-    """Create one member under ``dest``; returns why it was skipped, or None."""
+def _member_parts(name: str) -> tuple[list[str], str | None]:
+    """A member's path as components under the destination ([] for the destination itself)."""
+    if name.startswith("/"):
+        return [], "an absolute path"
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return [], "a path that climbs out of the copy (..)"
+    if "\0" in name:
+        return [], "a name with a NUL byte"
+    return parts, None
+
+
+def _open_parent(root: int, parts: list[str], make: bool) -> int:
+    """A descriptor of the directory that holds ``parts[-1]``, walked from ``root`` without
+    following any link (ELOOP/ENOTDIR if a component is one); missing ones are made (0700)."""
+    fd = os.dup(root)
     try:
-        member = tarfile.data_filter(member, dest)
-    except tarfile.FilterError as err:
-        return str(err)
-    path = os.path.join(dest, member.name)
-    if os.path.normpath(path) == dest:
-        return None  # the destination itself ("."): it exists already
+        for part in parts[:-1]:
+            try:
+                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except FileNotFoundError:
+                if not make:
+                    raise
+                os.mkdir(part, 0o700, dir_fd=fd)
+                next_fd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = next_fd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, parts: list[str],
+                    umask: int) -> str | None:
+    """Create one directory or file; returns why it was skipped, or None."""
     if member.islnk():
         return "hard links are not copied out"
+    if not (member.isdir() or member.isreg()):
+        return "not a file, directory or symlink"
     mode = (member.mode or 0) & PERMISSION_BITS & ~umask
-    if os.path.lexists(path) and not (member.isdir() and os.path.isdir(path) and not os.path.islink(path)):
-        return "something is already at that path"
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if member.isdir():
-        os.makedirs(path, exist_ok=True)
-        os.chmod(path, mode | 0o700)  # (we must still write into it)
-    elif member.issym():
-        os.symlink(member.linkname, path)
-    elif member.isreg():
+    try:
+        parent = _open_parent(root, parts, make=True)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            return "a directory on its path is a link or a file (not followed)"
+        raise
+    name = parts[-1]
+    try:
+        if member.isdir():
+            try:
+                os.mkdir(name, 0o700, dir_fd=parent)
+            except FileExistsError:
+                pass
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+            except OSError:
+                return "something is already at that path"
+            try:
+                os.fchmod(fd, mode | 0o700)  # (we must still write into it)
+            finally:
+                os.close(fd)
+            return None
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                         dir_fd=parent)
+        except FileExistsError:
+            return "something is already at that path"
         source = tar.extractfile(member)
         assert source is not None
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as out:
             while chunk := source.read(1 << 20):
                 out.write(chunk)
             os.fchmod(out.fileno(), mode)
-    else:
-        return "not a file, directory or symlink"
+        return None
+    finally:
+        os.close(parent)
+
+
+def _make_link(root: int, parts: list[str], linkname: str) -> str | None:
+    try:
+        parent = _open_parent(root, parts, make=True)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            return "a directory on its path is a link or a file (not followed)"
+        raise
+    try:
+        os.symlink(linkname, parts[-1], dir_fd=parent)
+    except FileExistsError:
+        return "something is already at that path"
+    finally:
+        os.close(parent)
     return None
+
+
+def _remove_link(root: int, parts: list[str]) -> None:
+    try:
+        parent = _open_parent(root, parts, make=False)
+    except OSError:
+        return
+    try:
+        if stat.S_ISLNK(os.lstat(parts[-1], dir_fd=parent).st_mode):
+            os.unlink(parts[-1], dir_fd=parent)
+    except OSError:
+        pass
+    finally:
+        os.close(parent)
+
+
+MAX_LINK_HOPS = 40  # as the kernel's
+
+
+def _stays_inside(root: str, parts: list[str]) -> bool:
+    """Whether the link at ``parts`` leads to a place inside ``root`` (or to nothing there),
+    followed one component and one link at a time, by hand: no realpath, whose answer is not
+    the kernel's once paths grow past PATH_MAX. Anything odd (a loop, a name too long) is
+    taken as leading out."""
+    todo = list(parts)
+    where: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not where:
+                return False
+            where.pop()
+            continue
+        try:
+            info = os.lstat(os.path.join(root, *where, part))
+        except FileNotFoundError:
+            where.append(part)  # (nothing below a missing name can be a link)
+            continue
+        except OSError:
+            return False
+        if not stat.S_ISLNK(info.st_mode):
+            where.append(part)
+            continue
+        hops += 1
+        target = os.readlink(os.path.join(root, *where, part))
+        if hops > MAX_LINK_HOPS or target.startswith("/"):
+            return False
+        todo = target.split("/") + todo
+    return True
 
 
 def describe_skipped(skipped: list[str]) -> list[str]:
