@@ -67,6 +67,8 @@ def test_tools_run_code_and_reuse_a_session_then_leave_nothing(mvm_home: Path) -
         error, wrote = await tool(client, "sandbox_write_file", sandbox=session, path="/tmp/f.txt", content="x")
         assert not error and wrote["size"] == 1
         assert (await tool(client, "sandbox_read_file", sandbox=session, path="/tmp/f.txt"))[1] == "x"
+        error, endless = await tool(client, "sandbox_read_file", sandbox=session, path="/dev/zero")  # (never ends)
+        assert not error and endless.endswith("[... truncated at 64 KiB]") and len(endless) < 70_000
         error, entries = await tool(client, "sandbox_list_files", sandbox=session, path="/tmp")
         assert "f.txt" in {e["name"] for e in entries}
         error, nope = await tool(client, "sandbox_exec", sandbox="not-ours", command="true")

@@ -161,6 +161,12 @@ def test_run_with_its_own_env_and_stderr_callback(sandbox: mvm.Sandbox) -> None:
     assert sandbox.commands.run('echo "$GREETING${EXTRA:-}"').stdout == "hi\n"  # (the sandbox's own env again)
 
 
+def test_run_keeps_what_max_output_allows_and_counts_the_rest(sandbox: mvm.Sandbox) -> None:
+    result = sandbox.commands.run("head -c 3000000 /dev/zero | tr '\\000' a; echo oops >&2", max_output=10)
+    assert (result.stdout, result.stdout_dropped) == ("a" * 10, 3_000_000 - 10)
+    assert (result.stderr, result.stderr_dropped) == ("oops\n", 0)
+
+
 def test_a_directory_template_and_its_console_in_logs(tmp_path: Path) -> None:
     """The base template's entrypoint prints nothing (and its kernel is quiet): a directory
     template whose entrypoint says something, read back through logs()."""

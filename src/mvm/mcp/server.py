@@ -26,7 +26,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,11 +216,27 @@ class SandboxPool:
             self.destroy(name)
 
 
-def _capped(data: str) -> str:
-    raw = data.encode()
-    if len(raw) <= OUTPUT_CAP:
-        return data
-    return raw[:OUTPUT_CAP].decode(errors="ignore") + f"\n[... {len(raw) - OUTPUT_CAP} more bytes truncated]"
+def _capped(data: str | bytes, dropped: int = 0) -> str:
+    """At most OUTPUT_CAP bytes, and how many more there were (``dropped``: ones never kept)."""
+    raw = data.encode() if isinstance(data, str) else data
+    dropped += max(0, len(raw) - OUTPUT_CAP)
+    text = raw[:OUTPUT_CAP].decode(errors="ignore" if dropped else "replace")
+    return text + f"\n[... {dropped} more bytes truncated]" if dropped else text
+
+
+def _read_capped(stream: Iterator[bytes]) -> str:
+    """A file's first OUTPUT_CAP bytes; the read stops there (a guest file may be endless)."""
+    kept = bytearray()
+    try:
+        for chunk in stream:
+            kept += chunk
+            if len(kept) > OUTPUT_CAP:
+                return kept[:OUTPUT_CAP].decode(errors="ignore") + "\n[... truncated at 64 KiB]"
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+    return kept.decode(errors="replace")
 
 
 class SandboxServer(FastMCP):
@@ -284,13 +300,14 @@ def build_server(limits: Limits) -> FastMCP:
             raise ToolError(f"timeout_secs={timeout_secs!r} is not a number of seconds (1 to 600)")
         timeout = min(max(timeout_secs, 1), 600)
         try:
-            result = session.sandbox.commands.run(command, timeout=timeout)
+            # (kept to the cap as it arrives: a command can print gigabytes)
+            result = session.sandbox.commands.run(command, timeout=timeout, max_output=OUTPUT_CAP)
         except CommandTimeout as err:
             return {"exit_code": 137, "timed_out": True, "timeout_secs": timeout,
-                    "stdout": _capped(err.stdout.decode(errors="replace")),
-                    "stderr": _capped(err.stderr.decode(errors="replace")), "sandbox": session.sandbox.name}
+                    "stdout": _capped(err.stdout), "stderr": _capped(err.stderr), "sandbox": session.sandbox.name}
         return {"exit_code": result.exit_code, "timed_out": False, "timeout_secs": timeout,
-                "stdout": _capped(result.stdout), "stderr": _capped(result.stderr), "sandbox": session.sandbox.name,
+                "stdout": _capped(result.stdout, result.stdout_dropped),
+                "stderr": _capped(result.stderr, result.stderr_dropped), "sandbox": session.sandbox.name,
                 "receipt": result.receipt_id}
 
     @server.tool()
@@ -333,7 +350,7 @@ def build_server(limits: Limits) -> FastMCP:
     @server.tool()
     async def sandbox_read_file(sandbox: str, path: str) -> str:
         """A file's text (capped at 64 KiB)."""
-        return await call(lambda: _capped(str(pool.get(sandbox).sandbox.files.read(path))))
+        return await call(lambda: _read_capped(pool.get(sandbox).sandbox.files.read(path, format="stream")))
 
     @server.tool()
     async def sandbox_write_file(sandbox: str, path: str, content: str) -> dict[str, Any]:

@@ -121,10 +121,11 @@ class AsyncCommands:
 
     async def run(self, cmd: str | list[str], *, timeout: float | None = 60, env: dict[str, str] | None = None,
                   cwd: str | None = None, stdin: str | bytes | None = None, on_stdout: OutputSink | None = None,
-                  on_stderr: OutputSink | None = None, check: bool = False) -> CommandResult:
+                  on_stderr: OutputSink | None = None, check: bool = False,
+                  max_output: int | None = None) -> CommandResult:
         """Run ``cmd`` to its end (``on_stdout``/``on_stderr`` are called in a worker thread)."""
         return await _off_loop(self._sync.run, cmd, timeout=timeout, env=env, cwd=cwd, stdin=stdin,
-                               on_stdout=on_stdout, on_stderr=on_stderr, check=check)
+                               on_stdout=on_stdout, on_stderr=on_stderr, check=check, max_output=max_output)
 
     async def start(self, cmd: str | list[str], *, timeout: float | None = None, env: dict[str, str] | None = None,
                     cwd: str | None = None, on_stdout: OutputSink | None = None,

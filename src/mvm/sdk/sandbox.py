@@ -64,6 +64,8 @@ class CommandResult:
     exit_code: int
     duration: float  # seconds, as the host saw it
     receipt_id: str | None = None  # its audit record (`mvmctl receipt show ID`), when one was written
+    stdout_dropped: int = 0  # bytes past run(max_output=...) that were counted, not kept
+    stderr_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,19 +91,25 @@ class Commands:
 
     def run(self, cmd: str | list[str], *, timeout: float | None = 60, env: dict[str, str] | None = None,
             cwd: str | None = None, stdin: str | bytes | None = None, on_stdout: OutputSink | None = None,
-            on_stderr: OutputSink | None = None, check: bool = False) -> CommandResult:
+            on_stderr: OutputSink | None = None, check: bool = False,
+            max_output: int | None = None) -> CommandResult:
         """Run ``cmd`` (an argv list, or a string for ``/bin/sh -c``) to its end.
 
         A non-zero exit is a result, not an exception (``check=True`` makes it CommandFailed).
         Past ``timeout`` seconds the command is killed and CommandTimeout carries what it printed.
+        ``max_output``: keep at most that many bytes of each stream (the guest decides how much
+        it prints); the rest is counted in ``stdout_dropped``/``stderr_dropped``.
         """
         argv = ["/bin/sh", "-c", cmd] if isinstance(cmd, str) else list(cmd)
         data = stdin.encode() if isinstance(stdin, str) else stdin
         out, err = bytearray(), bytearray()
+        dropped = {"out": 0, "err": 0}
 
-        def tee(buffer: bytearray, callback: OutputSink | None) -> Callable[[bytes], None]:
+        def tee(buffer: bytearray, callback: OutputSink | None, which: str) -> Callable[[bytes], None]:
             def sink(chunk: bytes) -> None:
-                buffer.extend(chunk)
+                room = len(chunk) if max_output is None else max(0, min(len(chunk), max_output - len(buffer)))
+                buffer.extend(chunk[:room])
+                dropped[which] += len(chunk) - room
                 if callback is not None:
                     callback(chunk.decode(errors="replace"))
             return sink
@@ -109,13 +117,13 @@ class Commands:
         started = time.monotonic()
         with self._sandbox._client() as client:
             result = client.exec(argv, env={**self._sandbox.env, **(env or {})} or None, cwd=cwd, timeout=timeout,
-                                 stdin=data, stdout=tee(out, on_stdout), stderr=tee(err, on_stderr))
+                                 stdin=data, stdout=tee(out, on_stdout, "out"), stderr=tee(err, on_stderr, "err"))
         duration = time.monotonic() - started
         if result.timed_out:
             raise CommandTimeout(f"{argv[0]} ran past its {timeout:g} s timeout in sandbox {self._sandbox.name} "
                                  "and was killed", bytes(out), bytes(err))
         done = CommandResult(out.decode(errors="replace"), err.decode(errors="replace"), result.exit_status, duration,
-                             result.receipt)
+                             result.receipt, dropped["out"], dropped["err"])
         if check and done.exit_code != 0:
             raise CommandFailed(f"{argv[0]} exited {done.exit_code} in sandbox {self._sandbox.name}", done)
         return done
