@@ -203,6 +203,19 @@ def _open_parent(root: int, parts: list[str], make: bool) -> int:
         raise
 
 
+NOT_FOLLOWED = "a directory on its path is a link or a file (not followed)"
+
+
+def _parent_of(root: int, parts: list[str]) -> int | None:
+    """``_open_parent`` making what is missing; None if a component is a link or a file."""
+    try:
+        return _open_parent(root, parts, make=True)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None
+        raise
+
+
 def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, parts: list[str],
                     umask: int) -> str | None:
     """Create one directory or file; returns why it was skipped, or None."""
@@ -211,12 +224,9 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, pa
     if not (member.isdir() or member.isreg()):
         return "not a file, directory or symlink"
     mode = (member.mode or 0) & PERMISSION_BITS & ~umask
-    try:
-        parent = _open_parent(root, parts, make=True)
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            return "a directory on its path is a link or a file (not followed)"
-        raise
+    parent = _parent_of(root, parts)
+    if parent is None:
+        return NOT_FOLLOWED
     name = parts[-1]
     try:
         if member.isdir():
@@ -250,12 +260,9 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, pa
 
 
 def _make_link(root: int, parts: list[str], linkname: str) -> str | None:
-    try:
-        parent = _open_parent(root, parts, make=True)
-    except OSError as err:
-        if err.errno in (errno.ELOOP, errno.ENOTDIR):
-            return "a directory on its path is a link or a file (not followed)"
-        raise
+    parent = _parent_of(root, parts)
+    if parent is None:
+        return NOT_FOLLOWED
     try:
         os.symlink(linkname, parts[-1], dir_fd=parent)
     except FileExistsError:
