@@ -335,6 +335,9 @@ def test_cp_out_never_writes_through_a_symlink_at_the_destination(ctl: Mvmctl, t
     # A device would never end, and a directory does not go onto a file: one line each, nothing left.
     endless = ctl("cp", f"{target}:/dev/zero", str(tmp_path / "zero"))
     assert endless.returncode == 2 and "not a regular file" in endless.stderr and endless.stderr.count("\n") == 1
+    assert ctl("exec", target, "--", "ln", "-sf", "/dev/zero", "/tmp/zero-link").returncode == 0
+    behind_a_link = ctl("cp", f"{target}:/tmp/zero-link", str(tmp_path / "zero"))
+    assert behind_a_link.returncode != 0 and "not a regular file" in behind_a_link.stderr, behind_a_link.stderr
     onto_file = ctl("cp", f"{target}:/etc/mvm", str(victim))
     assert onto_file.returncode == 2 and "is a file on the host" in onto_file.stderr, onto_file.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trap", "victim"]

@@ -209,3 +209,21 @@ def test_a_link_through_another_link_that_climbs_out_is_not_kept(tmp_path: Path)
     skipped = extract_safely(io.BytesIO(out.getvalue()), target)
     assert skipped == ["t: a link that leads out of the copy (x/y/s/..)"]
     assert os.readlink(target / "x" / "y" / "s") == "../.." and not (target / "t").is_symlink()
+
+
+def test_a_link_that_cannot_be_made_does_not_leave_the_earlier_ones_unchecked(tmp_path: Path) -> None:
+    """Links are made, then checked: one failing to be made (a name too long) is a skip line,
+    and the links before it are still checked (an escaping one removed)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, linkname in [("esc", "../../../etc"), ("n" * 300, "x"), ("fine", "esc2"), ("big", "t" * 5000)]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, linkname
+            tar.addfile(info)
+    target = tmp_path / "dest"
+    target.mkdir()
+    skipped = extract_safely(io.BytesIO(out.getvalue()), target)
+    assert not (target / "esc").is_symlink() and (target / "fine").is_symlink()
+    assert "esc: a link that leads out of the copy (../../../etc)" in skipped
+    assert any(line.startswith("n" * 300 + ": File name too long") for line in skipped), skipped
+    assert any(line.startswith("big: ") for line in skipped), skipped

@@ -62,6 +62,7 @@ def test_a_taken_tag_is_not_overwritten(tmp_path: Path) -> None:
     (lambda d: (d / "manifest.json").write_bytes(b" " * (2 << 20)), "over 1 MiB"),
     (lambda d: (d / "manifest.json").unlink(), "cannot read its manifest"),
     (lambda d: ((d / "manifest.json").unlink(), os.mkfifo(d / "manifest.json")), "is not a regular file"),
+    (lambda d: (d / "manifest.json").write_text("[" * 200_000), "nested too deep"),
     (lambda d: _edit(d, lambda m: m.update(vcpus=64)), "signature does not match (it was edited)"),
     (lambda d: _edit(d, lambda m: m.update(tag="other"), resign=True), "its manifest is that of snapshot 'other'"),
     (lambda d: _edit(d, lambda m: m.update(kind="mystery"), resign=True), "kind 'mystery'"),

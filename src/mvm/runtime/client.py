@@ -285,9 +285,10 @@ class VmClient:
 
     # -- files -----------------------------------------------------------------------------------
 
-    def read_file(self, path: str, sink: Sink) -> dict[str, Any]:
-        """Stream a guest file into ``sink``; returns its size and mode."""
-        request_id = self.send({"type": "read", "path": path})
+    def read_file(self, path: str, sink: Sink, *, regular: bool = False) -> dict[str, Any]:
+        """Stream a guest file into ``sink``; returns its size and mode. ``regular``: refuse
+        anything else (a device or FIFO, also behind a link), whose read might never end."""
+        request_id = self.send({"type": "read", "path": path, **({"regular": True} if regular else {})})
         for frame in self.replies(request_id):
             if frame.type == "data":
                 sink(frame.body)

@@ -22,7 +22,7 @@ from mvm.core.bootimage import BootImage, PortForward
 from mvm.core.errors import MvmError, UsageError, VmError
 from mvm.core.home import VM_NAME_MAX
 from mvm.core.state import MvmHome, VmPaths, VmRecord, check_vm_name, check_vm_name_quietly
-from mvm.runtime import backends, lifecycle
+from mvm.runtime import backends, launcher, lifecycle
 from mvm.runtime.allow_list import check_entries
 from mvm.runtime.client import VmClient
 from mvm.runtime.snapshot import Snapshot, SnapshotError, SnapshotManifest, SnapshotStore, check_tag
@@ -44,6 +44,12 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
         raise UsageError(f"VM {name} has a live volume ({shared}), so it cannot be saved ({purpose}): its state would "
                          "hold the guest's view of a host directory (cached files, open handles) that no restore "
                          "can give back", "save a VM started without volumes")
+    # A VM told to stop is gone once saved: Ctrl-C waits until the save is committed and audited.
+    with _interrupt_after() if stop else nullcontext():
+        return _save(home, name, tag, stop, purpose, paths, record)
+
+
+def _save(home: MvmHome, name: str, tag: str, stop: bool, purpose: str, paths: VmPaths, record: VmRecord) -> Snapshot:
     store = SnapshotStore(home)
     started = time.monotonic()
     with store.locked(tag):
@@ -51,18 +57,16 @@ def snapshot_vm(home: MvmHome, name: str, tag: str, *, stop: bool = False, purpo
             raise UsageError(f"snapshot {tag} already exists", f"`mvmctl snapshot rm {tag}` first, or pick another tag")
         staged = store.stage(tag)
         try:
-            # (a VM told to stop is gone once saved: Ctrl-C waits for the save to be committed)
-            with _interrupt_after() if stop else nullcontext():
-                with VmClient.connect(paths) as client:
-                    reply = client.call("snapshot", dir=str(staged), stop=stop, wait_s=SNAPSHOT_WAIT_S)
-                manifest = SnapshotManifest(
-                    tag=tag, kind=reply["kind"], purpose=purpose, created_at=time.time(), source_vm=name,
-                    artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"],
-                    backend=reply["backend"], accel=reply["accel"], hypervisor_version=reply["hypervisor_version"],
-                    vcpus=reply["vcpus"], memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
-                    accessible=reply["accessible"], argv=reply["argv"], network=reply["network"],
-                    allow=reply["allow"])
-                saved = store.commit(staged, manifest)
+            with VmClient.connect(paths) as client:
+                reply = client.call("snapshot", dir=str(staged), stop=stop, wait_s=SNAPSHOT_WAIT_S,
+                                    suspend_tag=tag if purpose == "suspend" else None)
+            manifest = SnapshotManifest(
+                tag=tag, kind=reply["kind"], purpose=purpose, created_at=time.time(), source_vm=name,
+                artifact_key=reply["artifact_key"], artifact_name=reply["artifact_name"], backend=reply["backend"],
+                accel=reply["accel"], hypervisor_version=reply["hypervisor_version"], vcpus=reply["vcpus"],
+                memory_mib=reply["memory_mib"], uids=reply["uids"], sealed=reply["sealed"],
+                accessible=reply["accessible"], argv=reply["argv"], network=reply["network"], allow=reply["allow"])
+            saved = store.commit(staged, manifest)
         except BaseException as err:
             shutil.rmtree(staged, ignore_errors=True)
             if isinstance(err, Exception):
@@ -238,20 +242,23 @@ def resume_suspended(home: MvmHome, name: str) -> VmRecord:
     try:
         return clone(home, request)
     except BaseException:
-        _keep_suspended(paths, record)
+        _keep_suspended(home, paths, record)
         raise
 
 
-def _keep_suspended(paths: VmPaths, record: VmRecord) -> None:
-    """Put the suspended VM's record back after its resume failed: the start that failed may
-    have removed it (its supervisor tidies up what it started)."""
-    lifecycle.wait_supervisor_exit(paths, record)
+def _keep_suspended(home: MvmHome, paths: VmPaths, record: VmRecord) -> None:
+    """After a resume that failed: its start set the suspended VM's directory aside (never
+    removed it), and its supervisor, if it got that far, puts it back as it ends. What is
+    left to do here is for a supervisor that died before it could."""
+    deadline = time.monotonic() + lifecycle.SUPERVISOR_EXIT_S
+    while paths.supervisor_alive() and time.monotonic() < deadline:  # (the new supervisor's: not killed here)
+        time.sleep(0.02)
     current = lifecycle.reconcile(paths)
     if current is not None and (current.running or current.suspended == record.suspended):
-        return  # (still there; or a VM of that name runs, started by someone else meanwhile)
-    shutil.rmtree(paths.dir, ignore_errors=True)
-    paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    record.save(paths)
+        return  # (it is back; or a VM of that name runs: this resume's, committed, or another's)
+    aside = home.vms / f".{paths.name}.resuming"
+    if aside.is_dir() and not paths.supervisor_alive():
+        launcher.put_back(aside, paths.dir)
 
 
 _HOLDING: list[int] = []  # Ctrl-Cs held by the _interrupt_after block that is open (blocks nest into it)

@@ -10,9 +10,9 @@ lock.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
-import traceback
 from pathlib import Path
 
 from mvm.core.bootimage import BootImage
@@ -53,8 +53,26 @@ def launch(paths: VmPaths, staged: Path, image: BootImage, record: VmRecord, loc
         _redirect_stdio(paths)
         _become_supervisor(paths, image, record, lock_fd, commit_fd, replaced)
     except BaseException:  # noqa: BLE001 - a forked child must never return into the caller
+        import traceback
+
         traceback.print_exc()
     os._exit(1)
+
+
+def put_back(replaced: Path, vm_dir: Path) -> None:
+    """A resume that was never committed: the suspended VM's directory, set aside by
+    :func:`launch`, takes its name again as it was (its save was never touched). The name has
+    a directory at every moment, so nobody sees the VM missing meanwhile."""
+    trash = vm_dir.with_name(f".{vm_dir.name}.abandoned-{os.getpid()}")
+    try:
+        os.rename(vm_dir, trash)
+    except FileNotFoundError:
+        pass
+    try:
+        os.rename(replaced, vm_dir)
+    except OSError as err:
+        print(f"mvm: could not put suspended VM {vm_dir.name} back from {replaced}: {err}", file=sys.stderr, flush=True)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _redirect_stdio(paths: VmPaths) -> None:

@@ -284,24 +284,28 @@ def _fork_supervisor(paths: VmPaths, staged: VmPaths, image: BootImage, record: 
         os.close(commit_read)
         os.close(lock)
     deadline = time.monotonic() + SUPERVISOR_START_S
-    while True:
-        try:
-            client = VmClient.connect(paths)
-            break
-        except VmError:
-            # Staged first: the supervisor renames staged -> paths.dir, lock and all.
-            alive = staged.supervisor_alive() or paths.supervisor_alive()
-            if not alive or time.monotonic() > deadline:
-                os.close(commit_write)
-                record = reconcile(paths) or record
-                detail = _tail(paths.supervisor_log)
-                shutil.rmtree(paths.dir, ignore_errors=True)
-                shutil.rmtree(staged.dir, ignore_errors=True)
-                if replaced is not None and replaced.is_dir():
-                    os.rename(replaced, paths.dir)  # (the suspended VM it was to resume)
-                raise VmError(f"the supervisor of VM {paths.name} (pid {pid}) did not start: "
-                              f"{record.stop_reason or detail or 'no reason given'}") from None
-            time.sleep(0.005)
+    try:
+        while True:
+            try:
+                client = VmClient.connect(paths)
+                break
+            except VmError:
+                # Staged first: the supervisor renames staged -> paths.dir, lock and all.
+                alive = staged.supervisor_alive() or paths.supervisor_alive()
+                if not alive or time.monotonic() > deadline:
+                    record = reconcile(paths) or record
+                    detail = _tail(paths.supervisor_log)
+                    shutil.rmtree(staged.dir, ignore_errors=True)
+                    if replaced is None:
+                        shutil.rmtree(paths.dir, ignore_errors=True)
+                    elif replaced.is_dir() and not alive:  # (a live one puts it back itself as it ends)
+                        launcher.put_back(replaced, paths.dir)
+                    raise VmError(f"the supervisor of VM {paths.name} (pid {pid}) did not start: "
+                                  f"{record.stop_reason or detail or 'no reason given'}") from None
+                time.sleep(0.005)
+    except BaseException:
+        os.close(commit_write)  # (an `up` that gives up: its supervisor abandons the start)
+        raise
     return Launch(paths, record, client, commit_write, name_lock)
 
 

@@ -171,7 +171,10 @@ def read_signed(path: Path) -> dict[str, Any]:
         raw = f.read(MANIFEST_MAX + 1)
     if len(raw) > MANIFEST_MAX:
         raise ValueError("the manifest is over 1 MiB")
-    signed = json.loads(raw)
+    try:
+        signed = json.loads(raw)
+    except RecursionError:  # ([[[[... nested thousands deep)
+        raise ValueError("the manifest is nested too deep to be one") from None
     if not isinstance(signed, dict) or not isinstance(signed.get("manifest"), dict):
         raise ValueError("the file holds no signed manifest")
     return signed

@@ -15,8 +15,9 @@ import os
 import stat
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mvm.core.errors import UsageError, VmError
 from mvm.core.home import check_vm_name
@@ -89,7 +90,7 @@ def copy_out(client: VmClient, source: str, dest: Path) -> list[str]:
     umask = _umask()
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         try:
-            info = client.read_file(source, tmp.write)
+            info = client.read_file(source, tmp.write, regular=True)
             tmp.flush()
             mode = info.get("mode")
             mode = mode if isinstance(mode, int) and not isinstance(mode, bool) else 0o644
@@ -148,26 +149,39 @@ def extract_safely(archive: BinaryIO, target: Path) -> list[str]:
                         links.append((parts, member.linkname, member.name))
                         continue
                 if why is None:
-                    why = _extract_member(tar, member, root, parts, umask)
+                    why = _unless_os_error(_extract_member, tar, member, root, parts, umask)
                 if why:
                     skipped.append(f"{member.name}: {why}")
-        made = []
-        for parts, linkname, name in links:
-            why = _make_link(root, parts, linkname)
-            if why:
-                skipped.append(f"{name}: {why}")
-            else:
-                made.append((parts, linkname, name))
-        real_root = os.path.realpath(target)
-        for parts, linkname, name in made:
-            if not _stays_inside(real_root, parts):
-                _remove_link(root, parts)
-                skipped.append(f"{name}: a link that leads out of the copy ({linkname})")
+        made: list[tuple[list[str], str, str]] = []
+        try:
+            for parts, linkname, name in links:
+                why = _unless_os_error(_make_link, root, parts, linkname)
+                if why:
+                    skipped.append(f"{name}: {why}")
+                else:
+                    made.append((parts, linkname, name))
+        finally:  # (each link made is checked, even if making the next failed or was interrupted)
+            real_root = os.path.realpath(target)
+            for parts, linkname, name in made:
+                if not _stays_inside(real_root, parts):
+                    _remove_link(root, parts)
+                    skipped.append(f"{name}: a link that leads out of the copy ({linkname})")
     except (KeyError, ValueError, EOFError, RecursionError) as err:
         raise tarfile.ReadError(str(err)) from None
     finally:
         os.close(root)
     return skipped
+
+
+def _unless_os_error(create: Callable[..., str | None], *args: Any) -> str | None:
+    """One member's creation; a failure of it (a name too long, no such target) is that
+    member's skip line, not the end of the copy. ENOSPC and the like end it."""
+    try:
+        return create(*args)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            raise
+        return err.strerror or str(err)
 
 
 def _member_parts(name: str) -> tuple[list[str], str | None]:
@@ -248,9 +262,9 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: int, pa
                          dir_fd=parent)
         except FileExistsError:
             return "something is already at that path"
-        source = tar.extractfile(member)
-        assert source is not None
         with os.fdopen(fd, "wb") as out:
+            source = tar.extractfile(member)
+            assert source is not None
             while chunk := source.read(1 << 20):
                 out.write(chunk)
             os.fchmod(out.fileno(), mode)

@@ -119,6 +119,9 @@ def do_read(session: Session, frame: protocol.Frame) -> None:
     if frame.id in session.reads:
         raise Refused(f"id {frame.id} is already reading")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    if arg(frame, "regular", bool, False) and not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)  # (`cp` out: a device or FIFO, even behind a link, would never end)
+        raise Refused(f"{path} is not a regular file (a device, FIFO or socket, or a link to one)")
     read = session.reads[frame.id] = Read(session, frame.id, path, fd)
     import threading
 

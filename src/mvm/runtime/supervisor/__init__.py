@@ -23,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
 from pathlib import Path
 
-from mvm.runtime import log_budget
+from mvm.runtime import launcher, log_budget
 from mvm.runtime.launchspec import LaunchSpec
 from mvm.runtime.supervisor.supervisor import Supervisor
 
@@ -41,25 +40,12 @@ def run_supervisor(spec: LaunchSpec) -> None:
         supervisors.append(Supervisor(spec))
         await supervisors[0].main()
 
-    asyncio.run(body())
-    log_budget.flush_all()
-    sup = supervisors[0] if supervisors else None
-    if spec.replaced is not None and os.path.isdir(spec.replaced) and not (sup is not None and sup.committed):
-        _put_back_suspended(spec.replaced, Path(spec.vm_dir))
-    elif sup is not None and (sup.watch.remove_on_exit or sup.record.ephemeral):
-        shutil.rmtree(spec.vm_dir, ignore_errors=True)
-
-
-def _put_back_suspended(replaced: str, vm_dir: Path) -> None:
-    """A resume that was never committed: the suspended VM's directory takes its place again,
-    as it was (its save was never touched). The name is never without a directory meanwhile."""
-    trash = vm_dir.with_name(f".{vm_dir.name}.abandoned-{os.getpid()}")
     try:
-        os.rename(vm_dir, trash)
-    except FileNotFoundError:
-        pass
-    try:
-        os.rename(replaced, vm_dir)
-    except OSError as err:
-        print(f"mvm-supervisor: could not put the suspended VM back from {replaced}: {err}", file=sys.stderr, flush=True)
-    shutil.rmtree(trash, ignore_errors=True)
+        asyncio.run(body())
+    finally:  # (even if the supervisor failed: a resume it did not commit leaves the VM suspended)
+        log_budget.flush_all()
+        sup = supervisors[0] if supervisors else None
+        if spec.replaced is not None and os.path.isdir(spec.replaced) and not (sup is not None and sup.committed):
+            launcher.put_back(Path(spec.replaced), Path(spec.vm_dir))
+        elif sup is not None and (sup.watch.remove_on_exit or sup.record.ephemeral):
+            shutil.rmtree(spec.vm_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ from mvm.runtime.supervisor.vm_process import MAX_STOP_TIMEOUT_S, STOP_TIMEOUT_S
 if TYPE_CHECKING:
     from mvm.runtime.supervisor.supervisor import Supervisor
 
+SUSPEND_TAG = re.compile(r"suspend-[a-z0-9_.-]{1,56}")  # cloning.suspend_vm's tags
 AGENT_OPS = frozenset({"exec", "console", "stdin", "signal", "resize", "read", "write", "list", "stat",
                        "remove", "mkdir", "rename", "telemetry", "ping", "cancel"})
 WRITE_BUFFER_HIGH = 4 << 20  # queued bytes toward one reader before whoever feeds it waits
@@ -162,8 +164,10 @@ class ClientServer:
             if not isinstance(dest, str) or not os.path.isabs(dest) or not os.path.isdir(dest):
                 client.send(protocol.error(frame.id, "snapshot: 'dir' must be an existing absolute directory"))
             else:
+                tag = frame.header.get("suspend_tag")  # (a name for the record to hold, or None)
+                suspend_tag = tag if isinstance(tag, str) and SUSPEND_TAG.fullmatch(tag) else None
                 asyncio.get_running_loop().create_task(sup.snapshot(client, frame.id, Path(dest),
-                                                                    frame.header.get("stop") is True))
+                                                                    frame.header.get("stop") is True, suspend_tag))
         elif kind in ("pause", "resume"):
             client.surface = str(frame.header.get("surface"))[:8]
             asyncio.get_running_loop().create_task(sup.set_paused(client, frame.id, kind == "pause"))

@@ -163,8 +163,11 @@ class Supervisor:
             return
         client.send(protocol.encode({"type": "result", "id": request_id, "state": self.record.state}))
 
-    async def snapshot(self, client: Client, request_id: int | None, dest: Path, stop: bool) -> None:
+    async def snapshot(self, client: Client, request_id: int | None, dest: Path, stop: bool,
+                       suspend_tag: str | None = None) -> None:
         """Save the VM into ``dest`` (a directory the client made), then carry on or stop.
+        ``suspend_tag``: `pause --to-disk`'s; the stopped VM's record names it from its last
+        save on, so nothing sweeps the save away as unused before the client marks it.
 
         The agent is told first (``freeze``), so every copy made from these files wakes up
         refusing work until it has been given an identity of its own; this VM is thawed
@@ -186,6 +189,7 @@ class Supervisor:
                 await self._carry_on()
                 raise
             if stop:
+                self.record.suspended = suspend_tag
                 self.watch.request_stop("stopped after its snapshot was taken", force=True)
             else:
                 await self._carry_on()
