@@ -157,20 +157,17 @@ def clones_by_snapshot(home: MvmHome) -> dict[str, list[str]]:
     return users
 
 
-def snapshot_users(home: MvmHome, tag: str) -> list[str]:
-    return clones_by_snapshot(home).get(tag, [])
-
-
 def remove_snapshot(home: MvmHome, tag: str) -> None:
     store = SnapshotStore(home)
     if not store.dir(tag).exists() and not store.dir(tag).is_symlink():
         raise SnapshotError(f"there is no snapshot {tag}", "`mvmctl snapshot ls` lists them")
     with store.locked(tag):
-        users = snapshot_users(home, tag)
+        records = [r for r in lifecycle.list_vms(home) if isinstance(r, VmRecord)]
+        users = [r.name for r in records if r.running and r.snapshot == tag]
         if users:
             raise UsageError(f"snapshot {tag} is in use by running clone{'s' if len(users) > 1 else ''} "
                              f"{', '.join(users)}", f"`mvmctl down {users[0]}` first")
-        waiting = [r.name for r in lifecycle.list_vms(home) if isinstance(r, VmRecord) and r.suspended == tag]
+        waiting = [r.name for r in records if r.suspended == tag]
         if waiting:
             raise UsageError(f"snapshot {tag} holds VM {waiting[0]}, suspended to disk",
                              f"`mvmctl resume {waiting[0]}`, or `mvmctl down {waiting[0]}` (which removes it)")
@@ -217,15 +214,9 @@ def suspend_vm(home: MvmHome, name: str) -> Snapshot:
         raise UsageError(f"VM {name} is removed as soon as it stops (an SDK sandbox), so it cannot be suspended",
                          "pause it without --to-disk")
     sweep_unused_snapshots(home)
-    with _interrupt_after():  # (once the VM is told to stop, its save is all there is of it)
-        saved = snapshot_vm(home, name, f"suspend-{name}-{time.time_ns() // 1_000_000:x}", stop=True,
-                            purpose="suspend")
-        # Its supervisor saves the record a last time as it stops: mark it suspended after that.
-        lifecycle.wait_supervisor_exit(paths, record)
-        record = VmRecord.load(paths)
-        record.suspended = saved.tag
-        record.stop_reason = "suspended to disk"
-        record.save(paths)
+    # (the supervisor marks the record suspended as it stops the VM: see Supervisor.snapshot)
+    saved = snapshot_vm(home, name, f"suspend-{name}-{time.time_ns() // 1_000_000:x}", stop=True, purpose="suspend")
+    lifecycle.wait_supervisor_exit(paths, record)  # (its memory is free once this returns)
     return saved
 
 
@@ -256,7 +247,7 @@ def _keep_suspended(home: MvmHome, paths: VmPaths, record: VmRecord) -> None:
     current = lifecycle.reconcile(paths)
     if current is not None and (current.running or current.suspended == record.suspended):
         return  # (it is back; or a VM of that name runs: this resume's, committed, or another's)
-    aside = home.vms / f".{paths.name}.resuming"
+    aside = lifecycle.set_aside_dir(home, paths.name)
     if aside.is_dir() and not paths.supervisor_alive():
         launcher.put_back(aside, paths.dir)
 

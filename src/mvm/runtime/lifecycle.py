@@ -175,7 +175,7 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
             wait_supervisor_exit(paths, existing)
         # A suspended VM being resumed is set aside, not removed, until its start is committed
         # (launcher.launch; the supervisor removes it then, or puts it back if abandoned).
-        replaced = home.vms / f".{name}.resuming" if existing is not None and existing.suspended else None
+        replaced = set_aside_dir(home, name) if existing is not None and existing.suspended else None
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)  # (one a supervisor that crashed left)
         else:
@@ -226,6 +226,11 @@ def start_vm(home: MvmHome, image: BootImage, *, name: str, mode: str = "detache
         wait_supervisor_exit(launch.paths, launch.record)  # (it removes the VM: nothing is left)
         raise
     return launch
+
+
+def set_aside_dir(home: MvmHome, name: str) -> Path:
+    """Where a suspended VM's directory waits while its resume starts (launcher.put_back)."""
+    return home.vms / f".{name}.resuming"
 
 
 def check_volumes(home: MvmHome, image: BootImage, requests: tuple[VolumeRequest, ...], workload_dir: Path | None,

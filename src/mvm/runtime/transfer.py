@@ -331,7 +331,10 @@ def _stays_inside(root: str, parts: list[str]) -> bool:
             where.append(part)
             continue
         hops += 1
-        target = os.readlink(os.path.join(root, *where, part))
+        try:
+            target = os.readlink(os.path.join(root, *where, part))
+        except OSError:
+            return False
         if hops > MAX_LINK_HOPS or target.startswith("/"):
             return False
         todo = target.split("/") + todo

@@ -167,7 +167,8 @@ class Supervisor:
                        suspend_tag: str | None = None) -> None:
         """Save the VM into ``dest`` (a directory the client made), then carry on or stop.
         ``suspend_tag``: `pause --to-disk`'s; the stopped VM's record names it from its last
-        save on, so nothing sweeps the save away as unused before the client marks it.
+        save on (the record's only writer is this process), so nothing sweeps the save away
+        as unused.
 
         The agent is told first (``freeze``), so every copy made from these files wakes up
         refusing work until it has been given an identity of its own; this VM is thawed
@@ -190,7 +191,8 @@ class Supervisor:
                 raise
             if stop:
                 self.record.suspended = suspend_tag
-                self.watch.request_stop("stopped after its snapshot was taken", force=True)
+                self.watch.request_stop("suspended to disk" if suspend_tag else "stopped after its snapshot was taken",
+                                        force=True)
             else:
                 await self._carry_on()
         except Exception as err:  # noqa: BLE001 - the client gets the reason, the VM lives on
